@@ -1,0 +1,45 @@
+# Two entry points for a fresh machine: `make run` (install + whole pipeline on the built-in
+# data) and `make test` (install + the whole test suite). Everything else is a convenience.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+# Ray: no usage stats prompt, no dashboard, quiet start.
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_DISABLE_DOCKER_CPU_WARNING := 1
+
+.PHONY: install run test test-fast bench ui params clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	@# DVC needs the project's git repo (a tarball or an export has none).
+	test -d .git || (git init -q && git add -A && git -c user.email=pipeline@localhost -c user.name=pipeline commit -qm "initial import")
+	touch $@
+
+run: install
+	dvc repro
+	dvc metrics show
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+bench: install
+	$(PY) -m pipeline.bench
+
+ui: install
+	mlflow ui --backend-store-uri "sqlite:///$(abspath mlflow.db)" --host 127.0.0.1 --port 5000
+
+# Compose params.yaml from conf/ presets, e.g. `make params ARGS="model=r50_vit_b16"`.
+params: install
+	$(PY) -m pipeline.compose $(ARGS)
+
+clean:
+	rm -rf data models reports ray_results mlflow.db mlartifacts .dvc/cache .dvc/tmp

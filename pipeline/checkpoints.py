@@ -1,0 +1,96 @@
+"""Exported weights: the DVC outputs that pass a model from one stage to the next.
+
+A file holds the state dict plus what is needed to rebuild and check it (the kind of network,
+the model config, the classes). Loading uses `weights_only=True`, so a file from elsewhere
+cannot run code, and a mismatch gives an error that names the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.data import publish, temp_path_for
+from pipeline.models import SegmentationNet, build_model
+
+ENCODER, DENOISER, SEGMENTER = "encoder", "denoiser", "segmenter"
+
+
+class CheckpointError(ValueError):
+    """A weights file that cannot be used where it was given."""
+
+
+def save_weights(path: Path, state: dict, kind: str, model: ModelConfig, classes: list[str] | None) -> None:
+    """Write atomically: a temp file renamed into place, so a killed stage leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(path)
+    torch.save({"kind": kind, "model": asdict(model), "classes": classes, "state_dict": state}, tmp)
+    publish(tmp, path)
+
+
+def load_weights(path: Path, kind: str, model: ModelConfig, classes: list[str] | None = None) -> dict:
+    """Read a weights file written by `save_weights` and check it fits `model` and `classes`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such weights file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
+        raise CheckpointError(f"{path}: not a readable weights file ({err})") from None
+    if not isinstance(payload, dict) or "state_dict" not in payload:
+        raise CheckpointError(f"{path}: expected a file written by this pipeline (with a state_dict)")
+    if payload.get("kind") != kind:
+        raise CheckpointError(f"{path}: holds a {payload.get('kind')!r} network, expected {kind!r}")
+    # An encoder does not depend on the decoder widths; every other network does.
+    built, wanted = payload.get("model") or {}, asdict(model)
+    if (built.get("preset") != model.preset) if kind == ENCODER else (built != wanted):
+        raise CheckpointError(f"{path}: built for model {built}, params say {wanted}")
+    if classes is not None and payload.get("classes") != classes:
+        raise CheckpointError(f"{path}: classes {payload.get('classes')} differ from the data's {classes}")
+    return payload["state_dict"]
+
+
+def build_segmenter(model: ModelConfig, num_classes: int) -> SegmentationNet:
+    return build_model(model.preset, model.decoder_in_channels, model.decoder_channels, num_classes)
+
+
+def load_segmenter(path: Path, model: ModelConfig, classes: list[str]) -> SegmentationNet:
+    """A fine-tuned network ready for inference."""
+    net = build_segmenter(model, len(classes))
+    net.load_state_dict(load_weights(path, SEGMENTER, model, classes))
+    return net.eval()
+
+
+def load_external_encoder(path: Path, preset: str) -> dict:
+    """Encoder weights from a file made elsewhere, e.g. timm's `vit_base_r50_s16_224` weights
+    saved with `torch.save(model.state_dict(), path)` or as safetensors. A classifier head,
+    `module.` prefixes and a wrapping {"state_dict": ...} are accepted; any missing or
+    mis-shaped encoder weight is an error naming the keys."""
+    from pipeline.models import ENCODER_PRESETS, HybridEncoder
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: encoder.weights_path does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw = load_file(str(path))
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch/safetensors raise many types for a bad file
+        raise CheckpointError(f"{path}: not a readable weights file ({err})") from None
+    raw = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
+    vit = {k.removeprefix("module.").removeprefix("vit."): v for k, v in raw.items() if not k.startswith("head.")}
+    encoder = HybridEncoder(ENCODER_PRESETS[preset])
+    expected = {k.removeprefix("vit."): v.shape for k, v in encoder.state_dict().items()
+                if not k.startswith("vit.head.")}
+    missing = sorted(set(expected) - set(vit))
+    wrong = sorted(k for k in expected if k in vit and tuple(vit[k].shape) != tuple(expected[k]))
+    if missing or wrong:
+        raise CheckpointError(f"{path}: does not fit model.preset {preset!r}: "
+                              f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                              f"wrong shape {wrong[:5]}{'...' if len(wrong) > 5 else ''}")
+    return {f"vit.{k}": vit[k] for k in expected}

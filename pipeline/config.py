@@ -1,0 +1,288 @@
+"""Typed configuration: one dataclass per `params.yaml` section, validated once at the edge.
+
+`load_params` reads the whole file into a `Params` object. OmegaConf checks keys and types
+against the dataclasses (an unknown key or a wrong type names the key); each dataclass's
+`__post_init__` checks ranges. Everything raises `ConfigError`, before any work starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A params value is missing, unknown, of the wrong type or out of range."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _positive(section: str, **values: float) -> None:
+    for name, value in values.items():
+        _require(value > 0, f"{section}.{name}", f"expected a positive number, got {value}")
+
+
+@dataclass
+class DigitScenesConfig:
+    """Sizes and looks of the built-in "digit scenes" dataset."""
+
+    train_scenes: int = 2000
+    val_scenes: int = 300
+    classify_images: int = 4000
+    classify_size: int = 32
+    min_digits: int = 2
+    max_digits: int = 4
+    min_digit_px: int = 16
+    max_digit_px: int = 28
+    val_digit_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        _positive("data.digits", train_scenes=self.train_scenes, val_scenes=self.val_scenes,
+                  classify_images=self.classify_images, classify_size=self.classify_size,
+                  min_digits=self.min_digits, min_digit_px=self.min_digit_px)
+        _require(self.min_digits <= self.max_digits, "data.digits.max_digits",
+                 f"must be >= min_digits ({self.min_digits}), got {self.max_digits}")
+        _require(self.min_digit_px <= self.max_digit_px, "data.digits.max_digit_px",
+                 f"must be >= min_digit_px ({self.min_digit_px}), got {self.max_digit_px}")
+        _require(0 < self.val_digit_fraction < 1, "data.digits.val_digit_fraction",
+                 f"expected a value in (0, 1), got {self.val_digit_fraction}")
+
+
+@dataclass
+class DataConfig:
+    """`prepare`: where images come from and how they are split."""
+
+    format: str = "digits"
+    root: Optional[str] = None
+    seed: int = 0
+    image_size: int = 64
+    labeled_fraction: float = 0.05
+    val_fraction: float = 0.15
+    shard_rows: int = 1000
+    digits: DigitScenesConfig = field(default_factory=DigitScenesConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.format in ("digits", "folder"), "data.format",
+                 f"expected 'digits' or 'folder', got {self.format!r}")
+        _require(self.format != "folder" or bool(self.root), "data.root",
+                 "data.format 'folder' needs data.root, the folder holding images/ and masks/")
+        _require(0 < self.labeled_fraction <= 1, "data.labeled_fraction",
+                 f"expected a value in (0, 1], got {self.labeled_fraction}")
+        _require(0 < self.val_fraction < 1, "data.val_fraction",
+                 f"expected a value in (0, 1), got {self.val_fraction}")
+        _positive("data", image_size=self.image_size, shard_rows=self.shard_rows)
+
+
+@dataclass
+class ModelConfig:
+    """The TransUNet family: an encoder preset plus decoder widths."""
+
+    preset: str = "tiny"
+    decoder_in_channels: int = 128
+    decoder_channels: list[int] = field(default_factory=lambda: [96, 64, 32, 16])
+
+    def __post_init__(self) -> None:
+        from pipeline.models import ENCODER_PRESETS
+
+        _require(self.preset in ENCODER_PRESETS, "model.preset",
+                 f"expected one of {sorted(ENCODER_PRESETS)}, got {self.preset!r}")
+        _require(len(self.decoder_channels) == 4, "model.decoder_channels",
+                 f"expected 4 widths (one per decoder block), got {list(self.decoder_channels)}")
+        _positive("model", decoder_in_channels=self.decoder_in_channels,
+                  **{f"decoder_channels[{i}]": c for i, c in enumerate(self.decoder_channels)})
+
+
+@dataclass
+class TrainConfig:
+    """What every training stage shares. An epoch is `steps_per_epoch` optimizer steps."""
+
+    epochs: int = 10
+    steps_per_epoch: int = 50
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+    def _check_schedule(self, section: str) -> None:
+        _positive(section, epochs=self.epochs, steps_per_epoch=self.steps_per_epoch,
+                  batch_size=self.batch_size, lr=self.lr)
+        _require(self.weight_decay >= 0, f"{section}.weight_decay",
+                 f"expected a value >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class EncoderConfig(TrainConfig):
+    """`encoder_init`: how the encoder starts (supervised on the classify split, file, random)."""
+
+    init: str = "supervised"
+    weights_path: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        self._check_schedule("encoder")
+        _require(self.init in ("supervised", "file", "random"), "encoder.init",
+                 f"expected 'supervised', 'file' or 'random', got {self.init!r}")
+        _require(self.init != "file" or bool(self.weights_path), "encoder.weights_path",
+                 "encoder.init 'file' needs a weights file path")
+
+
+@dataclass
+class DDePConfig(TrainConfig):
+    """`decoder_pretrain`: denoising pretraining of the decoder over a frozen encoder."""
+
+    sigma: float = 0.2
+
+    def __post_init__(self) -> None:
+        self._check_schedule("ddep")
+        _require(self.sigma > 0, "ddep.sigma", f"expected a positive noise level, got {self.sigma}")
+
+
+@dataclass
+class TeacherConfig(TrainConfig):
+    """`teacher_finetune`: all weights, cross-entropy on the labeled split."""
+
+    crop_scale_min: float = 0.5
+    hflip: bool = True
+
+    def __post_init__(self) -> None:
+        self._check_schedule("teacher")
+        _require(0 < self.crop_scale_min <= 1, "teacher.crop_scale_min",
+                 f"expected a value in (0, 1], got {self.crop_scale_min}")
+
+
+@dataclass
+class PseudoConfig:
+    """`pseudo_label`: offline hard labels and confidences from the teacher."""
+
+    batch_size: int = 64
+    flip_tta: bool = True
+
+    def __post_init__(self) -> None:
+        _positive("pseudo", batch_size=self.batch_size)
+
+
+@dataclass
+class StudentConfig(TrainConfig):
+    """`student_train`: labeled batches (CE) mixed with strongly augmented pseudo-labeled ones."""
+
+    unlabeled_batch_size: int = 32
+    pseudo_weight: float = 1.0
+    conf_threshold: float = 0.0
+    init: str = "teacher"
+    crop_scale_min: float = 0.5
+    hflip: bool = True
+    cutout_fraction: float = 0.25
+    color_jitter: float = 0.4
+    blur_probability: float = 0.3
+
+    def __post_init__(self) -> None:
+        self._check_schedule("student")
+        _positive("student", unlabeled_batch_size=self.unlabeled_batch_size)
+        _require(self.pseudo_weight >= 0, "student.pseudo_weight",
+                 f"expected a value >= 0, got {self.pseudo_weight}")
+        _require(0 <= self.conf_threshold < 1, "student.conf_threshold",
+                 f"expected a value in [0, 1), got {self.conf_threshold}")
+        _require(self.init in ("teacher", "pretrained"), "student.init",
+                 f"expected 'teacher' or 'pretrained', got {self.init!r}")
+        _require(0 < self.crop_scale_min <= 1, "student.crop_scale_min",
+                 f"expected a value in (0, 1], got {self.crop_scale_min}")
+        for name in ("cutout_fraction", "color_jitter", "blur_probability"):
+            value = getattr(self, name)
+            _require(0 <= value <= 1, f"student.{name}", f"expected a value in [0, 1], got {value}")
+
+
+@dataclass
+class EvaluateConfig:
+    """`evaluate`: metrics and figures on the val split."""
+
+    batch_size: int = 64
+    grid_images: int = 8
+
+    def __post_init__(self) -> None:
+        _positive("evaluate", batch_size=self.batch_size, grid_images=self.grid_images)
+
+
+@dataclass
+class RayConfig:
+    """Where training runs. Read by every stage but not a DVC dependency: a bigger cluster
+    must not invalidate the cache. `RAY_ADDRESS` overrides `address`."""
+
+    address: Optional[str] = None
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 2
+    storage_path: str = "ray_results"
+    max_failures: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("ray", num_workers=self.num_workers, cpus_per_worker=self.cpus_per_worker)
+        _require(self.max_failures >= -1, "ray.max_failures",
+                 f"expected -1 (retry forever) or a count >= 0, got {self.max_failures}")
+
+    def resolved_address(self) -> Optional[str]:
+        return os.environ.get("RAY_ADDRESS") or self.address
+
+
+@dataclass
+class MlflowConfig:
+    """Tracking store. `MLFLOW_TRACKING_URI` overrides `tracking_uri`; the default is a
+    SQLite file at an absolute path in the repo, so Ray workers reach the same store."""
+
+    tracking_uri: Optional[str] = None
+    experiment: str = "label-efficient-segmentation"
+
+
+@dataclass
+class Params:
+    """The whole of `params.yaml`."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    ddep: DDePConfig = field(default_factory=DDePConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
+def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
+    """Validate a params mapping against `Params`; errors name `source` and the key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Params), raw)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"{source}: {key}: {reason}") from None
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate `params.yaml` (or another file of the same shape)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such params file")
+    with path.open() as f:
+        raw = yaml.safe_load(f) or {}
+    return parse_params(raw, source=str(path))
+
+
+def section_dict(params: Params, section: str) -> dict:
+    """One section as a plain dict, e.g. to log it as flattened params."""
+    return OmegaConf.to_container(OmegaConf.structured(getattr(params, section)))

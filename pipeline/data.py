@@ -1,0 +1,165 @@
+"""Prepared data: Parquet shards of PNG-encoded images and masks, splits and the manifest.
+
+Segmentation splits (`labeled`, `unlabeled`, `val`) share one schema; on `unlabeled` the mask
+column holds the held-aside ground truth (only used to score pseudo-labels, never to train)
+or null when there is none. `classify` holds image-level labels for encoder pretraining.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipeline.config import DataConfig
+
+IGNORE_INDEX = 255
+SEGMENTATION_SPLITS = ("labeled", "unlabeled", "val")
+SEGMENTATION_SCHEMA = pa.schema([
+    ("id", pa.string()), ("height", pa.int32()), ("width", pa.int32()),
+    ("image", pa.binary()), ("mask", pa.binary()),
+])
+CLASSIFY_SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("label", pa.int32())])
+PSEUDO_SCHEMA = pa.schema([
+    ("id", pa.string()), ("image", pa.binary()), ("pseudo_label", pa.binary()), ("confidence", pa.binary()),
+])
+MANIFEST = "manifest.json"
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file and what was expected."""
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def nested_labeled_ids(train_ids: list[str], fraction: float, seed: int) -> list[str]:
+    """The first round(fraction * n) ids of one seeded permutation, so the labeled subset at
+    fraction f is contained in the subset at any larger f with the same seed."""
+    order = np.random.default_rng(seed).permutation(len(train_ids))
+    count = int(round(fraction * len(train_ids)))
+    if count < 1:
+        raise DataError(f"data.labeled_fraction={fraction} selects no image out of {len(train_ids)}")
+    return sorted(train_ids[i] for i in order[:count])
+
+
+def write_shards(rows: Iterable[dict], schema: pa.Schema, out_dir: Path, shard_rows: int) -> int:
+    """Write rows as `part-NNNNN.parquet` files of at most `shard_rows` rows; return the count."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    batch, count, part = [], 0, 0
+    for row in rows:
+        batch.append(row)
+        if len(batch) == shard_rows:
+            pq.write_table(pa.Table.from_pylist(batch, schema), out_dir / f"part-{part:05d}.parquet")
+            count, part, batch = count + len(batch), part + 1, []
+    if batch or part == 0:
+        pq.write_table(pa.Table.from_pylist(batch, schema), out_dir / f"part-{part:05d}.parquet")
+        count += len(batch)
+    return count
+
+
+def read_split(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """Read one split directory in full (for inference stages and tests)."""
+    return pq.read_table(path, columns=columns)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Move a completed output into place, so a killed stage never leaves a half-written one."""
+    if final.exists():
+        shutil.rmtree(final) if final.is_dir() else final.unlink()
+    tmp.rename(final)
+
+
+def temp_path_for(final: Path) -> Path:
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    return tmp
+
+
+class SplitWriter:
+    """Collects segmentation examples into the three splits and tallies class pixels."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.rows: dict[str, list[dict]] = {s: [] for s in SEGMENTATION_SPLITS}
+        self.pixel_counts = np.zeros(num_classes, dtype=np.int64)
+
+    def add(self, split: str, example_id: str, image: np.ndarray, mask: np.ndarray | None) -> None:
+        if mask is not None and split == "labeled":
+            self.pixel_counts += np.bincount(mask[mask != IGNORE_INDEX].ravel(),
+                                             minlength=self.num_classes)[: self.num_classes]
+        self.rows[split].append({
+            "id": example_id, "height": image.shape[0], "width": image.shape[1],
+            "image": encode_png(image), "mask": None if mask is None else encode_png(mask),
+        })
+
+
+def write_prepared(writer: SplitWriter, classify_rows: list[dict], classes: list[str],
+                   cfg: DataConfig, out_dir: Path) -> dict:
+    """Write all splits and the manifest to a temp folder, then move it to `out_dir`."""
+    tmp = temp_path_for(out_dir)
+    counts = {split: write_shards(rows, SEGMENTATION_SCHEMA, tmp / split, cfg.shard_rows)
+              for split, rows in writer.rows.items()}
+    for split, count in counts.items():
+        if count == 0 and split != "unlabeled":
+            raise DataError(f"split '{split}' is empty: check data.root and data.labeled_fraction")
+    counts["classify"] = write_shards(classify_rows, CLASSIFY_SCHEMA, tmp / "classify", cfg.shard_rows)
+    total = max(int(writer.pixel_counts.sum()), 1)
+    manifest = {
+        "format": cfg.format,
+        "classes": classes,
+        "num_classes": len(classes),
+        "classify_num_classes": max((r["label"] for r in classify_rows), default=-1) + 1,
+        "image_size": cfg.image_size,
+        "labeled_fraction": cfg.labeled_fraction,
+        "seed": cfg.seed,
+        "counts": counts,
+        "labeled_pixel_frequency": {c: round(int(n) / total, 6) for c, n in zip(classes, writer.pixel_counts)},
+        "ids": {split: [r["id"] for r in rows] for split, rows in writer.rows.items()},
+        "content_sha256": _content_hash(tmp),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    publish(tmp, out_dir)
+    return manifest
+
+
+def _content_hash(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.parquet")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def read_manifest(prepared_dir: Path) -> dict:
+    path = Path(prepared_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run the prepare stage first")
+    return json.loads(path.read_text())
+
+
+def manifest_hash(prepared_dir: Path) -> str:
+    return hashlib.sha256((Path(prepared_dir) / MANIFEST).read_bytes()).hexdigest()[:16]
+
+
+def decode_batch(batch: dict, image_key: str = "image", mask_key: str | None = "mask") -> Iterator:
+    """Decode a column batch of PNG bytes into uint8 arrays (images HxWx3, masks HxW)."""
+    for i in range(len(batch[image_key])):
+        image = decode_png(batch[image_key][i])
+        yield image, (decode_png(batch[mask_key][i]) if mask_key else None)

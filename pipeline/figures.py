@@ -1,0 +1,89 @@
+"""Figures people look at: confusion matrices, prediction grids, denoising triplets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.data import IGNORE_INDEX
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """num_classes RGB colours (class 0 black), plus white for the ignore index."""
+    import matplotlib
+
+    colours = np.zeros((256, 3), dtype=np.uint8)
+    cmap = matplotlib.colormaps["tab20"]
+    for c in range(1, num_classes):
+        colours[c] = (np.array(cmap((c - 1) % 20)[:3]) * 255).astype(np.uint8)
+    colours[IGNORE_INDEX] = 255
+    return colours
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on servers
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    plt = _pyplot()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def confusion_figure(confusion: np.ndarray, classes: list[str], title: str, path: Path) -> None:
+    """Row-normalised confusion matrix (rows: truth, columns: prediction)."""
+    plt = _pyplot()
+    rows = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(0.5 * len(classes) + 2, 0.5 * len(classes) + 1.5))
+    im = ax.imshow(rows, cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=90)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    _save(fig, path)
+
+
+def prediction_grid(images: torch.Tensor, columns: dict[str, torch.Tensor], num_classes: int,
+                    path: Path) -> None:
+    """One row per image: the image, then each label map (truth, teacher, student...) coloured."""
+    plt = _pyplot()
+    colours = palette(num_classes)
+    n, ncols = len(images), 1 + len(columns)
+    fig, axes = plt.subplots(n, ncols, figsize=(1.6 * ncols, 1.6 * n), squeeze=False)
+    for i in range(n):
+        panels = [images[i].permute(1, 2, 0).numpy()] + [colours[m[i].numpy()] for m in columns.values()]
+        for j, (panel, title) in enumerate(zip(panels, ["image", *columns])):
+            axes[i, j].imshow(panel, interpolation="nearest")
+            axes[i, j].axis("off")
+            if i == 0:
+                axes[i, j].set_title(title, fontsize=9)
+    _save(fig, path)
+
+
+def denoising_triplets(clean: torch.Tensor, noisy: torch.Tensor, predicted_noise: torch.Tensor,
+                       true_noise: torch.Tensor, path: Path) -> None:
+    """Per row: clean, noisy input, predicted noise, true noise (all mapped from [-1, 1])."""
+    plt = _pyplot()
+    def show(t: torch.Tensor) -> np.ndarray:
+        return ((t.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+
+    names = ["clean", "noisy", "predicted noise", "true noise"]
+    n = len(clean)
+    fig, axes = plt.subplots(n, 4, figsize=(6.4, 1.6 * n), squeeze=False)
+    for i in range(n):
+        for j, t in enumerate((clean[i], noisy[i], predicted_noise[i], true_noise[i])):
+            axes[i, j].imshow(show(t))
+            axes[i, j].axis("off")
+            if i == 0:
+                axes[i, j].set_title(names[j], fontsize=9)
+    _save(fig, path)

@@ -1,0 +1,63 @@
+"""The `prepare` stage's work: turn a raw dataset into the prepared splits and manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import digit_scenes, folder
+from pipeline.config import DataConfig
+from pipeline.data import SplitWriter, encode_png, nested_labeled_ids, write_prepared
+
+
+def prepare_digit_scenes(cfg: DataConfig, out_dir: Path) -> dict:
+    classes = digit_scenes.CLASSES
+    examples = list(digit_scenes.generate(cfg.seed, cfg.image_size, cfg.digits))
+    train_ids = [eid for split, eid, _, _ in examples if split == "train"]
+    labeled = set(nested_labeled_ids(train_ids, cfg.labeled_fraction, cfg.seed))
+    writer, classify_rows = SplitWriter(len(classes)), []
+    for split, eid, image, target in examples:
+        if split == "classify":
+            classify_rows.append({"id": eid, "image": encode_png(image), "label": target})
+        else:
+            writer.add("val" if split == "val" else ("labeled" if eid in labeled else "unlabeled"),
+                       eid, image, target)
+    return write_prepared(writer, classify_rows, classes, cfg, out_dir)
+
+
+def classify_crops_from_masks(image: np.ndarray, mask: np.ndarray, eid: str) -> list[dict]:
+    """Image-level examples for encoder pretraining on folder data: the four quadrants of a
+    labeled image, each labelled with its most frequent class."""
+    h, w = mask.shape
+    rows = []
+    for q, (top, left) in enumerate(((0, 0), (0, w // 2), (h // 2, 0), (h // 2, w // 2))):
+        crop_mask = mask[top:top + h // 2, left:left + w // 2]
+        valid = crop_mask[crop_mask != 255]
+        if valid.size:
+            rows.append({"id": f"{eid}-q{q}", "image": encode_png(image[top:top + h // 2, left:left + w // 2]),
+                         "label": int(np.bincount(valid).argmax())})
+    return rows
+
+
+def prepare_folder(cfg: DataConfig, out_dir: Path) -> dict:
+    root = Path(cfg.root)
+    classes = folder.read_classes(root)
+    examples = list(folder.iter_folder(root, cfg.image_size, len(classes), cfg.val_fraction, cfg.seed))
+    train_ids = [eid for split, eid, _, _ in examples if split == "train"]
+    labeled = set(nested_labeled_ids(train_ids, cfg.labeled_fraction, cfg.seed))
+    writer, classify_rows = SplitWriter(len(classes)), []
+    for split, eid, image, mask in examples:
+        if split == "train" and eid in labeled:
+            writer.add("labeled", eid, image, mask)
+            classify_rows += classify_crops_from_masks(image, mask, eid)
+        else:
+            writer.add("unlabeled" if split in ("train", "unlabeled") else "val", eid, image, mask)
+    return write_prepared(writer, classify_rows, classes, cfg, out_dir)
+
+
+def prepare(cfg: DataConfig, out_dir: Path) -> dict:
+    """Write the prepared splits for `cfg.format` to `out_dir`; return the manifest."""
+    if cfg.format == "folder":
+        return prepare_folder(cfg, out_dir)
+    return prepare_digit_scenes(cfg, out_dir)

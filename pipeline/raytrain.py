@@ -1,0 +1,251 @@
+"""Ray Train plumbing shared by every training stage.
+
+Driver side: `launch` builds the ScalingConfig / RunConfig and Ray Data datasets, runs the
+`TorchTrainer` and returns the final checkpoint's state. Worker side: `WorkerSetup` (threads,
+seeds, device, MLflow), `load_images` / `load_segmentation` (the worker's Ray Data shard as
+in-memory tensors) and `run_epochs` (the one loop all stages use: restore, step, report and
+checkpoint every epoch from rank 0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import ModelConfig, RayConfig, TrainConfig
+from pipeline.data import decode_png
+
+STATE_FILE = "state.pt"
+
+
+# --------------------------------------------------------------------------- driver side
+
+def run_name(stage: str, loop_config: dict, inputs: list[Path]) -> str:
+    """A name that is stable for the same config and inputs, so relaunching a failed stage
+    resumes its checkpoints, and different inputs never resume a stale run."""
+    digest = hashlib.sha256(json.dumps(loop_config, sort_keys=True, default=str).encode())
+    for root in inputs:
+        for path in sorted(Path(root).rglob("*")) if Path(root).is_dir() else [Path(root)]:
+            stat = path.stat()
+            digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return f"{stage}-{digest.hexdigest()[:12]}"
+
+
+def init_ray(ray_cfg: RayConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = ray_cfg.resolved_address()
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, ray_cfg.num_workers * ray_cfg.cpus_per_worker),
+                 include_dashboard=False, log_to_driver=True)
+
+
+@dataclass
+class JobConfig:
+    """Everything a worker loop needs, typed: the stage's section, the model, and runtime
+    wiring that must not change the run's name (MLflow run, initial weights)."""
+
+    train: TrainConfig
+    model: ModelConfig
+    num_classes: int
+    cpus_per_worker: int = 1
+    init_state: dict | None = None
+    init_out_channels: int = 0
+    mlflow_run_id: str | None = None
+    tracking_uri: str | None = None
+
+    def identity(self) -> dict:
+        return {"train": asdict(self.train), "model": asdict(self.model), "num_classes": self.num_classes,
+                "init_out_channels": self.init_out_channels}
+
+
+def launch(stage: str, train_loop: Callable[[dict], None], job: JobConfig,
+           datasets: dict[str, tuple[list[Path], list[str]]], ray_cfg: RayConfig,
+           inputs: list[Path]) -> tuple[dict, dict]:
+    """Run `train_loop` as a Ray Train job; return (final state dict, final reported metrics).
+
+    `datasets` maps a name to (Parquet folders, columns), read with Ray Data and sharded
+    across workers. Checkpoints live under `ray.storage_path` while the job runs and are
+    removed once the final state is back, since the stage exports it as its DVC output.
+    """
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    init_ray(ray_cfg)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    job.cpus_per_worker = ray_cfg.cpus_per_worker
+    storage = ray_cfg.storage_path if "://" in ray_cfg.storage_path else str(Path(ray_cfg.storage_path).resolve())
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
+                                     resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
+        run_config=RunConfig(name=run_name(stage, job.identity(), inputs), storage_path=storage,
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             failure_config=FailureConfig(max_failures=ray_cfg.max_failures)),
+        datasets={key: ray.data.read_parquet([str(Path(p).resolve()) for p in paths], columns=columns)
+                  for key, (paths, columns) in datasets.items()},
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as ckpt_dir:
+        state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+    result.filesystem.delete_dir(result.path)
+    return state, dict(result.metrics or {})
+
+
+# --------------------------------------------------------------------------- worker side
+
+@dataclass
+class WorkerSetup:
+    """What a worker needs to know about itself; built once at the top of a train loop."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    generator: torch.Generator
+    mlflow_run_id: str | None
+
+    tracking_uri: str | None
+
+    @classmethod
+    def from_job(cls, job: JobConfig) -> "WorkerSetup":
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        rank = ctx.get_world_rank()
+        torch.set_num_threads(job.cpus_per_worker)
+        torch.manual_seed(job.train.seed * 1000 + rank)
+        generator = torch.Generator().manual_seed(job.train.seed * 1000 + rank)
+        return cls(rank, ctx.get_world_size(), ray.train.torch.get_device(), generator,
+                   job.mlflow_run_id, job.tracking_uri)
+
+    def per_worker(self, global_batch: int) -> int:
+        """Stage params give global batch sizes; each worker takes its share."""
+        return max(1, global_batch // self.world_size)
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        if self.rank != 0 or not self.mlflow_run_id:
+            return
+        from pipeline.tracking import log_metrics
+
+        log_metrics(self.tracking_uri, self.mlflow_run_id, metrics, step)
+
+
+def columns_to_tensors(batches) -> dict[str, torch.Tensor]:
+    """Stack column batches into tensors: PNG-bytes columns are decoded (images become
+    uint8 N×3×H×W, masks N×H×W), numeric columns are concatenated."""
+    parts: dict[str, list] = {}
+    for batch in batches:
+        for key, values in batch.items():
+            if values.dtype == object:
+                parts.setdefault(key, []).extend(decode_png(v) for v in values)
+            else:
+                parts.setdefault(key, []).append(values)
+    out = {}
+    for key, values in parts.items():
+        array = np.stack(values) if isinstance(values[0], np.ndarray) and values[0].ndim >= 2 else np.concatenate(values)
+        tensor = torch.from_numpy(array)
+        out[key] = tensor.permute(0, 3, 1, 2).contiguous() if tensor.ndim == 4 else tensor
+    return out
+
+
+def load_shard(name: str) -> dict[str, torch.Tensor]:
+    """This worker's Ray Data shard of dataset `name`, decoded into in-memory tensors.
+
+    Shards of prepared data are small enough to hold (uint8), and sampling batches from
+    memory keeps the per-step cost at the model's, not the loader's.
+    """
+    import ray.train
+
+    shard = ray.train.get_dataset_shard(name)
+    return columns_to_tensors(shard.iter_batches(batch_size=256, batch_format="numpy"))
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float = 0.05):
+    warmup = max(1, int(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: Callable[[], dict],
+               train: TrainConfig, setup: WorkerSetup) -> None:
+    """The loop every training stage shares.
+
+    Each epoch runs `steps_per_epoch` calls of `step` (which returns a dict of scalar loss
+    tensors, the first of which is optimised), then reports the epoch's mean losses and a
+    checkpoint of the unwrapped model from rank 0. Resumes from Ray's latest checkpoint when the job is relaunched.
+    """
+    epochs, steps = train.epochs, train.steps_per_epoch
+    scheduler = warmup_cosine(optimizer, epochs * steps)
+    start_epoch, loop_seconds = restore(model, optimizer, scheduler)
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        started, totals = time.perf_counter(), {}
+        for _ in range(steps):
+            losses = step()
+            optimizer.zero_grad(set_to_none=True)
+            next(iter(losses.values())).backward()
+            optimizer.step()
+            scheduler.step()
+            for key, value in losses.items():
+                totals[key] = totals.get(key, 0.0) + float(value.detach())
+        loop_seconds += time.perf_counter() - started
+        metrics = {k: v / steps for k, v in totals.items()}
+        metrics |= {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "loop_seconds": loop_seconds}
+        setup.log_metrics(metrics, epoch + 1)
+        state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "epoch": epoch + 1, "loop_seconds": loop_seconds}
+        report(metrics, state if setup.rank == 0 else None)
+
+
+def restore(model, optimizer, scheduler) -> tuple[int, float]:
+    """Load Ray's latest checkpoint, if the job is a relaunch; return (start epoch, seconds so far)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, 0.0
+    with checkpoint.as_directory() as ckpt_dir:
+        state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["epoch"]), float(state["loop_seconds"])
+
+
+def report(metrics: dict, state: dict | None) -> None:
+    """`ray.train.report` is a barrier: every rank calls it; only rank 0 passes a checkpoint."""
+    import ray.train
+
+    if state is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(state, Path(tmp) / STATE_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

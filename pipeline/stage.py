@@ -1,0 +1,72 @@
+"""What every stage script does around its work: read params, open the MLflow run, time it,
+print one summary line, and turn our known errors into one readable message and exit 1."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.config import ConfigError, Params, load_params
+
+
+@dataclass
+class StageContext:
+    name: str
+    params: Params
+    root: Path
+    run_id: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def wall_seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def train(self, loop, job, datasets: dict, inputs: list[Path]) -> dict:
+        """Run a worker loop as this stage's Ray Train job; return the final state dict."""
+        from pipeline.raytrain import launch
+        from pipeline.tracking import resolve_tracking_uri
+
+        job.mlflow_run_id = self.run_id
+        job.tracking_uri = resolve_tracking_uri(self.params.mlflow, self.root)
+        state, metrics = launch(self.name, loop, job, datasets, self.params.ray, inputs)
+        self.summary["loss"] = float(metrics.get("loss", float("nan")))
+        self.summary["loop_s"] = float(metrics.get("loop_seconds", 0.0))
+        return state
+
+
+def known_errors() -> tuple[type[Exception], ...]:
+    from pipeline.checkpoints import CheckpointError
+    from pipeline.data import DataError
+
+    return (ConfigError, DataError, CheckpointError)
+
+
+@contextmanager
+def stage(name: str, sections: list[str], prepared: Path | None = None,
+          params_file: str = "params.yaml") -> Iterator[StageContext]:
+    """Run a stage body inside its MLflow run; logs wall time and prints the summary line."""
+    try:
+        params = load_params(params_file)
+        ctx = StageContext(name, params, Path.cwd())
+        from pipeline.data import manifest_hash
+        from pipeline.tracking import log_metrics, stage_run
+
+        digest = manifest_hash(prepared) if prepared and (prepared / "manifest.json").is_file() else None
+        with stage_run(name, params, sections, ctx.root, digest) as run_id:
+            ctx.run_id = run_id
+            yield ctx
+            ctx.summary["wall_s"] = ctx.wall_seconds
+            if "loop_s" in ctx.summary:
+                ctx.summary["overhead_s"] = ctx.summary["wall_s"] - ctx.summary["loop_s"]
+            log_metrics(None, run_id, {k: v for k, v in ctx.summary.items()
+                                       if isinstance(v, (int, float)) and not isinstance(v, bool)}, 0)
+    except known_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    parts = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in ctx.summary.items())
+    print(f"[{name}] done: {parts}", flush=True)

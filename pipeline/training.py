@@ -1,0 +1,175 @@
+"""What one optimisation step of each training stage computes, and the per-worker loops.
+
+A `*_step` factory returns a closure that draws a batch, augments it and returns its losses
+(the first one is optimised). The same closures run inside Ray Train (`*_loop`, through
+`raytrain.run_epochs`) and in a plain PyTorch loop (the benchmark's baseline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from pipeline import augment
+from pipeline.config import ModelConfig, StudentConfig, TrainConfig
+from pipeline.data import IGNORE_INDEX
+from pipeline.denoising import noisy_input
+from pipeline.losses import denoising_loss, segmentation_ce
+from pipeline.models import DENOISE_CHANNELS, ENCODER_PRESETS, EncoderClassifier, SegmentationNet, build_model
+from pipeline.raytrain import JobConfig, WorkerSetup, load_shard, run_epochs
+
+Step = Callable[[], dict]
+
+
+def _batch(count: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(count, (size,), generator=generator)
+
+
+def classification_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int,
+                        generator: torch.Generator, device: torch.device) -> Step:
+    """Supervised encoder pretraining: cross-entropy on image-level labels, zoom/crop views."""
+    def step() -> dict:
+        idx = _batch(len(labels), batch, generator)
+        x, _ = augment.random_view(augment.to_unit_float(images[idx]), None, (0.8, 1.1), generator, hflip=False)
+        logits = model(augment.to_model_range(x).to(device))
+        return {"loss": nn.functional.cross_entropy(logits, labels[idx].to(device))}
+    return step
+
+
+def denoising_step(model: nn.Module, images: torch.Tensor, batch: int, sigma: float,
+                   generator: torch.Generator, device: torch.device) -> Step:
+    """DDeP: the network sees x̃ = √γ·x + √(1−γ)·ε and predicts ε."""
+    def step() -> dict:
+        x = augment.to_model_range(augment.to_unit_float(images[_batch(len(images), batch, generator)]))
+        noise = torch.randn(x.shape, generator=generator)
+        predicted = model(noisy_input(x, sigma, noise).to(device))
+        return {"loss": denoising_loss(predicted, noise.to(device))}
+    return step
+
+
+def weak_view(images: torch.Tensor, masks: torch.Tensor, crop_scale_min: float, hflip: bool,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inception-style random resized crop (+ optional flip) of uint8 images and their masks."""
+    side = (crop_scale_min ** 0.5, 1.0)
+    return augment.random_view(augment.to_unit_float(images), masks, side, generator, hflip=hflip)
+
+
+def supervised_step(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, batch: int,
+                    crop_scale_min: float, hflip: bool, generator: torch.Generator,
+                    device: torch.device) -> Step:
+    """Teacher fine-tuning: cross-entropy on the labeled split under weak augmentation."""
+    def step() -> dict:
+        idx = _batch(len(images), batch, generator)
+        x, y = weak_view(images[idx], masks[idx], crop_scale_min, hflip, generator)
+        return {"loss": segmentation_ce(model(augment.to_model_range(x).to(device)), y.to(device))}
+    return step
+
+
+def strong_view(images: torch.Tensor, labels: torch.Tensor, cfg: StudentConfig,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Colour jitter, blur, zoom 0.5-2x with crop (and flip if enabled), cutout."""
+    x = augment.color_jitter(augment.to_unit_float(images), cfg.color_jitter, generator)
+    x = augment.gaussian_blur(x, cfg.blur_probability, generator)
+    x, y = augment.random_view(x, labels, (0.5, 2.0), generator, hflip=cfg.hflip)
+    return augment.cutout(x, y, cfg.cutout_fraction, generator)
+
+
+def student_step(model: nn.Module, labeled: tuple[torch.Tensor, torch.Tensor],
+                 pseudo: tuple[torch.Tensor, torch.Tensor, torch.Tensor], cfg: StudentConfig,
+                 batches: tuple[int, int], generator: torch.Generator, device: torch.device) -> Step:
+    """Self-training: CE on a weakly augmented labeled batch plus weighted CE on a strongly
+    augmented pseudo-labeled batch, pixels under the confidence threshold ignored."""
+    images, masks = labeled
+    p_images, p_labels, p_conf = pseudo
+    confident_labels = torch.where(p_conf.float() / 255.0 >= cfg.conf_threshold, p_labels,
+                                   torch.full_like(p_labels, IGNORE_INDEX))
+
+    def step() -> dict:
+        idx = _batch(len(images), batches[0], generator)
+        x, y = weak_view(images[idx], masks[idx], cfg.crop_scale_min, cfg.hflip, generator)
+        pidx = _batch(len(p_images), batches[1], generator)
+        px, py = strong_view(p_images[pidx], confident_labels[pidx], cfg, generator)
+        logits = model(augment.to_model_range(torch.cat([x, px])).to(device))
+        labeled_ce = segmentation_ce(logits[: len(idx)], y.to(device))
+        pseudo_ce = segmentation_ce(logits[len(idx):], py.to(device))
+        return {"loss": labeled_ce + cfg.pseudo_weight * pseudo_ce,
+                "labeled_ce": labeled_ce, "pseudo_ce": pseudo_ce}
+    return step
+
+
+def build_network(model: ModelConfig, out_channels: int) -> SegmentationNet:
+    return build_model(model.preset, model.decoder_in_channels, model.decoder_channels, out_channels)
+
+
+# ----------------------------------------------------------------- per-worker Ray Train loops
+# Each takes Ray's train_loop_config {"job": JobConfig} and reads like the method: load this
+# worker's shard, build the network from the previous stage's weights, optimise.
+
+def _optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+
+
+def encoder_classify_loop(config: dict) -> None:
+    from ray.train.torch import prepare_model
+
+    job: JobConfig = config["job"]
+    setup = WorkerSetup.from_job(job)
+    shard = load_shard("classify")
+    model = EncoderClassifier(ENCODER_PRESETS[job.model.preset], job.num_classes)
+    model = prepare_model(model)
+    step = classification_step(model, shard["image"], shard["label"].long(),
+                               setup.per_worker(job.train.batch_size), setup.generator, setup.device)
+    run_epochs(model, _optimizer(model.parameters(), job.train), step, job.train, setup)
+
+
+def decoder_pretrain_loop(config: dict) -> None:
+    from ray.train.torch import prepare_model
+
+    job: JobConfig = config["job"]
+    setup = WorkerSetup.from_job(job)
+    images = load_shard("images")["image"]
+    model = build_network(job.model, DENOISE_CHANNELS)
+    model.encoder.load_state_dict(job.init_state)
+    model.encoder.requires_grad_(False)  # DDeP: the encoder stays exactly as pretrained
+    model = prepare_model(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    step = denoising_step(model, images, setup.per_worker(job.train.batch_size), job.train.sigma,
+                          setup.generator, setup.device)
+    run_epochs(model, _optimizer(trainable, job.train), step, job.train, setup)
+
+
+def _segmenter_from(job: JobConfig) -> SegmentationNet:
+    """The previous stage's network with a K-class head (a denoising head is dropped)."""
+    model = build_network(job.model, job.init_out_channels)
+    model.load_state_dict(job.init_state)
+    if job.init_out_channels != job.num_classes:
+        model.replace_head(job.num_classes)
+    return model
+
+
+def teacher_loop(config: dict) -> None:
+    from ray.train.torch import prepare_model
+
+    job: JobConfig = config["job"]
+    setup = WorkerSetup.from_job(job)
+    labeled = load_shard("labeled")
+    model = prepare_model(_segmenter_from(job))
+    step = supervised_step(model, labeled["image"], labeled["mask"], setup.per_worker(job.train.batch_size),
+                           job.train.crop_scale_min, job.train.hflip, setup.generator, setup.device)
+    run_epochs(model, _optimizer(model.parameters(), job.train), step, job.train, setup)
+
+
+def student_loop(config: dict) -> None:
+    from ray.train.torch import prepare_model
+
+    job: JobConfig = config["job"]
+    setup = WorkerSetup.from_job(job)
+    labeled, pseudo = load_shard("labeled"), load_shard("pseudo")
+    model = prepare_model(_segmenter_from(job))
+    batches = (setup.per_worker(job.train.batch_size), setup.per_worker(job.train.unlabeled_batch_size))
+    step = student_step(model, (labeled["image"], labeled["mask"]),
+                        (pseudo["image"], pseudo["pseudo_label"], pseudo["confidence"]), job.train,
+                        batches, setup.generator, setup.device)
+    run_epochs(model, _optimizer(model.parameters(), job.train), step, job.train, setup)

@@ -1,0 +1,66 @@
+"""DVC stage `evaluate`: teacher and student on val — mIoU, per-class IoU, pixel accuracy, figures."""
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import mlflow
+
+from pipeline.checkpoints import load_segmenter
+from pipeline.data import publish, read_manifest, temp_path_for
+from pipeline.figures import confusion_figure, prediction_grid
+from pipeline.inference import evaluate_split
+from pipeline.metrics import segmentation_scores
+from pipeline.stage import stage
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(path)
+    tmp.write_text(text)
+    publish(tmp, path)
+
+
+def per_class_csv(scores: dict, classes: list[str]) -> str:
+    rows = [{"class": c, **{name: round(s["per_class_iou"].get(c, 0.0), 6) for name, s in scores.items()}}
+            for c in classes]
+    lines = [",".join(rows[0])] + [",".join(str(v) for v in row.values()) for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--prepared", type=Path, required=True)
+    parser.add_argument("--teacher", type=Path, required=True)
+    parser.add_argument("--student", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON (a DVC metric)")
+    parser.add_argument("--per-class", type=Path, required=True, help="per-class IoU CSV (a DVC plot)")
+    parser.add_argument("--figures", type=Path, required=True)
+    args = parser.parse_args()
+    with stage("evaluate", ["evaluate", "model"], args.prepared) as ctx:
+        cfg, model = ctx.params.evaluate, ctx.params.model
+        manifest = read_manifest(args.prepared)
+        classes = manifest["classes"]
+        models = {"teacher": load_segmenter(args.teacher, model, classes),
+                  "student": load_segmenter(args.student, model, classes)}
+        confusion, samples = evaluate_split(models, args.prepared / "val", cfg.batch_size, len(classes),
+                                            cfg.grid_images)
+        scores = {name: segmentation_scores(c.numpy(), classes) for name, c in confusion.items()}
+        write_atomic(args.metrics, json.dumps(scores, indent=2) + "\n")
+        write_atomic(args.per_class, per_class_csv(scores, classes))
+        for name, c in confusion.items():
+            confusion_figure(c.numpy(), classes, f"{name} (val mIoU {scores[name]['miou']:.3f})",
+                             args.figures / f"confusion_{name}.png")
+        prediction_grid(samples["image"], {"truth": samples["mask"], **{n: samples[n] for n in models}},
+                        len(classes), args.figures / "predictions.png")
+        mlflow.log_artifacts(str(args.figures), "figures")
+        mlflow.log_artifact(str(args.per_class))
+        for name, s in scores.items():
+            mlflow.log_metrics({f"{name}_miou": s["miou"], f"{name}_pixel_accuracy": s["pixel_accuracy"]})
+            mlflow.log_metrics({f"{name}_iou.{c}": v for c, v in s["per_class_iou"].items()})
+            ctx.summary[f"{name}_miou"] = s["miou"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""DVC stage `student_train`: self-training on labeled + strongly augmented pseudo-labeled images."""
+
+import argparse
+from pathlib import Path
+
+from pipeline.checkpoints import DENOISER, SEGMENTER, load_weights, save_weights
+from pipeline.data import read_manifest
+from pipeline.models import DENOISE_CHANNELS
+from pipeline.raytrain import JobConfig
+from pipeline.stage import stage
+from pipeline.training import student_loop
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--prepared", type=Path, required=True)
+    parser.add_argument("--pseudo", type=Path, required=True, help="pseudo-label shards")
+    parser.add_argument("--teacher", type=Path, required=True)
+    parser.add_argument("--pretrained", type=Path, required=True, help="weights from decoder_pretrain")
+    parser.add_argument("--out", type=Path, required=True, help="student weights file")
+    args = parser.parse_args()
+    with stage("student_train", ["student", "model"], args.prepared) as ctx:
+        cfg, model = ctx.params.student, ctx.params.model
+        manifest = read_manifest(args.prepared)
+        classes = manifest["classes"]
+        if cfg.init == "teacher":
+            init, init_channels = load_weights(args.teacher, SEGMENTER, model, classes), len(classes)
+        else:
+            init, init_channels = load_weights(args.pretrained, DENOISER, model), DENOISE_CHANNELS
+        job = JobConfig(train=cfg, model=model, num_classes=len(classes), init_state=init,
+                        init_out_channels=init_channels)
+        datasets = {"labeled": ([args.prepared / "labeled"], ["image", "mask"]),
+                    "pseudo": ([args.pseudo], ["image", "pseudo_label", "confidence"])}
+        state = ctx.train(student_loop, job, datasets, inputs=[args.prepared, args.pseudo, args.teacher])
+        save_weights(args.out, state["model"], SEGMENTER, model, classes)
+        ctx.summary["out"] = str(args.out)
+
+
+if __name__ == "__main__":
+    main()

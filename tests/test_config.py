@@ -1,0 +1,73 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.compose import compose, render
+from pipeline.config import ConfigError, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_committed_params_are_the_composed_defaults():
+    """params.yaml is generated from conf/; a hand edit that drifted would show here."""
+    committed = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert yaml.safe_load(render(compose([]), [])) == committed
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"studnet"):
+        parse_params({"studnet": {"lr": 0.1}})
+    with pytest.raises(ConfigError, match=r"student\.lrr"):
+        parse_params({"student": {"lrr": 0.1}})
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match=r"teacher\.epochs"):
+        parse_params({"teacher": {"epochs": "ten"}})
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"data": {"labeled_fraction": 0.0}}, "data.labeled_fraction"),
+    ({"data": {"labeled_fraction": 1.5}}, "data.labeled_fraction"),
+    ({"ddep": {"sigma": -0.1}}, "ddep.sigma"),
+    ({"teacher": {"batch_size": 0}}, "teacher.batch_size"),
+    ({"ray": {"num_workers": 0}}, "ray.num_workers"),
+    ({"model": {"preset": "resnet9000"}}, "model.preset"),
+    ({"model": {"decoder_channels": [8, 8]}}, "model.decoder_channels"),
+    ({"encoder": {"init": "file"}}, "encoder.weights_path"),
+    ({"data": {"format": "folder"}}, "data.root"),
+])
+def test_out_of_range_values_are_named(raw, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        parse_params(raw)
+
+
+def test_load_params_names_the_file(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("student:\n  epochs: -1\n")
+    with pytest.raises(ConfigError, match=str(bad)):
+        load_params(bad)
+
+
+def test_presets_compose_and_validate():
+    params = compose(["model=r50_vit_b16", "experiment=smoke"])
+    assert params.model.preset == "r50_vit_b16"
+    assert params.model.decoder_channels == [256, 128, 64, 16]
+    assert params.data.digits.train_scenes == 60
+
+
+def test_env_overrides_ray_address(monkeypatch):
+    params = parse_params({"ray": {"address": "ray://params:10001"}})
+    monkeypatch.setenv("RAY_ADDRESS", "ray://env:10001")
+    assert params.ray.resolved_address() == "ray://env:10001"
+
+
+def test_each_stage_depends_only_on_its_sections():
+    """`ray` and `mlflow` are read by all stages but must not invalidate DVC's cache."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        params = stage.get("params", [])
+        assert "ray" not in params and "mlflow" not in params, name
+    assert stages["student_train"]["params"] == ["student", "model"]
+    assert "student" not in stages["evaluate"]["params"]

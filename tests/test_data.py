@@ -1,0 +1,128 @@
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.config import DataConfig, DigitScenesConfig
+from pipeline.data import (
+    MANIFEST,
+    SEGMENTATION_SCHEMA,
+    DataError,
+    decode_png,
+    encode_png,
+    nested_labeled_ids,
+    read_split,
+    write_shards,
+)
+from pipeline.prepare import prepare
+
+
+def test_png_round_trip_is_lossless():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    mask = rng.integers(0, 256, (9, 7), dtype=np.uint8)
+    assert np.array_equal(decode_png(encode_png(image)), image)
+    assert np.array_equal(decode_png(encode_png(mask)), mask)
+
+
+def test_parquet_shards_round_trip(tmp_path):
+    rows = [{"id": f"x{i}", "height": 4, "width": 4, "image": encode_png(np.full((4, 4, 3), i, np.uint8)),
+             "mask": None if i % 2 else encode_png(np.full((4, 4), i, np.uint8))} for i in range(7)]
+    assert write_shards(rows, SEGMENTATION_SCHEMA, tmp_path / "split", shard_rows=3) == 7
+    assert len(list((tmp_path / "split").glob("*.parquet"))) == 3
+    table = read_split(tmp_path / "split")
+    assert table.schema == SEGMENTATION_SCHEMA
+    assert table.column("id").to_pylist() == [f"x{i}" for i in range(7)]
+    assert decode_png(table.column("image")[5].as_py())[0, 0, 0] == 5
+    assert table.column("mask")[1].as_py() is None
+
+
+def test_labeled_subsets_are_nested():
+    ids = [f"train-{i:04d}" for i in range(500)]
+    subsets = [set(nested_labeled_ids(ids, f, seed=3)) for f in (0.01, 0.02, 0.05, 0.1, 1.0)]
+    assert [len(s) for s in subsets] == [5, 10, 25, 50, 500]
+    assert all(small <= large for small, large in zip(subsets, subsets[1:]))
+    assert set(nested_labeled_ids(ids, 0.05, seed=4)) != subsets[2]
+
+
+def test_fraction_that_selects_nothing_is_an_error():
+    with pytest.raises(DataError, match="labeled_fraction"):
+        nested_labeled_ids(["a", "b"], 1e-6, seed=0)
+
+
+def _smoke_cfg(**kw) -> DataConfig:
+    return DataConfig(digits=DigitScenesConfig(train_scenes=20, val_scenes=4, classify_images=6), **kw)
+
+
+def test_digit_scenes_prepare(tmp_path):
+    manifest = prepare(_smoke_cfg(labeled_fraction=0.25), tmp_path / "prepared")
+    assert manifest["counts"] == {"labeled": 5, "unlabeled": 15, "val": 4, "classify": 6}
+    assert manifest["classes"][0] == "background" and manifest["num_classes"] == 11
+    on_disk = json.loads((tmp_path / "prepared" / MANIFEST).read_text())
+    assert on_disk["ids"]["labeled"] == manifest["ids"]["labeled"]
+    masks = read_split(tmp_path / "prepared" / "labeled").column("mask").to_pylist()
+    values = np.unique(np.concatenate([decode_png(m).ravel() for m in masks]))
+    assert values[0] == 0 and values.max() <= 10 and len(values) > 2
+    labels = pq.read_table(tmp_path / "prepared" / "classify").column("label").to_pylist()
+    assert all(0 <= v <= 9 for v in labels)
+
+
+def test_digit_scenes_are_deterministic(tmp_path):
+    a = prepare(_smoke_cfg(), tmp_path / "a")
+    b = prepare(_smoke_cfg(), tmp_path / "b")
+    assert a["content_sha256"] == b["content_sha256"]
+    assert prepare(_smoke_cfg(seed=1), tmp_path / "c")["content_sha256"] != a["content_sha256"]
+
+
+def _folder_dataset(root, n=10, size=(40, 30)):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "unlabeled").mkdir()
+    (root / "classes.txt").write_text("sky\nroad\ncar\n")
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(root / "images" / f"im{i}.jpg")
+        mask = np.zeros(size[::-1], np.uint8)
+        mask[:, : size[0] // 2] = 1 + i % 2
+        mask[0, 0] = 255
+        Image.fromarray(mask).save(root / "masks" / f"im{i}.png")
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / "unlabeled" / f"u{i}.png")
+
+
+def test_folder_format_ingestion(tmp_path):
+    _folder_dataset(tmp_path / "raw")
+    cfg = DataConfig(format="folder", root=str(tmp_path / "raw"), image_size=16, labeled_fraction=0.5,
+                     val_fraction=0.2)
+    manifest = prepare(cfg, tmp_path / "prepared")
+    assert manifest["classes"] == ["sky", "road", "car"]
+    assert manifest["counts"]["val"] == 2
+    assert manifest["counts"]["labeled"] == 4
+    assert manifest["counts"]["unlabeled"] == 4 + 3  # the rest of train (masks held aside) + unlabeled/
+    labeled = read_split(tmp_path / "prepared" / "labeled")
+    mask = decode_png(labeled.column("mask")[0].as_py())
+    image = decode_png(labeled.column("image")[0].as_py())
+    assert mask.shape == (16, 16) and image.shape == (16, 16, 3)
+    assert set(np.unique(mask)) <= {0, 1, 2, 255}
+    assert manifest["classify_num_classes"] >= 2
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda root: (root / "masks" / "im3.png").unlink(), "im3.png: missing mask"),
+    (lambda root: Image.fromarray(np.full((30, 40), 7, np.uint8)).save(root / "masks" / "im2.png"),
+     "class value 7 >= 3"),
+    (lambda root: (root / "images" / "im1.jpg").write_bytes(b"not an image"), "im1.jpg: not a readable image"),
+    (lambda root: Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(root / "masks" / "im4.png"),
+     "im4.png: mask mode RGB"),
+    (lambda root: Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / "masks" / "im5.png"), "im5.png: mask size"),
+    (lambda root: (root / "classes.txt").unlink(), "classes.txt: missing"),
+])
+def test_folder_errors_name_the_file(tmp_path, breakage, message):
+    _folder_dataset(tmp_path / "raw")
+    breakage(tmp_path / "raw")
+    cfg = DataConfig(format="folder", root=str(tmp_path / "raw"), image_size=16)
+    with pytest.raises(DataError, match=message):
+        prepare(cfg, tmp_path / "prepared")
+    assert not (tmp_path / "prepared").exists()

@@ -1,0 +1,52 @@
+import pytest
+import timm
+import torch
+
+from pipeline.models import ENCODER_PRESETS, EncoderClassifier, HybridEncoder, build_model, build_vit
+
+
+@pytest.mark.parametrize("preset, size, widths, din", [
+    ("tiny", 64, [64, 32, 16, 16], 128),
+    ("r50_vit_b16", 32, [256, 128, 64, 16], 512),
+])
+def test_shapes_for_every_preset(preset, size, widths, din):
+    spec = ENCODER_PRESETS[preset]
+    model = build_model(preset, din, widths, 5).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        s2, s4, s8, s16 = model.encoder(x)
+        out = model(x)
+    assert s2.shape == (2, spec.skip_channels[0], size // 2, size // 2)
+    assert s4.shape == (2, spec.skip_channels[1], size // 4, size // 4)
+    assert s8.shape == (2, spec.skip_channels[2], size // 8, size // 8)
+    assert s16.shape == (2, spec.embed_dim, size // 16, size // 16)
+    assert out.shape == (2, 5, size, size)
+
+
+def test_r50_preset_is_exactly_timms_vit_base_r50_s16_224():
+    """Same keys and shapes, so a locally saved timm checkpoint loads into the encoder."""
+    reference = timm.create_model("vit_base_r50_s16_224", pretrained=False, num_classes=0)
+    ours = build_vit(ENCODER_PRESETS["r50_vit_b16"])
+    assert {k: v.shape for k, v in ours.state_dict().items()} == \
+           {k: v.shape for k, v in reference.state_dict().items()}
+
+
+def test_encoder_has_no_batchnorm_and_decoder_does():
+    model = build_model("tiny", 128, [64, 32, 16, 16], 3)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.encoder.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.decoder.modules())
+
+
+def test_replace_head_keeps_encoder_and_decoder():
+    model = build_model("tiny", 128, [64, 32, 16, 16], 3)
+    before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
+    model.replace_head(11)
+    assert model.head.out_channels == 11
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_classifier_encoder_state_loads_into_a_plain_encoder():
+    clf = EncoderClassifier(ENCODER_PRESETS["tiny"], 10)
+    assert clf(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    HybridEncoder(ENCODER_PRESETS["tiny"]).load_state_dict(clf.encoder_state())
