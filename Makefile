@@ -21,8 +21,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	test -d .git || (git init -q && git add -A && git -c user.email=pipeline@localhost -c user.name=pipeline commit -qm "initial import")
 	touch $@
 
+# One local Ray instance serves every stage of the run (see pipeline/cluster.py).
 run: install
-	dvc repro
+	$(PY) -m pipeline.cluster -- dvc repro
 	dvc metrics show
 
 test: install

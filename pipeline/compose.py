@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import PARAMS_FILE, ConfigError, Params, parse_params, section_dict
+from pipeline.data import write_text_atomic
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 HEADER = ("# Written by `python -m pipeline.compose{args}` from conf/ (Hydra presets) and the typed\n"
@@ -54,9 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         text = render(compose(args.overrides), args.overrides)
     except ConfigError as err:
         sys.exit(f"error: {err}")
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(args.out)
+    write_text_atomic(args.out, text)
     print(f"wrote {args.out}")
 
 

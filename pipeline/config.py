@@ -125,6 +125,11 @@ class TrainConfig:
 class EncoderConfig(TrainConfig):
     """`encoder_init`: how the encoder starts (supervised on the classify split, file, random)."""
 
+    epochs: int = 30
+    steps_per_epoch: int = 100
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.05
     init: str = "supervised"
     weights_path: Optional[str] = None
 
@@ -140,6 +145,10 @@ class EncoderConfig(TrainConfig):
 class DDePConfig(TrainConfig):
     """`decoder_pretrain`: denoising pretraining of the decoder over a frozen encoder."""
 
+    epochs: int = 6
+    steps_per_epoch: int = 50
+    batch_size: int = 32
+    lr: float = 3e-3
     sigma: float = 0.2
 
     def __post_init__(self) -> None:
@@ -148,16 +157,35 @@ class DDePConfig(TrainConfig):
 
 
 @dataclass
-class TeacherConfig(TrainConfig):
-    """`teacher_finetune`: all weights, cross-entropy on the labeled split."""
+class FinetuneConfig(TrainConfig):
+    """What teacher and student share: all weights train, the pretrained encoder at
+    `encoder_lr_scale` × lr (so a few labels do not wash out what it knows), and the weak
+    augmentation of labeled images (inception-style crop down to `crop_scale_min` of the
+    area, optional horizontal flip)."""
 
-    crop_scale_min: float = 0.5
+    epochs: int = 10
+    steps_per_epoch: int = 100
+    batch_size: int = 16
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    encoder_lr_scale: float = 0.1
+    crop_scale_min: float = 0.3
     hflip: bool = True
 
-    def __post_init__(self) -> None:
-        self._check_schedule("teacher")
-        _require(0 < self.crop_scale_min <= 1, "teacher.crop_scale_min",
+    def _check_finetune(self, section: str) -> None:
+        self._check_schedule(section)
+        _require(self.encoder_lr_scale >= 0, f"{section}.encoder_lr_scale",
+                 f"expected a value >= 0, got {self.encoder_lr_scale}")
+        _require(0 < self.crop_scale_min <= 1, f"{section}.crop_scale_min",
                  f"expected a value in (0, 1], got {self.crop_scale_min}")
+
+
+@dataclass
+class TeacherConfig(FinetuneConfig):
+    """`teacher_finetune`: cross-entropy on the labeled split."""
+
+    def __post_init__(self) -> None:
+        self._check_finetune("teacher")
 
 
 @dataclass
@@ -172,21 +200,22 @@ class PseudoConfig:
 
 
 @dataclass
-class StudentConfig(TrainConfig):
+class StudentConfig(FinetuneConfig):
     """`student_train`: labeled batches (CE) mixed with strongly augmented pseudo-labeled ones."""
 
-    unlabeled_batch_size: int = 32
+    epochs: int = 10
+    steps_per_epoch: int = 50
+    lr: float = 1e-3
+    unlabeled_batch_size: int = 16
     pseudo_weight: float = 1.0
     conf_threshold: float = 0.0
     init: str = "teacher"
-    crop_scale_min: float = 0.5
-    hflip: bool = True
     cutout_fraction: float = 0.25
     color_jitter: float = 0.4
     blur_probability: float = 0.3
 
     def __post_init__(self) -> None:
-        self._check_schedule("student")
+        self._check_finetune("student")
         _positive("student", unlabeled_batch_size=self.unlabeled_batch_size)
         _require(self.pseudo_weight >= 0, "student.pseudo_weight",
                  f"expected a value >= 0, got {self.pseudo_weight}")
@@ -194,8 +223,6 @@ class StudentConfig(TrainConfig):
                  f"expected a value in [0, 1), got {self.conf_threshold}")
         _require(self.init in ("teacher", "pretrained"), "student.init",
                  f"expected 'teacher' or 'pretrained', got {self.init!r}")
-        _require(0 < self.crop_scale_min <= 1, "student.crop_scale_min",
-                 f"expected a value in (0, 1], got {self.crop_scale_min}")
         for name in ("cutout_fraction", "color_jitter", "blur_probability"):
             value = getattr(self, name)
             _require(0 <= value <= 1, f"student.{name}", f"expected a value in [0, 1], got {value}")

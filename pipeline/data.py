@@ -85,6 +85,13 @@ def publish(tmp: Path, final: Path) -> None:
     tmp.rename(final)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(path)
+    tmp.write_text(text)
+    publish(tmp, path)
+
+
 def temp_path_for(final: Path) -> Path:
     tmp = final.with_name(f".{final.name}.tmp")
     if tmp.exists():

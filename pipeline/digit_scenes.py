@@ -18,7 +18,7 @@ from pipeline.config import DigitScenesConfig
 CLASSES = ["background"] + [str(d) for d in range(10)]
 _SPLIT_CODES = {"train": 1, "val": 2, "classify": 3}
 _STROKE_ALPHA = 0.5  # a pixel belongs to a digit where the digit covers at least half of it
-_MIN_CONTRAST = 90.0  # RGB distance between a digit's colour and the photo under it
+_MIN_CONTRAST = 140.0  # RGB distance between a digit's colour and the photo under it
 
 
 @dataclass

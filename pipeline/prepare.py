@@ -8,7 +8,7 @@ import numpy as np
 
 from pipeline import digit_scenes, folder
 from pipeline.config import DataConfig
-from pipeline.data import SplitWriter, encode_png, nested_labeled_ids, write_prepared
+from pipeline.data import IGNORE_INDEX, SplitWriter, encode_png, nested_labeled_ids, write_prepared
 
 
 def prepare_digit_scenes(cfg: DataConfig, out_dir: Path) -> dict:
@@ -33,7 +33,7 @@ def classify_crops_from_masks(image: np.ndarray, mask: np.ndarray, eid: str) -> 
     rows = []
     for q, (top, left) in enumerate(((0, 0), (0, w // 2), (h // 2, 0), (h // 2, w // 2))):
         crop_mask = mask[top:top + h // 2, left:left + w // 2]
-        valid = crop_mask[crop_mask != 255]
+        valid = crop_mask[crop_mask != IGNORE_INDEX]
         if valid.size:
             rows.append({"id": f"{eid}-q{q}", "image": encode_png(image[top:top + h // 2, left:left + w // 2]),
                          "label": int(np.bincount(valid).argmax())})

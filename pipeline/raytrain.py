@@ -41,17 +41,26 @@ def run_name(stage: str, loop_config: dict, inputs: list[Path]) -> str:
     return f"{stage}-{digest.hexdigest()[:12]}"
 
 
+def local_cpus(ray_cfg: RayConfig | None) -> int:
+    """Logical CPUs for a local Ray: the machine's, or what the workers ask for, plus one.
+    Training workers hold their CPUs for the whole job and Ray Data's read tasks need one
+    more, or they wait forever."""
+    training_cpus = ray_cfg.num_workers * ray_cfg.cpus_per_worker if ray_cfg else 1
+    return max(os.cpu_count() or 1, training_cpus) + 1
+
+
 def init_ray(ray_cfg: RayConfig) -> None:
+    """Connect to `RAY_ADDRESS` / `ray.address` if given, else start Ray locally."""
     import ray
 
     if ray.is_initialized():
         return
+    quiet = ray.LoggingConfig(log_level="WARNING")
     address = ray_cfg.resolved_address()
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, logging_config=quiet)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, ray_cfg.num_workers * ray_cfg.cpus_per_worker),
-                 include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=local_cpus(ray_cfg), include_dashboard=False, logging_config=quiet)
 
 
 @dataclass
@@ -217,8 +226,12 @@ def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: C
                 totals[key] = totals.get(key, 0.0) + float(value.detach())
         loop_seconds += time.perf_counter() - started
         metrics = {k: v / steps for k, v in totals.items()}
-        metrics |= {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "loop_seconds": loop_seconds}
+        metrics |= {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "loop_seconds": loop_seconds,
+                    "world_size": setup.world_size}
         setup.log_metrics(metrics, epoch + 1)
+        if setup.rank == 0:
+            losses = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in totals)
+            print(f"epoch {epoch + 1}/{epochs} {losses} ({loop_seconds:.0f}s in the loop)", flush=True)
         state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "epoch": epoch + 1, "loop_seconds": loop_seconds}
         report(metrics, state if setup.rank == 0 else None)

@@ -36,6 +36,7 @@ class StageContext:
         state, metrics = launch(self.name, loop, job, datasets, self.params.ray, inputs)
         self.summary["loss"] = float(metrics.get("loss", float("nan")))
         self.summary["loop_s"] = float(metrics.get("loop_seconds", 0.0))
+        self.summary["world_size"] = int(metrics.get("world_size", 1))
         return state
 
 
@@ -63,8 +64,9 @@ def stage(name: str, sections: list[str], prepared: Path | None = None,
             ctx.summary["wall_s"] = ctx.wall_seconds
             if "loop_s" in ctx.summary:
                 ctx.summary["overhead_s"] = ctx.summary["wall_s"] - ctx.summary["loop_s"]
-            log_metrics(None, run_id, {k: v for k, v in ctx.summary.items()
-                                       if isinstance(v, (int, float)) and not isinstance(v, bool)}, 0)
+            # The per-epoch loss is already logged by the workers.
+            log_metrics(None, run_id, {k: v for k, v in ctx.summary.items() if k != "loss"
+                                       and isinstance(v, (int, float)) and not isinstance(v, bool)}, 0)
     except known_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from pipeline import augment
-from pipeline.config import ModelConfig, StudentConfig, TrainConfig
+from pipeline.config import FinetuneConfig, ModelConfig, StudentConfig, TrainConfig
 from pipeline.data import IGNORE_INDEX
 from pipeline.denoising import noisy_input
 from pipeline.losses import denoising_loss, segmentation_ce
 from pipeline.models import DENOISE_CHANNELS, ENCODER_PRESETS, EncoderClassifier, SegmentationNet, build_model
-from pipeline.raytrain import JobConfig, WorkerSetup, load_shard, run_epochs
+from pipeline.raytrain import JobConfig, WorkerSetup, load_shard, run_epochs, unwrap
 
 Step = Callable[[], dict]
 
@@ -27,14 +27,18 @@ def _batch(count: int, size: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(count, (size,), generator=generator)
 
 
+def model_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Images in [0, 1] -> the model's [-1, 1] range, channels-last (faster convolutions on CPU)."""
+    return augment.to_model_range(x).to(device, memory_format=torch.channels_last)
+
+
 def classification_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int,
                         generator: torch.Generator, device: torch.device) -> Step:
     """Supervised encoder pretraining: cross-entropy on image-level labels, zoom/crop views."""
     def step() -> dict:
         idx = _batch(len(labels), batch, generator)
         x, _ = augment.random_view(augment.to_unit_float(images[idx]), None, (0.8, 1.1), generator, hflip=False)
-        logits = model(augment.to_model_range(x).to(device))
-        return {"loss": nn.functional.cross_entropy(logits, labels[idx].to(device))}
+        return {"loss": nn.functional.cross_entropy(model(model_input(x, device)), labels[idx].to(device))}
     return step
 
 
@@ -44,7 +48,7 @@ def denoising_step(model: nn.Module, images: torch.Tensor, batch: int, sigma: fl
     def step() -> dict:
         x = augment.to_model_range(augment.to_unit_float(images[_batch(len(images), batch, generator)]))
         noise = torch.randn(x.shape, generator=generator)
-        predicted = model(noisy_input(x, sigma, noise).to(device))
+        predicted = model(noisy_input(x, sigma, noise).to(device, memory_format=torch.channels_last))
         return {"loss": denoising_loss(predicted, noise.to(device))}
     return step
 
@@ -63,7 +67,7 @@ def supervised_step(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
     def step() -> dict:
         idx = _batch(len(images), batch, generator)
         x, y = weak_view(images[idx], masks[idx], crop_scale_min, hflip, generator)
-        return {"loss": segmentation_ce(model(augment.to_model_range(x).to(device)), y.to(device))}
+        return {"loss": segmentation_ce(model(model_input(x, device)), y.to(device))}
     return step
 
 
@@ -91,7 +95,7 @@ def student_step(model: nn.Module, labeled: tuple[torch.Tensor, torch.Tensor],
         x, y = weak_view(images[idx], masks[idx], cfg.crop_scale_min, cfg.hflip, generator)
         pidx = _batch(len(p_images), batches[1], generator)
         px, py = strong_view(p_images[pidx], confident_labels[pidx], cfg, generator)
-        logits = model(augment.to_model_range(torch.cat([x, px])).to(device))
+        logits = model(model_input(torch.cat([x, px]), device))
         labeled_ce = segmentation_ce(logits[: len(idx)], y.to(device))
         pseudo_ce = segmentation_ce(logits[len(idx):], py.to(device))
         return {"loss": labeled_ce + cfg.pseudo_weight * pseudo_ce,
@@ -111,6 +115,14 @@ def _optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
 
 
+def _finetune_optimizer(model: nn.Module, train: FinetuneConfig) -> torch.optim.Optimizer:
+    """All weights train; the pretrained encoder at `encoder_lr_scale` × lr."""
+    net = unwrap(model)
+    rest = [p for name, p in net.named_parameters() if not name.startswith("encoder.")]
+    return _optimizer([{"params": net.encoder.parameters(), "lr": train.lr * train.encoder_lr_scale},
+                       {"params": rest}], train)
+
+
 def encoder_classify_loop(config: dict) -> None:
     from ray.train.torch import prepare_model
 
@@ -118,7 +130,7 @@ def encoder_classify_loop(config: dict) -> None:
     setup = WorkerSetup.from_job(job)
     shard = load_shard("classify")
     model = EncoderClassifier(ENCODER_PRESETS[job.model.preset], job.num_classes)
-    model = prepare_model(model)
+    model = prepare_model(model.to(memory_format=torch.channels_last))
     step = classification_step(model, shard["image"], shard["label"].long(),
                                setup.per_worker(job.train.batch_size), setup.generator, setup.device)
     run_epochs(model, _optimizer(model.parameters(), job.train), step, job.train, setup)
@@ -133,7 +145,7 @@ def decoder_pretrain_loop(config: dict) -> None:
     model = build_network(job.model, DENOISE_CHANNELS)
     model.encoder.load_state_dict(job.init_state)
     model.encoder.requires_grad_(False)  # DDeP: the encoder stays exactly as pretrained
-    model = prepare_model(model)
+    model = prepare_model(model.to(memory_format=torch.channels_last))
     trainable = [p for p in model.parameters() if p.requires_grad]
     step = denoising_step(model, images, setup.per_worker(job.train.batch_size), job.train.sigma,
                           setup.generator, setup.device)
@@ -146,7 +158,7 @@ def _segmenter_from(job: JobConfig) -> SegmentationNet:
     model.load_state_dict(job.init_state)
     if job.init_out_channels != job.num_classes:
         model.replace_head(job.num_classes)
-    return model
+    return model.to(memory_format=torch.channels_last)
 
 
 def teacher_loop(config: dict) -> None:
@@ -158,7 +170,7 @@ def teacher_loop(config: dict) -> None:
     model = prepare_model(_segmenter_from(job))
     step = supervised_step(model, labeled["image"], labeled["mask"], setup.per_worker(job.train.batch_size),
                            job.train.crop_scale_min, job.train.hflip, setup.generator, setup.device)
-    run_epochs(model, _optimizer(model.parameters(), job.train), step, job.train, setup)
+    run_epochs(model, _finetune_optimizer(model, job.train), step, job.train, setup)
 
 
 def student_loop(config: dict) -> None:
@@ -172,4 +184,4 @@ def student_loop(config: dict) -> None:
     step = student_step(model, (labeled["image"], labeled["mask"]),
                         (pseudo["image"], pseudo["pseudo_label"], pseudo["confidence"]), job.train,
                         batches, setup.generator, setup.device)
-    run_epochs(model, _optimizer(model.parameters(), job.train), step, job.train, setup)
+    run_epochs(model, _finetune_optimizer(model, job.train), step, job.train, setup)

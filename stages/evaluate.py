@@ -2,31 +2,28 @@
 
 import argparse
 import csv
+import io
 import json
 from pathlib import Path
 
 import mlflow
 
 from pipeline.checkpoints import load_segmenter
-from pipeline.data import publish, read_manifest, temp_path_for
+from pipeline.data import read_manifest, write_text_atomic
 from pipeline.figures import confusion_figure, prediction_grid
 from pipeline.inference import evaluate_split
 from pipeline.metrics import segmentation_scores
 from pipeline.stage import stage
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(path)
-    tmp.write_text(text)
-    publish(tmp, path)
-
-
 def per_class_csv(scores: dict, classes: list[str]) -> str:
-    rows = [{"class": c, **{name: round(s["per_class_iou"].get(c, 0.0), 6) for name, s in scores.items()}}
-            for c in classes]
-    lines = [",".join(rows[0])] + [",".join(str(v) for v in row.values()) for row in rows]
-    return "\n".join(lines) + "\n"
+    """One row per class, one IoU column per model (0 where a class never occurred)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=["class", *scores], lineterminator="\n")
+    writer.writeheader()
+    for c in classes:
+        writer.writerow({"class": c, **{name: round(s["per_class_iou"].get(c, 0.0), 6) for name, s in scores.items()}})
+    return out.getvalue()
 
 
 def main() -> None:
@@ -47,8 +44,8 @@ def main() -> None:
         confusion, samples = evaluate_split(models, args.prepared / "val", cfg.batch_size, len(classes),
                                             cfg.grid_images)
         scores = {name: segmentation_scores(c.numpy(), classes) for name, c in confusion.items()}
-        write_atomic(args.metrics, json.dumps(scores, indent=2) + "\n")
-        write_atomic(args.per_class, per_class_csv(scores, classes))
+        write_text_atomic(args.metrics, json.dumps(scores, indent=2) + "\n")
+        write_text_atomic(args.per_class, per_class_csv(scores, classes))
         for name, c in confusion.items():
             confusion_figure(c.numpy(), classes, f"{name} (val mIoU {scores[name]['miou']:.3f})",
                              args.figures / f"confusion_{name}.png")

@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from pipeline.checkpoints import (
+    DENOISER,
+    ENCODER,
+    SEGMENTER,
+    CheckpointError,
+    load_external_encoder,
+    load_segmenter,
+    load_weights,
+    save_weights,
+)
+from pipeline.config import ModelConfig
+from pipeline.models import ENCODER_PRESETS, build_model, build_vit
+
+MODEL = ModelConfig()
+CLASSES = ["bg", "a", "b"]
+
+
+def test_round_trip_and_checks(tmp_path):
+    net = build_model(MODEL.preset, MODEL.decoder_in_channels, MODEL.decoder_channels, len(CLASSES))
+    path = tmp_path / "m.pt"
+    save_weights(path, net.state_dict(), SEGMENTER, MODEL, CLASSES)
+    assert not list(tmp_path.glob(".*tmp"))  # written through a temp file, renamed into place
+    loaded = load_segmenter(path, MODEL, CLASSES)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in net.state_dict().items())
+    with pytest.raises(CheckpointError, match="expected 'denoiser'"):
+        load_weights(path, DENOISER, MODEL)
+    with pytest.raises(CheckpointError, match="classes"):
+        load_weights(path, SEGMENTER, MODEL, ["x", "y", "z"])
+    with pytest.raises(CheckpointError, match="built for model"):
+        load_weights(path, SEGMENTER, ModelConfig(decoder_channels=[32, 32, 16, 16]), CLASSES)
+
+
+def test_encoder_weights_ignore_decoder_widths(tmp_path):
+    path = tmp_path / "enc.pt"
+    save_weights(path, {"w": torch.zeros(1)}, ENCODER, MODEL, None)
+    assert "w" in load_weights(path, ENCODER, ModelConfig(decoder_channels=[32, 32, 16, 16]))
+    with pytest.raises(CheckpointError, match="built for model"):
+        load_weights(path, ENCODER, ModelConfig(preset="r50_vit_b16", decoder_in_channels=512,
+                                                decoder_channels=[256, 128, 64, 16]))
+
+
+def test_garbage_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.pt: not a readable weights file"):
+        load_weights(path, SEGMENTER, MODEL)
+
+
+def test_external_timm_style_encoder_loads(tmp_path):
+    """A state dict as timm saves it (no `vit.` prefix, a classifier head) loads into our encoder."""
+    vit = build_vit(ENCODER_PRESETS["tiny"], num_classes=7)
+    path = tmp_path / "timm.pth"
+    torch.save(vit.state_dict(), path)
+    weights = load_external_encoder(path, "tiny")
+    assert all(k.startswith("vit.") for k in weights) and not any(".head." in k for k in weights)
+    net = build_model("tiny", 128, [64, 32, 16, 16], 3)
+    net.encoder.load_state_dict(weights)
+    torch.testing.assert_close(net.encoder.vit.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+
+
+def test_external_encoder_for_another_architecture_is_refused(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"conv.weight": torch.zeros(3, 3)}, path)
+    with pytest.raises(CheckpointError, match="does not fit model.preset 'tiny'"):
+        load_external_encoder(path, "tiny")

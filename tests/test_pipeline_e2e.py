@@ -1,0 +1,138 @@
+"""End to end: the real `dvc repro` of the whole DAG on the `smoke` preset, in a temp copy of
+the repo, then DVC's view of a param change, then a two-worker Ray job."""
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+STAGES = ["prepare", "encoder_init", "decoder_pretrain", "teacher_finetune", "pseudo_label", "student_train",
+          "evaluate"]
+TRAINING = ["encoder_init", "decoder_pretrain", "teacher_finetune", "student_train"]
+COPY_IGNORE = shutil.ignore_patterns(".venv", ".git", "data", "models", "reports", "ray_results", "mlflow.db",
+                                     "mlartifacts", "cache", "tmp", "__pycache__", ".pytest_cache")
+
+pytestmark = pytest.mark.slow
+
+
+def run(cmd: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    for key in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "PIPELINE_EXECUTION_ID"):
+        env.pop(key, None)
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kw)
+    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A fresh copy of this working tree, composed to the smoke preset, after one `dvc repro`."""
+    repo = tmp_path_factory.mktemp("e2e") / "repo"
+    shutil.copytree(ROOT, repo, ignore=COPY_IGNORE)
+    run([sys.executable, "-m", "pipeline.compose", "experiment=smoke"], repo)
+    run(["git", "init", "-q"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "-c", "user.email=t@localhost", "-c", "user.name=t", "commit", "-qm", "smoke"], repo)
+    run(["dvc", "repro"], repo, timeout=1500)
+    return repo
+
+
+def stale_stages(repo: Path) -> set[str]:
+    status = json.loads(run(["dvc", "status", "--json"], repo).stdout or "{}")
+    return {name.split(":")[-1] for name in status}
+
+
+def test_every_output_and_the_metrics_exist(repo):
+    for path in ["data/prepared/manifest.json", "models/encoder.pt", "models/ddep.pt", "models/teacher.pt",
+                 "models/student.pt", "reports/per_class_iou.csv", "reports/figures/predictions.png",
+                 "reports/figures/confusion_teacher.png", "reports/ddep/denoising_triplets.png"]:
+        assert (repo / path).is_file(), path
+    assert list((repo / "data/pseudo").glob("*.parquet"))
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    for role in ("teacher", "student"):
+        assert 0.0 <= metrics[role]["miou"] <= 1.0
+        assert 0.0 <= metrics[role]["pixel_accuracy"] <= 1.0
+        assert metrics[role]["per_class_iou"]
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
+    assert "teacher" in json.dumps(shown) and "miou" in json.dumps(shown)
+    assert not (repo / "ray_results").exists() or not any((repo / "ray_results").iterdir())
+
+
+def test_mlflow_has_one_parent_and_a_child_run_per_stage(repo):
+    db = sqlite3.connect(repo / "mlflow.db")
+    tags = db.execute("select run_uuid, key, value from tags").fetchall()
+    by_run: dict[str, dict] = {}
+    for run_id, key, value in tags:
+        by_run.setdefault(run_id, {})[key] = value
+    parents = [r for r, t in by_run.items() if t.get("pipeline.parent") == "true"]
+    assert len(parents) == 1
+    children = {t["dvc.stage"]: r for r, t in by_run.items() if t.get("mlflow.parentRunId") == parents[0]}
+    assert sorted(children) == sorted(STAGES)
+    for stage, run_id in children.items():
+        assert by_run[run_id]["git.commit"] != "unknown"
+        assert by_run[run_id]["data.manifest_hash"]
+        status = db.execute("select status from runs where run_uuid=?", (run_id,)).fetchone()[0]
+        assert status == "FINISHED", stage
+    for stage in TRAINING:
+        keys = {k for (k,) in db.execute("select key from metrics where run_uuid=?", (children[stage],))}
+        assert {"loss", "loop_seconds", "wall_s", "overhead_s"} <= keys, stage
+        params = {k for (k,) in db.execute("select key from params where run_uuid=?", (children[stage],))}
+        assert any(p.startswith("model.") for p in params)
+    eval_metrics = {k for (k,) in db.execute("select key from metrics where run_uuid=?", (children["evaluate"],))}
+    assert {"teacher_miou", "student_miou"} <= eval_metrics
+
+
+def test_repeat_repro_runs_nothing(repo):
+    out = run(["dvc", "repro"], repo).stdout
+    assert "Running stage" not in out
+    assert stale_stages(repo) == set()
+
+
+def test_student_param_change_reruns_only_student_and_evaluate(repo):
+    params_file = repo / "params.yaml"
+    original = params_file.read_text()
+    try:
+        params = yaml.safe_load(original)
+        params["student"]["lr"] *= 0.5
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        assert stale_stages(repo) == {"student_train", "evaluate"}
+        params["ddep"]["sigma"] = 0.4
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        assert stale_stages(repo) == {"decoder_pretrain", "teacher_finetune", "pseudo_label", "student_train",
+                                      "evaluate"}
+        params["ray"]["num_workers"] = 4
+        params["mlflow"]["experiment"] = "elsewhere"
+        params_file.write_text(yaml.safe_dump(yaml.safe_load(original) | {"ray": params["ray"],
+                                                                            "mlflow": params["mlflow"]}))
+        assert stale_stages(repo) == set()  # ray/mlflow are read but never invalidate the cache
+    finally:
+        params_file.write_text(original)
+
+
+def test_two_ray_workers_train_and_export_one_model(repo):
+    params_file = repo / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    params["ray"] |= {"num_workers": 2, "cpus_per_worker": 1}
+    before = (repo / "models/teacher.pt").stat().st_mtime_ns
+    try:
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        out = run(["dvc", "repro", "--force", "--single-item", "teacher_finetune"], repo, timeout=600)
+    finally:
+        params_file.write_text(original)
+    assert "world_size=2" in out.stdout + out.stderr
+    assert (repo / "models/teacher.pt").stat().st_mtime_ns > before
+    db = sqlite3.connect(repo / "mlflow.db")
+    latest = db.execute("select r.run_uuid from runs r join tags t on r.run_uuid = t.run_uuid "
+                        "where t.key = 'dvc.stage' and t.value = 'teacher_finetune' "
+                        "order by r.start_time desc limit 1").fetchone()[0]
+    world = db.execute("select max(value) from metrics where run_uuid=? and key='world_size'", (latest,)).fetchone()
+    assert world[0] == 2

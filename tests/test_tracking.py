@@ -1,0 +1,24 @@
+from pathlib import Path
+
+from pipeline.config import MlflowConfig
+from pipeline.tracking import execution_id, flatten, resolve_tracking_uri
+
+
+def test_tracking_uri_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(MlflowConfig(), tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert resolve_tracking_uri(MlflowConfig(tracking_uri="http://x:5000"), tmp_path) == "http://x:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert resolve_tracking_uri(MlflowConfig(tracking_uri="http://x:5000"), Path(".")) == "http://env:5000"
+
+
+def test_execution_id_override_and_stability(monkeypatch):
+    monkeypatch.setenv("PIPELINE_EXECUTION_ID", "run-42")
+    assert execution_id() == "run-42"
+    monkeypatch.delenv("PIPELINE_EXECUTION_ID")
+    assert execution_id() != "run-42"
+
+
+def test_flatten_prefixes_sections():
+    assert flatten("data", {"seed": 0, "digits": {"train_scenes": 5}}) == {"data.seed": 0,
+                                                                           "data.digits.train_scenes": 5}
