@@ -42,6 +42,9 @@ def random_view(images: torch.Tensor, labels: torch.Tensor | None, side_range: t
     log_aspect = _uniform(n, math.log(aspect_range[0]), math.log(aspect_range[1]), generator)
     aspect = torch.exp(log_aspect).sqrt()
     sx, sy = side * aspect, side / aspect
+    if side_range[1] <= 1.0:  # a crop: keep the window inside the image whatever the aspect
+        shrink = torch.maximum(sx, sy).clamp(min=1.0)
+        sx, sy = sx / shrink, sy / shrink
     tx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - sx).abs()
     ty = (torch.rand(n, generator=generator) * 2 - 1) * (1 - sy).abs()
     flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if hflip else torch.ones(n)

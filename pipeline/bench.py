@@ -50,10 +50,9 @@ def report(runs: dict[str, dict], total_s: float | None) -> str:
         if m is None:
             lines.append(f"{stage:<18}{'(cached: not run in this execution)':>30}")
             continue
-        loop = m.get("loop_s")
-        lines.append(f"{stage:<18}{m.get('wall_s', float('nan')):>9.1f}"
-                     f"{(f'{loop:.1f}' if loop is not None else '-'):>9}"
-                     f"{(f'{m['overhead_s']:.1f}' if 'overhead_s' in m else '-'):>12}")
+        loop = f"{m['loop_s']:.1f}" if "loop_s" in m else "-"
+        overhead = f"{m['overhead_s']:.1f}" if "overhead_s" in m else "-"
+        lines.append(f"{stage:<18}{m.get('wall_s', float('nan')):>9.1f}{loop:>9}{overhead:>12}")
     stage_total = sum(m.get("wall_s", 0.0) for m in runs.values())
     lines.append(f"{'sum of stages':<18}{stage_total:>9.1f}")
     if total_s is not None:

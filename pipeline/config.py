@@ -82,6 +82,10 @@ class DataConfig:
         _require(0 < self.val_fraction < 1, "data.val_fraction",
                  f"expected a value in (0, 1), got {self.val_fraction}")
         _positive("data", image_size=self.image_size, shard_rows=self.shard_rows)
+        _require(self.image_size % 16 == 0, "data.image_size",
+                 f"expected a multiple of 16 (the encoder's stride), got {self.image_size}")
+        _require(self.format != "digits" or self.digits.min_digit_px <= self.image_size, "data.digits.min_digit_px",
+                 f"digits of {self.digits.min_digit_px} px do not fit scenes of {self.image_size} px")
 
 
 @dataclass
@@ -305,8 +309,11 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such params file")
-    with path.open() as f:
-        raw = yaml.safe_load(f) or {}
+    try:
+        with path.open() as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
     return parse_params(raw, source=str(path))
 
 

@@ -154,11 +154,23 @@ def _content_hash(root: Path) -> str:
     return digest.hexdigest()
 
 
+def check_rows(name: str, paths: list[Path], workers: int) -> int:
+    """Count the rows of a dataset's Parquet folders; each of `workers` must get at least one."""
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for p in paths for f in sorted(Path(p).glob("*.parquet")))
+    if rows < workers:
+        raise DataError(f"dataset '{name}' ({', '.join(map(str, paths))}) has {rows} rows, fewer than the "
+                        f"{workers} Ray workers (ray.num_workers); add data or use fewer workers")
+    return rows
+
+
 def read_manifest(prepared_dir: Path) -> dict:
     path = Path(prepared_dir) / MANIFEST
     if not path.is_file():
         raise DataError(f"{path}: missing; run the prepare stage first")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err}); rerun the prepare stage") from None
 
 
 def manifest_hash(prepared_dir: Path) -> str:

@@ -28,8 +28,9 @@ def read_classes(root: Path) -> list[str]:
     if not path.is_file():
         raise DataError(f"{path}: missing; expected one class name per line")
     classes = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if len(classes) < 2:
-        raise DataError(f"{path}: expected at least 2 class names, found {len(classes)}")
+    if not 2 <= len(classes) < IGNORE_INDEX:
+        raise DataError(f"{path}: expected 2 to {IGNORE_INDEX - 1} class names (masks are 8-bit, "
+                        f"{IGNORE_INDEX} = ignore), found {len(classes)}")
     return classes
 
 

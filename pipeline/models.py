@@ -64,6 +64,7 @@ def build_vit(spec: EncoderSpec, num_classes: int = 0) -> VisionTransformer:
     return VisionTransformer(
         img_size=spec.img_size, patch_size=1, embed_dim=spec.embed_dim, depth=spec.depth,
         num_heads=spec.num_heads, mlp_ratio=spec.mlp_ratio, num_classes=num_classes, global_pool=spec.global_pool,
+        fc_norm=False,  # normalise the tokens themselves: the decoder reads them, not only the pooled head
         embed_layer=partial(HybridEmbed, backbone=backbone), dynamic_img_size=True,
     )
 

@@ -226,7 +226,7 @@ def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: C
                 totals[key] = totals.get(key, 0.0) + float(value.detach())
         loop_seconds += time.perf_counter() - started
         metrics = {k: v / steps for k, v in totals.items()}
-        metrics |= {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "loop_seconds": loop_seconds,
+        metrics |= {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[-1], "loop_seconds": loop_seconds,
                     "world_size": setup.world_size}
         setup.log_metrics(metrics, epoch + 1)
         if setup.rank == 0:

@@ -31,6 +31,10 @@ class StageContext:
         from pipeline.raytrain import launch
         from pipeline.tracking import resolve_tracking_uri
 
+        from pipeline.data import check_rows
+
+        for name, (paths, _) in datasets.items():
+            check_rows(name, paths, self.params.ray.num_workers)
         job.mlflow_run_id = self.run_id
         job.tracking_uri = resolve_tracking_uri(self.params.mlflow, self.root)
         state, metrics = launch(self.name, loop, job, datasets, self.params.ray, inputs)

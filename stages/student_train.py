@@ -31,7 +31,7 @@ def main() -> None:
                         init_out_channels=init_channels)
         datasets = {"labeled": ([args.prepared / "labeled"], ["image", "mask"]),
                     "pseudo": ([args.pseudo], ["image", "pseudo_label", "confidence"])}
-        state = ctx.train(student_loop, job, datasets, inputs=[args.prepared, args.pseudo, args.teacher])
+        state = ctx.train(student_loop, job, datasets, inputs=[args.prepared, args.pseudo, args.teacher, args.pretrained])
         save_weights(args.out, state["model"], SEGMENTER, model, classes)
         ctx.summary["out"] = str(args.out)
 

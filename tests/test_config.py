@@ -37,6 +37,9 @@ def test_wrong_type_is_named():
     ({"model": {"decoder_channels": [8, 8]}}, "model.decoder_channels"),
     ({"encoder": {"init": "file"}}, "encoder.weights_path"),
     ({"data": {"format": "folder"}}, "data.root"),
+    ({"data": {"image_size": 100}}, "data.image_size"),
+    ({"teacher": {"encoder_lr_scale": -1.0}}, "teacher.encoder_lr_scale"),
+    ({"student": {"conf_threshold": 1.5}}, "student.conf_threshold"),
 ])
 def test_out_of_range_values_are_named(raw, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -47,6 +50,13 @@ def test_load_params_names_the_file(tmp_path):
     bad = tmp_path / "p.yaml"
     bad.write_text("student:\n  epochs: -1\n")
     with pytest.raises(ConfigError, match=str(bad)):
+        load_params(bad)
+
+
+def test_broken_yaml_names_the_file(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("student: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(bad)
 
 

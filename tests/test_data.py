@@ -10,6 +10,7 @@ from pipeline.data import (
     MANIFEST,
     SEGMENTATION_SCHEMA,
     DataError,
+    check_rows,
     decode_png,
     encode_png,
     nested_labeled_ids,
@@ -37,6 +38,14 @@ def test_parquet_shards_round_trip(tmp_path):
     assert table.column("id").to_pylist() == [f"x{i}" for i in range(7)]
     assert decode_png(table.column("image")[5].as_py())[0, 0, 0] == 5
     assert table.column("mask")[1].as_py() is None
+
+
+def test_each_ray_worker_needs_a_row(tmp_path):
+    rows = [{"id": "a", "height": 1, "width": 1, "image": b"", "mask": None}]
+    write_shards(rows, SEGMENTATION_SCHEMA, tmp_path / "one", shard_rows=10)
+    assert check_rows("labeled", [tmp_path / "one"], 1) == 1
+    with pytest.raises(DataError, match="1 rows, fewer than the 2 Ray workers"):
+        check_rows("labeled", [tmp_path / "one"], 2)
 
 
 def test_labeled_subsets_are_nested():
