@@ -58,13 +58,16 @@ def stage(name: str, sections: list[str], prepared: Path | None = None,
     try:
         params = load_params(params_file)
         ctx = StageContext(name, params, Path.cwd())
+        import mlflow
+
         from pipeline.data import manifest_hash
         from pipeline.tracking import log_metrics, stage_run
 
-        digest = manifest_hash(prepared) if prepared and (prepared / "manifest.json").is_file() else None
-        with stage_run(name, params, sections, ctx.root, digest) as run_id:
+        with stage_run(name, params, sections, ctx.root) as run_id:
             ctx.run_id = run_id
             yield ctx
+            if prepared is not None:  # read at the end: `prepare` writes the manifest itself
+                mlflow.set_tag("data.manifest_hash", manifest_hash(prepared))
             ctx.summary["wall_s"] = ctx.wall_seconds
             if "loop_s" in ctx.summary:
                 ctx.summary["overhead_s"] = ctx.summary["wall_s"] - ctx.summary["loop_s"]

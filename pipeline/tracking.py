@@ -90,11 +90,11 @@ def _parent_run(client, experiment_id: str, execution: str, commit: str) -> str:
 
 
 @contextmanager
-def stage_run(stage: str, params: Params, sections: list[str], root: Path,
-              manifest_hash: str | None) -> Iterator[str]:
+def stage_run(stage: str, params: Params, sections: list[str], root: Path) -> Iterator[str]:
     """Open the MLflow run of one stage execution and yield its id.
 
-    Logs the stage's params sections flattened (`teacher.lr`), tags it, and marks it FAILED
+    Logs the stage's params sections flattened (`teacher.lr`), tags it (the caller adds the
+    data manifest hash once the manifest exists), and marks it FAILED
     if the stage raises. The parent run collects the stages of one pipeline execution.
     """
     import mlflow
@@ -107,8 +107,6 @@ def stage_run(stage: str, params: Params, sections: list[str], root: Path,
     execution, commit = execution_id(), git_commit(root)
     parent = _parent_run(client, experiment_id, execution, commit)
     tags = {"mlflow.parentRunId": parent, EXECUTION_TAG: execution, "dvc.stage": stage, "git.commit": commit}
-    if manifest_hash:
-        tags["data.manifest_hash"] = manifest_hash
     run = client.create_run(experiment_id, run_name=stage, tags=tags)
     run_id = run.info.run_id
     flat = {}

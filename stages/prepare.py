@@ -11,7 +11,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True, help="folder for the prepared splits")
     args = parser.parse_args()
-    with stage("prepare", ["data"]) as ctx:
+    with stage("prepare", ["data"], prepared=args.out) as ctx:
         manifest = prepare(ctx.params.data, args.out)
         ctx.summary = {"out": str(args.out), **manifest["counts"]}
 
