@@ -11,7 +11,7 @@ import hashlib
 import io
 import json
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -175,10 +175,3 @@ def read_manifest(prepared_dir: Path) -> dict:
 
 def manifest_hash(prepared_dir: Path) -> str:
     return hashlib.sha256((Path(prepared_dir) / MANIFEST).read_bytes()).hexdigest()[:16]
-
-
-def decode_batch(batch: dict, image_key: str = "image", mask_key: str | None = "mask") -> Iterator:
-    """Decode a column batch of PNG bytes into uint8 arrays (images HxWx3, masks HxW)."""
-    for i in range(len(batch[image_key])):
-        image = decode_png(batch[image_key][i])
-        yield image, (decode_png(batch[mask_key][i]) if mask_key else None)

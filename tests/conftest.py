@@ -1,10 +1,4 @@
 import os
 
-import pytest
-
+# Ray asks about usage stats on first start; tests never answer prompts.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-
-@pytest.fixture
-def rng_seed():
-    return 0
