@@ -48,6 +48,14 @@ def decode_png(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)))
 
 
+def stack_decoded(arrays: list[np.ndarray]):
+    """Decoded PNGs as one uint8 tensor: images N×3×H×W, masks N×H×W."""
+    import torch
+
+    tensor = torch.from_numpy(np.stack(arrays))
+    return tensor.permute(0, 3, 1, 2).contiguous() if tensor.ndim == 4 else tensor
+
+
 def nested_labeled_ids(train_ids: list[str], fraction: float, seed: int) -> list[str]:
     """The first round(fraction * n) ids of one seeded permutation, so the labeled subset at
     fraction f is contained in the subset at any larger f with the same seed."""

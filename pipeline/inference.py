@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
 from pipeline import augment
-from pipeline.data import decode_png, encode_png
+from pipeline.data import decode_png, encode_png, stack_decoded
 from pipeline.metrics import confusion_matrix
 from pipeline.models import SegmentationNet
 
@@ -41,9 +40,7 @@ def iter_split(path: Path, batch_size: int, columns: list[str], desc: str) -> It
                     if any(v is None for v in values):
                         out[column] = None
                         continue
-                    arrays = np.stack([decode_png(v) for v in values])
-                    tensor = torch.from_numpy(arrays)
-                    out[column] = tensor.permute(0, 3, 1, 2).contiguous() if tensor.ndim == 4 else tensor
+                    out[column] = stack_decoded([decode_png(v) for v in values])
                     out[f"{column}_bytes"] = values
                 bar.update(len(out["id"]))
                 yield out

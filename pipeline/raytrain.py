@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.config import ModelConfig, RayConfig, TrainConfig
-from pipeline.data import decode_png
+from pipeline.data import decode_png, stack_decoded
 
 STATE_FILE = "state.pt"
 
@@ -166,12 +166,8 @@ def columns_to_tensors(batches) -> dict[str, torch.Tensor]:
                 parts.setdefault(key, []).extend(decode_png(v) for v in values)
             else:
                 parts.setdefault(key, []).append(values)
-    out = {}
-    for key, values in parts.items():
-        array = np.stack(values) if isinstance(values[0], np.ndarray) and values[0].ndim >= 2 else np.concatenate(values)
-        tensor = torch.from_numpy(array)
-        out[key] = tensor.permute(0, 3, 1, 2).contiguous() if tensor.ndim == 4 else tensor
-    return out
+    return {key: stack_decoded(values) if isinstance(values[0], np.ndarray) and values[0].ndim >= 2
+            else torch.from_numpy(np.concatenate(values)) for key, values in parts.items()}
 
 
 def load_shard(name: str) -> dict[str, torch.Tensor]:
