@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.raytrain import local_cpus
 
-    context = ray.init(num_cpus=local_cpus(ray_cfg), include_dashboard=False, log_to_driver=False)
+    context = ray.init(address="local", num_cpus=local_cpus(ray_cfg), include_dashboard=False, log_to_driver=False)
     env = {**os.environ, "RAY_ADDRESS": context.address_info["gcs_address"]}
     try:
         return subprocess.call(command, env=env)

@@ -39,7 +39,7 @@ class DigitScenesConfig:
 
     train_scenes: int = 2000
     val_scenes: int = 300
-    classify_images: int = 4000
+    classify_images: int = 12000
     classify_size: int = 32
     min_digits: int = 2
     max_digits: int = 4
@@ -173,7 +173,7 @@ class FinetuneConfig(TrainConfig):
     lr: float = 3e-3
     weight_decay: float = 0.05
     encoder_lr_scale: float = 0.1
-    crop_scale_min: float = 0.3
+    crop_scale_min: float = 0.7
     hflip: bool = True
 
     def _check_finetune(self, section: str) -> None:
@@ -187,6 +187,8 @@ class FinetuneConfig(TrainConfig):
 @dataclass
 class TeacherConfig(FinetuneConfig):
     """`teacher_finetune`: cross-entropy on the labeled split."""
+
+    epochs: int = 20
 
     def __post_init__(self) -> None:
         self._check_finetune("teacher")

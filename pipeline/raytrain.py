@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
@@ -26,6 +27,11 @@ from pipeline.config import ModelConfig, RayConfig, TrainConfig
 from pipeline.data import decode_png, stack_decoded
 
 STATE_FILE = "state.pt"
+
+# Ray Train V2 polls its workers every 2 s and exports Prometheus metrics by default; a stage
+# waits for the poll at every state change, and the metrics need a dashboard we do not start.
+# Environment variables of the same name win.
+_TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_METRICS_ENABLED": "0"}
 
 
 # --------------------------------------------------------------------------- driver side
@@ -55,12 +61,20 @@ def init_ray(ray_cfg: RayConfig) -> None:
 
     if ray.is_initialized():
         return
-    quiet = ray.LoggingConfig(log_level="WARNING")
+    quiet = {"logging_config": ray.LoggingConfig(log_level="WARNING"),
+             "runtime_env": {"worker_process_setup_hook": "pipeline.raytrain.quiet_worker_logs"}}
     address = ray_cfg.resolved_address()
     if address:
-        ray.init(address=address, logging_config=quiet)
+        ray.init(address=address, **quiet)
     else:
-        ray.init(num_cpus=local_cpus(ray_cfg), include_dashboard=False, logging_config=quiet)
+        ray.init(address="local", num_cpus=local_cpus(ray_cfg), include_dashboard=False, **quiet)
+
+
+def quiet_worker_logs() -> None:
+    """Runs in every Ray worker of a stage. Without a dashboard, Ray Train's placement-group
+    cleaner cannot reach the State API and warns about it every second for the whole job;
+    it still does its work, so only its own logger is turned down."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 @dataclass
@@ -91,12 +105,18 @@ def launch(stage: str, train_loop: Callable[[dict], None], job: JobConfig,
     across workers. Checkpoints live under `ray.storage_path` while the job runs and are
     removed once the final state is back, since the stage exports it as its DVC output.
     """
+    for key, value in _TRAIN_ENV_DEFAULTS.items():  # the trainer reads them and passes them to its controller
+        os.environ.setdefault(key, value)
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     init_ray(ray_cfg)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = False
+    # Ray Data's V2 Parquet reader lists files in a task and provisions footer-reader actors:
+    # ~10 s per training stage on a small node, for shards that are a few MB. V1 reads them directly.
+    data_context.use_datasource_v2 = False
     job.cpus_per_worker = ray_cfg.cpus_per_worker
     storage = ray_cfg.storage_path if "://" in ray_cfg.storage_path else str(Path(ray_cfg.storage_path).resolve())
     trainer = TorchTrainer(
