@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import os
 import tempfile
@@ -62,19 +61,12 @@ def init_ray(ray_cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
     quiet = {"logging_config": ray.LoggingConfig(log_level="WARNING"),
-             "runtime_env": {"worker_process_setup_hook": "pipeline.raytrain.quiet_worker_logs"}}
+             "runtime_env": {"worker_process_setup_hook": "pipeline.ray_logging.quiet_worker_logs"}}
     address = ray_cfg.resolved_address()
     if address:
         ray.init(address=address, **quiet)
     else:
         ray.init(address="local", num_cpus=local_cpus(ray_cfg), include_dashboard=False, **quiet)
-
-
-def quiet_worker_logs() -> None:
-    """Runs in every Ray worker of a stage. Without a dashboard, Ray Train's placement-group
-    cleaner cannot reach the State API and warns about it every second for the whole job;
-    it still does its work, so only its own logger is turned down."""
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 @dataclass

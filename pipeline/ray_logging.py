@@ -1,0 +1,11 @@
+"""Logging set-up for Ray worker processes. Kept free of heavy imports: Ray runs it in every
+worker process of a stage, data-reading tasks included."""
+
+import logging
+
+
+def quiet_worker_logs() -> None:
+    """Without a dashboard, Ray Train's placement-group cleaner cannot reach the State API and
+    warns about it every second for the whole job; it still does its work, so only its own
+    logger is turned down."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
