@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from pipeline.raytrain import local_cpus
+    from pipeline.raytrain import local_ray_options
 
-    context = ray.init(address="local", num_cpus=local_cpus(ray_cfg), include_dashboard=False, log_to_driver=False)
+    context = ray.init(**local_ray_options(ray_cfg), log_to_driver=False)
     env = {**os.environ, "RAY_ADDRESS": context.address_info["gcs_address"]}
     try:
         return subprocess.call(command, env=env)

@@ -54,19 +54,25 @@ def local_cpus(ray_cfg: RayConfig | None) -> int:
     return max(os.cpu_count() or 1, training_cpus) + 1
 
 
+def local_ray_options(ray_cfg: RayConfig | None) -> dict:
+    """`ray.init` arguments that start a new local Ray (never attach to one already running
+    on the machine, whose resources we do not know)."""
+    return {"address": "local", "num_cpus": local_cpus(ray_cfg), "include_dashboard": False}
+
+
 def init_ray(ray_cfg: RayConfig) -> None:
     """Connect to `RAY_ADDRESS` / `ray.address` if given, else start Ray locally."""
     import ray
 
     if ray.is_initialized():
         return
-    quiet = {"logging_config": ray.LoggingConfig(log_level="WARNING"),
-             "runtime_env": {"worker_process_setup_hook": "pipeline.ray_logging.quiet_worker_logs"}}
+    job_options = {"logging_config": ray.LoggingConfig(log_level="WARNING"),
+                   "runtime_env": {"worker_process_setup_hook": "pipeline.ray_logging.quiet_worker_logs"}}
     address = ray_cfg.resolved_address()
     if address:
-        ray.init(address=address, **quiet)
+        ray.init(address=address, **job_options)
     else:
-        ray.init(address="local", num_cpus=local_cpus(ray_cfg), include_dashboard=False, **quiet)
+        ray.init(**local_ray_options(ray_cfg), **job_options)
 
 
 @dataclass
