@@ -53,6 +53,13 @@ def load_weights(path: Path, kind: str, model: ModelConfig, classes: list[str] |
     return payload["state_dict"]
 
 
+def encoder_weights(state: dict) -> dict:
+    """The encoder's weights out of a trained wrapper's state (a classifier, or DenseCL's
+    query branch), without any head."""
+    return {k.removeprefix("encoder."): v for k, v in state.items()
+            if k.startswith("encoder.") and not k.startswith("encoder.vit.head.")}
+
+
 def build_segmenter(model: ModelConfig, num_classes: int) -> SegmentationNet:
     return build_model(model.preset, model.decoder_in_channels, model.decoder_channels, num_classes)
 

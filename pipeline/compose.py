@@ -2,7 +2,7 @@
 
     python -m pipeline.compose                         # the defaults (what is committed)
     python -m pipeline.compose model=r50_vit_b16       # pick a preset
-    python -m pipeline.compose experiment=smoke ddep.sigma=0.4 --out other.yaml
+    python -m pipeline.compose experiment=smoke decoder_pretrain.sigma=0.4 --out other.yaml
 """
 
 from __future__ import annotations

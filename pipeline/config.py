@@ -126,8 +126,31 @@ class TrainConfig:
 
 
 @dataclass
+class DenseCLConfig:
+    """DenseCL self-supervised encoder pretraining (used when `encoder.init` is 'densecl')."""
+
+    dense_weight: float = 0.5  # λ in L = (1−λ)·L_global + λ·L_dense
+    temperature: float = 0.2
+    momentum: float = 0.99  # the paper's 0.999 barely moves the key encoder in a few thousand steps
+    queue_size: int = 4096
+    projection_dim: int = 64
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.dense_weight <= 1, "encoder.densecl.dense_weight",
+                 f"expected a value in [0, 1], got {self.dense_weight}")
+        _require(0 <= self.momentum < 1, "encoder.densecl.momentum",
+                 f"expected a value in [0, 1), got {self.momentum}")
+        _positive("encoder.densecl", temperature=self.temperature, queue_size=self.queue_size,
+                  projection_dim=self.projection_dim)
+
+
+ENCODER_INITS = ("supervised", "file", "random", "densecl")
+
+
+@dataclass
 class EncoderConfig(TrainConfig):
-    """`encoder_init`: how the encoder starts (supervised on the classify split, file, random)."""
+    """`encoder_init`: how the encoder starts — supervised classification on the classify
+    split, a weights file, random, or DenseCL on the unlabeled images."""
 
     epochs: int = 30
     steps_per_epoch: int = 100
@@ -136,28 +159,52 @@ class EncoderConfig(TrainConfig):
     weight_decay: float = 0.05
     init: str = "supervised"
     weights_path: Optional[str] = None
+    densecl: DenseCLConfig = field(default_factory=DenseCLConfig)
 
     def __post_init__(self) -> None:
         self._check_schedule("encoder")
-        _require(self.init in ("supervised", "file", "random"), "encoder.init",
-                 f"expected 'supervised', 'file' or 'random', got {self.init!r}")
+        _require(self.init in ENCODER_INITS, "encoder.init",
+                 f"expected one of {', '.join(map(repr, ENCODER_INITS))}, got {self.init!r}")
         _require(self.init != "file" or bool(self.weights_path), "encoder.weights_path",
                  "encoder.init 'file' needs a weights file path")
 
 
-@dataclass
-class DDePConfig(TrainConfig):
-    """`decoder_pretrain`: denoising pretraining of the decoder over a frozen encoder."""
+PRETRAIN_MODES = ("ddep", "dep", "none")
+DENOISING_TARGETS = ("noise", "image")
 
+
+@dataclass
+class DecoderPretrainConfig(TrainConfig):
+    """`decoder_pretrain`: denoising pretraining. `ddep` trains decoder and head over the frozen
+    encoder, `dep` trains the whole network, `none` keeps a randomly initialised decoder.
+
+    σ is fixed, or drawn uniformly per example from [sigma, sigma_max] when sigma_max is set.
+    """
+
+    mode: str = "ddep"
     epochs: int = 6
     steps_per_epoch: int = 50
     batch_size: int = 32
     lr: float = 3e-3
     sigma: float = 0.2
+    sigma_max: Optional[float] = None
+    variance_preserving: bool = True  # x̃ = (x + σε)/√(1+σ²); False: x̃ = x + σε
+    target: str = "noise"
+    sigma_conditioning: bool = False
 
     def __post_init__(self) -> None:
-        self._check_schedule("ddep")
-        _require(self.sigma > 0, "ddep.sigma", f"expected a positive noise level, got {self.sigma}")
+        self._check_schedule("decoder_pretrain")
+        _require(self.mode in PRETRAIN_MODES, "decoder_pretrain.mode",
+                 f"expected one of {', '.join(map(repr, PRETRAIN_MODES))}, got {self.mode!r}")
+        _require(self.sigma > 0, "decoder_pretrain.sigma", f"expected a positive noise level, got {self.sigma}")
+        _require(self.sigma_max is None or self.sigma_max >= self.sigma, "decoder_pretrain.sigma_max",
+                 f"expected null (fixed σ) or a value >= sigma ({self.sigma}), got {self.sigma_max}")
+        _require(self.target in DENOISING_TARGETS, "decoder_pretrain.target",
+                 f"expected 'noise' or 'image', got {self.target!r}")
+
+    @property
+    def sigma_range(self) -> tuple[float, float]:
+        return self.sigma, self.sigma if self.sigma_max is None else self.sigma_max
 
 
 @dataclass
@@ -246,6 +293,34 @@ class EvaluateConfig:
 
 
 @dataclass
+class StudyConfig:
+    """The label-efficiency study (`python -m pipeline.study`): teacher val mIoU against the
+    labeled fraction for four initialisations (random, supervised encoder only, DeP, DDeP),
+    and a σ sweep of DDeP and DeP at `sweep_fraction`. Every point is run once per seed (a
+    different labeled subset and training seed). Its teachers train for `teacher_epochs` ×
+    `teacher_steps_per_epoch` steps, shorter than the pipeline's teacher so the study fits
+    in about an hour on a laptop."""
+
+    fractions: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 1.0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    sigmas: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4, 0.8])
+    sweep_fraction: float = 0.05
+    ddep_sigma: float = 0.2
+    dep_sigma: float = 0.4  # the paper: DeP, trained from scratch, prefers more noise than DDeP
+    teacher_epochs: int = 3
+    teacher_steps_per_epoch: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("fractions", "seeds", "sigmas"):
+            _require(len(getattr(self, name)) > 0, f"study.{name}", "expected a non-empty list")
+        for f in [*self.fractions, self.sweep_fraction]:
+            _require(0 < f <= 1, "study.fractions", f"expected fractions in (0, 1], got {f}")
+        for sigma in [*self.sigmas, self.ddep_sigma, self.dep_sigma]:
+            _require(sigma > 0, "study.sigmas", f"expected positive noise levels, got {sigma}")
+        _positive("study", teacher_epochs=self.teacher_epochs, teacher_steps_per_epoch=self.teacher_steps_per_epoch)
+
+
+@dataclass
 class RayConfig:
     """Where training runs. Read by every stage but not a DVC dependency: a bigger cluster
     must not invalidate the cache. `RAY_ADDRESS` overrides `address`."""
@@ -282,11 +357,12 @@ class Params:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    ddep: DDePConfig = field(default_factory=DDePConfig)
+    decoder_pretrain: DecoderPretrainConfig = field(default_factory=DecoderPretrainConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
@@ -306,8 +382,9 @@ def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
         raise ConfigError(f"{source}: {err}") from None
 
 
-def load_params(path: str | Path = PARAMS_FILE) -> Params:
-    """Read and validate `params.yaml` (or another file of the same shape)."""
+def load_params(path: str | Path = PARAMS_FILE, overrides: list[str] = ()) -> Params:
+    """Read and validate `params.yaml` (or another file of the same shape), with `key=value`
+    overrides (e.g. `decoder_pretrain.sigma=0.4`) applied on top."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such params file")
@@ -316,7 +393,24 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
             raw = yaml.safe_load(f) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    return parse_params(raw, source=str(path))
+    if overrides:
+        raw = _apply_overrides(raw, overrides)
+    return parse_params(raw, source=str(path) + (f" with {' '.join(overrides)}" if overrides else ""))
+
+
+def _apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        _require(bool(sep and key), item, "expected an override of the form section.key=value")
+        _require(OmegaConf.select(OmegaConf.structured(Params), key, default=_MISSING) is not _MISSING, key,
+                 "no such params key (an override can only change an existing one)")
+    try:
+        return OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(raw), OmegaConf.from_dotlist(list(overrides))))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"overrides {list(overrides)}: {str(err).splitlines()[0]}") from None
+
+
+_MISSING = object()
 
 
 def section_dict(params: Params, section: str) -> dict:

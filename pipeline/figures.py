@@ -70,20 +70,38 @@ def prediction_grid(images: torch.Tensor, columns: dict[str, torch.Tensor], num_
     _save(fig, path)
 
 
-def denoising_triplets(clean: torch.Tensor, noisy: torch.Tensor, predicted_noise: torch.Tensor,
-                       true_noise: torch.Tensor, path: Path) -> None:
-    """Per row: clean, noisy input, predicted noise, true noise (all mapped from [-1, 1])."""
+def denoising_triplets(clean: torch.Tensor, noisy: torch.Tensor, predicted: torch.Tensor,
+                       target: torch.Tensor, path: Path) -> None:
+    """Per row: clean, noisy input, the prediction and its target (the noise, or the clean
+    image), all mapped from [-1, 1]."""
     plt = _pyplot()
     def show(t: torch.Tensor) -> np.ndarray:
         return ((t.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
 
-    names = ["clean", "noisy", "predicted noise", "true noise"]
+    names = ["clean", "noisy", "predicted", "target"]
     n = len(clean)
     fig, axes = plt.subplots(n, 4, figsize=(6.4, 1.6 * n), squeeze=False)
     for i in range(n):
-        for j, t in enumerate((clean[i], noisy[i], predicted_noise[i], true_noise[i])):
+        for j, t in enumerate((clean[i], noisy[i], predicted[i], target[i])):
             axes[i, j].imshow(show(t))
             axes[i, j].axis("off")
             if i == 0:
                 axes[i, j].set_title(names[j], fontsize=9)
+    _save(fig, path)
+
+
+def mean_curves(curves: dict[str, tuple[list[float], list[float], list[float]]], xlabel: str, ylabel: str,
+                title: str, path: Path, log_x: bool = False) -> None:
+    """One line per curve through its means, with ±1 standard deviation as error bars."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name, (xs, means, spreads) in curves.items():
+        ax.errorbar(xs, means, yerr=spreads, marker="o", capsize=3, label=name)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
     _save(fig, path)

@@ -21,3 +21,16 @@ def segmentation_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def denoising_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """‖f(x̃) − target‖², the mean over pixels and channels."""
     return F.mse_loss(predicted, target)
+
+
+def info_nce(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
+             temperature: float) -> torch.Tensor:
+    """InfoNCE with one positive per query: −log softmax of q·k⁺/τ among [q·k⁺, q·n₁, …]/τ.
+
+    Args:
+        query, positive: N×D, L2-normalised.
+        negatives: K×D, L2-normalised, shared by every query.
+    """
+    positive_logit = (query * positive).sum(dim=1, keepdim=True)
+    logits = torch.cat([positive_logit, query @ negatives.t()], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(query), dtype=torch.long, device=query.device))

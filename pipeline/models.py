@@ -135,37 +135,59 @@ class UNetDecoder(nn.Module):
         self.blocks = nn.ModuleList(DecoderBlock(widths[i], skips[i], widths[i + 1]) for i in range(4))
         self.out_channels = channels[-1]
 
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: list[torch.Tensor], shift: torch.Tensor | None = None) -> torch.Tensor:
         s2, s4, s8, s16 = features
         x = self.conv_more(s16)
+        if shift is not None:
+            x = x + shift
         for block, skip in zip(self.blocks, (s8, s4, s2, None)):
             x = block(x, skip)
         return x
 
 
+class NoiseLevelEmbedding(nn.Module):
+    """log σ -> a per-channel shift of the decoder's first feature map: how a denoiser trained
+    over a range of noise levels is told the level of its input."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(1, channels), nn.SiLU(), nn.Linear(channels, channels))
+
+    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        return self.mlp(sigma.log().reshape(-1, 1))[:, :, None, None]
+
+
 class SegmentationNet(nn.Module):
     """Encoder -> decoder -> 3x3 head. The head predicts noise (3 channels) while denoising and
-    class logits (K channels) after `replace_head`."""
+    class logits (K channels) after `replace_head`. With `sigma_conditioning` the decoder also
+    takes the noise level (denoising only; fine-tuning starts from a network without it)."""
 
     def __init__(self, spec: EncoderSpec, decoder_in_channels: int, decoder_channels: tuple[int, ...],
-                 out_channels: int):
+                 out_channels: int, sigma_conditioning: bool = False):
         super().__init__()
         self.encoder = HybridEncoder(spec)
         self.decoder = UNetDecoder(spec.embed_dim, spec.skip_channels, decoder_in_channels,
                                    tuple(decoder_channels))
         self.head = nn.Conv2d(self.decoder.out_channels, out_channels, 3, padding=1)
+        self.noise_level = NoiseLevelEmbedding(decoder_in_channels) if sigma_conditioning else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.decoder(self.encoder(x)))
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+        shift = None if self.noise_level is None else self.noise_level(sigma)
+        return self.head(self.decoder(self.encoder(x), shift))
+
+    def without_noise_level(self) -> dict:
+        """The weights a segmenter starts from: everything but the noise-level embedding."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("noise_level.")}
 
     def replace_head(self, out_channels: int) -> None:
         self.head = nn.Conv2d(self.decoder.out_channels, out_channels, 3, padding=1)
 
 
 def build_model(preset: str, decoder_in_channels: int, decoder_channels: list[int] | tuple[int, ...],
-                out_channels: int) -> SegmentationNet:
+                out_channels: int, sigma_conditioning: bool = False) -> SegmentationNet:
     """Build a TransUNet by preset name."""
-    return SegmentationNet(ENCODER_PRESETS[preset], decoder_in_channels, tuple(decoder_channels), out_channels)
+    return SegmentationNet(ENCODER_PRESETS[preset], decoder_in_channels, tuple(decoder_channels), out_channels,
+                           sigma_conditioning)
 
 
 class EncoderClassifier(nn.Module):

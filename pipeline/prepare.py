@@ -61,3 +61,23 @@ def prepare(cfg: DataConfig, out_dir: Path) -> dict:
     if cfg.format == "folder":
         return prepare_folder(cfg, out_dir)
     return prepare_digit_scenes(cfg, out_dir)
+
+
+def labeled_subset(prepared: Path, fraction: float, seed: int, out_dir: Path, shard_rows: int) -> int:
+    """Write a labeled split of `fraction` of the train images that have masks (labeled and
+    unlabeled splits together), chosen by `seed`; nested across fractions for one seed.
+    Returns the number of images. Label-efficiency studies train on these."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline.data import SEGMENTATION_SCHEMA, publish, read_split, temp_path_for, write_shards
+
+    pool = pa.concat_tables([read_split(prepared / split) for split in ("labeled", "unlabeled")
+                             if any((prepared / split).glob("*.parquet"))])
+    pool = pool.filter(pc.is_valid(pool.column("mask"))).sort_by("id")
+    chosen = set(nested_labeled_ids(pool.column("id").to_pylist(), fraction, seed))
+    subset = pool.filter(pc.is_in(pool.column("id"), pa.array(sorted(chosen))))
+    tmp = temp_path_for(out_dir)
+    count = write_shards(subset.cast(SEGMENTATION_SCHEMA).to_pylist(), SEGMENTATION_SCHEMA, tmp, shard_rows)
+    publish(tmp, out_dir)
+    return count

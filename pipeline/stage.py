@@ -3,6 +3,7 @@ print one summary line, and turn our known errors into one readable message and 
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from collections.abc import Iterator
@@ -51,12 +52,21 @@ def known_errors() -> tuple[type[Exception], ...]:
     return (ConfigError, DataError, CheckpointError)
 
 
+def stage_parser(description: str | None) -> argparse.ArgumentParser:
+    """A stage script's argument parser, with `--set key=value` params overrides (how a study
+    runs the same stage at other settings)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one params.yaml value for this run, e.g. decoder_pretrain.sigma=0.4")
+    return parser
+
+
 @contextmanager
 def stage(name: str, sections: list[str], prepared: Path | None = None,
-          params_file: str = "params.yaml") -> Iterator[StageContext]:
+          params_file: str = "params.yaml", overrides: list[str] = ()) -> Iterator[StageContext]:
     """Run a stage body inside its MLflow run; logs wall time and prints the summary line."""
     try:
-        params = load_params(params_file)
+        params = load_params(params_file, overrides)
         ctx = StageContext(name, params, Path.cwd())
         import mlflow
 

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from pipeline import augment
-from pipeline.config import FinetuneConfig, ModelConfig, StudentConfig, TrainConfig
+from pipeline.config import DecoderPretrainConfig, FinetuneConfig, ModelConfig, StudentConfig, TrainConfig
 from pipeline.data import IGNORE_INDEX
-from pipeline.denoising import noisy_input
+from pipeline.denoising import corrupt
 from pipeline.losses import denoising_loss, segmentation_ce
 from pipeline.models import DENOISE_CHANNELS, ENCODER_PRESETS, EncoderClassifier, SegmentationNet, build_model
 from pipeline.raytrain import JobConfig, WorkerSetup, load_shard, run_epochs, unwrap
@@ -42,14 +42,30 @@ def classification_step(model: nn.Module, images: torch.Tensor, labels: torch.Te
     return step
 
 
-def denoising_step(model: nn.Module, images: torch.Tensor, batch: int, sigma: float,
+def denoising_step(model: nn.Module, images: torch.Tensor, batch: int, cfg: DecoderPretrainConfig,
                    generator: torch.Generator, device: torch.device) -> Step:
-    """DDeP: the network sees x̃ = √γ·x + √(1−γ)·ε and predicts ε."""
+    """DeP/DDeP: the network sees x̃ (see `denoising.corrupt`) and predicts ε (or x)."""
     def step() -> dict:
         x = augment.to_model_range(augment.to_unit_float(images[_batch(len(images), batch, generator)]))
-        noise = torch.randn(x.shape, generator=generator)
-        predicted = model(noisy_input(x, sigma, noise).to(device, memory_format=torch.channels_last))
-        return {"loss": denoising_loss(predicted, noise.to(device))}
+        noisy, sigma, target = corrupt(x, cfg, generator)
+        predicted = model(noisy.to(device, memory_format=torch.channels_last),
+                          sigma.to(device) if cfg.sigma_conditioning else None)
+        return {"loss": denoising_loss(predicted, target.to(device))}
+    return step
+
+
+def two_views(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A DenseCL view: random crop (half to all of the area), flip, colour jitter."""
+    x, _ = augment.random_view(augment.to_unit_float(images), None, (0.5 ** 0.5, 1.0), generator)
+    return augment.color_jitter(x, 0.4, generator)
+
+
+def densecl_step(model: nn.Module, images: torch.Tensor, batch: int, generator: torch.Generator,
+                 device: torch.device) -> Step:
+    """DenseCL: two views of each image, global + dense InfoNCE against the momentum branch."""
+    def step() -> dict:
+        chosen = images[_batch(len(images), batch, generator)]
+        return model(model_input(two_views(chosen, generator), device), model_input(two_views(chosen, generator), device))
     return step
 
 
@@ -103,8 +119,9 @@ def student_step(model: nn.Module, labeled: tuple[torch.Tensor, torch.Tensor],
     return step
 
 
-def build_network(model: ModelConfig, out_channels: int) -> SegmentationNet:
-    return build_model(model.preset, model.decoder_in_channels, model.decoder_channels, out_channels)
+def build_network(model: ModelConfig, out_channels: int, sigma_conditioning: bool = False) -> SegmentationNet:
+    return build_model(model.preset, model.decoder_in_channels, model.decoder_channels, out_channels,
+                       sigma_conditioning)
 
 
 # ----------------------------------------------------------------- per-worker Ray Train loops
@@ -136,18 +153,33 @@ def encoder_classify_loop(config: dict) -> None:
     run_epochs(model, _optimizer(model.parameters(), job.train), step, job.train, setup)
 
 
+def encoder_densecl_loop(config: dict) -> None:
+    from ray.train.torch import prepare_model
+
+    from pipeline.densecl import DenseCL
+
+    job: JobConfig = config["job"]
+    setup = WorkerSetup.from_job(job)
+    images = load_shard("images")["image"]
+    model = prepare_model(DenseCL(ENCODER_PRESETS[job.model.preset], job.train.densecl).to(memory_format=torch.channels_last))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    step = densecl_step(model, images, setup.per_worker(job.train.batch_size), setup.generator, setup.device)
+    run_epochs(model, _optimizer(trainable, job.train), step, job.train, setup)
+
+
 def decoder_pretrain_loop(config: dict) -> None:
     from ray.train.torch import prepare_model
 
     job: JobConfig = config["job"]
     setup = WorkerSetup.from_job(job)
     images = load_shard("images")["image"]
-    model = build_network(job.model, DENOISE_CHANNELS)
+    model = build_network(job.model, DENOISE_CHANNELS, job.train.sigma_conditioning)
     model.encoder.load_state_dict(job.init_state)
-    model.encoder.requires_grad_(False)  # DDeP: the encoder stays exactly as pretrained
+    if job.train.mode == "ddep":
+        model.encoder.requires_grad_(False)  # the encoder stays exactly as pretrained
     model = prepare_model(model.to(memory_format=torch.channels_last))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    step = denoising_step(model, images, setup.per_worker(job.train.batch_size), job.train.sigma,
+    step = denoising_step(model, images, setup.per_worker(job.train.batch_size), job.train,
                           setup.generator, setup.device)
     run_epochs(model, _optimizer(trainable, job.train), step, job.train, setup)
 
@@ -185,3 +217,9 @@ def student_loop(config: dict) -> None:
                         (pseudo["image"], pseudo["pseudo_label"], pseudo["confidence"]), job.train,
                         batches, setup.generator, setup.device)
     run_epochs(model, _finetune_optimizer(model, job.train), step, job.train, setup)
+
+
+def pretraining_images(prepared, manifest: dict) -> list:
+    """The Parquet folders whose images (not masks) self-supervised pretraining may use:
+    the labeled split and, when there is one, the unlabeled split."""
+    return [prepared / "labeled"] + ([prepared / "unlabeled"] if manifest["counts"]["unlabeled"] else [])

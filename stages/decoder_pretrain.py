@@ -1,57 +1,62 @@
-"""DVC stage `decoder_pretrain`: DDeP — the frozen encoder's decoder learns to predict the noise."""
+"""DVC stage `decoder_pretrain`: denoising pretraining — DDeP (decoder over the frozen encoder),
+DeP (the whole network), or none (the decoder stays randomly initialised)."""
 
-import argparse
 from pathlib import Path
 
 import mlflow
 import torch
 
 from pipeline.checkpoints import DENOISER, ENCODER, load_weights, save_weights
+from pipeline.config import DecoderPretrainConfig
 from pipeline.data import read_manifest
+from pipeline.denoising import corrupt
 from pipeline.figures import denoising_triplets
 from pipeline.inference import iter_split
-from pipeline.raytrain import JobConfig
-from pipeline.stage import stage
 from pipeline.models import DENOISE_CHANNELS
-from pipeline.training import build_network, decoder_pretrain_loop
+from pipeline.raytrain import JobConfig
+from pipeline.stage import stage, stage_parser
+from pipeline.training import build_network, decoder_pretrain_loop, pretraining_images
 
 TRIPLETS = 4
 
 
-def log_triplets(net, prepared: Path, sigma: float, path: Path) -> None:
+def log_triplets(net, prepared: Path, cfg: DecoderPretrainConfig, path: Path) -> None:
     from pipeline import augment
-    from pipeline.denoising import noisy_input
 
     images = next(iter_split(prepared / "labeled", TRIPLETS, ["id", "image"], "triplets"))["image"]
     clean = augment.to_model_range(augment.to_unit_float(images))
-    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
-    noisy = noisy_input(clean, sigma, noise)
+    noisy, sigma, target = corrupt(clean, cfg, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        predicted = net.eval()(noisy)
-    denoising_triplets(clean, noisy, predicted, noise, path)
+        predicted = net.eval()(noisy, sigma if cfg.sigma_conditioning else None)
+    denoising_triplets(clean, noisy, predicted, target, path)
     mlflow.log_artifact(str(path), "figures")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = stage_parser(__doc__)
     parser.add_argument("--prepared", type=Path, required=True)
     parser.add_argument("--encoder", type=Path, required=True, help="encoder weights from encoder_init")
     parser.add_argument("--out", type=Path, required=True, help="encoder+decoder weights file")
     parser.add_argument("--figures", type=Path, required=True)
     args = parser.parse_args()
-    with stage("decoder_pretrain", ["ddep", "model"], args.prepared) as ctx:
-        cfg, model = ctx.params.ddep, ctx.params.model
+    with stage("decoder_pretrain", ["decoder_pretrain", "model"], args.prepared, overrides=args.overrides) as ctx:
+        cfg, model = ctx.params.decoder_pretrain, ctx.params.model
         manifest = read_manifest(args.prepared)
         encoder = load_weights(args.encoder, ENCODER, model)
-        job = JobConfig(train=cfg, model=model, num_classes=manifest["num_classes"], init_state=encoder)
-        images = [args.prepared / "labeled"] + ([args.prepared / "unlabeled"] if manifest["counts"]["unlabeled"] else [])
-        state = ctx.train(decoder_pretrain_loop, job, {"images": (images, ["image"])},
-                          inputs=[args.prepared, args.encoder])
-        save_weights(args.out, state["model"], DENOISER, model, None)
-        net = build_network(model, DENOISE_CHANNELS)
-        net.load_state_dict(state["model"])
-        log_triplets(net, args.prepared, cfg.sigma, args.figures / "denoising_triplets.png")
-        ctx.summary["out"] = str(args.out)
+        torch.manual_seed(cfg.seed)  # mode none: this is the decoder the teacher starts from
+        net = build_network(model, DENOISE_CHANNELS, cfg.sigma_conditioning)
+        if cfg.mode == "none":
+            net.encoder.load_state_dict(encoder)
+        else:
+            job = JobConfig(train=cfg, model=model, num_classes=manifest["num_classes"], init_state=encoder)
+            state = ctx.train(decoder_pretrain_loop, job,
+                              {"images": (pretraining_images(args.prepared, manifest), ["image"])},
+                              inputs=[args.prepared, args.encoder])
+            net.load_state_dict(state["model"])
+            log_triplets(net, args.prepared, cfg, args.figures / "denoising_triplets.png")
+        args.figures.mkdir(parents=True, exist_ok=True)  # a DVC output even when nothing is drawn
+        save_weights(args.out, net.without_noise_level(), DENOISER, model, None)
+        ctx.summary |= {"mode": cfg.mode, "out": str(args.out)}
 
 
 if __name__ == "__main__":

@@ -1,32 +1,36 @@
-"""DVC stage `encoder_init`: encoder weights by supervised classification, from a file, or random."""
+"""DVC stage `encoder_init`: encoder weights by supervised classification, DenseCL on the
+unlabeled images, from a file, or random."""
 
-import argparse
 from pathlib import Path
 
 import torch
 
-from pipeline.checkpoints import ENCODER, load_external_encoder, save_weights
+from pipeline.checkpoints import ENCODER, encoder_weights, load_external_encoder, save_weights
 from pipeline.data import read_manifest
 from pipeline.models import ENCODER_PRESETS, HybridEncoder
 from pipeline.raytrain import JobConfig
-from pipeline.stage import stage
-from pipeline.training import encoder_classify_loop
+from pipeline.stage import stage, stage_parser
+from pipeline.training import encoder_classify_loop, encoder_densecl_loop, pretraining_images
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = stage_parser(__doc__)
     parser.add_argument("--prepared", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="encoder weights file")
     args = parser.parse_args()
-    with stage("encoder_init", ["encoder", "model"], args.prepared) as ctx:
+    with stage("encoder_init", ["encoder", "model"], args.prepared, overrides=args.overrides) as ctx:
         cfg, model = ctx.params.encoder, ctx.params.model
+        manifest = read_manifest(args.prepared)
         if cfg.init == "supervised":
-            manifest = read_manifest(args.prepared)
             job = JobConfig(train=cfg, model=model, num_classes=manifest["classify_num_classes"])
             state = ctx.train(encoder_classify_loop, job, {"classify": ([args.prepared / "classify"], ["image", "label"])},
                               inputs=[args.prepared])
-            weights = {k.removeprefix("encoder."): v for k, v in state["model"].items()
-                       if k.startswith("encoder.") and not k.startswith("encoder.vit.head.")}
+            weights = encoder_weights(state["model"])
+        elif cfg.init == "densecl":
+            job = JobConfig(train=cfg, model=model, num_classes=manifest["num_classes"])
+            state = ctx.train(encoder_densecl_loop, job, {"images": (pretraining_images(args.prepared, manifest), ["image"])},
+                              inputs=[args.prepared])
+            weights = encoder_weights(state["model"])
         elif cfg.init == "file":
             weights = load_external_encoder(Path(cfg.weights_path), model.preset)
         else:

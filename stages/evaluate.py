@@ -1,6 +1,5 @@
 """DVC stage `evaluate`: teacher and student on val — mIoU, per-class IoU, pixel accuracy, figures."""
 
-import argparse
 import csv
 import io
 import json
@@ -13,7 +12,7 @@ from pipeline.data import read_manifest, write_text_atomic
 from pipeline.figures import confusion_figure, prediction_grid
 from pipeline.inference import evaluate_split
 from pipeline.metrics import segmentation_scores
-from pipeline.stage import stage
+from pipeline.stage import stage, stage_parser
 
 
 def per_class_csv(scores: dict, classes: list[str]) -> str:
@@ -27,7 +26,7 @@ def per_class_csv(scores: dict, classes: list[str]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = stage_parser(__doc__)
     parser.add_argument("--prepared", type=Path, required=True)
     parser.add_argument("--teacher", type=Path, required=True)
     parser.add_argument("--student", type=Path, required=True)
@@ -35,7 +34,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=Path, required=True, help="per-class IoU CSV (a DVC plot)")
     parser.add_argument("--figures", type=Path, required=True)
     args = parser.parse_args()
-    with stage("evaluate", ["evaluate", "model"], args.prepared) as ctx:
+    with stage("evaluate", ["evaluate", "model"], args.prepared, overrides=args.overrides) as ctx:
         cfg, model = ctx.params.evaluate, ctx.params.model
         manifest = read_manifest(args.prepared)
         classes = manifest["classes"]

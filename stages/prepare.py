@@ -1,17 +1,16 @@
 """DVC stage `prepare`: raw dataset -> Parquet splits + manifest."""
 
-import argparse
 from pathlib import Path
 
 from pipeline.prepare import prepare
-from pipeline.stage import stage
+from pipeline.stage import stage, stage_parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = stage_parser(__doc__)
     parser.add_argument("--out", type=Path, required=True, help="folder for the prepared splits")
     args = parser.parse_args()
-    with stage("prepare", ["data"], prepared=args.out) as ctx:
+    with stage("prepare", ["data"], prepared=args.out, overrides=args.overrides) as ctx:
         manifest = prepare(ctx.params.data, args.out)
         ctx.summary = {"out": str(args.out), **manifest["counts"]}
 

@@ -1,6 +1,5 @@
 """DVC stage `pseudo_label`: the teacher's hard label and confidence for every unlabeled pixel."""
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -9,16 +8,16 @@ from pipeline.checkpoints import load_segmenter
 from pipeline.data import PSEUDO_SCHEMA, publish, read_manifest, temp_path_for, write_shards
 from pipeline.inference import pseudo_label_rows
 from pipeline.metrics import segmentation_scores
-from pipeline.stage import stage
+from pipeline.stage import stage, stage_parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = stage_parser(__doc__)
     parser.add_argument("--prepared", type=Path, required=True)
     parser.add_argument("--teacher", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="folder for the pseudo-label shards")
     args = parser.parse_args()
-    with stage("pseudo_label", ["pseudo", "model"], args.prepared) as ctx:
+    with stage("pseudo_label", ["pseudo", "model"], args.prepared, overrides=args.overrides) as ctx:
         cfg = ctx.params.pseudo
         manifest = read_manifest(args.prepared)
         teacher = load_segmenter(args.teacher, ctx.params.model, manifest["classes"])

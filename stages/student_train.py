@@ -1,25 +1,24 @@
 """DVC stage `student_train`: self-training on labeled + strongly augmented pseudo-labeled images."""
 
-import argparse
 from pathlib import Path
 
 from pipeline.checkpoints import DENOISER, SEGMENTER, load_weights, save_weights
 from pipeline.data import read_manifest
 from pipeline.models import DENOISE_CHANNELS
 from pipeline.raytrain import JobConfig
-from pipeline.stage import stage
+from pipeline.stage import stage, stage_parser
 from pipeline.training import student_loop
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = stage_parser(__doc__)
     parser.add_argument("--prepared", type=Path, required=True)
     parser.add_argument("--pseudo", type=Path, required=True, help="pseudo-label shards")
     parser.add_argument("--teacher", type=Path, required=True)
     parser.add_argument("--pretrained", type=Path, required=True, help="weights from decoder_pretrain")
     parser.add_argument("--out", type=Path, required=True, help="student weights file")
     args = parser.parse_args()
-    with stage("student_train", ["student", "model"], args.prepared) as ctx:
+    with stage("student_train", ["student", "model"], args.prepared, overrides=args.overrides) as ctx:
         cfg, model = ctx.params.student, ctx.params.model
         manifest = read_manifest(args.prepared)
         classes = manifest["classes"]

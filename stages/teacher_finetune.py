@@ -1,32 +1,48 @@
 """DVC stage `teacher_finetune`: all weights fine-tuned with cross-entropy on the labeled split."""
 
-import argparse
+import json
 from pathlib import Path
 
+import mlflow
+
 from pipeline.checkpoints import DENOISER, SEGMENTER, load_weights, save_weights
-from pipeline.data import read_manifest
+from pipeline.data import read_manifest, write_text_atomic
+from pipeline.inference import evaluate_split
+from pipeline.metrics import segmentation_scores
 from pipeline.models import DENOISE_CHANNELS
 from pipeline.raytrain import JobConfig
-from pipeline.stage import stage
-from pipeline.training import teacher_loop
+from pipeline.stage import stage, stage_parser
+from pipeline.training import build_network, teacher_loop
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = stage_parser(__doc__)
     parser.add_argument("--prepared", type=Path, required=True)
+    parser.add_argument("--labeled", type=Path, help="labeled split to train on (default: PREPARED/labeled)")
     parser.add_argument("--pretrained", type=Path, required=True, help="weights from decoder_pretrain")
     parser.add_argument("--out", type=Path, required=True, help="teacher weights file")
+    parser.add_argument("--metrics", type=Path, help="also score the teacher on val and write its metrics JSON here")
     args = parser.parse_args()
-    with stage("teacher_finetune", ["teacher", "model"], args.prepared) as ctx:
+    labeled = args.labeled or args.prepared / "labeled"
+    with stage("teacher_finetune", ["teacher", "model"], args.prepared, overrides=args.overrides) as ctx:
         cfg, model = ctx.params.teacher, ctx.params.model
         manifest = read_manifest(args.prepared)
         job = JobConfig(train=cfg, model=model, num_classes=manifest["num_classes"],
                         init_state=load_weights(args.pretrained, DENOISER, model),
                         init_out_channels=DENOISE_CHANNELS)
-        state = ctx.train(teacher_loop, job, {"labeled": ([args.prepared / "labeled"], ["image", "mask"])},
-                          inputs=[args.prepared, args.pretrained])
+        state = ctx.train(teacher_loop, job, {"labeled": ([labeled], ["image", "mask"])},
+                          inputs=[args.prepared, labeled, args.pretrained])
         save_weights(args.out, state["model"], SEGMENTER, model, manifest["classes"])
         ctx.summary["out"] = str(args.out)
+        if args.metrics:
+            net = build_network(model, manifest["num_classes"])
+            net.load_state_dict(state["model"])
+            confusion, _ = evaluate_split({"teacher": net.eval()}, args.prepared / "val", ctx.params.evaluate.batch_size,
+                                          manifest["num_classes"], 0)
+            scores = segmentation_scores(confusion["teacher"].numpy(), manifest["classes"])
+            write_text_atomic(args.metrics, json.dumps(scores, indent=2) + "\n")
+            mlflow.log_metrics({"val_miou": scores["miou"], "val_pixel_accuracy": scores["pixel_accuracy"]})
+            ctx.summary["val_miou"] = scores["miou"]
 
 
 if __name__ == "__main__":

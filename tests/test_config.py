@@ -30,7 +30,14 @@ def test_wrong_type_is_named():
 @pytest.mark.parametrize("raw, key", [
     ({"data": {"labeled_fraction": 0.0}}, "data.labeled_fraction"),
     ({"data": {"labeled_fraction": 1.5}}, "data.labeled_fraction"),
-    ({"ddep": {"sigma": -0.1}}, "ddep.sigma"),
+    ({"decoder_pretrain": {"sigma": -0.1}}, "decoder_pretrain.sigma"),
+    ({"decoder_pretrain": {"mode": "ddpe"}}, "decoder_pretrain.mode"),
+    ({"decoder_pretrain": {"sigma": 0.3, "sigma_max": 0.2}}, "decoder_pretrain.sigma_max"),
+    ({"decoder_pretrain": {"target": "clean"}}, "decoder_pretrain.target"),
+    ({"encoder": {"init": "imagenet"}}, "encoder.init"),
+    ({"encoder": {"densecl": {"momentum": 1.0}}}, "encoder.densecl.momentum"),
+    ({"study": {"fractions": [0.05, 2.0]}}, "study.fractions"),
+    ({"study": {"seeds": []}}, "study.seeds"),
     ({"teacher": {"batch_size": 0}}, "teacher.batch_size"),
     ({"ray": {"num_workers": 0}}, "ray.num_workers"),
     ({"model": {"preset": "resnet9000"}}, "model.preset"),
@@ -58,6 +65,19 @@ def test_broken_yaml_names_the_file(tmp_path):
     bad.write_text("student: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_overrides_change_one_value_and_are_validated(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("decoder_pretrain:\n  sigma: 0.2\n")
+    params = load_params(path, ["decoder_pretrain.mode=dep", "decoder_pretrain.sigma=0.4", "teacher.epochs=3"])
+    assert (params.decoder_pretrain.mode, params.decoder_pretrain.sigma, params.teacher.epochs) == ("dep", 0.4, 3)
+    with pytest.raises(ConfigError, match=r"decoder_pretrain\.sigmaa.*no such params key"):
+        load_params(path, ["decoder_pretrain.sigmaa=0.4"])
+    with pytest.raises(ConfigError, match=r"decoder_pretrain\.sigma"):
+        load_params(path, ["decoder_pretrain.sigma=-1"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_params(path, ["decoder_pretrain.sigma"])
 
 
 def test_presets_compose_and_validate():

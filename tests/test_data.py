@@ -135,3 +135,19 @@ def test_folder_errors_name_the_file(tmp_path, breakage, message):
     with pytest.raises(DataError, match=message):
         prepare(cfg, tmp_path / "prepared")
     assert not (tmp_path / "prepared").exists()
+
+
+def test_labeled_subsets_for_a_study_are_nested_and_keep_masks(tmp_path):
+    from pipeline.prepare import labeled_subset
+
+    prepare(_smoke_cfg(labeled_fraction=0.25), tmp_path / "prepared")
+    ids = {}
+    for fraction in (0.1, 0.5, 1.0):
+        count = labeled_subset(tmp_path / "prepared", fraction, 3, tmp_path / f"s{fraction}", shard_rows=4)
+        table = read_split(tmp_path / f"s{fraction}")
+        assert count == table.num_rows == round(20 * fraction)
+        assert all(m is not None for m in table.column("mask").to_pylist())
+        ids[fraction] = set(table.column("id").to_pylist())
+    assert ids[0.1] < ids[0.5] < ids[1.0]
+    labeled_subset(tmp_path / "prepared", 0.5, 4, tmp_path / "other", shard_rows=4)
+    assert set(read_split(tmp_path / "other").column("id").to_pylist()) != ids[0.5]

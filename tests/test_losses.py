@@ -28,3 +28,15 @@ def test_uniform_logits_give_log_k():
 
 def test_denoising_loss_is_mean_squared_error():
     assert denoising_loss(torch.ones(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)).item() == 1.0
+
+
+def test_info_nce_matches_a_hand_computed_value():
+    from pipeline.losses import info_nce
+
+    q = torch.tensor([[1.0, 0.0]])
+    k = torch.tensor([[0.6, 0.8]])
+    negatives = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    tau = 0.5
+    logits = torch.tensor([0.6, 0.0, -1.0]) / tau  # q·k⁺, q·n₁, q·n₂
+    expected = -torch.log_softmax(logits, 0)[0]
+    torch.testing.assert_close(info_nce(q, k, negatives, tau), expected)

@@ -50,3 +50,14 @@ def test_classifier_encoder_state_loads_into_a_plain_encoder():
     clf = EncoderClassifier(ENCODER_PRESETS["tiny"], 10)
     assert clf(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     HybridEncoder(ENCODER_PRESETS["tiny"]).load_state_dict(clf.encoder_state())
+
+
+def test_sigma_conditioning_feeds_the_noise_level_and_is_left_out_of_the_segmenter_weights():
+    torch.manual_seed(0)
+    model = build_model("tiny", 128, [64, 32, 16, 16], 3, sigma_conditioning=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        low, high = model(x, torch.tensor([0.1, 0.1])), model(x, torch.tensor([0.8, 0.8]))
+    assert not torch.allclose(low, high)
+    plain = build_model("tiny", 128, [64, 32, 16, 16], 3)
+    plain.load_state_dict(model.without_noise_level())  # strict: exactly the unconditioned network

@@ -1,5 +1,6 @@
 """End to end: the real `dvc repro` of the whole DAG on the `smoke` preset, in a temp copy of
-the repo, then DVC's view of a param change, then a two-worker Ray job."""
+the repo, then DVC's view of a param change, the pretraining modes, a two-worker Ray job, and
+a small label-efficiency study."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,7 +20,8 @@ STAGES = ["prepare", "encoder_init", "decoder_pretrain", "teacher_finetune", "ps
           "evaluate"]
 TRAINING = ["encoder_init", "decoder_pretrain", "teacher_finetune", "student_train"]
 COPY_IGNORE = shutil.ignore_patterns(".venv", ".git", "data", "models", "reports", "ray_results", "mlflow.db",
-                                     "mlartifacts", "cache", "tmp", "__pycache__", ".pytest_cache", "dvc.lock")
+                                     "mlartifacts", "cache", "tmp", "__pycache__", ".pytest_cache", "dvc.lock",
+                                     "metrics", "report", "figures")
 
 pytestmark = pytest.mark.slow
 
@@ -72,10 +75,19 @@ def edit_params(path: Path, section: str, key: str, value) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def encoder_of(path: Path) -> dict:
+    state = torch.load(path, weights_only=True)["state_dict"]
+    return {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")} or state
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_every_output_and_the_metrics_exist(repo):
-    for path in ["data/prepared/manifest.json", "models/encoder.pt", "models/ddep.pt", "models/teacher.pt",
+    for path in ["data/prepared/manifest.json", "models/encoder.pt", "models/pretrained.pt", "models/teacher.pt",
                  "models/student.pt", "reports/per_class_iou.csv", "reports/figures/predictions.png",
-                 "reports/figures/confusion_teacher.png", "reports/ddep/denoising_triplets.png"]:
+                 "reports/figures/confusion_teacher.png", "reports/decoder_pretrain/denoising_triplets.png"]:
         assert (repo / path).is_file(), path
     assert list((repo / "data/pseudo").glob("*.parquet"))
     metrics = json.loads((repo / "reports/metrics.json").read_text())
@@ -125,8 +137,22 @@ def test_student_param_change_reruns_only_student_and_evaluate(repo, params_file
 
 
 def test_sigma_change_starts_at_decoder_pretrain(repo, params_file):
-    edit_params(params_file, "ddep", "sigma", 0.4)
+    edit_params(params_file, "decoder_pretrain", "sigma", 0.4)
     assert stale_stages(repo) == {"decoder_pretrain"}
+
+
+def test_ddep_leaves_the_encoder_bit_identical(repo):
+    assert same_weights(encoder_of(repo / "models/pretrained.pt"), encoder_of(repo / "models/encoder.pt"))
+
+
+@pytest.mark.parametrize("mode, encoder_trains", [("dep", True), ("none", False)])
+def test_dep_trains_the_encoder_and_none_trains_nothing(repo, params_file, mode, encoder_trains):
+    edit_params(params_file, "decoder_pretrain", "mode", mode)
+    out = run(["dvc", "repro", "--single-item", "decoder_pretrain"], repo, timeout=600)
+    assert f"mode={mode}" in out.stdout
+    assert ("Started training worker group" in out.stdout + out.stderr) == encoder_trains
+    encoder = encoder_of(repo / "models/encoder.pt")
+    assert same_weights(encoder_of(repo / "models/pretrained.pt"), encoder) != encoder_trains
 
 
 def test_ray_and_mlflow_sections_never_invalidate_the_cache(repo, params_file):
@@ -148,3 +174,26 @@ def test_two_ray_workers_train_and_export_one_model(repo, params_file):
                         "order by r.start_time desc limit 1").fetchone()[0]
     world = db.execute("select max(value) from metrics where run_uuid=? and key='world_size'", (latest,)).fetchone()
     assert world[0] == 2
+
+
+def test_study_runs_the_pipelines_stages_and_reports(repo, params_file):
+    params = yaml.safe_load(params_file.read_text())
+    params["study"] = {**params["study"], "fractions": [0.5], "seeds": [0, 1], "sigmas": [0.2], "dep_sigma": 0.2,
+                       "sweep_fraction": 0.5, "teacher_epochs": 1, "teacher_steps_per_epoch": 2}
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run([sys.executable, "-m", "pipeline.cluster", "--", sys.executable, "-m", "pipeline.study"], repo,
+              timeout=1500).stdout
+    ran = ran_stages(out)
+    assert len([s for s in ran if "teacher@" in s]) == 4 * 2  # four initialisations x two seeds
+    assert {"study/dvc.yaml:encoder_random", "study/dvc.yaml:report"} <= ran
+    assert "encoder_init" not in ran  # the supervised encoder is the main pipeline's, already built
+    report = (repo / "study/report/report.md").read_text()
+    for row in ("| random init |", "| supervised encoder |", "| DeP |", "| DDeP |"):
+        assert row in report
+    header = (repo / "study/report/figure2.csv").read_text().splitlines()[0]
+    assert header.startswith("fraction,random init mean")
+    assert (repo / "study/report/figure2.png").is_file() and (repo / "study/report/sigma_sweep.png").is_file()
+    plots = run(["dvc", "plots", "show", "--json"], repo).stdout
+    assert "label_efficiency" in plots and "sigma_sweep" in plots
+    again = run([sys.executable, "-m", "pipeline.study"], repo, timeout=300).stdout
+    assert "Running stage" not in again

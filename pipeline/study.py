@@ -1,0 +1,198 @@
+"""The label-efficiency study: the DDeP paper's Figure 2 and σ sweep, run by the pipeline's own stages.
+
+    python -m pipeline.study            # write study/plan.yaml, `dvc repro study/dvc.yaml`
+    python -m pipeline.study plan       # only write the plan (what `dvc repro` will run)
+    python -m pipeline.study readme     # copy study/report.md into README.md
+
+`study/dvc.yaml` runs `encoder_init`, `decoder_pretrain`, `labeled_subset` and
+`teacher_finetune` once per entry of the plan (DVC `foreach`), each with `--set` overrides,
+so every point is cached and only what a params edit touches runs again. The plan is a pure
+function of params.yaml's `study` section; `study_report` turns the teachers' val metrics
+into tables, CSVs for `dvc plots` and figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from pipeline.config import PARAMS_FILE, ConfigError, StudyConfig, load_params
+from pipeline.data import write_text_atomic
+
+STUDY_DIR = Path("study")
+PLAN_FILE = STUDY_DIR / "plan.yaml"
+SUPERVISED_ENCODER = "models/encoder.pt"  # the main pipeline's encoder_init output
+RANDOM_ENCODER = "study/models/encoder-random.pt"
+
+# Figure 2's initialisations: (encoder, decoder pretraining mode).
+CURVES = {"random init": ("random", "none"), "supervised encoder": ("supervised", "none"),
+          "DeP": ("random", "dep"), "DDeP": ("supervised", "ddep")}
+README_BEGIN, README_END = "<!-- study:begin -->", "<!-- study:end -->"
+
+
+def _tag(value: float) -> str:
+    """A number as DVC stage names allow it (no dots): 0.05 -> 0p05."""
+    return f"{value:g}".replace(".", "p")
+
+
+def pretrain_key(encoder: str, mode: str, sigma: float) -> str:
+    return encoder if mode == "none" else f"{mode}-s{_tag(sigma)}"
+
+
+def subset_key(fraction: float, seed: int) -> str:
+    return f"f{_tag(fraction * 100)}-seed{seed}"
+
+
+def plan(cfg: StudyConfig) -> dict:
+    """Every pretraining, labeled subset and teacher the study needs, each once."""
+    curve_sigma = {"dep": cfg.dep_sigma, "ddep": cfg.ddep_sigma, "none": 0.0}
+    pretrain, subsets, teachers = {}, {}, {}
+
+    def add(encoder: str, mode: str, sigma: float, fraction: float) -> None:
+        key = pretrain_key(encoder, mode, sigma)
+        pretrain[key] = {"encoder": SUPERVISED_ENCODER if encoder == "supervised" else RANDOM_ENCODER,
+                         "init": encoder, "mode": mode,
+                         "sigma": float(sigma if mode != "none" else cfg.ddep_sigma)}  # none: σ unused
+        for seed in cfg.seeds:
+            subsets[subset_key(fraction, seed)] = {"fraction": float(fraction), "seed": int(seed)}
+            teachers[f"{key}-{subset_key(fraction, seed)}"] = {
+                "pretrain": key, "subset": subset_key(fraction, seed), "fraction": float(fraction), "seed": int(seed)}
+
+    for encoder, mode in CURVES.values():
+        for fraction in cfg.fractions:
+            add(encoder, mode, curve_sigma[mode], fraction)
+    for mode, encoder in (("ddep", "supervised"), ("dep", "random")):
+        for sigma in cfg.sigmas:
+            add(encoder, mode, sigma, cfg.sweep_fraction)
+    return {"pretrain": pretrain, "subsets": subsets, "teachers": teachers,
+            "teacher_schedule": {"epochs": cfg.teacher_epochs, "steps_per_epoch": cfg.teacher_steps_per_epoch}}
+
+
+def write_plan(params_file: str = PARAMS_FILE, path: Path = PLAN_FILE) -> dict:
+    study_plan = plan(load_params(params_file).study)
+    header = "# Written by `python -m pipeline.study plan` from params.yaml's `study` section.\n"
+    text = header + yaml.safe_dump(study_plan, sort_keys=False)
+    if not path.is_file() or path.read_text() != text:  # unchanged: keep DVC's view of it stable
+        write_text_atomic(path, text)
+    return study_plan
+
+
+# ------------------------------------------------------------------------------ the report
+
+@dataclass
+class Point:
+    mode: str
+    init: str
+    sigma: float
+    fraction: float
+    seed: int
+    miou: float
+
+
+def collect(study_plan: dict, metrics_dir: Path) -> list[Point]:
+    """One point per teacher of the plan, from its val metrics file."""
+    points = []
+    for key, teacher in study_plan["teachers"].items():
+        path = metrics_dir / f"{key}.json"
+        if not path.is_file():
+            raise ConfigError(f"{path}: missing; run `dvc repro study/dvc.yaml` first")
+        pre = study_plan["pretrain"][teacher["pretrain"]]
+        points.append(Point(pre["mode"], pre["init"], pre["sigma"], teacher["fraction"], teacher["seed"],
+                            json.loads(path.read_text())["miou"]))
+    return points
+
+
+def _stats(values: list[float]) -> tuple[float, float, int]:
+    return float(np.mean(values)), float(np.std(values)), len(values)
+
+
+def figure2(points: list[Point], cfg: StudyConfig) -> dict[str, dict[float, tuple[float, float, int]]]:
+    """curve -> fraction -> (mean, std, n) of teacher val mIoU."""
+    sigma = {"dep": cfg.dep_sigma, "ddep": cfg.ddep_sigma}
+    table = {}
+    for name, (init, mode) in CURVES.items():
+        table[name] = {f: _stats([p.miou for p in points if (p.init, p.mode, p.fraction) == (init, mode, f)
+                                  and (mode == "none" or p.sigma == sigma[mode])]) for f in cfg.fractions}
+    return table
+
+
+def sigma_sweep(points: list[Point], cfg: StudyConfig) -> dict[str, dict[float, tuple[float, float, int]]]:
+    """DDeP / DeP -> σ -> (mean, std, n) of teacher val mIoU at the sweep fraction."""
+    return {label: {s: _stats([p.miou for p in points if p.mode == mode and p.sigma == s
+                               and p.fraction == cfg.sweep_fraction]) for s in cfg.sigmas}
+            for label, mode in (("DDeP", "ddep"), ("DeP", "dep"))}
+
+
+def _cell(stat: tuple[float, float, int]) -> str:
+    mean, std, n = stat
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def markdown(fig2: dict, sweep: dict, cfg: StudyConfig, commit: str) -> str:
+    fractions = list(next(iter(fig2.values())))
+    lines = [f"Teacher val mIoU, mean ± std over {len(cfg.seeds)} seeds (labeled subset and training seed); "
+             f"teachers trained {cfg.teacher_epochs * cfg.teacher_steps_per_epoch} steps; "
+             f"DDeP σ = {cfg.ddep_sigma:g}, DeP σ = {cfg.dep_sigma:g}. Commit `{commit}`.", "",
+             "| initialisation | " + " | ".join(f"{f:.0%} labels" for f in fractions) + " |",
+             "|---|" + "---|" * len(fractions)]
+    lines += [f"| {name} | " + " | ".join(_cell(row[f]) for f in fractions) + " |" for name, row in fig2.items()]
+    sigmas = list(next(iter(sweep.values())))
+    lines += ["", f"σ sweep at {cfg.sweep_fraction:.0%} labels:", "",
+              "| pretraining | " + " | ".join(f"σ = {s:g}" for s in sigmas) + " |", "|---|" + "---|" * len(sigmas)]
+    lines += [f"| {name} | " + " | ".join(_cell(row[s]) for s in sigmas) + " |" for name, row in sweep.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(fig2: dict, sweep: dict, out_dir: Path) -> None:
+    """CSV tables for `dvc plots` (one column per curve) and the PNG figures."""
+    from pipeline.figures import mean_curves
+
+    for name, table, x in (("figure2", fig2, "fraction"), ("sigma_sweep", sweep, "sigma")):
+        xs = list(next(iter(table.values())))
+        header = [x] + [f"{c} {part}" for c in table for part in ("mean", "std")]
+        rows = [",".join(header)] + [",".join([f"{v:g}"] + [f"{table[c][v][i]:.4f}" for c in table for i in (0, 1)])
+                                     for v in xs]
+        write_text_atomic(out_dir / f"{name}.csv", "\n".join(rows) + "\n")
+    mean_curves({c: (list(r), [m for m, _, _ in r.values()], [s for _, s, _ in r.values()]) for c, r in fig2.items()},
+                "labeled fraction of the train scenes", "teacher val mIoU", "Label efficiency (DDeP paper, Fig. 2)",
+                out_dir / "figure2.png", log_x=True)
+    mean_curves({c: (list(r), [m for m, _, _ in r.values()], [s for _, s, _ in r.values()]) for c, r in sweep.items()},
+                "σ", "teacher val mIoU", "Noise level of denoising pretraining", out_dir / "sigma_sweep.png", log_x=True)
+
+
+def update_readme(report: Path = STUDY_DIR / "report.md", readme: Path = Path("README.md")) -> None:
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise ConfigError(f"{readme}: no {README_BEGIN} … {README_END} markers to put the study table between")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    write_text_atomic(readme, f"{head}{README_BEGIN}\n{report.read_text()}{README_END}{tail}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", default="run", choices=["run", "plan", "readme"])
+    parser.add_argument("dvc_args", nargs="*", help="extra arguments for `dvc repro` (after --)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "readme":
+            update_readme()
+            return
+        study_plan = write_plan()
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+    print(f"study: {len(study_plan['pretrain'])} pretrainings, {len(study_plan['subsets'])} labeled subsets, "
+          f"{len(study_plan['teachers'])} teachers -> {PLAN_FILE}", flush=True)
+    if args.command == "run":
+        sys.exit(subprocess.call(["dvc", "repro", str(STUDY_DIR / "dvc.yaml"), *args.dvc_args]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""DVC stage `labeled_subset` (label-efficiency studies): a labeled split of a given fraction of
+the train images, drawn by a seed from every prepared image that has a mask."""
+
+from pathlib import Path
+
+from pipeline.prepare import labeled_subset
+from pipeline.stage import stage, stage_parser
+
+
+def main() -> None:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--prepared", type=Path, required=True)
+    parser.add_argument("--fraction", type=float, required=True, help="share of the train images, in (0, 1]")
+    parser.add_argument("--seed", type=int, required=True, help="which subset; nested across fractions")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the labeled split")
+    args = parser.parse_args()
+    with stage("labeled_subset", ["data"], args.prepared, overrides=args.overrides) as ctx:
+        count = labeled_subset(args.prepared, args.fraction, args.seed, args.out, ctx.params.data.shard_rows)
+        ctx.summary |= {"fraction": args.fraction, "seed": args.seed, "images": count}
+
+
+if __name__ == "__main__":
+    main()

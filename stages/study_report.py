@@ -1,0 +1,32 @@
+"""DVC stage `study_report`: the label-efficiency study's tables, `dvc plots` CSVs and figures."""
+
+from pathlib import Path
+
+import mlflow
+import yaml
+
+from pipeline.data import write_text_atomic
+from pipeline.stage import stage, stage_parser
+from pipeline.study import collect, figure2, markdown, sigma_sweep, write_outputs
+from pipeline.tracking import git_commit
+
+
+def main() -> None:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--plan", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True, help="folder of the teachers' val metrics")
+    parser.add_argument("--out", type=Path, required=True, help="folder for report.md, CSVs and figures")
+    args = parser.parse_args()
+    with stage("study_report", ["study"], overrides=args.overrides) as ctx:
+        cfg = ctx.params.study
+        points = collect(yaml.safe_load(args.plan.read_text()), args.metrics)
+        fig2, sweep = figure2(points, cfg), sigma_sweep(points, cfg)
+        write_outputs(fig2, sweep, args.out)
+        write_text_atomic(args.out / "report.md", markdown(fig2, sweep, cfg, git_commit(ctx.root)))
+        mlflow.log_artifacts(str(args.out), "study")
+        ctx.summary |= {"teachers": len(points), **{f"{name} {f:g}": row[f][0]
+                                                    for name, row in fig2.items() for f in (min(row),)}}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, StudyConfig
+from pipeline.study import (README_BEGIN, README_END, Point, collect, figure2, markdown, plan, sigma_sweep,
+                            update_readme, write_outputs)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_default_plan_covers_figure2_and_the_sweep_once_each():
+    cfg = StudyConfig()
+    study = plan(cfg)
+    # Figure 2: 4 initialisations x 5 fractions x 2 seeds; sweep: 2 modes x 5 σ x 2 seeds at 5%,
+    # of which DDeP σ=0.2 and DeP σ=0.4 at 5% are already Figure 2 points.
+    assert len(study["teachers"]) == 40 + 20 - 4
+    assert len(study["pretrain"]) == 2 + 5 + 5
+    assert len(study["subsets"]) == 5 * 2
+    for key in [*study["teachers"], *study["pretrain"], *study["subsets"]]:
+        assert "." not in key and "@" not in key, key  # DVC stage-name safe
+    sweep = {k: t for k, t in study["teachers"].items() if t["fraction"] == cfg.sweep_fraction}
+    assert {study["pretrain"][t["pretrain"]]["sigma"] for t in sweep.values()
+            if study["pretrain"][t["pretrain"]]["mode"] == "ddep"} == set(cfg.sigmas)
+    assert study["pretrain"]["ddep-s0p2"] == {"encoder": "models/encoder.pt", "init": "supervised", "mode": "ddep",
+                                              "sigma": 0.2}
+    assert study["pretrain"]["dep-s0p4"]["init"] == "random"
+
+
+def test_committed_plan_is_the_plan_of_the_committed_params():
+    from pipeline.config import load_params
+
+    committed = yaml.safe_load((ROOT / "study" / "plan.yaml").read_text())
+    assert committed == plan(load_params(ROOT / "params.yaml").study)
+
+
+def _points(cfg: StudyConfig) -> list[Point]:
+    """Made-up mIoUs with a known mean and spread: 0.1 + fraction/10 (+/- 0.01 by seed)."""
+    study = plan(cfg)
+    points = []
+    for teacher in study["teachers"].values():
+        pre = study["pretrain"][teacher["pretrain"]]
+        offset = {"random": 0.0, "supervised": 0.1}[pre["init"]] + {"none": 0.0, "dep": 0.01, "ddep": 0.02}[pre["mode"]]
+        points.append(Point(pre["mode"], pre["init"], pre["sigma"], teacher["fraction"], teacher["seed"],
+                            0.1 + offset + teacher["fraction"] / 10 + (0.01 if teacher["seed"] else -0.01)))
+    return points
+
+
+def test_tables_average_over_seeds_and_keep_the_spread():
+    cfg = StudyConfig(fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2, 0.4])
+    points = _points(cfg)
+    fig2 = figure2(points, cfg)
+    mean, std, n = fig2["DDeP"][1.0]
+    assert n == 2 and mean == pytest.approx(0.1 + 0.12 + 0.1) and std == pytest.approx(0.01)
+    assert fig2["random init"][0.1][0] == pytest.approx(0.11)
+    sweep = sigma_sweep(points, cfg)
+    assert set(sweep) == {"DDeP", "DeP"} and set(sweep["DeP"]) == {0.2, 0.4}
+    assert sweep["DeP"][0.2][2] == 2
+    text = markdown(fig2, sweep, cfg, "abc123")
+    assert "| DDeP | 0.230 ± 0.010 | 0.320 ± 0.010 |" in text and "abc123" in text
+
+
+def test_collect_reads_each_teachers_metrics_and_names_a_missing_one(tmp_path):
+    cfg = StudyConfig(fractions=[1.0], seeds=[0], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=1.0)
+    study = plan(cfg)
+    for i, key in enumerate(study["teachers"]):
+        (tmp_path / f"{key}.json").write_text(json.dumps({"miou": i / 10}))
+    points = collect(study, tmp_path)
+    assert len(points) == len(study["teachers"]) == 4
+    (tmp_path / f"{next(iter(study['teachers']))}.json").unlink()
+    with pytest.raises(ConfigError, match="missing"):
+        collect(study, tmp_path)
+
+
+def test_outputs_are_csvs_for_dvc_plots_and_figures(tmp_path):
+    cfg = StudyConfig(fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2, 0.4])
+    points = _points(cfg)
+    write_outputs(figure2(points, cfg), sigma_sweep(points, cfg), tmp_path)
+    header, *rows = (tmp_path / "figure2.csv").read_text().splitlines()
+    assert header.split(",")[:3] == ["fraction", "random init mean", "random init std"]
+    assert len(rows) == 2
+    assert (tmp_path / "figure2.png").stat().st_size > 1000 and (tmp_path / "sigma_sweep.png").is_file()
+
+
+def test_readme_table_is_replaced_between_the_markers(tmp_path):
+    readme, report = tmp_path / "README.md", tmp_path / "report.md"
+    readme.write_text(f"# T\n{README_BEGIN}\nold\n{README_END}\nafter\n")
+    report.write_text("| new |\n")
+    update_readme(report, readme)
+    assert readme.read_text() == f"# T\n{README_BEGIN}\n| new |\n{README_END}\nafter\n"
+    readme.write_text("no markers")
+    with pytest.raises(ConfigError, match="markers"):
+        update_readme(report, readme)
