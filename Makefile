@@ -8,7 +8,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_DISABLE_DOCKER_CPU_WARNING := 1
 
-.PHONY: install run test test-fast bench ui params clean
+.PHONY: install run study test test-fast bench ui params clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,11 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 run: install
 	$(PY) -m pipeline.cluster -- dvc repro
 	dvc metrics show
+
+# The label-efficiency study (about 2 hours on 2 CPU cores), then its table into README.md.
+study: install
+	$(PY) -m pipeline.cluster -- $(PY) -m pipeline.study
+	$(PY) -m pipeline.study readme
 
 test: install
 	$(PY) -m pytest -q

@@ -155,6 +155,15 @@ def test_dep_trains_the_encoder_and_none_trains_nothing(repo, params_file, mode,
     assert same_weights(encoder_of(repo / "models/pretrained.pt"), encoder) != encoder_trains
 
 
+def test_densecl_pretrains_the_encoder_on_the_train_images(repo, params_file):
+    supervised = encoder_of(repo / "models/encoder.pt")
+    edit_params(params_file, "encoder", "init", "densecl")
+    out = run(["dvc", "repro", "--single-item", "encoder_init"], repo, timeout=600).stdout
+    assert "init=densecl" in out and "loop_s=" in out
+    densecl = encoder_of(repo / "models/encoder.pt")
+    assert densecl.keys() == supervised.keys() and not same_weights(densecl, supervised)
+
+
 def test_ray_and_mlflow_sections_never_invalidate_the_cache(repo, params_file):
     edit_params(params_file, "ray", "num_workers", 4)
     edit_params(params_file, "mlflow", "experiment", "elsewhere")
