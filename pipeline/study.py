@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -191,7 +192,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"study: {len(study_plan['pretrain'])} pretrainings, {len(study_plan['subsets'])} labeled subsets, "
           f"{len(study_plan['teachers'])} teachers -> {PLAN_FILE}", flush=True)
     if args.command == "run":
-        sys.exit(subprocess.call(["dvc", "repro", str(STUDY_DIR / "dvc.yaml"), *args.dvc_args]))
+        # This interpreter's environment (a venv that is not activated) runs `dvc` and the stages.
+        bin_dir = os.path.dirname(sys.executable)
+        env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+        sys.exit(subprocess.call(["dvc", "repro", str(STUDY_DIR / "dvc.yaml"), *args.dvc_args], env=env))
 
 
 if __name__ == "__main__":
