@@ -399,10 +399,11 @@ def load_params(path: str | Path = PARAMS_FILE, overrides: list[str] = ()) -> Pa
 
 
 def _apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    schema = OmegaConf.structured(Params)
     for item in overrides:
         key, sep, _ = item.partition("=")
         _require(bool(sep and key), item, "expected an override of the form section.key=value")
-        _require(OmegaConf.select(OmegaConf.structured(Params), key, default=_MISSING) is not _MISSING, key,
+        _require(OmegaConf.select(schema, key, default=_MISSING) is not _MISSING, key,
                  "no such params key (an override can only change an existing one)")
     try:
         return OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(raw), OmegaConf.from_dotlist(list(overrides))))
