@@ -297,9 +297,9 @@ class StudyConfig:
     """The label-efficiency study (`python -m pipeline.study`): teacher val mIoU against the
     labeled fraction for four initialisations (random, supervised encoder only, DeP, DDeP),
     and a σ sweep of DDeP and DeP at `sweep_fraction`. Every point is run once per seed (a
-    different labeled subset and training seed). Its teachers train for `teacher_epochs` ×
-    `teacher_steps_per_epoch` steps, shorter than the pipeline's teacher so the study fits
-    in about an hour on a laptop."""
+    different labeled subset and training seed). A teacher at `fractions[i]` trains for
+    `teacher_steps[i]` steps in `teacher_epochs` epochs: the fewest steps that converged on
+    the built-in data (more labels need more steps to leave the all-background plateau)."""
 
     fractions: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 1.0])
     seeds: list[int] = field(default_factory=lambda: [0, 1])
@@ -307,8 +307,8 @@ class StudyConfig:
     sweep_fraction: float = 0.05
     ddep_sigma: float = 0.2
     dep_sigma: float = 0.4  # the paper: DeP, trained from scratch, prefers more noise than DDeP
-    teacher_epochs: int = 3
-    teacher_steps_per_epoch: int = 100
+    teacher_steps: list[int] = field(default_factory=lambda: [1000, 1000, 1000, 2000, 4000])
+    teacher_epochs: int = 2
 
     def __post_init__(self) -> None:
         for name in ("fractions", "seeds", "sigmas"):
@@ -317,7 +317,17 @@ class StudyConfig:
             _require(0 < f <= 1, "study.fractions", f"expected fractions in (0, 1], got {f}")
         for sigma in [*self.sigmas, self.ddep_sigma, self.dep_sigma]:
             _require(sigma > 0, "study.sigmas", f"expected positive noise levels, got {sigma}")
-        _positive("study", teacher_epochs=self.teacher_epochs, teacher_steps_per_epoch=self.teacher_steps_per_epoch)
+        _require(len(self.teacher_steps) == len(self.fractions), "study.teacher_steps",
+                 f"expected one step count per fraction ({len(self.fractions)}), got {len(self.teacher_steps)}")
+        _require(self.sweep_fraction in self.fractions, "study.sweep_fraction",
+                 f"expected one of study.fractions {self.fractions}, got {self.sweep_fraction}")
+        _positive("study", teacher_epochs=self.teacher_epochs)
+        for steps in self.teacher_steps:
+            _require(steps > 0 and steps % self.teacher_epochs == 0, "study.teacher_steps",
+                     f"expected positive multiples of study.teacher_epochs ({self.teacher_epochs}), got {steps}")
+
+    def steps_for(self, fraction: float) -> int:
+        return self.teacher_steps[self.fractions.index(fraction)]
 
 
 @dataclass

@@ -64,7 +64,8 @@ def plan(cfg: StudyConfig) -> dict:
         for seed in cfg.seeds:
             subsets[subset_key(fraction, seed)] = {"fraction": float(fraction), "seed": int(seed)}
             teachers[f"{key}-{subset_key(fraction, seed)}"] = {
-                "pretrain": key, "subset": subset_key(fraction, seed), "fraction": float(fraction), "seed": int(seed)}
+                "pretrain": key, "subset": subset_key(fraction, seed), "fraction": float(fraction), "seed": int(seed),
+                "epochs": cfg.teacher_epochs, "steps_per_epoch": cfg.steps_for(fraction) // cfg.teacher_epochs}
 
     for encoder, mode in CURVES.values():
         for fraction in cfg.fractions:
@@ -72,8 +73,9 @@ def plan(cfg: StudyConfig) -> dict:
     for mode, encoder in (("ddep", "supervised"), ("dep", "random")):
         for sigma in cfg.sigmas:
             add(encoder, mode, sigma, cfg.sweep_fraction)
-    return {"pretrain": pretrain, "subsets": subsets, "teachers": teachers,
-            "teacher_schedule": {"epochs": cfg.teacher_epochs, "steps_per_epoch": cfg.teacher_steps_per_epoch}}
+    # Cheapest first: `run` trains them in this order, so a partial study has whole columns.
+    ordered = sorted(teachers.items(), key=lambda kv: (kv[1]["fraction"], kv[1]["seed"]))
+    return {"pretrain": pretrain, "subsets": subsets, "teachers": dict(ordered)}
 
 
 def write_plan(params_file: str = PARAMS_FILE, path: Path = PLAN_FILE) -> dict:
@@ -139,7 +141,7 @@ def _cell(stat: tuple[float, float, int]) -> str:
 def markdown(fig2: dict, sweep: dict, cfg: StudyConfig, commit: str) -> str:
     fractions = list(next(iter(fig2.values())))
     lines = [f"Teacher val mIoU, mean ± std over {len(cfg.seeds)} seeds (labeled subset and training seed); "
-             f"teachers trained {cfg.teacher_epochs * cfg.teacher_steps_per_epoch} steps; "
+             f"teachers trained {', '.join(f'{cfg.steps_for(f)} steps at {f:.0%}' for f in cfg.fractions)}; "
              f"DDeP σ = {cfg.ddep_sigma:g}, DeP σ = {cfg.dep_sigma:g}. Commit `{commit}`.", "",
              "| initialisation | " + " | ".join(f"{f:.0%} labels" for f in fractions) + " |",
              "|---|" + "---|" * len(fractions)]
@@ -195,7 +197,12 @@ def main(argv: list[str] | None = None) -> None:
         # This interpreter's environment (a venv that is not activated) runs `dvc` and the stages.
         bin_dir = os.path.dirname(sys.executable)
         env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
-        sys.exit(subprocess.call(["dvc", "repro", str(STUDY_DIR / "dvc.yaml"), *args.dvc_args], env=env))
+        dvc_file = STUDY_DIR / "dvc.yaml"
+        # One teacher at a time in plan order (DVC's own order is a graph walk), then the rest.
+        for key in study_plan["teachers"]:
+            if code := subprocess.call(["dvc", "repro", f"{dvc_file}:teacher@{key}", *args.dvc_args], env=env):
+                sys.exit(code)
+        sys.exit(subprocess.call(["dvc", "repro", str(dvc_file), *args.dvc_args], env=env))
 
 
 if __name__ == "__main__":

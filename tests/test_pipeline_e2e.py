@@ -188,7 +188,7 @@ def test_two_ray_workers_train_and_export_one_model(repo, params_file):
 def test_study_runs_the_pipelines_stages_and_reports(repo, params_file):
     params = yaml.safe_load(params_file.read_text())
     params["study"] = {**params["study"], "fractions": [0.5], "seeds": [0, 1], "sigmas": [0.2], "dep_sigma": 0.2,
-                       "sweep_fraction": 0.5, "teacher_epochs": 1, "teacher_steps_per_epoch": 2}
+                       "sweep_fraction": 0.5, "teacher_steps": [2], "teacher_epochs": 1}
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     out = run([sys.executable, "-m", "pipeline.cluster", "--", sys.executable, "-m", "pipeline.study"], repo,
               timeout=1500).stdout

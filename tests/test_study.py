@@ -29,6 +29,14 @@ def test_default_plan_covers_figure2_and_the_sweep_once_each():
     assert study["pretrain"]["dep-s0p4"]["init"] == "random"
 
 
+def test_teachers_train_their_fractions_steps_cheapest_first():
+    cfg = StudyConfig(fractions=[0.1, 1.0], sweep_fraction=0.1, teacher_steps=[10, 40], teacher_epochs=2)
+    teachers = list(plan(cfg)["teachers"].values())
+    assert [t["fraction"] for t in teachers] == sorted(t["fraction"] for t in teachers)
+    assert {(t["fraction"], t["epochs"] * t["steps_per_epoch"]) for t in teachers} == {(0.1, 10), (1.0, 40)}
+    assert all(t["epochs"] == 2 for t in teachers)
+
+
 def test_committed_plan_is_the_plan_of_the_committed_params():
     from pipeline.config import load_params
 
@@ -49,7 +57,7 @@ def _points(cfg: StudyConfig) -> list[Point]:
 
 
 def test_tables_average_over_seeds_and_keep_the_spread():
-    cfg = StudyConfig(fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2, 0.4])
+    cfg = StudyConfig(fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2, 0.4], sweep_fraction=0.1, teacher_steps=[10, 20])
     points = _points(cfg)
     fig2 = figure2(points, cfg)
     mean, std, n = fig2["DDeP"][1.0]
@@ -63,7 +71,7 @@ def test_tables_average_over_seeds_and_keep_the_spread():
 
 
 def test_collect_reads_each_teachers_metrics_and_names_a_missing_one(tmp_path):
-    cfg = StudyConfig(fractions=[1.0], seeds=[0], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=1.0)
+    cfg = StudyConfig(fractions=[1.0], seeds=[0], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=1.0, teacher_steps=[10])
     study = plan(cfg)
     for i, key in enumerate(study["teachers"]):
         (tmp_path / f"{key}.json").write_text(json.dumps({"miou": i / 10}))
@@ -75,7 +83,7 @@ def test_collect_reads_each_teachers_metrics_and_names_a_missing_one(tmp_path):
 
 
 def test_outputs_are_csvs_for_dvc_plots_and_figures(tmp_path):
-    cfg = StudyConfig(fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2, 0.4])
+    cfg = StudyConfig(fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2, 0.4], sweep_fraction=0.1, teacher_steps=[10, 20])
     points = _points(cfg)
     write_outputs(figure2(points, cfg), sigma_sweep(points, cfg), tmp_path)
     header, *rows = (tmp_path / "figure2.csv").read_text().splitlines()
