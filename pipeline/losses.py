@@ -34,3 +34,79 @@ def info_nce(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tenso
     positive_logit = (query * positive).sum(dim=1, keepdim=True)
     logits = torch.cat([positive_logit, query @ negatives.t()], dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(len(query), dtype=torch.long, device=query.device))
+
+
+RCE_LABEL_FLOOR = 1e-4  # log(0) of a one-hot label is clamped here, as Simple Baseline does
+
+
+def self_correction_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 1.0, beta: float = 1.0,
+                         confident_above: float | None = 0.8,
+                         pixel_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Simple Baseline's loss on pseudo-labels, the mean over labelled pixels of
+
+        α·(1 − w)·CE(p, ŷ) + β·w·RCE(p, ŷ),   RCE(p, ŷ) = −Σ_c p_c·log clamp(onehot(ŷ)_c, 1e-4, 1)
+
+    with p the softmax and w = max_c p_c (no gradient; 1 above `confident_above`, as the
+    released code does). CE trusts the pseudo-label where the student is unsure; reverse CE
+    trusts the student where it is confident. `pixel_weight` (N×H×W) scales each pixel's loss,
+    e.g. by the teacher's confidence.
+    """
+    keep = target != IGNORE_INDEX
+    if not keep.any():
+        return logits.sum() * 0.0
+    log_p = F.log_softmax(logits, dim=1)
+    p = log_p.exp()
+    onehot = F.one_hot(torch.where(keep, target, 0).long(), logits.shape[1]).permute(0, 3, 1, 2).to(p.dtype)
+    ce = -(onehot * log_p).sum(1)
+    rce = -(p * onehot.clamp(RCE_LABEL_FLOOR, 1.0).log()).sum(1)
+    w = p.detach().amax(1)
+    if confident_above is not None:
+        w = torch.where(w > confident_above, torch.ones_like(w), w)
+    per_pixel = alpha * (1 - w) * ce + beta * w * rce
+    if pixel_weight is not None:
+        per_pixel = per_pixel * pixel_weight
+    return per_pixel[keep].mean()
+
+
+def weighted_ce(logits: torch.Tensor, target: torch.Tensor, pixel_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy with a weight per pixel (N×H×W), the mean over labelled pixels."""
+    if pixel_weight is None:
+        return segmentation_ce(logits, target)
+    keep = target != IGNORE_INDEX
+    if not keep.any():
+        return logits.sum() * 0.0
+    ce = F.cross_entropy(logits, torch.where(keep, target, 0).long(), reduction="none")
+    return (ce * pixel_weight)[keep].mean()
+
+
+def pixel_contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float,
+                           points_per_class: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Dense contrast with class positives (FMWISS): sample up to `points_per_class` pixels of
+    each class present, then for each sampled pixel i
+
+        −1/|P(i)| Σ_{j∈P(i)} log( exp(z_i·z_j/τ) / Σ_{a≠i} exp(z_i·z_a/τ) )
+
+    over the other samples a, P(i) those of i's class. Embeddings N×D×H×W, L2-normalised
+    along D; labels N×H×W at the same resolution (ignored pixels are never sampled).
+    """
+    z = embeddings.permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1])
+    y = labels.reshape(-1)
+    chosen = []
+    for cls in y[y != IGNORE_INDEX].unique():
+        where = (y == cls).nonzero().squeeze(1)
+        pick = torch.randperm(len(where), generator=generator)[:points_per_class]
+        chosen.append(where[pick.to(where.device)])
+    if not chosen:
+        return embeddings.sum() * 0.0
+    idx = torch.cat(chosen)
+    z, y = z[idx], y[idx]
+    logits = z @ z.t() / temperature
+    self_mask = torch.eye(len(idx), dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positive = (y[:, None] == y[None, :]) & ~self_mask
+    has_positive = positive.any(1)
+    if not has_positive.any():
+        return embeddings.sum() * 0.0
+    mean_log_prob = torch.where(positive, log_prob, torch.zeros_like(log_prob)).sum(1) / positive.sum(1).clamp(min=1)
+    return -mean_log_prob[has_positive].mean()

@@ -3,7 +3,8 @@ import math
 import torch
 
 from pipeline.data import IGNORE_INDEX
-from pipeline.losses import denoising_loss, segmentation_ce
+from pipeline.losses import (denoising_loss, pixel_contrastive_loss, segmentation_ce, self_correction_loss,
+                             weighted_ce)
 
 
 def test_ce_ignores_ignore_pixels():
@@ -40,3 +41,71 @@ def test_info_nce_matches_a_hand_computed_value():
     logits = torch.tensor([0.6, 0.0, -1.0]) / tau  # q·k⁺, q·n₁, q·n₂
     expected = -torch.log_softmax(logits, 0)[0]
     torch.testing.assert_close(info_nce(q, k, negatives, tau), expected)
+
+
+def _probability_logits(*pixels: tuple[float, ...]) -> torch.Tensor:
+    """1×K×1×P logits whose softmax is exactly the given per-pixel probabilities."""
+    return torch.tensor(pixels).log().t().reshape(1, len(pixels[0]), 1, len(pixels))
+
+
+# Two pixels, both labelled 0: A with p = (0.6, 0.4), B with p = (0.1, 0.9).
+# A: w = 0.6, CE = -ln 0.6 = 0.510826, RCE = -0.4·ln 1e-4 = 3.684136
+# B: w = 0.9 > 0.8 -> 1, CE = -ln 0.1 = 2.302585, RCE = -0.9·ln 1e-4 = 8.289306
+SC_LOGITS = _probability_logits((0.6, 0.4), (0.1, 0.9))
+SC_TARGET = torch.tensor([[[0, 0]]])
+
+
+def test_self_correction_loss_against_hand_computed_values():
+    a = 0.4 * 0.510826 + 0.6 * 3.684136
+    b = 0.0 * 2.302585 + 1.0 * 8.289306
+    assert math.isclose(self_correction_loss(SC_LOGITS, SC_TARGET).item(), (a + b) / 2, rel_tol=1e-5)
+
+
+def test_self_correction_alpha_beta_and_the_confidence_clamp_are_parameters():
+    a = 2 * 0.4 * 0.510826 + 0.5 * 0.6 * 3.684136
+    b = 0.5 * 8.289306
+    assert math.isclose(self_correction_loss(SC_LOGITS, SC_TARGET, alpha=2.0, beta=0.5).item(), (a + b) / 2,
+                        rel_tol=1e-5)
+    unclamped_b = 0.1 * 2.302585 + 0.9 * 8.289306
+    assert math.isclose(self_correction_loss(SC_LOGITS, SC_TARGET, confident_above=None).item(),
+                        (0.4 * 0.510826 + 0.6 * 3.684136 + unclamped_b) / 2, rel_tol=1e-5)
+
+
+def test_self_correction_ignores_255_and_weights_pixels():
+    logits = torch.cat([SC_LOGITS, _probability_logits((0.5, 0.5))], dim=3)
+    target = torch.tensor([[[0, 0, IGNORE_INDEX]]])
+    torch.testing.assert_close(self_correction_loss(logits, target), self_correction_loss(SC_LOGITS, SC_TARGET))
+    weighted = self_correction_loss(SC_LOGITS, SC_TARGET, pixel_weight=torch.tensor([[[0.5, 1.0]]]))
+    assert math.isclose(weighted.item(), (0.5 * (0.4 * 0.510826 + 0.6 * 3.684136) + 8.289306) / 2, rel_tol=1e-5)
+
+
+def test_self_correction_confidence_carries_no_gradient():
+    # With w detached, d/dz of (1-w)·CE at a pixel whose p_y = w is (1-w)·(p - onehot).
+    logits = _probability_logits((0.6, 0.4)).requires_grad_(True)
+    self_correction_loss(logits, torch.tensor([[[0]]]), alpha=1.0, beta=0.0).backward()
+    torch.testing.assert_close(logits.grad.flatten(), 0.4 * torch.tensor([0.6 - 1.0, 0.4]))
+
+
+def test_weighted_ce_is_plain_ce_without_weights_and_scales_with_them():
+    logits, target = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
+    torch.testing.assert_close(weighted_ce(logits, target), segmentation_ce(logits, target))
+    torch.testing.assert_close(weighted_ce(logits, target, torch.full((2, 4, 4), 0.5)),
+                               0.5 * segmentation_ce(logits, target))
+
+
+def test_pixel_contrast_against_hand_computed_value():
+    # z1 = z2 = (1, 0) of class 0, z3 = (0, 1) of class 1, τ = 1: for z1 (and z2) the positive
+    # has logit 1 among {1, 0}: -(1 - ln(e + 1)) = 0.313262; z3 has no positive and is skipped.
+    z = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]).reshape(1, 2, 1, 3)
+    labels = torch.tensor([[[0, 0, 1]]])
+    loss = pixel_contrastive_loss(z, labels, temperature=1.0, points_per_class=10)
+    assert math.isclose(loss.item(), 0.313262, rel_tol=1e-5)
+
+
+def test_pixel_contrast_samples_per_class_and_skips_ignored_pixels():
+    z = torch.nn.functional.normalize(torch.randn(2, 8, 6, 6), dim=1)
+    labels = torch.randint(0, 3, (2, 6, 6))
+    labels[0] = IGNORE_INDEX
+    loss = pixel_contrastive_loss(z, labels, 0.1, points_per_class=4, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and loss > 0
+    assert pixel_contrastive_loss(z, torch.full((2, 6, 6), IGNORE_INDEX), 0.1, 4).item() == 0.0
