@@ -7,10 +7,15 @@ take images only, so they cannot touch a label by construction.
 
 from __future__ import annotations
 
+import io
 import math
+from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
 
 from pipeline.data import IGNORE_INDEX
 
@@ -32,7 +37,8 @@ def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> tor
 def random_view(images: torch.Tensor, labels: torch.Tensor | None, side_range: tuple[float, float],
                 generator: torch.Generator, hflip: bool = True,
                 aspect_range: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Random zoom / crop / flip, identical for each image and its label map.
+    """Random zoom / crop / flip, identical for each image and its label map (N×H×W, or
+    N×C×H×W for several per-pixel maps that move together, e.g. label and confidence).
 
     `side_range` is the side of the viewed window relative to the image: below 1 crops and
     enlarges (inception-style crop), above 1 shrinks and pads. Output keeps the input size.
@@ -55,8 +61,9 @@ def random_view(images: torch.Tensor, labels: torch.Tensor | None, side_range: t
     if labels is None:
         return out, None
     # Shift labels by one so the zero padding marks "outside the image", then map it to ignore.
-    shifted = F.grid_sample((labels.float() + 1).unsqueeze(1), grid, mode="nearest", align_corners=False)
-    shifted = shifted.squeeze(1).long()
+    maps = labels if labels.ndim == 4 else labels.unsqueeze(1)
+    shifted = F.grid_sample(maps.float() + 1, grid, mode="nearest", align_corners=False).long()
+    shifted = shifted if labels.ndim == 4 else shifted.squeeze(1)
     return out, torch.where(shifted == 0, IGNORE_INDEX, shifted - 1).to(labels.dtype)
 
 
@@ -74,38 +81,79 @@ def color_jitter(images: torch.Tensor, strength: float, generator: torch.Generat
     return ((x - gray) * saturation + gray).clamp_(0, 1)
 
 
-def gaussian_blur(images: torch.Tensor, probability: float, generator: torch.Generator,
-                  sigma_range: tuple[float, float] = (0.3, 1.5)) -> torch.Tensor:
-    """Blur a random subset of the images with a 5×5 Gaussian of random width."""
-    n, c = images.shape[:2]
-    chosen = torch.rand(n, generator=generator) < probability
-    if not chosen.any():
-        return images
-    sigma = _uniform(int(chosen.sum()), *sigma_range, generator)
-    offsets = torch.arange(5, dtype=torch.float32) - 2
-    kernel_1d = torch.exp(-offsets[None] ** 2 / (2 * sigma[:, None] ** 2))
-    kernel_1d = kernel_1d / kernel_1d.sum(1, keepdim=True)
-    kernels = (kernel_1d[:, :, None] * kernel_1d[:, None, :]).repeat_interleave(c, 0).unsqueeze(1)
-    selected = images[chosen].reshape(1, -1, *images.shape[2:])
-    blurred = F.conv2d(F.pad(selected, (2, 2, 2, 2), mode="reflect"), kernels, groups=kernels.shape[0])
+# ------------------------------------------------------------ strong (RandAugment-style) ops
+# Each op takes one uint8 3×H×W image, a magnitude m in [0, 1] and the generator that draws
+# anything else it needs (signs, channels, boxes), and returns a uint8 image of the same size.
+# They see the image only: a label cannot be touched by construction.
+
+def _sign(generator: torch.Generator) -> float:
+    return 1.0 if torch.rand(1, generator=generator).item() < 0.5 else -1.0
+
+
+def _factor(m: float, reach: float, generator: torch.Generator) -> float:
+    """1 ± reach·m: how far an enhancement moves away from the identity."""
+    return 1.0 + _sign(generator) * reach * m
+
+
+def _per_channel_brightness(img: torch.Tensor, m: float, g: torch.Generator) -> torch.Tensor:
+    scale = 1.0 + (torch.rand(3, 1, 1, generator=g) * 2 - 1) * 0.6 * m
+    return (img.float() * scale).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _hsv_shift(img: torch.Tensor, m: float, g: torch.Generator) -> torch.Tensor:
+    return TF.adjust_saturation(TF.adjust_hue(img, _sign(g) * 0.3 * m), _factor(m, 0.8, g))
+
+
+def _channel_invert(img: torch.Tensor, m: float, g: torch.Generator) -> torch.Tensor:
+    chosen = torch.rand(3, generator=g) < 0.5
+    chosen[torch.randint(3, (1,), generator=g)] = True
+    return torch.where(chosen[:, None, None], 255 - img, img)
+
+
+def _gaussian_noise(img: torch.Tensor, m: float, g: torch.Generator) -> torch.Tensor:
+    noise = torch.randn(img.shape, generator=g) * (4.0 + 36.0 * m)
+    return (img.float() + noise).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _coarse_dropout(img: torch.Tensor, m: float, g: torch.Generator) -> torch.Tensor:
+    _, h, w = img.shape
+    side = 0.15 + 0.35 * m
+    bh, bw = max(1, int(h * side)), max(1, int(w * side))
+    top, left = int(torch.randint(h - bh + 1, (1,), generator=g)), int(torch.randint(w - bw + 1, (1,), generator=g))
+    return TF.erase(img, top, left, bh, bw, torch.tensor(128, dtype=torch.uint8))
+
+
+def _jpeg(img: torch.Tensor, m: float, g: torch.Generator) -> torch.Tensor:
+    """JPEG compression artefacts, quality 95 down to 10 (Pillow's codec; torchvision's is deprecated)."""
+    buffer = io.BytesIO()
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(buffer, format="JPEG", quality=round(95 - 85 * m))
+    return torch.from_numpy(np.array(Image.open(buffer).convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+STRONG_OPS: dict[str, Callable[[torch.Tensor, float, torch.Generator], torch.Tensor]] = {
+    "contrast": lambda img, m, g: TF.adjust_contrast(img, _factor(m, 0.9, g)),
+    "brightness": lambda img, m, g: TF.adjust_brightness(img, _factor(m, 0.9, g)),
+    "channel_brightness": _per_channel_brightness,
+    "equalize": lambda img, m, g: TF.equalize(img),
+    "hsv_shift": _hsv_shift,
+    "channel_invert": _channel_invert,
+    "blur": lambda img, m, g: TF.gaussian_blur(img, [5, 5], [0.1 + 1.9 * m] * 2),
+    "gaussian_noise": _gaussian_noise,
+    "channel_shuffle": lambda img, m, g: TF.permute_channels(img, torch.randperm(3, generator=g).tolist()),
+    "coarse_dropout": _coarse_dropout,
+    "solarize": lambda img, m, g: TF.solarize(img, 255.0 * (1.0 - 0.9 * m)),
+    "posterize": lambda img, m, g: TF.posterize(img, 8 - round(4 * m)),
+    "sharpness": lambda img, m, g: TF.adjust_sharpness(img, _factor(m, 0.9, g)),
+    "jpeg": _jpeg,
+}
+
+
+def rand_augment(images: torch.Tensor, num_ops: int, generator: torch.Generator) -> torch.Tensor:
+    """RandAugment as Simple Baseline uses it: for each uint8 image, `num_ops` different
+    intensity ops (uniformly among `STRONG_OPS`), each at a magnitude drawn from U[0, 1]."""
+    names = list(STRONG_OPS)
     out = images.clone()
-    out[chosen] = blurred.reshape(-1, c, *images.shape[2:])
+    for i in range(len(images)):
+        for op in torch.randperm(len(names), generator=generator)[:num_ops].tolist():
+            out[i] = STRONG_OPS[names[op]](out[i], torch.rand(1, generator=generator).item(), generator)
     return out
-
-
-def cutout(images: torch.Tensor, labels: torch.Tensor, max_fraction: float,
-           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grey out one random rectangle (up to `max_fraction` of the area) in half of the images;
-    its pixels become ignore in the labels, since nothing in them can be recognised."""
-    n, _, h, w = images.shape
-    images, labels = images.clone(), labels.clone()
-    for i in range(n):
-        if max_fraction <= 0 or torch.rand(1, generator=generator).item() >= 0.5:
-            continue
-        area = torch.rand(1, generator=generator).item() * max_fraction
-        ch, cw = max(1, int(h * math.sqrt(area))), max(1, int(w * math.sqrt(area)))
-        top = int(torch.randint(h - ch + 1, (1,), generator=generator))
-        left = int(torch.randint(w - cw + 1, (1,), generator=generator))
-        images[i, :, top:top + ch, left:left + cw] = 0.5
-        labels[i, top:top + ch, left:left + cw] = IGNORE_INDEX
-    return images, labels

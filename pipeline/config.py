@@ -171,6 +171,8 @@ class EncoderConfig(TrainConfig):
 
 PRETRAIN_MODES = ("ddep", "dep", "none")
 DENOISING_TARGETS = ("noise", "image")
+PSEUDO_LOSSES = ("self_correction", "ce")
+STRONG_OP_COUNT = 14  # len(augment.STRONG_OPS); kept here so validation needs no torch import
 
 
 @dataclass
@@ -254,18 +256,24 @@ class PseudoConfig:
 
 @dataclass
 class StudentConfig(FinetuneConfig):
-    """`student_train`: labeled batches (CE) mixed with strongly augmented pseudo-labeled ones."""
+    """`student_train`, Simple Baseline's recipe: each step a labeled batch (weak view, CE) and
+    a pseudo-labeled batch (strong view, self-correction loss), each piece switchable."""
 
     epochs: int = 10
     steps_per_epoch: int = 50
     lr: float = 1e-3
     unlabeled_batch_size: int = 16
     pseudo_weight: float = 1.0
-    conf_threshold: float = 0.0
     init: str = "teacher"
-    cutout_fraction: float = 0.25
-    color_jitter: float = 0.4
-    blur_probability: float = 0.3
+    strong_augment: bool = True  # RandAugment + zoom 0.5-2x on pseudo-labeled images; False: the weak view
+    randaug_ops: int = 3
+    dsbn: bool = True  # strongly augmented samples through their own BatchNorms
+    pseudo_loss: str = "self_correction"  # or "ce"
+    sc_alpha: float = 1.0
+    sc_beta: float = 1.0
+    sc_confident_above: Optional[float] = 0.8  # w = 1 above it (Simple Baseline's code); null: never
+    conf_threshold: float = 0.0  # pseudo-label pixels under this teacher confidence are ignored
+    confidence_weighting: bool = False  # scale each pseudo-label pixel's loss by the teacher's confidence
 
     def __post_init__(self) -> None:
         self._check_finetune("student")
@@ -276,9 +284,14 @@ class StudentConfig(FinetuneConfig):
                  f"expected a value in [0, 1), got {self.conf_threshold}")
         _require(self.init in ("teacher", "pretrained"), "student.init",
                  f"expected 'teacher' or 'pretrained', got {self.init!r}")
-        for name in ("cutout_fraction", "color_jitter", "blur_probability"):
-            value = getattr(self, name)
-            _require(0 <= value <= 1, f"student.{name}", f"expected a value in [0, 1], got {value}")
+        _require(1 <= self.randaug_ops <= STRONG_OP_COUNT, "student.randaug_ops",
+                 f"expected 1 to {STRONG_OP_COUNT} ops per image, got {self.randaug_ops}")
+        _require(self.pseudo_loss in PSEUDO_LOSSES, "student.pseudo_loss",
+                 f"expected one of {', '.join(map(repr, PSEUDO_LOSSES))}, got {self.pseudo_loss!r}")
+        _require(self.sc_alpha >= 0 and self.sc_beta >= 0 and self.sc_alpha + self.sc_beta > 0, "student.sc_alpha",
+                 f"expected sc_alpha, sc_beta >= 0 and not both 0, got {self.sc_alpha}, {self.sc_beta}")
+        _require(self.sc_confident_above is None or 0 < self.sc_confident_above <= 1, "student.sc_confident_above",
+                 f"expected null or a value in (0, 1], got {self.sc_confident_above}")
 
 
 @dataclass

@@ -134,15 +134,16 @@ def sigma_sweep(points: list[Point], cfg: StudyConfig) -> dict[str, dict[float, 
 
 
 def _cell(stat: tuple[float, float, int]) -> str:
-    mean, std, n = stat
+    mean, std, _ = stat
     return f"{mean:.3f} ± {std:.3f}"
 
 
 def markdown(fig2: dict, sweep: dict, cfg: StudyConfig, commit: str) -> str:
     fractions = list(next(iter(fig2.values())))
-    lines = [f"Teacher val mIoU, mean ± std over {len(cfg.seeds)} seeds (labeled subset and training seed); "
-             f"teachers trained {', '.join(f'{cfg.steps_for(f)} steps at {f:.0%}' for f in cfg.fractions)}; "
-             f"DDeP σ = {cfg.ddep_sigma:g}, DeP σ = {cfg.dep_sigma:g}. Commit `{commit}`.", "",
+    steps = ", ".join(f"{cfg.steps_for(f)} steps at {f:.0%}" for f in cfg.fractions)
+    lines = [(f"Teacher val mIoU, mean ± std over {len(cfg.seeds)} seeds (labeled subset and training seed); "
+              f"teachers trained {steps}; DDeP σ = {cfg.ddep_sigma:g}, DeP σ = {cfg.dep_sigma:g}. "
+              f"Commit `{commit}`."), "",
              "| initialisation | " + " | ".join(f"{f:.0%} labels" for f in fractions) + " |",
              "|---|" + "---|" * len(fractions)]
     lines += [f"| {name} | " + " | ".join(_cell(row[f]) for f in fractions) + " |" for name, row in fig2.items()]

@@ -8,6 +8,7 @@ A `*_step` factory returns a closure that draws a batch, augments it and returns
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -16,7 +17,8 @@ from pipeline import augment
 from pipeline.config import DecoderPretrainConfig, FinetuneConfig, ModelConfig, StudentConfig, TrainConfig
 from pipeline.data import IGNORE_INDEX
 from pipeline.denoising import corrupt
-from pipeline.losses import denoising_loss, segmentation_ce
+from pipeline.dsbn import add_auxiliary_bn, main_samples_first
+from pipeline.losses import denoising_loss, segmentation_ce, self_correction_loss, weighted_ce
 from pipeline.models import DENOISE_CHANNELS, ENCODER_PRESETS, EncoderClassifier, SegmentationNet, build_model
 from pipeline.raytrain import JobConfig, WorkerSetup, load_shard, run_epochs, unwrap
 
@@ -87,35 +89,51 @@ def supervised_step(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
     return step
 
 
-def strong_view(images: torch.Tensor, labels: torch.Tensor, cfg: StudentConfig,
+def strong_view(images: torch.Tensor, label_maps: torch.Tensor, cfg: StudentConfig,
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Colour jitter, blur, zoom 0.5-2x with crop (and flip if enabled), cutout."""
-    x = augment.color_jitter(augment.to_unit_float(images), cfg.color_jitter, generator)
-    x = augment.gaussian_blur(x, cfg.blur_probability, generator)
-    x, y = augment.random_view(x, labels, (0.5, 2.0), generator, hflip=cfg.hflip)
-    return augment.cutout(x, y, cfg.cutout_fraction, generator)
+    """RandAugment intensity ops on the image alone, then zoom 0.5-2x with crop or padding
+    (and flip if enabled) applied identically to the image and its per-pixel maps."""
+    x = augment.to_unit_float(augment.rand_augment(images, cfg.randaug_ops, generator))
+    return augment.random_view(x, label_maps, (0.5, 2.0), generator, hflip=cfg.hflip)
+
+
+def pseudo_label_loss(logits: torch.Tensor, labels: torch.Tensor, confidence: torch.Tensor,
+                      cfg: StudentConfig) -> torch.Tensor:
+    """The loss on pseudo-labeled pixels: self-correction or plain CE, each pixel optionally
+    weighted by the teacher's confidence (uint8, 255 = 1)."""
+    weight = confidence.float() / 255.0 if cfg.confidence_weighting else None
+    if cfg.pseudo_loss == "ce":
+        return weighted_ce(logits, labels, weight)
+    return self_correction_loss(logits, labels, cfg.sc_alpha, cfg.sc_beta, cfg.sc_confident_above, weight)
 
 
 def student_step(model: nn.Module, labeled: tuple[torch.Tensor, torch.Tensor],
                  pseudo: tuple[torch.Tensor, torch.Tensor, torch.Tensor], cfg: StudentConfig,
                  batches: tuple[int, int], generator: torch.Generator, device: torch.device) -> Step:
-    """Self-training: CE on a weakly augmented labeled batch plus weighted CE on a strongly
-    augmented pseudo-labeled batch, pixels under the confidence threshold ignored."""
+    """Self-training: CE on a weakly augmented labeled batch plus the pseudo-label loss on a
+    strongly augmented pseudo-labeled batch (pixels under the confidence threshold ignored).
+    Both go through one forward pass; with DSBN the pseudo-labeled half uses the auxiliary BNs."""
     images, masks = labeled
     p_images, p_labels, p_conf = pseudo
     confident_labels = torch.where(p_conf.float() / 255.0 >= cfg.conf_threshold, p_labels,
                                    torch.full_like(p_labels, IGNORE_INDEX))
+    label_maps = torch.stack([confident_labels.long(), p_conf.long()], dim=1)  # moved together by every view
 
     def step() -> dict:
         idx = _batch(len(images), batches[0], generator)
         x, y = weak_view(images[idx], masks[idx], cfg.crop_scale_min, cfg.hflip, generator)
         pidx = _batch(len(p_images), batches[1], generator)
-        px, py = strong_view(p_images[pidx], confident_labels[pidx], cfg, generator)
-        logits = model(model_input(torch.cat([x, px]), device))
+        if cfg.strong_augment:
+            px, maps = strong_view(p_images[pidx], label_maps[pidx], cfg, generator)
+        else:
+            px, maps = weak_view(p_images[pidx], label_maps[pidx], cfg.crop_scale_min, cfg.hflip, generator)
+        routing = main_samples_first(unwrap(model), len(idx)) if cfg.dsbn else nullcontext()
+        with routing:
+            logits = model(model_input(torch.cat([x, px]), device))
         labeled_ce = segmentation_ce(logits[: len(idx)], y.to(device))
-        pseudo_ce = segmentation_ce(logits[len(idx):], py.to(device))
-        return {"loss": labeled_ce + cfg.pseudo_weight * pseudo_ce,
-                "labeled_ce": labeled_ce, "pseudo_ce": pseudo_ce}
+        pseudo_loss = pseudo_label_loss(logits[len(idx):], maps[:, 0].to(device), maps[:, 1].to(device), cfg)
+        return {"loss": labeled_ce + cfg.pseudo_weight * pseudo_loss,
+                "labeled_ce": labeled_ce, "pseudo_loss": pseudo_loss}
     return step
 
 
@@ -211,7 +229,8 @@ def student_loop(config: dict) -> None:
     job: JobConfig = config["job"]
     setup = WorkerSetup.from_job(job)
     labeled, pseudo = load_shard("labeled"), load_shard("pseudo")
-    model = prepare_model(_segmenter_from(job))
+    model = _segmenter_from(job)
+    model = prepare_model(add_auxiliary_bn(model) if job.train.dsbn else model)
     batches = (setup.per_worker(job.train.batch_size), setup.per_worker(job.train.unlabeled_batch_size))
     step = student_step(model, (labeled["image"], labeled["mask"]),
                         (pseudo["image"], pseudo["pseudo_label"], pseudo["confidence"]), job.train,

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from pipeline.checkpoints import DENOISER, SEGMENTER, load_weights, save_weights
 from pipeline.data import read_manifest
+from pipeline.dsbn import main_bn_state
 from pipeline.models import DENOISE_CHANNELS
 from pipeline.raytrain import JobConfig
 from pipeline.stage import stage, stage_parser
@@ -31,7 +32,7 @@ def main() -> None:
         datasets = {"labeled": ([args.prepared / "labeled"], ["image", "mask"]),
                     "pseudo": ([args.pseudo], ["image", "pseudo_label", "confidence"])}
         state = ctx.train(student_loop, job, datasets, inputs=[args.prepared, args.pseudo, args.teacher, args.pretrained])
-        save_weights(args.out, state["model"], SEGMENTER, model, classes)
+        save_weights(args.out, main_bn_state(state["model"]), SEGMENTER, model, classes)
         ctx.summary["out"] = str(args.out)
 
 

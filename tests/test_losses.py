@@ -3,8 +3,13 @@ import math
 import torch
 
 from pipeline.data import IGNORE_INDEX
-from pipeline.losses import (denoising_loss, pixel_contrastive_loss, segmentation_ce, self_correction_loss,
-                             weighted_ce)
+from pipeline.losses import (
+    denoising_loss,
+    pixel_contrastive_loss,
+    segmentation_ce,
+    self_correction_loss,
+    weighted_ce,
+)
 
 
 def test_ce_ignores_ignore_pixels():

@@ -5,8 +5,18 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, StudyConfig
-from pipeline.study import (README_BEGIN, README_END, Point, collect, figure2, markdown, plan, sigma_sweep,
-                            update_readme, write_outputs)
+from pipeline.study import (
+    README_BEGIN,
+    README_END,
+    Point,
+    collect,
+    figure2,
+    markdown,
+    plan,
+    sigma_sweep,
+    update_readme,
+    write_outputs,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
