@@ -274,6 +274,16 @@ class StudentConfig(FinetuneConfig):
     sc_confident_above: Optional[float] = 0.8  # w = 1 above it (Simple Baseline's code); null: never
     conf_threshold: float = 0.0  # pseudo-label pixels under this teacher confidence are ignored
     confidence_weighting: bool = False  # scale each pseudo-label pixel's loss by the teacher's confidence
+    # Memory-based copy-paste (FMWISS): labeled objects pasted into pseudo-labeled images.
+    copy_paste_probability: float = 0.0  # 0 = off
+    copy_paste_count: int = 2  # objects per chosen image
+    copy_paste_bank: int = 32  # objects kept per class
+    copy_paste_exclude: list[str] = field(default_factory=lambda: ["background"])  # classes never pasted
+    # Dense contrast (FMWISS / DenseCL) on projected decoder features, class positives.
+    dense_contrast_weight: float = 0.0  # λ; 0 = off (FMWISS uses 0.1)
+    dense_contrast_temperature: float = 0.1
+    dense_contrast_points: int = 10  # sampled pixels per class per batch
+    projection_dim: int = 64
 
     def __post_init__(self) -> None:
         self._check_finetune("student")
@@ -292,6 +302,14 @@ class StudentConfig(FinetuneConfig):
                  f"expected sc_alpha, sc_beta >= 0 and not both 0, got {self.sc_alpha}, {self.sc_beta}")
         _require(self.sc_confident_above is None or 0 < self.sc_confident_above <= 1, "student.sc_confident_above",
                  f"expected null or a value in (0, 1], got {self.sc_confident_above}")
+        _require(0 <= self.copy_paste_probability <= 1, "student.copy_paste_probability",
+                 f"expected a value in [0, 1], got {self.copy_paste_probability}")
+        _require(self.dense_contrast_weight >= 0, "student.dense_contrast_weight",
+                 f"expected a value >= 0, got {self.dense_contrast_weight}")
+        _require(self.dense_contrast_temperature > 0, "student.dense_contrast_temperature",
+                 f"expected a positive temperature, got {self.dense_contrast_temperature}")
+        _positive("student", copy_paste_count=self.copy_paste_count, copy_paste_bank=self.copy_paste_bank,
+                  dense_contrast_points=self.dense_contrast_points, projection_dim=self.projection_dim)
 
 
 @dataclass

@@ -183,6 +183,28 @@ class SegmentationNet(nn.Module):
         self.head = nn.Conv2d(self.decoder.out_channels, out_channels, 3, padding=1)
 
 
+class ProjectedSegmenter(nn.Module):
+    """A segmenter that also returns L2-normalised pixel embeddings, a 1×1-conv projection of
+    its decoder features, for the student's dense contrastive loss. Export keeps `net` only."""
+
+    def __init__(self, net: SegmentationNet, dim: int):
+        super().__init__()
+        self.net = net
+        width = net.decoder.out_channels
+        self.projection = nn.Sequential(nn.Conv2d(width, width, 1), nn.ReLU(inplace=True), nn.Conv2d(width, dim, 1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.net.decoder(self.net.encoder(x))
+        return self.net.head(features), F.normalize(self.projection(features), dim=1)
+
+
+def segmenter_state(state: dict) -> dict:
+    """The plain segmenter's weights out of a `ProjectedSegmenter` state (or a plain state)."""
+    if not any(k.startswith("net.") for k in state):
+        return state
+    return {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+
+
 def build_model(preset: str, decoder_in_channels: int, decoder_channels: list[int] | tuple[int, ...],
                 out_channels: int, sigma_conditioning: bool = False) -> SegmentationNet:
     """Build a TransUNet by preset name."""

@@ -83,6 +83,7 @@ class JobConfig:
     train: TrainConfig
     model: ModelConfig
     num_classes: int
+    classes: tuple[str, ...] = ()
     cpus_per_worker: int = 1
     init_state: dict | None = None
     init_out_channels: int = 0

@@ -15,11 +15,25 @@ from torch import nn
 
 from pipeline import augment
 from pipeline.config import DecoderPretrainConfig, FinetuneConfig, ModelConfig, StudentConfig, TrainConfig
+from pipeline.copy_paste import InstanceBank
 from pipeline.data import IGNORE_INDEX
 from pipeline.denoising import corrupt
 from pipeline.dsbn import add_auxiliary_bn, main_samples_first
-from pipeline.losses import denoising_loss, segmentation_ce, self_correction_loss, weighted_ce
-from pipeline.models import DENOISE_CHANNELS, ENCODER_PRESETS, EncoderClassifier, SegmentationNet, build_model
+from pipeline.losses import (
+    denoising_loss,
+    pixel_contrastive_loss,
+    segmentation_ce,
+    self_correction_loss,
+    weighted_ce,
+)
+from pipeline.models import (
+    DENOISE_CHANNELS,
+    ENCODER_PRESETS,
+    EncoderClassifier,
+    ProjectedSegmenter,
+    SegmentationNet,
+    build_model,
+)
 from pipeline.raytrain import JobConfig, WorkerSetup, load_shard, run_epochs, unwrap
 
 Step = Callable[[], dict]
@@ -109,10 +123,13 @@ def pseudo_label_loss(logits: torch.Tensor, labels: torch.Tensor, confidence: to
 
 def student_step(model: nn.Module, labeled: tuple[torch.Tensor, torch.Tensor],
                  pseudo: tuple[torch.Tensor, torch.Tensor, torch.Tensor], cfg: StudentConfig,
-                 batches: tuple[int, int], generator: torch.Generator, device: torch.device) -> Step:
+                 batches: tuple[int, int], generator: torch.Generator, device: torch.device,
+                 bank: InstanceBank | None = None) -> Step:
     """Self-training: CE on a weakly augmented labeled batch plus the pseudo-label loss on a
-    strongly augmented pseudo-labeled batch (pixels under the confidence threshold ignored).
-    Both go through one forward pass; with DSBN the pseudo-labeled half uses the auxiliary BNs."""
+    strongly augmented pseudo-labeled batch (pixels under the confidence threshold ignored),
+    with labeled objects from `bank` pasted in first, and the dense contrastive loss when the
+    model also returns pixel embeddings. Both batches go through one forward pass; with DSBN
+    the pseudo-labeled half uses the auxiliary BNs."""
     images, masks = labeled
     p_images, p_labels, p_conf = pseudo
     confident_labels = torch.where(p_conf.float() / 255.0 >= cfg.conf_threshold, p_labels,
@@ -123,17 +140,27 @@ def student_step(model: nn.Module, labeled: tuple[torch.Tensor, torch.Tensor],
         idx = _batch(len(images), batches[0], generator)
         x, y = weak_view(images[idx], masks[idx], cfg.crop_scale_min, cfg.hflip, generator)
         pidx = _batch(len(p_images), batches[1], generator)
+        px, maps = p_images[pidx], label_maps[pidx]
+        if bank is not None:
+            px, maps = bank.paste(px, maps, cfg.copy_paste_count, cfg.copy_paste_probability, generator, (255,))
         if cfg.strong_augment:
-            px, maps = strong_view(p_images[pidx], label_maps[pidx], cfg, generator)
+            px, maps = strong_view(px, maps, cfg, generator)
         else:
-            px, maps = weak_view(p_images[pidx], label_maps[pidx], cfg.crop_scale_min, cfg.hflip, generator)
+            px, maps = weak_view(px, maps, cfg.crop_scale_min, cfg.hflip, generator)
         routing = main_samples_first(unwrap(model), len(idx)) if cfg.dsbn else nullcontext()
         with routing:
-            logits = model(model_input(torch.cat([x, px]), device))
+            out = model(model_input(torch.cat([x, px]), device))
+        logits, embeddings = out if isinstance(out, tuple) else (out, None)
         labeled_ce = segmentation_ce(logits[: len(idx)], y.to(device))
         pseudo_loss = pseudo_label_loss(logits[len(idx):], maps[:, 0].to(device), maps[:, 1].to(device), cfg)
-        return {"loss": labeled_ce + cfg.pseudo_weight * pseudo_loss,
-                "labeled_ce": labeled_ce, "pseudo_loss": pseudo_loss}
+        losses = {"loss": labeled_ce + cfg.pseudo_weight * pseudo_loss,
+                  "labeled_ce": labeled_ce, "pseudo_loss": pseudo_loss}
+        if embeddings is not None:
+            contrast = pixel_contrastive_loss(embeddings, torch.cat([y.to(device), maps[:, 0].to(device)]),
+                                              cfg.dense_contrast_temperature, cfg.dense_contrast_points, generator)
+            losses["loss"] = losses["loss"] + cfg.dense_contrast_weight * contrast
+            losses["dense_contrast"] = contrast
+        return losses
     return step
 
 
@@ -228,13 +255,21 @@ def student_loop(config: dict) -> None:
 
     job: JobConfig = config["job"]
     setup = WorkerSetup.from_job(job)
+    cfg: StudentConfig = job.train
     labeled, pseudo = load_shard("labeled"), load_shard("pseudo")
     model = _segmenter_from(job)
-    model = prepare_model(add_auxiliary_bn(model) if job.train.dsbn else model)
-    batches = (setup.per_worker(job.train.batch_size), setup.per_worker(job.train.unlabeled_batch_size))
+    if cfg.dense_contrast_weight > 0:
+        model = ProjectedSegmenter(model, cfg.projection_dim).to(memory_format=torch.channels_last)
+    model = prepare_model(add_auxiliary_bn(model) if cfg.dsbn else model)
+    bank = None
+    if cfg.copy_paste_probability > 0:
+        excluded = frozenset(i for i, name in enumerate(job.classes) if name in cfg.copy_paste_exclude)
+        bank = InstanceBank(labeled["image"], labeled["mask"], job.num_classes, cfg.copy_paste_bank,
+                            setup.generator, excluded)
+    batches = (setup.per_worker(cfg.batch_size), setup.per_worker(cfg.unlabeled_batch_size))
     step = student_step(model, (labeled["image"], labeled["mask"]),
-                        (pseudo["image"], pseudo["pseudo_label"], pseudo["confidence"]), job.train,
-                        batches, setup.generator, setup.device)
+                        (pseudo["image"], pseudo["pseudo_label"], pseudo["confidence"]), cfg,
+                        batches, setup.generator, setup.device, bank)
     run_epochs(model, _finetune_optimizer(model, job.train), step, job.train, setup)
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 from pipeline.checkpoints import DENOISER, SEGMENTER, load_weights, save_weights
 from pipeline.data import read_manifest
 from pipeline.dsbn import main_bn_state
-from pipeline.models import DENOISE_CHANNELS
+from pipeline.models import DENOISE_CHANNELS, segmenter_state
 from pipeline.raytrain import JobConfig
 from pipeline.stage import stage, stage_parser
 from pipeline.training import student_loop
@@ -27,12 +27,12 @@ def main() -> None:
             init, init_channels = load_weights(args.teacher, SEGMENTER, model, classes), len(classes)
         else:
             init, init_channels = load_weights(args.pretrained, DENOISER, model), DENOISE_CHANNELS
-        job = JobConfig(train=cfg, model=model, num_classes=len(classes), init_state=init,
+        job = JobConfig(train=cfg, model=model, num_classes=len(classes), classes=tuple(classes), init_state=init,
                         init_out_channels=init_channels)
         datasets = {"labeled": ([args.prepared / "labeled"], ["image", "mask"]),
                     "pseudo": ([args.pseudo], ["image", "pseudo_label", "confidence"])}
         state = ctx.train(student_loop, job, datasets, inputs=[args.prepared, args.pseudo, args.teacher, args.pretrained])
-        save_weights(args.out, main_bn_state(state["model"]), SEGMENTER, model, classes)
+        save_weights(args.out, main_bn_state(segmenter_state(state["model"])), SEGMENTER, model, classes)
         ctx.summary["out"] = str(args.out)
 
 

@@ -2,7 +2,15 @@ import pytest
 import timm
 import torch
 
-from pipeline.models import ENCODER_PRESETS, EncoderClassifier, HybridEncoder, build_model, build_vit
+from pipeline.models import (
+    ENCODER_PRESETS,
+    EncoderClassifier,
+    HybridEncoder,
+    ProjectedSegmenter,
+    build_model,
+    build_vit,
+    segmenter_state,
+)
 
 
 @pytest.mark.parametrize("preset, size, widths, din", [
@@ -61,3 +69,17 @@ def test_sigma_conditioning_feeds_the_noise_level_and_is_left_out_of_the_segment
     assert not torch.allclose(low, high)
     plain = build_model("tiny", 128, [64, 32, 16, 16], 3)
     plain.load_state_dict(model.without_noise_level())  # strict: exactly the unconditioned network
+
+
+def test_projected_segmenter_adds_unit_embeddings_and_exports_the_plain_network():
+    torch.manual_seed(0)
+    net = build_model("tiny", 32, [16, 8, 8, 8], 5)
+    wrapped = ProjectedSegmenter(net, 12).eval()
+    x = torch.rand(2, 3, 32, 32)
+    logits, embeddings = wrapped(x)
+    assert logits.shape == (2, 5, 32, 32) and embeddings.shape == (2, 12, 32, 32)
+    torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(2, 32, 32))
+    plain = build_model("tiny", 32, [16, 8, 8, 8], 5).eval()
+    plain.load_state_dict(segmenter_state(wrapped.state_dict()))  # strict: no projection weights left
+    torch.testing.assert_close(plain(x), logits)
+    assert segmenter_state(plain.state_dict()).keys() == plain.state_dict().keys()

@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig, StudentConfig
+from pipeline.copy_paste import InstanceBank
 from pipeline.dsbn import DualBatchNorm2d, add_auxiliary_bn
+from pipeline.models import ProjectedSegmenter
 from pipeline.training import build_network, student_step
 
 MODEL = ModelConfig(preset="tiny", decoder_in_channels=32, decoder_channels=[16, 8, 8, 8])
@@ -20,20 +22,26 @@ def _data(n: int = 6, size: int = 32, classes: int = 4):
     {},  # the default recipe: strong view, DSBN, self-correction
     {"strong_augment": False, "dsbn": False, "pseudo_loss": "ce"},  # plain CE on pseudo-labels
     {"confidence_weighting": True, "conf_threshold": 0.5},
+    {"copy_paste_probability": 1.0, "dense_contrast_weight": 0.1},  # every optional piece on
 ])
 def test_student_step_gives_finite_losses_that_train(overrides):
     torch.manual_seed(0)
     cfg = StudentConfig(batch_size=2, unlabeled_batch_size=2, hflip=False, **overrides)
-    model = build_network(MODEL, 4)
+    net = build_network(MODEL, 4)
+    model = ProjectedSegmenter(net, 8) if cfg.dense_contrast_weight else net
     if cfg.dsbn:
         add_auxiliary_bn(model)
     labeled, pseudo = _data()
-    step = student_step(model, labeled, pseudo, cfg, (2, 2), torch.Generator().manual_seed(1), torch.device("cpu"))
+    bank = (InstanceBank(*labeled, 4, 8, torch.Generator().manual_seed(0), frozenset({0}))
+            if cfg.copy_paste_probability else None)
+    step = student_step(model, labeled, pseudo, cfg, (2, 2), torch.Generator().manual_seed(1), torch.device("cpu"),
+                        bank)
     losses = step()
-    assert set(losses) == {"loss", "labeled_ce", "pseudo_loss"}
+    expected = {"loss", "labeled_ce", "pseudo_loss"} | ({"dense_contrast"} if cfg.dense_contrast_weight else set())
+    assert set(losses) == expected
     assert all(torch.isfinite(v) for v in losses.values())
     losses["loss"].backward()
-    assert model.head.weight.grad is not None and model.head.weight.grad.abs().sum() > 0
+    assert net.head.weight.grad is not None and net.head.weight.grad.abs().sum() > 0
 
 
 def test_with_dsbn_the_pseudo_labeled_half_goes_through_the_auxiliary_bns():
