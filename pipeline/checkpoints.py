@@ -14,7 +14,7 @@ import torch
 
 from pipeline.config import ModelConfig
 from pipeline.data import publish, temp_path_for
-from pipeline.models import SegmentationNet, build_model
+from pipeline.models import SegmentationNet, build_network
 
 ENCODER, DENOISER, SEGMENTER = "encoder", "denoiser", "segmenter"
 
@@ -60,13 +60,9 @@ def encoder_weights(state: dict) -> dict:
             if k.startswith("encoder.") and not k.startswith("encoder.vit.head.")}
 
 
-def build_segmenter(model: ModelConfig, num_classes: int) -> SegmentationNet:
-    return build_model(model.preset, model.decoder_in_channels, model.decoder_channels, num_classes)
-
-
 def load_segmenter(path: Path, model: ModelConfig, classes: list[str]) -> SegmentationNet:
     """A fine-tuned network ready for inference."""
-    net = build_segmenter(model, len(classes))
+    net = build_network(model, len(classes))
     net.load_state_dict(load_weights(path, SEGMENTER, model, classes))
     return net.eval()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
@@ -64,7 +64,7 @@ class DataConfig:
     """`prepare`: where images come from and how they are split."""
 
     format: str = "digits"
-    root: Optional[str] = None
+    root: str | None = None
     seed: int = 0
     image_size: int = 64
     labeled_fraction: float = 0.05
@@ -158,7 +158,7 @@ class EncoderConfig(TrainConfig):
     lr: float = 3e-3
     weight_decay: float = 0.05
     init: str = "supervised"
-    weights_path: Optional[str] = None
+    weights_path: str | None = None
     densecl: DenseCLConfig = field(default_factory=DenseCLConfig)
 
     def __post_init__(self) -> None:
@@ -189,7 +189,7 @@ class DecoderPretrainConfig(TrainConfig):
     batch_size: int = 32
     lr: float = 3e-3
     sigma: float = 0.2
-    sigma_max: Optional[float] = None
+    sigma_max: float | None = None
     variance_preserving: bool = True  # x̃ = (x + σε)/√(1+σ²); False: x̃ = x + σε
     target: str = "noise"
     sigma_conditioning: bool = False
@@ -271,7 +271,7 @@ class StudentConfig(FinetuneConfig):
     pseudo_loss: str = "self_correction"  # or "ce"
     sc_alpha: float = 1.0
     sc_beta: float = 1.0
-    sc_confident_above: Optional[float] = 0.8  # w = 1 above it (Simple Baseline's code); null: never
+    sc_confident_above: float | None = 0.8  # w = 1 above it (Simple Baseline's code); null: never
     conf_threshold: float = 0.0  # pseudo-label pixels under this teacher confidence are ignored
     confidence_weighting: bool = False  # scale each pseudo-label pixel's loss by the teacher's confidence
     # Memory-based copy-paste (FMWISS): labeled objects pasted into pseudo-labeled images.
@@ -330,7 +330,9 @@ class StudyConfig:
     and a σ sweep of DDeP and DeP at `sweep_fraction`. Every point is run once per seed (a
     different labeled subset and training seed). A teacher at `fractions[i]` trains for
     `teacher_steps[i]` steps in `teacher_epochs` epochs: the fewest steps that converged on
-    the built-in data (more labels need more steps to leave the all-background plateau)."""
+    the built-in data (more labels need more steps to leave the all-background plateau).
+    At `ablation_fractions` the DDeP teachers also get students, one per step of the
+    self-training ablation (pipeline.study.ABLATION), and the last one a second round."""
 
     fractions: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 1.0])
     seeds: list[int] = field(default_factory=lambda: [0, 1])
@@ -340,6 +342,7 @@ class StudyConfig:
     dep_sigma: float = 0.4  # the paper: DeP, trained from scratch, prefers more noise than DDeP
     teacher_steps: list[int] = field(default_factory=lambda: [1000, 1000, 1000, 2000, 4000])
     teacher_epochs: int = 2
+    ablation_fractions: list[float] = field(default_factory=lambda: [0.01, 0.05])  # the student ablation's
 
     def __post_init__(self) -> None:
         for name in ("fractions", "seeds", "sigmas"):
@@ -353,6 +356,9 @@ class StudyConfig:
         _require(self.sweep_fraction in self.fractions, "study.sweep_fraction",
                  f"expected one of study.fractions {self.fractions}, got {self.sweep_fraction}")
         _positive("study", teacher_epochs=self.teacher_epochs)
+        for f in self.ablation_fractions:
+            _require(f in self.fractions, "study.ablation_fractions",
+                     f"expected fractions from study.fractions {self.fractions}, got {f}")
         for steps in self.teacher_steps:
             _require(steps > 0 and steps % self.teacher_epochs == 0, "study.teacher_steps",
                      f"expected positive multiples of study.teacher_epochs ({self.teacher_epochs}), got {steps}")
@@ -366,7 +372,7 @@ class RayConfig:
     """Where training runs. Read by every stage but not a DVC dependency: a bigger cluster
     must not invalidate the cache. `RAY_ADDRESS` overrides `address`."""
 
-    address: Optional[str] = None
+    address: str | None = None
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: int = 2
@@ -378,7 +384,7 @@ class RayConfig:
         _require(self.max_failures >= -1, "ray.max_failures",
                  f"expected -1 (retry forever) or a count >= 0, got {self.max_failures}")
 
-    def resolved_address(self) -> Optional[str]:
+    def resolved_address(self) -> str | None:
         return os.environ.get("RAY_ADDRESS") or self.address
 
 
@@ -387,7 +393,7 @@ class MlflowConfig:
     """Tracking store. `MLFLOW_TRACKING_URI` overrides `tracking_uri`; the default is a
     SQLite file at an absolute path in the repo, so Ray workers reach the same store."""
 
-    tracking_uri: Optional[str] = None
+    tracking_uri: str | None = None
     experiment: str = "label-efficient-segmentation"
 
 

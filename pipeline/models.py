@@ -20,6 +20,8 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer_hybrid import HybridEmbed
 from torch import nn
 
+from pipeline.config import ModelConfig
+
 DENOISE_CHANNELS = 3
 
 
@@ -203,6 +205,12 @@ def segmenter_state(state: dict) -> dict:
     if not any(k.startswith("net.") for k in state):
         return state
     return {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+
+
+def build_network(model: ModelConfig, out_channels: int, sigma_conditioning: bool = False) -> SegmentationNet:
+    """The TransUNet that params' `model` section describes, with an `out_channels` head."""
+    return build_model(model.preset, model.decoder_in_channels, model.decoder_channels, out_channels,
+                       sigma_conditioning)
 
 
 def build_model(preset: str, decoder_in_channels: int, decoder_channels: list[int] | tuple[int, ...],

@@ -63,10 +63,13 @@ def prepare(cfg: DataConfig, out_dir: Path) -> dict:
     return prepare_digit_scenes(cfg, out_dir)
 
 
-def labeled_subset(prepared: Path, fraction: float, seed: int, out_dir: Path, shard_rows: int) -> int:
+def labeled_subset(prepared: Path, fraction: float, seed: int, out_dir: Path, shard_rows: int,
+                   unlabeled_dir: Path | None = None) -> tuple[int, int]:
     """Write a labeled split of `fraction` of the train images that have masks (labeled and
-    unlabeled splits together), chosen by `seed`; nested across fractions for one seed.
-    Returns the number of images. Label-efficiency studies train on these."""
+    unlabeled splits together), chosen by `seed`; nested across fractions for one seed. With
+    `unlabeled_dir`, also write the other train images there, masks kept aside (pseudo-labels
+    are scored against them, never trained on). Returns (labeled, unlabeled) image counts.
+    Label-efficiency studies train on these."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -75,9 +78,12 @@ def labeled_subset(prepared: Path, fraction: float, seed: int, out_dir: Path, sh
     pool = pa.concat_tables([read_split(prepared / split) for split in ("labeled", "unlabeled")
                              if any((prepared / split).glob("*.parquet"))])
     pool = pool.filter(pc.is_valid(pool.column("mask"))).sort_by("id")
-    chosen = set(nested_labeled_ids(pool.column("id").to_pylist(), fraction, seed))
-    subset = pool.filter(pc.is_in(pool.column("id"), pa.array(sorted(chosen))))
-    tmp = temp_path_for(out_dir)
-    count = write_shards(subset.cast(SEGMENTATION_SCHEMA).to_pylist(), SEGMENTATION_SCHEMA, tmp, shard_rows)
-    publish(tmp, out_dir)
-    return count
+    chosen = pc.is_in(pool.column("id"), pa.array(sorted(nested_labeled_ids(pool.column("id").to_pylist(), fraction, seed))))
+    counts = []
+    for table, split_dir in ((pool.filter(chosen), out_dir), (pool.filter(pc.invert(chosen)), unlabeled_dir)):
+        if split_dir is None:
+            continue
+        tmp = temp_path_for(split_dir)
+        counts.append(write_shards(table.cast(SEGMENTATION_SCHEMA).to_pylist(), SEGMENTATION_SCHEMA, tmp, shard_rows))
+        publish(tmp, split_dir)
+    return counts[0], counts[1] if len(counts) > 1 else 0

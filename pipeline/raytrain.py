@@ -151,7 +151,7 @@ class WorkerSetup:
     tracking_uri: str | None
 
     @classmethod
-    def from_job(cls, job: JobConfig) -> "WorkerSetup":
+    def from_job(cls, job: JobConfig) -> WorkerSetup:
         import ray.train
         import ray.train.torch
 

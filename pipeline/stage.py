@@ -29,10 +29,9 @@ class StageContext:
 
     def train(self, loop, job, datasets: dict, inputs: list[Path]) -> dict:
         """Run a worker loop as this stage's Ray Train job; return the final state dict."""
+        from pipeline.data import check_rows
         from pipeline.raytrain import launch
         from pipeline.tracking import resolve_tracking_uri
-
-        from pipeline.data import check_rows
 
         for name, (paths, _) in datasets.items():
             check_rows(name, paths, self.params.ray.num_workers)
@@ -43,6 +42,30 @@ class StageContext:
         self.summary["loop_s"] = float(metrics.get("loop_seconds", 0.0))
         self.summary["world_size"] = int(metrics.get("world_size", 1))
         return state
+
+
+    def write_val_metrics(self, state: dict, prepared: Path, path: Path) -> float:
+        """Score a trained segmenter's weights on the val split; write the scores as JSON to
+        `path`, log them to this stage's MLflow run, and return val mIoU."""
+        import json
+
+        import mlflow
+
+        from pipeline.data import read_manifest, write_text_atomic
+        from pipeline.inference import evaluate_split
+        from pipeline.metrics import segmentation_scores
+        from pipeline.models import build_network
+
+        manifest = read_manifest(prepared)
+        net = build_network(self.params.model, manifest["num_classes"])
+        net.load_state_dict(state)
+        confusion, _ = evaluate_split({"model": net.eval()}, prepared / "val", self.params.evaluate.batch_size,
+                                      manifest["num_classes"], 0)
+        scores = segmentation_scores(confusion["model"].numpy(), manifest["classes"])
+        write_text_atomic(path, json.dumps(scores, indent=2) + "\n")
+        mlflow.log_metrics({"val_miou": scores["miou"], "val_pixel_accuracy": scores["pixel_accuracy"]})
+        self.summary["val_miou"] = scores["miou"]
+        return scores["miou"]
 
 
 def known_errors() -> tuple[type[Exception], ...]:

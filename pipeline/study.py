@@ -37,6 +37,24 @@ CURVES = {"random init": ("random", "none"), "supervised encoder": ("supervised"
           "DeP": ("random", "dep"), "DDeP": ("supervised", "ddep")}
 README_BEGIN, README_END = "<!-- study:begin -->", "<!-- study:end -->"
 
+# The self-training ablation, in the order Simple Baseline's recipe adds its pieces: each row
+# sets every switch, so a row means the same whatever params.yaml's student defaults are.
+_OFF = {"strong_augment": False, "dsbn": False, "pseudo_loss": "ce", "copy_paste_probability": 0.0,
+        "dense_contrast_weight": 0.0}
+ABLATION = {
+    "plain-ce": ("student, plain CE", _OFF),
+    "strong-aug": ("+ strong augmentation", {**_OFF, "strong_augment": True}),
+    "dsbn": ("+ DSBN", {**_OFF, "strong_augment": True, "dsbn": True}),
+    "self-correction": ("+ self-correction loss", {**_OFF, "strong_augment": True, "dsbn": True,
+                                                   "pseudo_loss": "self_correction"}),
+    "copy-paste": ("+ copy-paste", {**_OFF, "strong_augment": True, "dsbn": True, "pseudo_loss": "self_correction",
+                                    "copy_paste_probability": 0.5}),
+    "dense-contrast": ("+ dense contrast", {**_OFF, "strong_augment": True, "dsbn": True,
+                                            "pseudo_loss": "self_correction", "copy_paste_probability": 0.5,
+                                            "dense_contrast_weight": 0.1}),
+}
+SECOND_ROUND = "dense-contrast"  # the row that also gets a second round
+
 
 def _tag(value: float) -> str:
     """A number as DVC stage names allow it (no dots): 0.05 -> 0p05."""
@@ -75,7 +93,34 @@ def plan(cfg: StudyConfig) -> dict:
             add(encoder, mode, sigma, cfg.sweep_fraction)
     # Cheapest first: `run` trains them in this order, so a partial study has whole columns.
     ordered = sorted(teachers.items(), key=lambda kv: (kv[1]["fraction"], kv[1]["seed"]))
-    return {"pretrain": pretrain, "subsets": subsets, "teachers": dict(ordered)}
+    return {"pretrain": pretrain, "subsets": subsets, "teachers": dict(ordered), **ablation_plan(cfg)}
+
+
+def _overrides(values: dict) -> str:
+    return " ".join(f"--set student.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items())
+
+
+def ablation_plan(cfg: StudyConfig) -> dict:
+    """Pseudo-labels and students of the self-training ablation: the DDeP teacher of each
+    ablation subset labels the rest of the train images; one student per ABLATION row; the
+    SECOND_ROUND student labels them again for a round-2 student with the same settings."""
+    ddep = pretrain_key("supervised", "ddep", cfg.ddep_sigma)
+    pseudo, students = {}, {}
+    for fraction in cfg.ablation_fractions:
+        for seed in cfg.seeds:
+            subset = subset_key(fraction, seed)
+            point = {"subset": subset, "fraction": float(fraction), "seed": int(seed)}
+            pseudo[f"r1-{subset}"] = {**point, "teacher": f"study/models/teacher-{ddep}-{subset}.pt", "round": 1}
+            for row, (_, values) in ABLATION.items():
+                students[f"{row}-{subset}-r1"] = {**point, "row": row, "round": 1, "pseudo": f"r1-{subset}",
+                                                  "teacher": pseudo[f"r1-{subset}"]["teacher"],
+                                                  "overrides": _overrides(values)}
+            first = f"study/models/student-{SECOND_ROUND}-{subset}-r1.pt"
+            pseudo[f"r2-{subset}"] = {**point, "teacher": first, "round": 2}
+            students[f"{SECOND_ROUND}-{subset}-r2"] = {**point, "row": SECOND_ROUND, "round": 2,
+                                                       "pseudo": f"r2-{subset}", "teacher": first,
+                                                       "overrides": _overrides(ABLATION[SECOND_ROUND][1])}
+    return {"ddep_pretrained": f"study/models/pretrained-{ddep}.pt", "pseudo": pseudo, "students": students}
 
 
 def write_plan(params_file: str = PARAMS_FILE, path: Path = PLAN_FILE) -> dict:
@@ -112,6 +157,39 @@ def collect(study_plan: dict, metrics_dir: Path) -> list[Point]:
     return points
 
 
+def _miou(path: Path) -> float:
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing; run `dvc repro study/dvc.yaml` first")
+    return json.loads(path.read_text())["miou"]
+
+
+def ablation_table(study_plan: dict, metrics_dir: Path, cfg: StudyConfig) -> dict[str, dict[float, tuple]]:
+    """Row -> ablation fraction -> (mean, std, n) of val mIoU: the DDeP teacher, each student
+    row, the second round, the pseudo-labels of each round (their mIoU on the images they
+    label), and the fully supervised teacher (100% labels) as the upper line."""
+    ddep = pretrain_key("supervised", "ddep", cfg.ddep_sigma)
+    rows: dict[str, dict[float, list[float]]] = {}
+
+    def add(row: str, fraction: float, value: float) -> None:
+        rows.setdefault(row, {}).setdefault(fraction, []).append(value)
+
+    for key, p in study_plan["pseudo"].items():
+        add(f"pseudo-labels, round {p['round']}", p["fraction"], _miou(metrics_dir / f"pseudo-{key}.json"))
+        if p["round"] == 1:
+            add("teacher (DDeP)", p["fraction"], _miou(metrics_dir / f"{ddep}-{p['subset']}.json"))
+    for key, st in study_plan["students"].items():
+        label = ABLATION[st["row"]][0] if st["round"] == 1 else f"{ABLATION[st['row']][0]}, 2 rounds"
+        add(label, st["fraction"], _miou(metrics_dir / f"student-{key}.json"))
+    if 1.0 in cfg.fractions:
+        for seed in cfg.seeds:
+            full = _miou(metrics_dir / f"{ddep}-{subset_key(1.0, seed)}.json")
+            for fraction in cfg.ablation_fractions:
+                add("fully supervised (100% labels)", fraction, full)
+    order = ["teacher (DDeP)", *[label for label, _ in ABLATION.values()], f"{ABLATION[SECOND_ROUND][0]}, 2 rounds",
+             "fully supervised (100% labels)", "pseudo-labels, round 1", "pseudo-labels, round 2"]
+    return {row: {f: _stats(v) for f, v in rows[row].items()} for row in order if row in rows}
+
+
 def _stats(values: list[float]) -> tuple[float, float, int]:
     return float(np.mean(values)), float(np.std(values)), len(values)
 
@@ -138,7 +216,7 @@ def _cell(stat: tuple[float, float, int]) -> str:
     return f"{mean:.3f} ± {std:.3f}"
 
 
-def markdown(fig2: dict, sweep: dict, cfg: StudyConfig, commit: str) -> str:
+def markdown(fig2: dict, sweep: dict, cfg: StudyConfig, commit: str, ablation: dict | None = None) -> str:
     fractions = list(next(iter(fig2.values())))
     steps = ", ".join(f"{cfg.steps_for(f)} steps at {f:.0%}" for f in cfg.fractions)
     lines = [(f"Teacher val mIoU, mean ± std over {len(cfg.seeds)} seeds (labeled subset and training seed); "
@@ -151,6 +229,12 @@ def markdown(fig2: dict, sweep: dict, cfg: StudyConfig, commit: str) -> str:
     lines += ["", f"σ sweep at {cfg.sweep_fraction:.0%} labels:", "",
               "| pretraining | " + " | ".join(f"σ = {s:g}" for s in sigmas) + " |", "|---|" + "---|" * len(sigmas)]
     lines += [f"| {name} | " + " | ".join(_cell(row[s]) for s in sigmas) + " |" for name, row in sweep.items()]
+    if ablation:
+        columns = list(next(iter(ablation.values())))
+        lines += ["", ("Self-training ablation (student val mIoU; pseudo-label rows: mIoU of the pseudo-labels "
+                       "on the images they label):"), "",
+                  "| | " + " | ".join(f"{f:.0%} labels" for f in columns) + " |", "|---|" + "---|" * len(columns)]
+        lines += [f"| {name} | " + " | ".join(_cell(row[f]) for f in columns) + " |" for name, row in ablation.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pipeline import augment
-from pipeline.config import DecoderPretrainConfig, FinetuneConfig, ModelConfig, StudentConfig, TrainConfig
+from pipeline.config import DecoderPretrainConfig, FinetuneConfig, StudentConfig, TrainConfig
 from pipeline.copy_paste import InstanceBank
 from pipeline.data import IGNORE_INDEX
 from pipeline.denoising import corrupt
@@ -32,7 +32,7 @@ from pipeline.models import (
     EncoderClassifier,
     ProjectedSegmenter,
     SegmentationNet,
-    build_model,
+    build_network,
 )
 from pipeline.raytrain import JobConfig, WorkerSetup, load_shard, run_epochs, unwrap
 
@@ -162,11 +162,6 @@ def student_step(model: nn.Module, labeled: tuple[torch.Tensor, torch.Tensor],
             losses["dense_contrast"] = contrast
         return losses
     return step
-
-
-def build_network(model: ModelConfig, out_channels: int, sigma_conditioning: bool = False) -> SegmentationNet:
-    return build_model(model.preset, model.decoder_in_channels, model.decoder_channels, out_channels,
-                       sigma_conditioning)
 
 
 # ----------------------------------------------------------------- per-worker Ray Train loops

@@ -12,10 +12,10 @@ from pipeline.data import read_manifest
 from pipeline.denoising import corrupt
 from pipeline.figures import denoising_triplets
 from pipeline.inference import iter_split
-from pipeline.models import DENOISE_CHANNELS
+from pipeline.models import DENOISE_CHANNELS, build_network
 from pipeline.raytrain import JobConfig
 from pipeline.stage import stage, stage_parser
-from pipeline.training import build_network, decoder_pretrain_loop, pretraining_images
+from pipeline.training import decoder_pretrain_loop, pretraining_images
 
 TRIPLETS = 4
 

@@ -1,11 +1,20 @@
 """DVC stage `pseudo_label`: the teacher's hard label and confidence for every unlabeled pixel."""
 
+import json
 from pathlib import Path
 
 import torch
 
 from pipeline.checkpoints import load_segmenter
-from pipeline.data import PSEUDO_SCHEMA, publish, read_manifest, temp_path_for, write_shards
+from pipeline.data import (
+    PSEUDO_SCHEMA,
+    DataError,
+    publish,
+    read_manifest,
+    temp_path_for,
+    write_shards,
+    write_text_atomic,
+)
 from pipeline.inference import pseudo_label_rows
 from pipeline.metrics import segmentation_scores
 from pipeline.stage import stage, stage_parser
@@ -16,19 +25,26 @@ def main() -> None:
     parser.add_argument("--prepared", type=Path, required=True)
     parser.add_argument("--teacher", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="folder for the pseudo-label shards")
+    parser.add_argument("--unlabeled", type=Path, help="images to label (default: PREPARED/unlabeled)")
+    parser.add_argument("--metrics", type=Path, help="write pseudo-label quality against held-aside masks here (JSON)")
     args = parser.parse_args()
+    unlabeled = args.unlabeled or args.prepared / "unlabeled"
     with stage("pseudo_label", ["pseudo", "model"], args.prepared, overrides=args.overrides) as ctx:
         cfg = ctx.params.pseudo
         manifest = read_manifest(args.prepared)
         teacher = load_segmenter(args.teacher, ctx.params.model, manifest["classes"])
         confusion = torch.zeros(manifest["num_classes"], manifest["num_classes"], dtype=torch.long)
         tmp = temp_path_for(args.out)
-        rows = pseudo_label_rows(teacher, args.prepared / "unlabeled", cfg.batch_size, cfg.flip_tta, confusion)
+        rows = pseudo_label_rows(teacher, unlabeled, cfg.batch_size, cfg.flip_tta, confusion)
         ctx.summary["images"] = write_shards(rows, PSEUDO_SCHEMA, tmp, ctx.params.data.shard_rows)
         publish(tmp, args.out)
         if confusion.sum() > 0:
             quality = segmentation_scores(confusion.numpy(), manifest["classes"])
             ctx.summary |= {"pseudo_miou": quality["miou"], "pseudo_pixel_accuracy": quality["pixel_accuracy"]}
+            if args.metrics:
+                write_text_atomic(args.metrics, json.dumps(quality, indent=2) + "\n")
+        elif args.metrics:
+            raise DataError(f"{unlabeled}: holds no masks to measure pseudo-labels against (--metrics)")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,10 @@ def main() -> None:
     parser.add_argument("--teacher", type=Path, required=True)
     parser.add_argument("--pretrained", type=Path, required=True, help="weights from decoder_pretrain")
     parser.add_argument("--out", type=Path, required=True, help="student weights file")
+    parser.add_argument("--labeled", type=Path, help="labeled split to train on (default: PREPARED/labeled)")
+    parser.add_argument("--metrics", type=Path, help="also score the student on val and write its metrics JSON here")
     args = parser.parse_args()
+    labeled = args.labeled or args.prepared / "labeled"
     with stage("student_train", ["student", "model"], args.prepared, overrides=args.overrides) as ctx:
         cfg, model = ctx.params.student, ctx.params.model
         manifest = read_manifest(args.prepared)
@@ -29,11 +32,14 @@ def main() -> None:
             init, init_channels = load_weights(args.pretrained, DENOISER, model), DENOISE_CHANNELS
         job = JobConfig(train=cfg, model=model, num_classes=len(classes), classes=tuple(classes), init_state=init,
                         init_out_channels=init_channels)
-        datasets = {"labeled": ([args.prepared / "labeled"], ["image", "mask"]),
+        datasets = {"labeled": ([labeled], ["image", "mask"]),
                     "pseudo": ([args.pseudo], ["image", "pseudo_label", "confidence"])}
-        state = ctx.train(student_loop, job, datasets, inputs=[args.prepared, args.pseudo, args.teacher, args.pretrained])
-        save_weights(args.out, main_bn_state(segmenter_state(state["model"])), SEGMENTER, model, classes)
+        state = ctx.train(student_loop, job, datasets, inputs=[args.prepared, labeled, args.pseudo, args.teacher, args.pretrained])
+        weights = main_bn_state(segmenter_state(state["model"]))
+        save_weights(args.out, weights, SEGMENTER, model, classes)
         ctx.summary["out"] = str(args.out)
+        if args.metrics:
+            ctx.write_val_metrics(weights, args.prepared, args.metrics)
 
 
 if __name__ == "__main__":

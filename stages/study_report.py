@@ -1,4 +1,5 @@
-"""DVC stage `study_report`: the label-efficiency study's tables, `dvc plots` CSVs and figures."""
+"""DVC stage `study_report`: the label-efficiency study's and the self-training ablation's tables,
+`dvc plots` CSVs and figures."""
 
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import yaml
 
 from pipeline.data import write_text_atomic
 from pipeline.stage import stage, stage_parser
-from pipeline.study import collect, figure2, markdown, sigma_sweep, write_outputs
+from pipeline.study import ablation_table, collect, figure2, markdown, sigma_sweep, write_outputs
 from pipeline.tracking import git_commit
 
 
@@ -19,10 +20,12 @@ def main() -> None:
     args = parser.parse_args()
     with stage("study_report", ["study"], overrides=args.overrides) as ctx:
         cfg = ctx.params.study
-        points = collect(yaml.safe_load(args.plan.read_text()), args.metrics)
+        study_plan = yaml.safe_load(args.plan.read_text())
+        points = collect(study_plan, args.metrics)
         fig2, sweep = figure2(points, cfg), sigma_sweep(points, cfg)
+        ablation = ablation_table(study_plan, args.metrics, cfg)
         write_outputs(fig2, sweep, args.out)
-        write_text_atomic(args.out / "report.md", markdown(fig2, sweep, cfg, git_commit(ctx.root)))
+        write_text_atomic(args.out / "report.md", markdown(fig2, sweep, cfg, git_commit(ctx.root), ablation))
         mlflow.log_artifacts(str(args.out), "study")
         ctx.summary |= {"teachers": len(points), **{f"{name} {f:g}": row[f][0]
                                                     for name, row in fig2.items() for f in (min(row),)}}

@@ -1,18 +1,13 @@
 """DVC stage `teacher_finetune`: all weights fine-tuned with cross-entropy on the labeled split."""
 
-import json
 from pathlib import Path
 
-import mlflow
-
 from pipeline.checkpoints import DENOISER, SEGMENTER, load_weights, save_weights
-from pipeline.data import read_manifest, write_text_atomic
-from pipeline.inference import evaluate_split
-from pipeline.metrics import segmentation_scores
+from pipeline.data import read_manifest
 from pipeline.models import DENOISE_CHANNELS
 from pipeline.raytrain import JobConfig
 from pipeline.stage import stage, stage_parser
-from pipeline.training import build_network, teacher_loop
+from pipeline.training import teacher_loop
 
 
 def main() -> None:
@@ -35,15 +30,7 @@ def main() -> None:
         save_weights(args.out, state["model"], SEGMENTER, model, manifest["classes"])
         ctx.summary["out"] = str(args.out)
         if args.metrics:
-            net = build_network(model, manifest["num_classes"])
-            net.load_state_dict(state["model"])
-            confusion, _ = evaluate_split({"teacher": net.eval()}, args.prepared / "val", ctx.params.evaluate.batch_size,
-                                          manifest["num_classes"], 0)
-            scores = segmentation_scores(confusion["teacher"].numpy(), manifest["classes"])
-            write_text_atomic(args.metrics, json.dumps(scores, indent=2) + "\n")
-            mlflow.log_metrics({"val_miou": scores["miou"], "val_pixel_accuracy": scores["pixel_accuracy"]})
-            ctx.summary["val_miou"] = scores["miou"]
-
+            ctx.write_val_metrics(state["model"], args.prepared, args.metrics)
 
 if __name__ == "__main__":
     main()

@@ -143,7 +143,7 @@ def test_labeled_subsets_for_a_study_are_nested_and_keep_masks(tmp_path):
     prepare(_smoke_cfg(labeled_fraction=0.25), tmp_path / "prepared")
     ids = {}
     for fraction in (0.1, 0.5, 1.0):
-        count = labeled_subset(tmp_path / "prepared", fraction, 3, tmp_path / f"s{fraction}", shard_rows=4)
+        count, _ = labeled_subset(tmp_path / "prepared", fraction, 3, tmp_path / f"s{fraction}", shard_rows=4)
         table = read_split(tmp_path / f"s{fraction}")
         assert count == table.num_rows == round(20 * fraction)
         assert all(m is not None for m in table.column("mask").to_pylist())
@@ -151,3 +151,16 @@ def test_labeled_subsets_for_a_study_are_nested_and_keep_masks(tmp_path):
     assert ids[0.1] < ids[0.5] < ids[1.0]
     labeled_subset(tmp_path / "prepared", 0.5, 4, tmp_path / "other", shard_rows=4)
     assert set(read_split(tmp_path / "other").column("id").to_pylist()) != ids[0.5]
+
+
+def test_a_subsets_complement_is_every_other_train_image_with_its_mask_kept_aside(tmp_path):
+    from pipeline.prepare import labeled_subset
+
+    prepare(_smoke_cfg(labeled_fraction=0.25), tmp_path / "prepared")
+    labeled, unlabeled = labeled_subset(tmp_path / "prepared", 0.1, 3, tmp_path / "lab", 4, tmp_path / "rest")
+    assert (labeled, unlabeled) == (2, 18)
+    lab, rest = read_split(tmp_path / "lab"), read_split(tmp_path / "rest")
+    assert not set(lab.column("id").to_pylist()) & set(rest.column("id").to_pylist())
+    assert all(m is not None for m in rest.column("mask").to_pylist())
+    assert labeled_subset(tmp_path / "prepared", 1.0, 3, tmp_path / "all", 4, tmp_path / "none") == (20, 0)
+    assert read_split(tmp_path / "none").num_rows == 0

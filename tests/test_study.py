@@ -6,9 +6,12 @@ import yaml
 
 from pipeline.config import ConfigError, StudyConfig
 from pipeline.study import (
+    ABLATION,
     README_BEGIN,
     README_END,
+    SECOND_ROUND,
     Point,
+    ablation_table,
     collect,
     figure2,
     markdown,
@@ -40,11 +43,55 @@ def test_default_plan_covers_figure2_and_the_sweep_once_each():
 
 
 def test_teachers_train_their_fractions_steps_cheapest_first():
-    cfg = StudyConfig(fractions=[0.1, 1.0], sweep_fraction=0.1, teacher_steps=[10, 40], teacher_epochs=2)
+    cfg = StudyConfig(fractions=[0.1, 1.0], sweep_fraction=0.1, teacher_steps=[10, 40], teacher_epochs=2,
+                      ablation_fractions=[0.1])
     teachers = list(plan(cfg)["teachers"].values())
     assert [t["fraction"] for t in teachers] == sorted(t["fraction"] for t in teachers)
     assert {(t["fraction"], t["epochs"] * t["steps_per_epoch"]) for t in teachers} == {(0.1, 10), (1.0, 40)}
     assert all(t["epochs"] == 2 for t in teachers)
+
+
+def test_ablation_adds_one_piece_per_row_and_a_second_round_from_the_round_one_student():
+    cfg = StudyConfig()
+    study = plan(cfg)
+    subsets = len(cfg.ablation_fractions) * len(cfg.seeds)
+    assert len(study["pseudo"]) == 2 * subsets and len(study["students"]) == (len(ABLATION) + 1) * subsets
+    plain, full = study["students"]["plain-ce-f5-seed1-r1"], study["students"]["self-correction-f5-seed1-r1"]
+    assert plain["teacher"] == "study/models/teacher-ddep-s0p2-f5-seed1.pt" and plain["pseudo"] == "r1-f5-seed1"
+    assert "--set student.strong_augment=false" in plain["overrides"] and "pseudo_loss=ce" in plain["overrides"]
+    assert "strong_augment=true" in full["overrides"] and "dsbn=true" in full["overrides"]
+    assert "pseudo_loss=self_correction" in full["overrides"]
+    second = study["students"][f"{SECOND_ROUND}-f5-seed1-r2"]
+    assert study["pseudo"][second["pseudo"]]["teacher"] == f"study/models/student-{SECOND_ROUND}-f5-seed1-r1.pt"
+    for key in [*study["pseudo"], *study["students"]]:
+        assert "." not in key and "@" not in key, key
+    for row, (_, values) in ABLATION.items():  # every row sets every switch, whatever params.yaml says
+        assert set(values) == set(ABLATION["plain-ce"][1]), row
+
+
+def test_ablation_table_averages_seeds_and_adds_teacher_full_supervision_and_pseudo_label_rows(tmp_path):
+    cfg = StudyConfig(fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.1,
+                      teacher_steps=[10, 20], ablation_fractions=[0.1])
+    study = plan(cfg)
+    for key in study["teachers"]:
+        (tmp_path / f"{key}.json").write_text(json.dumps({"miou": 0.9 if "f100" in key else 0.3}))
+    for key, p in study["pseudo"].items():
+        (tmp_path / f"pseudo-{key}.json").write_text(json.dumps({"miou": 0.2 + 0.1 * p["round"]}))
+    for key, st in study["students"].items():
+        (tmp_path / f"student-{key}.json").write_text(json.dumps({"miou": 0.4 + 0.01 * st["seed"]}))
+    table = ablation_table(study, tmp_path, cfg)
+    assert next(iter(table)) == "teacher (DDeP)" and table["teacher (DDeP)"][0.1][:2] == (0.3, 0.0)
+    assert table["fully supervised (100% labels)"][0.1][0] == 0.9
+    mean, std, n = table["+ self-correction loss"][0.1]
+    assert n == 2 and mean == pytest.approx(0.405) and std == pytest.approx(0.005)
+    assert table["pseudo-labels, round 2"][0.1][0] == pytest.approx(0.4)
+    assert "+ dense contrast, 2 rounds" in table
+    text = markdown(figure2(collect(study, tmp_path), cfg), sigma_sweep(collect(study, tmp_path), cfg), cfg, "c0ffee",
+                    table)
+    assert "| + DSBN | 0.405 ± 0.005 |" in text
+    (tmp_path / f"student-{next(iter(study['students']))}.json").unlink()
+    with pytest.raises(ConfigError, match="missing"):
+        ablation_table(study, tmp_path, cfg)
 
 
 def test_committed_plan_is_the_plan_of_the_committed_params():
@@ -67,7 +114,8 @@ def _points(cfg: StudyConfig) -> list[Point]:
 
 
 def test_tables_average_over_seeds_and_keep_the_spread():
-    cfg = StudyConfig(fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2, 0.4], sweep_fraction=0.1, teacher_steps=[10, 20])
+    cfg = StudyConfig(fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2, 0.4], sweep_fraction=0.1, teacher_steps=[10, 20],
+                      ablation_fractions=[0.1])
     points = _points(cfg)
     fig2 = figure2(points, cfg)
     mean, std, n = fig2["DDeP"][1.0]
@@ -81,7 +129,8 @@ def test_tables_average_over_seeds_and_keep_the_spread():
 
 
 def test_collect_reads_each_teachers_metrics_and_names_a_missing_one(tmp_path):
-    cfg = StudyConfig(fractions=[1.0], seeds=[0], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=1.0, teacher_steps=[10])
+    cfg = StudyConfig(fractions=[1.0], seeds=[0], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=1.0, teacher_steps=[10],
+                      ablation_fractions=[])
     study = plan(cfg)
     for i, key in enumerate(study["teachers"]):
         (tmp_path / f"{key}.json").write_text(json.dumps({"miou": i / 10}))
@@ -93,7 +142,8 @@ def test_collect_reads_each_teachers_metrics_and_names_a_missing_one(tmp_path):
 
 
 def test_outputs_are_csvs_for_dvc_plots_and_figures(tmp_path):
-    cfg = StudyConfig(fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2, 0.4], sweep_fraction=0.1, teacher_steps=[10, 20])
+    cfg = StudyConfig(fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2, 0.4], sweep_fraction=0.1, teacher_steps=[10, 20],
+                      ablation_fractions=[0.1])
     points = _points(cfg)
     write_outputs(figure2(points, cfg), sigma_sweep(points, cfg), tmp_path)
     header, *rows = (tmp_path / "figure2.csv").read_text().splitlines()

@@ -4,8 +4,8 @@ import torch
 from pipeline.config import ModelConfig, StudentConfig
 from pipeline.copy_paste import InstanceBank
 from pipeline.dsbn import DualBatchNorm2d, add_auxiliary_bn
-from pipeline.models import ProjectedSegmenter
-from pipeline.training import build_network, student_step
+from pipeline.models import ProjectedSegmenter, build_network
+from pipeline.training import student_step
 
 MODEL = ModelConfig(preset="tiny", decoder_in_channels=32, decoder_channels=[16, 8, 8, 8])
 
