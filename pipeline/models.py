@@ -195,6 +195,10 @@ class ProjectedSegmenter(nn.Module):
         width = net.decoder.out_channels
         self.projection = nn.Sequential(nn.Conv2d(width, width, 1), nn.ReLU(inplace=True), nn.Conv2d(width, dim, 1))
 
+    @property
+    def encoder(self) -> HybridEncoder:
+        return self.net.encoder
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.net.decoder(self.net.encoder(x))
         return self.net.head(features), F.normalize(self.projection(features), dim=1)

@@ -175,9 +175,10 @@ def _optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
 def _finetune_optimizer(model: nn.Module, train: FinetuneConfig) -> torch.optim.Optimizer:
     """All weights train; the pretrained encoder at `encoder_lr_scale` × lr."""
     net = unwrap(model)
-    rest = [p for name, p in net.named_parameters() if not name.startswith("encoder.")]
-    return _optimizer([{"params": net.encoder.parameters(), "lr": train.lr * train.encoder_lr_scale},
-                       {"params": rest}], train)
+    encoder = list(net.encoder.parameters())
+    in_encoder = {id(p) for p in encoder}
+    rest = [p for p in net.parameters() if id(p) not in in_encoder]
+    return _optimizer([{"params": encoder, "lr": train.lr * train.encoder_lr_scale}, {"params": rest}], train)
 
 
 def encoder_classify_loop(config: dict) -> None:

@@ -5,7 +5,7 @@ from pipeline.config import ModelConfig, StudentConfig
 from pipeline.copy_paste import InstanceBank
 from pipeline.dsbn import DualBatchNorm2d, add_auxiliary_bn
 from pipeline.models import ProjectedSegmenter, build_network
-from pipeline.training import student_step
+from pipeline.training import _finetune_optimizer, student_step
 
 MODEL = ModelConfig(preset="tiny", decoder_in_channels=32, decoder_channels=[16, 8, 8, 8])
 
@@ -52,3 +52,16 @@ def test_with_dsbn_the_pseudo_labeled_half_goes_through_the_auxiliary_bns():
     dual = next(m for m in model.modules() if isinstance(m, DualBatchNorm2d))
     assert int(dual.main.num_batches_tracked) == 1 and int(dual.auxiliary.num_batches_tracked) == 1
     assert dual.main_count is None  # routing ends with the step
+
+
+@pytest.mark.parametrize("projected", [False, True])
+def test_finetune_optimizer_slows_the_encoder_and_trains_everything_else_once(projected):
+    net = build_network(MODEL, 4)
+    model = ProjectedSegmenter(net, 8) if projected else net
+    cfg = StudentConfig(lr=0.01, encoder_lr_scale=0.1)
+    encoder_group, rest_group = _finetune_optimizer(model, cfg).param_groups
+    assert encoder_group["lr"] == pytest.approx(0.001) and rest_group["lr"] == pytest.approx(0.01)
+    assert {id(p) for p in encoder_group["params"]} == {id(p) for p in net.encoder.parameters()}
+    assert len(encoder_group["params"]) + len(rest_group["params"]) == len(list(model.parameters()))
+    if projected:
+        assert {id(p) for p in model.projection.parameters()} <= {id(p) for p in rest_group["params"]}
