@@ -1,7 +1,8 @@
+import subprocess
 from pathlib import Path
 
 from pipeline.config import MlflowConfig
-from pipeline.tracking import execution_id, flatten, resolve_tracking_uri
+from pipeline.tracking import execution_id, flatten, git_commit, resolve_tracking_uri
 
 
 def test_tracking_uri_precedence(monkeypatch, tmp_path):
@@ -22,3 +23,22 @@ def test_execution_id_override_and_stability(monkeypatch):
 def test_flatten_prefixes_sections():
     assert flatten("data", {"seed": 0, "digits": {"train_scenes": 5}}) == {"data.seed": 0,
                                                                            "data.digits.train_scenes": 5}
+
+
+def test_git_commit_is_dirty_for_code_edits_but_not_for_the_pipelines_own_lock_files(tmp_path):
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "study").mkdir()
+    for name in ("dvc.lock", "study/dvc.lock", "study/plan.yaml", "code.py"):
+        (tmp_path / name).write_text("a\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.email=t@localhost", "-c", "user.name=t", "commit", "-qm", "x")
+    commit = git_commit(tmp_path)
+    assert len(commit) == 40
+    for name in ("dvc.lock", "study/dvc.lock", "study/plan.yaml"):
+        (tmp_path / name).write_text("b\n")
+    assert git_commit(tmp_path) == commit
+    (tmp_path / "code.py").write_text("b\n")
+    assert git_commit(tmp_path) == commit + "-dirty"
