@@ -189,20 +189,21 @@ def test_two_ray_workers_train_and_export_one_model(repo, params_file):
 
 def test_study_runs_the_pipelines_stages_and_reports(repo, params_file):
     params = yaml.safe_load(params_file.read_text())
-    params["study"] = {**params["study"], "fractions": [0.5], "seeds": [0, 1], "sigmas": [0.2], "dep_sigma": 0.2,
+    # One seed: averaging over seeds is unit-tested (test_study); this runs every kind of stage once.
+    params["study"] = {**params["study"], "fractions": [0.5], "seeds": [0], "sigmas": [0.2], "dep_sigma": 0.2,
                        "sweep_fraction": 0.5, "teacher_steps": [2], "teacher_epochs": 1, "ablation_fractions": [0.5]}
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     out = run([sys.executable, "-m", "pipeline.cluster", "--", sys.executable, "-m", "pipeline.study"], repo,
               timeout=1500).stdout
     ran = ran_stages(out)
-    assert len([s for s in ran if "teacher@" in s]) == 4 * 2  # four initialisations x two seeds
+    assert len([s for s in ran if "teacher@" in s]) == 4  # four initialisations
     assert {"study/dvc.yaml:encoder_random", "study/dvc.yaml:report"} <= ran
     assert "encoder_init" not in ran  # the supervised encoder is the main pipeline's, already built
     report = (repo / "study/report/report.md").read_text()
     for row in ("| random init |", "| supervised encoder |", "| DeP |", "| DDeP |", "| teacher (DDeP) |",
                 "| student, plain CE |", "| + dense contrast, 2 rounds |", "| pseudo-labels, round 2 |"):
         assert row in report
-    assert len([s for s in ran if "student@" in s]) == (len(ABLATION) + 1) * 2
+    assert len([s for s in ran if "student@" in s]) == len(ABLATION) + 1  # and a second round
     header = (repo / "study/report/figure2.csv").read_text().splitlines()[0]
     assert header.startswith("fraction,random init mean")
     assert (repo / "study/report/figure2.png").is_file() and (repo / "study/report/sigma_sweep.png").is_file()
