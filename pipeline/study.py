@@ -41,18 +41,24 @@ README_BEGIN, README_END = "<!-- study:begin -->", "<!-- study:end -->"
 # sets every switch, so a row means the same whatever params.yaml's student defaults are.
 _OFF = {"strong_augment": False, "dsbn": False, "pseudo_loss": "ce", "copy_paste_probability": 0.0,
         "dense_contrast_weight": 0.0}
-ABLATION = {
-    "plain-ce": ("student, plain CE", _OFF),
-    "strong-aug": ("+ strong augmentation", {**_OFF, "strong_augment": True}),
-    "dsbn": ("+ DSBN", {**_OFF, "strong_augment": True, "dsbn": True}),
-    "self-correction": ("+ self-correction loss", {**_OFF, "strong_augment": True, "dsbn": True,
-                                                   "pseudo_loss": "self_correction"}),
-    "copy-paste": ("+ copy-paste", {**_OFF, "strong_augment": True, "dsbn": True, "pseudo_loss": "self_correction",
-                                    "copy_paste_probability": 0.5}),
-    "dense-contrast": ("+ dense contrast", {**_OFF, "strong_augment": True, "dsbn": True,
-                                            "pseudo_loss": "self_correction", "copy_paste_probability": 0.5,
-                                            "dense_contrast_weight": 0.1}),
-}
+_STEPS = [("plain-ce", "student, plain CE", {}),
+          ("strong-aug", "+ strong augmentation", {"strong_augment": True}),
+          ("dsbn", "+ DSBN", {"dsbn": True}),
+          ("self-correction", "+ self-correction loss", {"pseudo_loss": "self_correction"}),
+          ("copy-paste", "+ copy-paste", {"copy_paste_probability": 0.5}),
+          ("dense-contrast", "+ dense contrast", {"dense_contrast_weight": 0.1})]
+
+
+def _cumulative() -> dict[str, tuple[str, dict]]:
+    """Each row: every switch off, plus what this step and all steps before it turned on."""
+    rows, switches = {}, dict(_OFF)
+    for key, label, added in _STEPS:
+        switches = {**switches, **added}
+        rows[key] = (label, switches)
+    return rows
+
+
+ABLATION = _cumulative()
 SECOND_ROUND = "dense-contrast"  # the row that also gets a second round
 
 
@@ -144,23 +150,20 @@ class Point:
     miou: float
 
 
-def collect(study_plan: dict, metrics_dir: Path) -> list[Point]:
-    """One point per teacher of the plan, from its val metrics file."""
-    points = []
-    for key, teacher in study_plan["teachers"].items():
-        path = metrics_dir / f"{key}.json"
-        if not path.is_file():
-            raise ConfigError(f"{path}: missing; run `dvc repro study/dvc.yaml` first")
-        pre = study_plan["pretrain"][teacher["pretrain"]]
-        points.append(Point(pre["mode"], pre["init"], pre["sigma"], teacher["fraction"], teacher["seed"],
-                            json.loads(path.read_text())["miou"]))
-    return points
-
-
 def _miou(path: Path) -> float:
     if not path.is_file():
         raise ConfigError(f"{path}: missing; run `dvc repro study/dvc.yaml` first")
     return json.loads(path.read_text())["miou"]
+
+
+def collect(study_plan: dict, metrics_dir: Path) -> list[Point]:
+    """One point per teacher of the plan, from its val metrics file."""
+    points = []
+    for key, teacher in study_plan["teachers"].items():
+        pre = study_plan["pretrain"][teacher["pretrain"]]
+        points.append(Point(pre["mode"], pre["init"], pre["sigma"], teacher["fraction"], teacher["seed"],
+                            _miou(metrics_dir / f"{key}.json")))
+    return points
 
 
 def ablation_table(study_plan: dict, metrics_dir: Path, cfg: StudyConfig) -> dict[str, dict[float, tuple]]:
