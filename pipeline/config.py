@@ -59,24 +59,40 @@ class DigitScenesConfig:
                  f"expected a value in (0, 1), got {self.val_digit_fraction}")
 
 
+DATA_FORMATS = ("digits", "folder", "cityscapes", "ade20k", "voc", "pascal_context")  # pipeline.formats
+EXTRA_IMAGES_FORMATS = ("cityscapes", "voc")
+FITS = ("crop", "tiles")
+
+
 @dataclass
 class DataConfig:
-    """`prepare`: where images come from and how they are split."""
+    """`prepare`: where images come from and how they are split. Images are resized so the
+    shorter side is `image_size`, then centre-cropped (`fit: crop`) or cut into squares that
+    cover them (`fit: tiles`). The labeled train images are `labeled_ids` (a file of ids)
+    when given, else a nested seeded `labeled_fraction`."""
 
     format: str = "digits"
     root: str | None = None
     seed: int = 0
     image_size: int = 64
+    fit: str = "crop"
     labeled_fraction: float = 0.05
+    labeled_ids: str | None = None
+    extra_images: bool = False  # Cityscapes train_extra (unlabeled) / VOC's SBD augmented set
     val_fraction: float = 0.15
     shard_rows: int = 1000
     digits: DigitScenesConfig = field(default_factory=DigitScenesConfig)
 
     def __post_init__(self) -> None:
-        _require(self.format in ("digits", "folder"), "data.format",
-                 f"expected 'digits' or 'folder', got {self.format!r}")
-        _require(self.format != "folder" or bool(self.root), "data.root",
-                 "data.format 'folder' needs data.root, the folder holding images/ and masks/")
+        _require(self.format in DATA_FORMATS, "data.format",
+                 f"expected one of {', '.join(map(repr, DATA_FORMATS))}, got {self.format!r}")
+        _require(self.format == "digits" or bool(self.root), "data.root",
+                 f"data.format {self.format!r} needs data.root, the dataset's folder")
+        _require(self.fit in FITS, "data.fit", f"expected 'crop' or 'tiles', got {self.fit!r}")
+        _require(not self.extra_images or self.format in EXTRA_IMAGES_FORMATS, "data.extra_images",
+                 f"only {' and '.join(EXTRA_IMAGES_FORMATS)} have extra images; data.format is {self.format!r}")
+        _require(not self.labeled_ids or self.format != "digits", "data.labeled_ids",
+                 "an id list selects images of a dataset on disk; the built-in digits use labeled_fraction")
         _require(0 < self.labeled_fraction <= 1, "data.labeled_fraction",
                  f"expected a value in (0, 1], got {self.labeled_fraction}")
         _require(0 < self.val_fraction < 1, "data.val_fraction",

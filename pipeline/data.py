@@ -11,7 +11,8 @@ import hashlib
 import io
 import json
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -66,19 +67,37 @@ def nested_labeled_ids(train_ids: list[str], fraction: float, seed: int) -> list
     return sorted(train_ids[i] for i in order[:count])
 
 
+class ShardWriter:
+    """Writes rows as `part-NNNNN.parquet` files of at most `shard_rows` rows as they come, so a
+    large dataset never has to fit in memory. Always writes at least one (maybe empty) part."""
+
+    def __init__(self, out_dir: Path, schema: pa.Schema, shard_rows: int):
+        self.out_dir, self.schema, self.shard_rows = out_dir, schema, shard_rows
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.batch: list[dict] = []
+        self.count = self.parts = 0
+
+    def add(self, row: dict) -> None:
+        self.batch.append(row)
+        if len(self.batch) == self.shard_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        pq.write_table(pa.Table.from_pylist(self.batch, self.schema), self.out_dir / f"part-{self.parts:05d}.parquet")
+        self.count, self.parts, self.batch = self.count + len(self.batch), self.parts + 1, []
+
+    def close(self) -> int:
+        if self.batch or self.parts == 0:
+            self._flush()
+        return self.count
+
+
 def write_shards(rows: Iterable[dict], schema: pa.Schema, out_dir: Path, shard_rows: int) -> int:
     """Write rows as `part-NNNNN.parquet` files of at most `shard_rows` rows; return the count."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    batch, count, part = [], 0, 0
+    writer = ShardWriter(out_dir, schema, shard_rows)
     for row in rows:
-        batch.append(row)
-        if len(batch) == shard_rows:
-            pq.write_table(pa.Table.from_pylist(batch, schema), out_dir / f"part-{part:05d}.parquet")
-            count, part, batch = count + len(batch), part + 1, []
-    if batch or part == 0:
-        pq.write_table(pa.Table.from_pylist(batch, schema), out_dir / f"part-{part:05d}.parquet")
-        count += len(batch)
-    return count
+        writer.add(row)
+    return writer.close()
 
 
 def read_split(path: Path, columns: list[str] | None = None) -> pa.Table:
@@ -100,6 +119,20 @@ def write_text_atomic(path: Path, text: str) -> None:
     publish(tmp, path)
 
 
+@contextmanager
+def staged(final: Path) -> Iterator[Path]:
+    """A temp path next to `final`, moved into place when the block completes and removed
+    when it raises, so nothing half-written is ever left where `final` belongs."""
+    tmp = temp_path_for(final)
+    try:
+        yield tmp
+    except BaseException:
+        if tmp.exists():
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        raise
+    publish(tmp, final)
+
+
 def temp_path_for(final: Path) -> Path:
     tmp = final.with_name(f".{final.name}.tmp")
     if tmp.exists():
@@ -108,29 +141,30 @@ def temp_path_for(final: Path) -> Path:
 
 
 class SplitWriter:
-    """Collects segmentation examples into the three splits and tallies class pixels."""
+    """Streams segmentation examples into the three splits' shards under `out_dir` and tallies
+    the labeled split's class pixels."""
 
-    def __init__(self, num_classes: int):
+    def __init__(self, num_classes: int, out_dir: Path, shard_rows: int):
         self.num_classes = num_classes
-        self.rows: dict[str, list[dict]] = {s: [] for s in SEGMENTATION_SPLITS}
+        self.shards = {s: ShardWriter(out_dir / s, SEGMENTATION_SCHEMA, shard_rows) for s in SEGMENTATION_SPLITS}
+        self.ids: dict[str, list[str]] = {s: [] for s in SEGMENTATION_SPLITS}
         self.pixel_counts = np.zeros(num_classes, dtype=np.int64)
 
     def add(self, split: str, example_id: str, image: np.ndarray, mask: np.ndarray | None) -> None:
         if mask is not None and split == "labeled":
             self.pixel_counts += np.bincount(mask[mask != IGNORE_INDEX].ravel(),
                                              minlength=self.num_classes)[: self.num_classes]
-        self.rows[split].append({
+        self.ids[split].append(example_id)
+        self.shards[split].add({
             "id": example_id, "height": image.shape[0], "width": image.shape[1],
             "image": encode_png(image), "mask": None if mask is None else encode_png(mask),
         })
 
 
 def write_prepared(writer: SplitWriter, classify_rows: list[dict], classes: list[str],
-                   cfg: DataConfig, out_dir: Path) -> dict:
-    """Write all splits and the manifest to a temp folder, then move it to `out_dir`."""
-    tmp = temp_path_for(out_dir)
-    counts = {split: write_shards(rows, SEGMENTATION_SCHEMA, tmp / split, cfg.shard_rows)
-              for split, rows in writer.rows.items()}
+                   cfg: DataConfig, tmp: Path) -> dict:
+    """Close the splits `writer` streamed into `tmp`, add the classify split and the manifest."""
+    counts = {split: shards.close() for split, shards in writer.shards.items()}
     for split, count in counts.items():
         if count == 0 and split != "unlabeled":
             raise DataError(f"split '{split}' is empty: check data.root and data.labeled_fraction")
@@ -138,7 +172,7 @@ def write_prepared(writer: SplitWriter, classify_rows: list[dict], classes: list
     total = max(int(writer.pixel_counts.sum()), 1)
     manifest = {
         "format": cfg.format,
-        "classes": classes,
+        "classes": list(classes),
         "num_classes": len(classes),
         "classify_num_classes": max((r["label"] for r in classify_rows), default=-1) + 1,
         "image_size": cfg.image_size,
@@ -146,11 +180,10 @@ def write_prepared(writer: SplitWriter, classify_rows: list[dict], classes: list
         "seed": cfg.seed,
         "counts": counts,
         "labeled_pixel_frequency": {c: round(int(n) / total, 6) for c, n in zip(classes, writer.pixel_counts)},
-        "ids": {split: [r["id"] for r in rows] for split, rows in writer.rows.items()},
+        "ids": writer.ids,
         "content_sha256": _content_hash(tmp),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    publish(tmp, out_dir)
     return manifest
 
 

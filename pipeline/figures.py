@@ -7,20 +7,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data import IGNORE_INDEX
-
-
-def palette(num_classes: int) -> np.ndarray:
-    """num_classes RGB colours (class 0 black), plus white for the ignore index."""
-    import matplotlib
-
-    colours = np.zeros((256, 3), dtype=np.uint8)
-    cmap = matplotlib.colormaps["tab20"]
-    for c in range(1, num_classes):
-        colours[c] = (np.array(cmap((c - 1) % 20)[:3]) * 255).astype(np.uint8)
-    colours[IGNORE_INDEX] = 255
-    return colours
-
 
 def _pyplot():
     import matplotlib
@@ -53,11 +39,11 @@ def confusion_figure(confusion: np.ndarray, classes: list[str], title: str, path
     _save(fig, path)
 
 
-def prediction_grid(images: torch.Tensor, columns: dict[str, torch.Tensor], num_classes: int,
+def prediction_grid(images: torch.Tensor, columns: dict[str, torch.Tensor], colours: np.ndarray,
                     path: Path) -> None:
-    """One row per image: the image, then each label map (truth, teacher, student...) coloured."""
+    """One row per image: the image, then each label map (truth, teacher, student...) coloured
+    by `colours` (256×3, indexed by class id; see pipeline.formats.palette_for)."""
     plt = _pyplot()
-    colours = palette(num_classes)
     n, ncols = len(images), 1 + len(columns)
     fig, axes = plt.subplots(n, ncols, figsize=(1.6 * ncols, 1.6 * n), squeeze=False)
     for i in range(n):

@@ -6,9 +6,17 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import digit_scenes, folder
+from pipeline import digit_scenes, formats
 from pipeline.config import DataConfig
-from pipeline.data import IGNORE_INDEX, SplitWriter, encode_png, nested_labeled_ids, write_prepared
+from pipeline.data import (
+    IGNORE_INDEX,
+    DataError,
+    SplitWriter,
+    encode_png,
+    nested_labeled_ids,
+    staged,
+    write_prepared,
+)
 
 
 def prepare_digit_scenes(cfg: DataConfig, out_dir: Path) -> dict:
@@ -16,18 +24,19 @@ def prepare_digit_scenes(cfg: DataConfig, out_dir: Path) -> dict:
     examples = list(digit_scenes.generate(cfg.seed, cfg.image_size, cfg.digits))
     train_ids = [eid for split, eid, _, _ in examples if split == "train"]
     labeled = set(nested_labeled_ids(train_ids, cfg.labeled_fraction, cfg.seed))
-    writer, classify_rows = SplitWriter(len(classes)), []
-    for split, eid, image, target in examples:
-        if split == "classify":
-            classify_rows.append({"id": eid, "image": encode_png(image), "label": target})
-        else:
-            writer.add("val" if split == "val" else ("labeled" if eid in labeled else "unlabeled"),
-                       eid, image, target)
-    return write_prepared(writer, classify_rows, classes, cfg, out_dir)
+    with staged(out_dir) as tmp:
+        writer, classify_rows = SplitWriter(len(classes), tmp, cfg.shard_rows), []
+        for split, eid, image, target in examples:
+            if split == "classify":
+                classify_rows.append({"id": eid, "image": encode_png(image), "label": target})
+            else:
+                writer.add("val" if split == "val" else ("labeled" if eid in labeled else "unlabeled"),
+                           eid, image, target)
+        return write_prepared(writer, classify_rows, classes, cfg, tmp)
 
 
 def classify_crops_from_masks(image: np.ndarray, mask: np.ndarray, eid: str) -> list[dict]:
-    """Image-level examples for encoder pretraining on folder data: the four quadrants of a
+    """Image-level examples for encoder pretraining on file data: the four quadrants of a
     labeled image, each labelled with its most frequent class."""
     h, w = mask.shape
     rows = []
@@ -40,27 +49,48 @@ def classify_crops_from_masks(image: np.ndarray, mask: np.ndarray, eid: str) -> 
     return rows
 
 
-def prepare_folder(cfg: DataConfig, out_dir: Path) -> dict:
+def choose_labeled(train: list[formats.Example], cfg: DataConfig) -> set[str]:
+    """Ids of the train images that keep their masks: those listed in `data.labeled_ids`
+    (an id, or an image path whose stem names the image, per line), else a nested seeded
+    `data.labeled_fraction`."""
+    if not cfg.labeled_ids:
+        return set(nested_labeled_ids([ex.id for ex in train], cfg.labeled_fraction, cfg.seed))
+    path = Path(cfg.labeled_ids)
+    by_name = {name: ex.id for ex in train for name in (ex.id, ex.image.stem)}
+    listed = formats.read_id_list(path)
+    unknown = [name for name in listed if name not in by_name]
+    if unknown:
+        raise DataError(f"{path}: {len(unknown)} listed ids are not train images of data.root "
+                        f"(first: {', '.join(unknown[:3])})")
+    if not listed:
+        raise DataError(f"{path}: lists no image; expected the labeled image ids, one per line")
+    return {by_name[name] for name in listed}
+
+
+def prepare_files(cfg: DataConfig, out_dir: Path) -> dict:
+    """A dataset on disk in one of the `pipeline.formats` layouts."""
+    fmt = formats.get_format(cfg.format)
     root = Path(cfg.root)
-    classes = folder.read_classes(root)
-    examples = list(folder.iter_folder(root, cfg.image_size, len(classes), cfg.val_fraction, cfg.seed))
-    train_ids = [eid for split, eid, _, _ in examples if split == "train"]
-    labeled = set(nested_labeled_ids(train_ids, cfg.labeled_fraction, cfg.seed))
-    writer, classify_rows = SplitWriter(len(classes)), []
-    for split, eid, image, mask in examples:
-        if split == "train" and eid in labeled:
-            writer.add("labeled", eid, image, mask)
-            classify_rows += classify_crops_from_masks(image, mask, eid)
-        else:
-            writer.add("unlabeled" if split in ("train", "unlabeled") else "val", eid, image, mask)
-    return write_prepared(writer, classify_rows, classes, cfg, out_dir)
+    classes = list(fmt.classes(root))
+    table = fmt.label_table(len(classes))
+    examples = fmt.list_examples(root, cfg)
+    labeled = choose_labeled([ex for ex in examples if ex.split == "train"], cfg)
+    with staged(out_dir) as tmp:
+        writer, classify_rows = SplitWriter(len(classes), tmp, cfg.shard_rows), []
+        for example in examples:
+            split = {"train": "labeled" if example.id in labeled else "unlabeled"}.get(example.split, example.split)
+            for eid, image, mask in formats.load_example(example, fmt, table, cfg):
+                writer.add(split, eid, image, mask)
+                if split == "labeled":
+                    classify_rows += classify_crops_from_masks(image, mask, eid)
+        return write_prepared(writer, classify_rows, classes, cfg, tmp)
 
 
 def prepare(cfg: DataConfig, out_dir: Path) -> dict:
     """Write the prepared splits for `cfg.format` to `out_dir`; return the manifest."""
-    if cfg.format == "folder":
-        return prepare_folder(cfg, out_dir)
-    return prepare_digit_scenes(cfg, out_dir)
+    if cfg.format == "digits":
+        return prepare_digit_scenes(cfg, out_dir)
+    return prepare_files(cfg, out_dir)
 
 
 def labeled_subset(prepared: Path, fraction: float, seed: int, out_dir: Path, shard_rows: int,

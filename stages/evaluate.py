@@ -10,6 +10,7 @@ import mlflow
 from pipeline.checkpoints import load_segmenter
 from pipeline.data import read_manifest, write_text_atomic
 from pipeline.figures import confusion_figure, prediction_grid
+from pipeline.formats import palette_for
 from pipeline.inference import evaluate_split
 from pipeline.metrics import segmentation_scores
 from pipeline.stage import stage, stage_parser
@@ -49,7 +50,7 @@ def main() -> None:
             confusion_figure(c.numpy(), classes, f"{name} (val mIoU {scores[name]['miou']:.3f})",
                              args.figures / f"confusion_{name}.png")
         prediction_grid(samples["image"], {"truth": samples["mask"], **{n: samples[n] for n in models}},
-                        len(classes), args.figures / "predictions.png")
+                        palette_for(manifest), args.figures / "predictions.png")
         mlflow.log_artifacts(str(args.figures), "figures")
         mlflow.log_artifact(str(args.per_class))
         for name, s in scores.items():

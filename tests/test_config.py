@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.compose import compose, render
+from pipeline.compose import CONF_DIR, compose, render
 from pipeline.config import ConfigError, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,6 +88,36 @@ def test_presets_compose_and_validate():
     assert params.model.preset == "r50_vit_b16"
     assert params.model.decoder_channels == [256, 128, 64, 16]
     assert params.data.digits.train_scenes == 60
+
+
+PAPER_EXPERIMENTS = {"cityscapes_ddep": "cityscapes", "ade20k_ddep": "ade20k", "pascal_context_ddep": "pascal_context"}
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in CONF_DIR.glob("experiment/*.yaml")))
+def test_every_experiment_preset_composes_and_validates(experiment):
+    needed = ["data.root=/data/x", "encoder.weights_path=/weights/r50_vit.pth"]
+    params = compose([f"experiment={experiment}", *needed] if experiment in PAPER_EXPERIMENTS or experiment == "ddep_transunet"
+                     else [f"experiment={experiment}"])
+    if experiment in PAPER_EXPERIMENTS:
+        assert params.data.format == PAPER_EXPERIMENTS[experiment]
+        assert params.model.preset == "r50_vit_b16" and params.encoder.init == "file"
+        assert params.decoder_pretrain.mode == "ddep" and params.decoder_pretrain.sigma == 0.2
+        assert params.ray.use_gpu and params.teacher.hflip and params.data.fit == "tiles"
+
+
+@pytest.mark.parametrize("dataset", sorted(p.stem for p in CONF_DIR.glob("dataset/*.yaml")))
+def test_every_dataset_preset_composes_and_names_what_it_needs(dataset):
+    if dataset == "digits":
+        assert compose([f"dataset={dataset}"]).data.format == "digits"
+        return
+    with pytest.raises(ConfigError, match="data.root"):
+        compose([f"dataset={dataset}"])
+    assert compose([f"dataset={dataset}", "data.root=/data/x"]).data.format == dataset
+
+
+def test_a_paper_preset_needs_the_encoder_weights():
+    with pytest.raises(ConfigError, match="weights_path"):
+        compose(["experiment=cityscapes_ddep", "data.root=/data/x"])
 
 
 def test_env_overrides_ray_address(monkeypatch):

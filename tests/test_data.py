@@ -121,7 +121,7 @@ def test_folder_format_ingestion(tmp_path):
 @pytest.mark.parametrize("breakage, message", [
     (lambda root: (root / "masks" / "im3.png").unlink(), "im3.png: missing mask"),
     (lambda root: Image.fromarray(np.full((30, 40), 7, np.uint8)).save(root / "masks" / "im2.png"),
-     "class value 7 >= 3"),
+     "im2.png: mask value 7 is not a folder label"),
     (lambda root: (root / "images" / "im1.jpg").write_bytes(b"not an image"), "im1.jpg: not a readable image"),
     (lambda root: Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(root / "masks" / "im4.png"),
      "im4.png: mask mode RGB"),
@@ -131,7 +131,7 @@ def test_folder_format_ingestion(tmp_path):
 def test_folder_errors_name_the_file(tmp_path, breakage, message):
     _folder_dataset(tmp_path / "raw")
     breakage(tmp_path / "raw")
-    cfg = DataConfig(format="folder", root=str(tmp_path / "raw"), image_size=16)
+    cfg = DataConfig(format="folder", root=str(tmp_path / "raw"), image_size=16, labeled_fraction=0.5)
     with pytest.raises(DataError, match=message):
         prepare(cfg, tmp_path / "prepared")
     assert not (tmp_path / "prepared").exists()

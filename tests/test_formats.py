@@ -1,0 +1,253 @@
+"""The public datasets' official layouts, built as tiny fixture trees, through `prepare`: the
+class ids that come out are checked pixel by pixel against the formats' conventions."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import formats
+from pipeline.config import DataConfig
+from pipeline.data import DataError, decode_png, read_split
+from pipeline.prepare import prepare
+
+H, W = 16, 32  # 1:2 like Cityscapes; image_size=16 keeps every pixel (no resampling)
+
+
+def _image(path: Path, seed: int, size=(W, H), suffix_mode="RGB") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(suffix_mode).save(path)
+
+
+def _quadrant_mask(values: tuple[int, int, int, int]) -> np.ndarray:
+    """Four vertical bands of raw label values across the width."""
+    mask = np.zeros((H, W), np.uint8)
+    for k, v in enumerate(values):
+        mask[:, k * W // 4:(k + 1) * W // 4] = v
+    return mask
+
+
+def _save_mask(path: Path, mask: np.ndarray, palette: np.ndarray | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(mask, mode="L")
+    if palette is not None:
+        im = im.convert("P")
+        im.putpalette(palette.ravel().tolist())
+        im.putdata(mask.ravel().tolist())
+    im.save(path)
+
+
+def _decoded(prepared: Path, split: str) -> dict[str, np.ndarray]:
+    table = read_split(prepared / split)
+    return {i: None if m is None else decode_png(m) for i, m in zip(table.column("id").to_pylist(), table.column("mask").to_pylist())}
+
+
+def _tiles(mask: np.ndarray) -> list[np.ndarray]:
+    return [mask[:, :H], mask[:, H:]]
+
+
+# ---- Cityscapes ----------------------------------------------------------------------------
+
+CITYSCAPES_RAW = (7, 26, 1, 33)  # road, car, ego vehicle (ignored), bicycle
+CITYSCAPES_TRAIN_IDS = (0, 13, 255, 18)
+
+
+def _cityscapes(root: Path, extra: bool = False) -> None:
+    n = 0
+    for split, cities in (("train", ("aachen", "bremen")), ("val", ("lindau",))):
+        for city in cities:
+            for k in range(2):
+                eid = f"{city}_{k:06d}_000019"
+                _image(root / "leftImg8bit" / split / city / f"{eid}_leftImg8bit.png", n)
+                _save_mask(root / "gtFine" / split / city / f"{eid}_gtFine_labelIds.png", _quadrant_mask(CITYSCAPES_RAW))
+                n += 1
+    if extra:
+        for k in range(3):
+            _image(root / "leftImg8bit" / "train_extra" / "erlangen" / f"erlangen_{k:06d}_000019_leftImg8bit.png", 50 + k)
+
+
+def test_cityscapes_label_ids_become_train_ids_and_tiles_cover_the_image(tmp_path):
+    _cityscapes(tmp_path / "cityscapes", extra=True)
+    cfg = DataConfig(format="cityscapes", root=str(tmp_path / "cityscapes"), image_size=H, fit="tiles",
+                     labeled_fraction=0.5, extra_images=True, shard_rows=3)
+    manifest = prepare(cfg, tmp_path / "prepared")
+    assert manifest["classes"][0] == "road" and manifest["classes"][13] == "car" and manifest["num_classes"] == 19
+    # 4 train images (2 labeled), 2 val images, 3 train_extra; two 16×16 tiles each
+    assert manifest["counts"] == {"labeled": 4, "unlabeled": 4 + 6, "val": 4, "classify": manifest["counts"]["classify"]}
+    expected = _tiles(np.array(CITYSCAPES_TRAIN_IDS, np.uint8)[_band_index()])
+    for split in ("labeled", "val"):
+        masks = _decoded(tmp_path / "prepared", split)
+        for eid, mask in masks.items():
+            assert eid.endswith(("_t0", "_t1"))
+            assert np.array_equal(mask, expected[int(eid[-1])]), eid
+    labeled = set(_decoded(tmp_path / "prepared", "labeled"))
+    assert {formats.source_id(i) for i in labeled} == {i[:-3] for i in labeled}
+    assert len({formats.source_id(i) for i in labeled}) == 2  # both tiles of each labeled image
+    extra = [i for i, m in _decoded(tmp_path / "prepared", "unlabeled").items() if m is None]
+    assert len(extra) == 6 and all(i.startswith("erlangen") for i in extra)
+
+
+def _band_index() -> np.ndarray:
+    """Which of the four bands each pixel lies in."""
+    return np.broadcast_to(np.arange(W) // (W // 4), (H, W))
+
+
+def test_cityscapes_crop_keeps_the_centre(tmp_path):
+    _cityscapes(tmp_path / "cityscapes")
+    cfg = DataConfig(format="cityscapes", root=str(tmp_path / "cityscapes"), image_size=H, labeled_fraction=1.0)
+    prepare(cfg, tmp_path / "prepared")
+    for mask in _decoded(tmp_path / "prepared", "val").values():
+        assert np.array_equal(mask, np.array(CITYSCAPES_TRAIN_IDS, np.uint8)[_band_index()][:, H // 2:H // 2 + H])
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda r: _save_mask(r / "gtFine/val/lindau/lindau_000001_000019_gtFine_labelIds.png",
+                          _quadrant_mask((0, 13, 255, 18))), "lindau_000001_000019_gtFine_labelIds.png: mask value 255 is not a cityscapes label"),
+    (lambda r: (r / "gtFine/train/bremen/bremen_000000_000019_gtFine_labelIds.png").unlink(),
+     "bremen_000000_000019_gtFine_labelIds.png: missing fine labelIds mask"),
+    (lambda r: (r / "leftImg8bit/train/aachen/aachen_000001_000019_leftImg8bit.png").write_bytes(b"\x89PNG trunc"),
+     "aachen_000001_000019_leftImg8bit.png: not a readable image"),
+    (lambda r: _save_mask(r / "gtFine/train/aachen/aachen_000000_000019_gtFine_labelIds.png", np.zeros((8, 8), np.uint8)),
+     "aachen_000000_000019_gtFine_labelIds.png: mask size"),
+])
+def test_cityscapes_errors_name_the_file(tmp_path, breakage, message):
+    _cityscapes(tmp_path / "cs")
+    breakage(tmp_path / "cs")
+    cfg = DataConfig(format="cityscapes", root=str(tmp_path / "cs"), image_size=H, labeled_fraction=1.0)
+    with pytest.raises(DataError, match=message):
+        prepare(cfg, tmp_path / "prepared")
+    assert not (tmp_path / "prepared").exists() and not list(tmp_path.glob(".prepared*"))
+
+
+# ---- ADE20K --------------------------------------------------------------------------------
+
+def _ade20k(root: Path) -> None:
+    base = root / "ADEChallengeData2016"
+    for folder, count in (("training", 4), ("validation", 2)):
+        for k in range(count):
+            eid = f"ADE_{folder[:5]}_{k:08d}"
+            _image(base / "images" / folder / f"{eid}.jpg", k, size=(H, H))
+            _save_mask(base / "annotations" / folder / f"{eid}.png", _quadrant_mask((0, 1, 13, 150))[:, :H])
+
+
+def test_ade20k_zero_is_ignored_and_classes_shift_down(tmp_path):
+    _ade20k(tmp_path / "ade")
+    manifest = prepare(DataConfig(format="ade20k", root=str(tmp_path / "ade"), image_size=H, labeled_fraction=0.5),
+                       tmp_path / "prepared")
+    assert manifest["num_classes"] == 150 and manifest["classes"][0] == "wall" and manifest["classes"][149] == "flag"
+    expected = np.array((255, 0, 12, 149), np.uint8)[_band_index()][:, :H]
+    val = _decoded(tmp_path / "prepared", "val")
+    assert len(val) == 2 and all(np.array_equal(m, expected) for m in val.values())
+
+
+def test_ade20k_value_above_150_names_the_file(tmp_path):
+    _ade20k(tmp_path / "ade")
+    bad = tmp_path / "ade/ADEChallengeData2016/annotations/training/ADE_train_00000002.png"
+    _save_mask(bad, np.full((H, H), 151, np.uint8))
+    with pytest.raises(DataError, match="ADE_train_00000002.png: mask value 151 is not a ade20k label"):
+        prepare(DataConfig(format="ade20k", root=str(tmp_path / "ade"), image_size=H, labeled_fraction=1.0),
+                tmp_path / "prepared")
+
+
+# ---- Pascal VOC ----------------------------------------------------------------------------
+
+VOC_TRAIN, VOC_VAL, VOC_AUG = ["2007_000032", "2007_000039"], ["2007_000033"], ["2008_000002", "2008_000003", "2007_000032"]
+
+
+def _voc(root: Path) -> None:
+    base = root / "VOCdevkit" / "VOC2012"
+    sets = base / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True)
+    (sets / "train.txt").write_text("\n".join(VOC_TRAIN) + "\n")
+    (sets / "val.txt").write_text("\n".join(VOC_VAL) + "\n")
+    (sets / "trainaug.txt").write_text("\n".join(VOC_AUG) + "\n")
+    palette = formats.voc_palette(21)
+    for k, eid in enumerate(VOC_TRAIN + VOC_VAL + VOC_AUG):
+        _image(base / "JPEGImages" / f"{eid}.jpg", k, size=(H, H))
+        _save_mask(base / "SegmentationClassAug" / f"{eid}.png", _quadrant_mask((0, 15, 255, 20))[:, :H])
+        if eid in VOC_TRAIN + VOC_VAL:
+            _save_mask(base / "SegmentationClass" / f"{eid}.png", _quadrant_mask((0, 15, 255, 20))[:, :H], palette)
+
+
+def test_voc_palette_masks_are_read_as_indices_and_id_lists_choose_the_labeled_images(tmp_path):
+    _voc(tmp_path / "voc")
+    mask_file = tmp_path / "voc/VOCdevkit/VOC2012/SegmentationClass/2007_000033.png"
+    with Image.open(mask_file) as im:
+        assert im.mode == "P" and np.asarray(im.convert("RGB"))[0, W // 4 + 1].tolist() == [192, 128, 128]  # person
+    split = tmp_path / "92" / "labeled.txt"
+    split.parent.mkdir()
+    split.write_text("JPEGImages/2008_000003.jpg SegmentationClass/2008_000003.png\n")  # UniMatch's line format
+    cfg = DataConfig(format="voc", root=str(tmp_path / "voc"), image_size=H, extra_images=True,
+                     labeled_ids=str(split))
+    manifest = prepare(cfg, tmp_path / "prepared")
+    assert manifest["classes"][15] == "person"
+    assert manifest["ids"]["labeled"] == ["2008_000003"]
+    assert sorted(manifest["ids"]["unlabeled"]) == ["2007_000032", "2007_000039", "2008_000002"]
+    expected = np.array((0, 15, 255, 20), np.uint8)[_band_index()][:, :H]
+    for split_name in ("labeled", "unlabeled", "val"):
+        assert all(np.array_equal(m, expected) for m in _decoded(tmp_path / "prepared", split_name).values())
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda r: Image.fromarray(np.zeros((H, H, 3), np.uint8)).save(r / "SegmentationClass/2007_000039.png"),
+     "2007_000039.png: mask mode RGB"),
+    (lambda r: (r / "JPEGImages/2007_000033.jpg").unlink(), "2007_000033.jpg: missing image"),
+    (lambda r: (r / "ImageSets/Segmentation/train.txt").write_text("2007_000032\n2007_000032\n"),
+     "train.txt: id '2007_000032' is listed twice"),
+    (lambda r: _save_mask(r / "SegmentationClass/2007_000032.png", np.full((H, H), 21, np.uint8)),
+     "2007_000032.png: mask value 21 is not a voc label"),
+])
+def test_voc_errors_name_the_file(tmp_path, breakage, message):
+    _voc(tmp_path / "voc")
+    breakage(tmp_path / "voc/VOCdevkit/VOC2012")
+    with pytest.raises(DataError, match=message):
+        prepare(DataConfig(format="voc", root=str(tmp_path / "voc"), image_size=H, labeled_fraction=1.0),
+                tmp_path / "prepared")
+
+
+def test_an_id_list_naming_unknown_images_is_refused(tmp_path):
+    _voc(tmp_path / "voc")
+    (tmp_path / "labeled.txt").write_text("2007_000032\n2099_123456\n")
+    cfg = DataConfig(format="voc", root=str(tmp_path / "voc"), image_size=H, labeled_ids=str(tmp_path / "labeled.txt"))
+    with pytest.raises(DataError, match="labeled.txt: 1 listed ids are not train images .*2099_123456"):
+        prepare(cfg, tmp_path / "prepared")
+
+
+# ---- Pascal Context (59 classes) -----------------------------------------------------------
+
+def test_pascal_context_59_ignores_background(tmp_path):
+    base = tmp_path / "VOCdevkit" / "VOC2010"
+    sets = base / "ImageSets" / "SegmentationContext"
+    sets.mkdir(parents=True)
+    (sets / "train.txt").write_text("2008_000002\n2008_000003\n")
+    (sets / "val.txt").write_text("2008_000004\n")
+    for k, eid in enumerate(("2008_000002", "2008_000003", "2008_000004")):
+        _image(base / "JPEGImages" / f"{eid}.jpg", k, size=(H, H))
+        _save_mask(base / "SegmentationClassContext" / f"{eid}.png", _quadrant_mask((0, 1, 37, 59))[:, :H])
+    manifest = prepare(DataConfig(format="pascal_context", root=str(tmp_path / "VOCdevkit"), image_size=H,
+                                  labeled_fraction=0.5), tmp_path / "prepared")
+    assert manifest["num_classes"] == 59 and manifest["classes"][36] == "person"
+    expected = np.array((255, 0, 36, 58), np.uint8)[_band_index()][:, :H]
+    assert all(np.array_equal(m, expected) for m in _decoded(tmp_path / "prepared", "val").values())
+
+
+# ---- shared reading rules ------------------------------------------------------------------
+
+def test_images_that_are_not_8_bit_rgb_are_converted(tmp_path):
+    for name, array in (("gray.png", np.full((H, H), 7, np.uint8)), ("rgba.png", np.zeros((H, H, 4), np.uint8)),
+                        ("deep.png", np.arange(H * H, dtype=np.uint16).reshape(H, H) * 200)):
+        Image.fromarray(array).save(tmp_path / name)
+        image = formats.read_image(tmp_path / name)
+        assert image.mode == "RGB" and image.size == (H, H)
+    deep = np.asarray(formats.read_image(tmp_path / "deep.png"))[..., 0]
+    assert deep.min() == 0 and deep.max() == 255  # 16-bit range stretched, not clipped
+
+
+def test_every_format_has_a_palette_and_a_config_name():
+    from pipeline.config import DATA_FORMATS
+
+    assert set(DATA_FORMATS) == {"digits", *formats.FORMATS}
+    assert formats.palette_for({"format": "cityscapes", "num_classes": 19})[0].tolist() == [128, 64, 128]
+    assert formats.palette_for({"format": "digits", "num_classes": 11})[255].tolist() == [255, 255, 255]
