@@ -31,9 +31,8 @@ def save_weights(path: Path, state: dict, kind: str, model: ModelConfig, classes
     publish(tmp, path)
 
 
-def load_weights(path: Path, kind: str, model: ModelConfig, classes: list[str] | None = None) -> dict:
-    """Read a weights file written by `save_weights` and check it fits `model` and `classes`."""
-    path = Path(path)
+def read_payload(path: Path) -> dict:
+    """The contents of a weights file written by `save_weights`, checked for its shape only."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file")
     try:
@@ -42,6 +41,12 @@ def load_weights(path: Path, kind: str, model: ModelConfig, classes: list[str] |
         raise CheckpointError(f"{path}: not a readable weights file ({err})") from None
     if not isinstance(payload, dict) or "state_dict" not in payload:
         raise CheckpointError(f"{path}: expected a file written by this pipeline (with a state_dict)")
+    return payload
+
+
+def load_weights(path: Path, kind: str, model: ModelConfig, classes: list[str] | None = None) -> dict:
+    """Read a weights file written by `save_weights` and check it fits `model` and `classes`."""
+    payload = read_payload(Path(path))
     if payload.get("kind") != kind:
         raise CheckpointError(f"{path}: holds a {payload.get('kind')!r} network, expected {kind!r}")
     # An encoder does not depend on the decoder widths; every other network does.
@@ -65,6 +70,22 @@ def load_segmenter(path: Path, model: ModelConfig, classes: list[str]) -> Segmen
     net = build_network(model, len(classes))
     net.load_state_dict(load_weights(path, SEGMENTER, model, classes))
     return net.eval()
+
+
+def load_exported_segmenter(path: Path) -> tuple[SegmentationNet, list[str]]:
+    """A segmenter rebuilt from its own file (the model config and classes it was saved with),
+    for use outside the pipeline, e.g. by `pipeline.predict`."""
+    payload = read_payload(path)
+    if payload.get("kind") != SEGMENTER or not payload.get("classes"):
+        raise CheckpointError(f"{path}: holds a {payload.get('kind')!r} network; expected a fine-tuned "
+                              "segmenter (a teacher or student output)")
+    try:
+        model = ModelConfig(**payload["model"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its model config does not fit this version ({err})") from None
+    net = build_network(model, len(payload["classes"]))
+    net.load_state_dict(payload["state_dict"])
+    return net.eval(), payload["classes"]
 
 
 def load_external_encoder(path: Path, preset: str) -> dict:

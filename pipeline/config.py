@@ -330,10 +330,12 @@ class StudentConfig(FinetuneConfig):
 
 @dataclass
 class EvaluateConfig:
-    """`evaluate`: metrics and figures on the val split."""
+    """`evaluate`: metrics and figures on the val split; the student is registered in
+    MLflow's model registry as `registered_model` (null: not registered)."""
 
     batch_size: int = 64
     grid_images: int = 8
+    registered_model: str | None = "segmentation-student"
 
     def __post_init__(self) -> None:
         _positive("evaluate", batch_size=self.batch_size, grid_images=self.grid_images)

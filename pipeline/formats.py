@@ -148,20 +148,24 @@ def read_mask(path: Path, image_size: tuple[int, int], table: np.ndarray, fmt: D
     return ids.astype(np.uint8)
 
 
-def squares(image: Image.Image, size: int, fit: str, resample: int) -> list[np.ndarray]:
-    """Resize so the shorter side is `size`, then one centre square ('crop') or evenly spaced
-    squares covering the longer side ('tiles'; they overlap when it is not a multiple)."""
-    w, h = image.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((nw, nh), resample)
+def square_layout(width: int, height: int, size: int, fit: str) -> tuple[tuple[int, int], list[tuple]]:
+    """Where the squares of an image lie: the size it is resized to (shorter side `size`) and
+    the (left, top, right, bottom) boxes in it — one centred ('crop') or evenly spaced ones
+    covering the longer side ('tiles'; they overlap when it is not a multiple of `size`)."""
+    scale = size / min(width, height)
+    nw, nh = max(size, round(width * scale)), max(size, round(height * scale))
     long_side = max(nw, nh)
     count = 1 if fit == "crop" else math.ceil(long_side / size)
     if count == 1:
         starts = [(long_side - size) // 2]
     else:
         starts = [round(k * (long_side - size) / (count - 1)) for k in range(count)]
-    boxes = [(s, 0, s + size, size) if nw >= nh else (0, s, size, s + size) for s in starts]
+    return (nw, nh), [(s, 0, s + size, size) if nw >= nh else (0, s, size, s + size) for s in starts]
+
+
+def squares(image: Image.Image, size: int, fit: str, resample: int) -> list[np.ndarray]:
+    resized, boxes = square_layout(*image.size, size, fit)
+    image = image.resize(resized, resample)
     return [np.asarray(image.crop(box)) for box in boxes]
 
 

@@ -57,6 +57,12 @@ def main() -> None:
             mlflow.log_metrics({f"{name}_miou": s["miou"], f"{name}_pixel_accuracy": s["pixel_accuracy"]})
             mlflow.log_metrics({f"{name}_iou.{c}": v for c, v in s["per_class_iou"].items()})
             ctx.summary[f"{name}_miou"] = s["miou"]
+        if cfg.registered_model:
+            from pipeline.registry import register_segmenter
+
+            version, champion = register_segmenter(args.student, manifest["image_size"], classes,
+                                                   cfg.registered_model, scores["student"]["miou"])
+            ctx.summary |= {"model": f"models:/{cfg.registered_model}/{version}", "champion": champion}
 
 
 if __name__ == "__main__":

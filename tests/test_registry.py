@@ -1,0 +1,46 @@
+"""The registered student: `champion` follows the best val mIoU, and the registered model
+predicts exactly what the exported weights do, in a fresh process."""
+
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import torch
+from mlflow import MlflowClient
+
+from pipeline.checkpoints import SEGMENTER, save_weights
+from pipeline.config import ModelConfig
+from pipeline.models import build_network
+from pipeline.predict import load_predictor
+from pipeline.registry import register_segmenter
+
+CLASSES = ["background", "disc", "bar"]
+
+
+def test_champion_moves_only_to_a_better_model_and_loads_in_a_fresh_process(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("t", artifact_location=(tmp_path / "art").as_uri()))
+    torch.manual_seed(0)
+    weights = tmp_path / "student.pt"
+    save_weights(weights, build_network(ModelConfig(), len(CLASSES)).state_dict(), SEGMENTER, ModelConfig(), CLASSES)
+    results = []
+    for miou in (0.5, 0.4, 0.6):
+        with mlflow.start_run():
+            results.append(register_segmenter(weights, 32, CLASSES, "seg", miou))
+    assert results == [("1", True), ("2", False), ("3", True)]
+    assert str(MlflowClient(uri).get_model_version_by_alias("seg", "champion").version) == "3"
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 40, 72, 3), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    script = (
+        "import numpy as np, mlflow, sys\n"
+        f"images = np.load({str(tmp_path / 'images.npy')!r})\n"
+        "model = mlflow.pyfunc.load_model('models:/seg@champion')\n"
+        f"np.save({str(tmp_path / 'pyfunc.npy')!r}, model.predict(images))\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, )
+    expected = np.stack([p.labels for p in load_predictor(str(weights), 32, "cpu", 16).predict(list(images))])
+    assert np.array_equal(np.load(tmp_path / "pyfunc.npy"), expected)
