@@ -8,7 +8,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_DISABLE_DOCKER_CPU_WARNING := 1
 
-.PHONY: install run study test test-fast bench ui params clean
+.PHONY: install run study test test-fast bench ui report params clean
 
 install: $(VENV)/.installed
 
@@ -21,9 +21,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	test -d .git || (git init -q && git add -A && git -c user.email=pipeline@localhost -c user.name=pipeline commit -qm "initial import")
 	touch $@
 
-# One local Ray instance serves every stage of the run (see pipeline/cluster.py).
+# dvc repro with one local Ray for all stages and one MLflow parent run (see pipeline/run.py).
 run: install
-	$(PY) -m pipeline.cluster -- dvc repro
+	$(PY) -m pipeline.run
 	dvc metrics show
 
 # The label-efficiency study (about 2 hours on 2 CPU cores), then its table into README.md.
@@ -42,6 +42,11 @@ bench: install
 
 ui: install
 	mlflow ui --backend-store-uri "sqlite:///$(abspath mlflow.db)" --host 127.0.0.1 --port 5000
+
+# Every DVC plot of the workspace (curves, per-class IoU, figures) in one HTML page.
+report: install
+	dvc plots show --out reports/plots
+	@echo "open reports/plots/index.html"
 
 # Compose params.yaml from conf/ presets, e.g. `make params ARGS="model=r50_vit_b16"`.
 params: install

@@ -56,6 +56,42 @@ def prediction_grid(images: torch.Tensor, columns: dict[str, torch.Tensor], colo
     _save(fig, path)
 
 
+def pseudo_label_grid(images: list[np.ndarray], labels: list[np.ndarray], confidence: list[np.ndarray],
+                      truth: list[np.ndarray | None], colours: np.ndarray, path: Path) -> None:
+    """One row per unlabeled image: the image, its pseudo-label, the teacher's confidence
+    (dark = unsure) and, where a held-aside mask exists, the ground truth."""
+    plt = _pyplot()
+    names = ["image", "pseudo-label", "confidence", "ground truth"]
+    ncols = 4 if any(t is not None for t in truth) else 3
+    fig, axes = plt.subplots(len(images), ncols, figsize=(1.6 * ncols, 1.6 * len(images)), squeeze=False)
+    for i in range(len(images)):
+        panels = [images[i], colours[labels[i]], confidence[i], None if truth[i] is None else colours[truth[i]]]
+        for j in range(ncols):
+            ax = axes[i, j]
+            if panels[j] is not None:
+                ax.imshow(panels[j], cmap="gray" if j == 2 else None, vmin=0, vmax=255, interpolation="nearest")
+            ax.axis("off")
+            if i == 0:
+                ax.set_title(names[j], fontsize=9)
+    _save(fig, path)
+
+
+def per_class_bars(scores: dict[str, dict], classes: list[str], path: Path) -> None:
+    """Val IoU per class, one bar per model (teacher, student) side by side."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 0.3 * len(classes) * len(scores) + 1.2))
+    height = 0.8 / len(scores)
+    for k, (name, s) in enumerate(scores.items()):
+        ax.barh(np.arange(len(classes)) + k * height, [s["per_class_iou"].get(c, 0.0) for c in classes],
+                height=height, label=f"{name} (mIoU {s['miou']:.3f})")
+    ax.set_yticks(np.arange(len(classes)) + 0.4 - height / 2, classes)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("val IoU")
+    ax.legend(loc="lower right", fontsize=8)
+    _save(fig, path)
+
+
 def denoising_triplets(clean: torch.Tensor, noisy: torch.Tensor, predicted: torch.Tensor,
                        target: torch.Tensor, path: Path) -> None:
     """Per row: clean, noisy input, the prediction and its target (the noise, or the clean

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from pipeline.config import DataConfig
 from pipeline.data import IGNORE_INDEX, DataError
@@ -122,8 +122,8 @@ def read_image(path: Path) -> Image.Image:
                 span = max(float(array.max() - array.min()), 1e-12)
                 im = Image.fromarray(((array - array.min()) / span * 255).astype(np.uint8))
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DataError(f"{path}: not a readable image ({err})") from None
+    except Exception as err:  # noqa: BLE001 - Pillow raises many types for a broken file
+        raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
 
 
 def read_mask(path: Path, image_size: tuple[int, int], table: np.ndarray, fmt: DatasetFormat) -> np.ndarray:
@@ -136,10 +136,12 @@ def read_mask(path: Path, image_size: tuple[int, int], table: np.ndarray, fmt: D
             if im.size != image_size:
                 raise DataError(f"{path}: mask size {im.size} differs from its image's {image_size}")
             raw = np.asarray(im)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DataError(f"{path}: not a readable mask ({err})") from None
-    if raw.max(initial=0) > 255:
-        raise DataError(f"{path}: mask value {int(raw.max())} does not fit the 8-bit label range")
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - Pillow raises many types for a broken file
+        raise DataError(f"{path}: not a readable mask ({type(err).__name__}: {err})") from None
+    if raw.size and (raw.max() > 255 or raw.min() < 0):
+        raise DataError(f"{path}: mask values {int(raw.min())}..{int(raw.max())} do not fit the 8-bit label range")
     ids = table[raw.astype(np.uint8)]
     bad = ids == INVALID
     if bad.any():

@@ -73,9 +73,14 @@ class Predictor:
 def load_predictor(model: str, image_size: int | None, device: str, batch_size: int) -> Predictor:
     """A predictor from an exported weights file (a stage output such as models/student.pt)
     or an MLflow model URI (`models:/<name>@champion`, `runs:/<id>/student`)."""
-    if "://" in model or model.startswith(("models:/", "runs:/")):
+    if is_mlflow_uri(model):
         import mlflow
 
+        if Path("params.yaml").is_file():  # the project's own tracking store, as its stages use it
+            from pipeline.config import load_params
+            from pipeline.tracking import resolve_tracking_uri
+
+            mlflow.set_tracking_uri(resolve_tracking_uri(load_params("params.yaml").mlflow, Path.cwd()))
         predictor = mlflow.pyfunc.load_model(model).unwrap_python_model().predictor
         predictor.net.to(device)
         predictor.device, predictor.batch_size = device, batch_size
@@ -183,9 +188,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {err}")
 
 
+def is_mlflow_uri(model: str) -> bool:
+    return "://" in model or model.startswith(("models:/", "runs:/"))
+
+
 def default_image_size_for(model: str) -> int | None:
     """MLflow models carry their own size; a weights file takes ./params.yaml's."""
-    return None if "://" in model or model.startswith(("models:/", "runs:/")) else default_image_size()
+    return None if is_mlflow_uri(model) else default_image_size()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ class StageContext:
     params: Params
     root: Path
     run_id: str | None = None
+    curves: Path | None = None  # where train() writes the per-epoch metrics (CSV, a DVC plot)
     started: float = field(default_factory=time.perf_counter)
     summary: dict = field(default_factory=dict)
 
@@ -38,6 +39,11 @@ class StageContext:
         job.mlflow_run_id = self.run_id
         job.tracking_uri = resolve_tracking_uri(self.params.mlflow, self.root)
         state, metrics = launch(self.name, loop, job, datasets, self.params.ray, inputs)
+        if self.curves is not None:
+            from pipeline.data import write_text_atomic
+            from pipeline.tracking import metric_history_csv
+
+            write_text_atomic(self.curves, metric_history_csv(job.tracking_uri, self.run_id))
         self.summary["loss"] = float(metrics.get("loss", float("nan")))
         self.summary["loop_s"] = float(metrics.get("loop_seconds", 0.0))
         self.summary["world_size"] = int(metrics.get("world_size", 1))
@@ -75,32 +81,37 @@ def known_errors() -> tuple[type[Exception], ...]:
     return (ConfigError, DataError, CheckpointError)
 
 
-def stage_parser(description: str | None) -> argparse.ArgumentParser:
+def stage_parser(description: str | None, training: bool = False) -> argparse.ArgumentParser:
     """A stage script's argument parser, with `--set key=value` params overrides (how a study
-    runs the same stage at other settings)."""
+    runs the same stage at other settings) and, for training stages, `--curves`."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one params.yaml value for this run, e.g. decoder_pretrain.sigma=0.4")
+    if training:
+        parser.add_argument("--curves", type=Path, help="write the per-epoch training metrics here (CSV)")
     return parser
 
 
 @contextmanager
 def stage(name: str, sections: list[str], prepared: Path | None = None,
-          params_file: str = "params.yaml", overrides: list[str] = ()) -> Iterator[StageContext]:
+          params_file: str = "params.yaml", overrides: list[str] = (),
+          curves: Path | None = None) -> Iterator[StageContext]:
     """Run a stage body inside its MLflow run; logs wall time and prints the summary line."""
     try:
         params = load_params(params_file, overrides)
-        ctx = StageContext(name, params, Path.cwd())
-        import mlflow
-
+        ctx = StageContext(name, params, Path.cwd(), curves=curves)
         from pipeline.data import manifest_hash
-        from pipeline.tracking import log_metrics, stage_run
+        from pipeline.tracking import log_metrics, stage_run, tag_with_parent
 
         with stage_run(name, params, sections, ctx.root) as run_id:
             ctx.run_id = run_id
             yield ctx
             if prepared is not None:  # read at the end: `prepare` writes the manifest itself
-                mlflow.set_tag("data.manifest_hash", manifest_hash(prepared))
+                tag_with_parent("data.manifest_hash", manifest_hash(prepared))
+            if ctx.curves is not None and "loop_s" not in ctx.summary:  # nothing trained (e.g. weights from a file)
+                from pipeline.data import write_text_atomic
+
+                write_text_atomic(ctx.curves, "epoch\n")
             ctx.summary["wall_s"] = ctx.wall_seconds
             if "loop_s" in ctx.summary:
                 ctx.summary["overhead_s"] = ctx.summary["wall_s"] - ctx.summary["loop_s"]

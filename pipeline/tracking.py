@@ -82,14 +82,70 @@ def _experiment_id(client, name: str, root: Path, uri: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-def _parent_run(client, experiment_id: str, execution: str, commit: str) -> str:
+def _find_parent(client, experiment_id: str, execution: str):
     found = client.search_runs([experiment_id], filter_string=(
         f"tags.`{EXECUTION_TAG}` = '{execution}' and tags.`{PARENT_TAG}` = 'true'"), max_results=1)
+    return found[0] if found else None
+
+
+def log_params(client, run_id: str, flat: dict) -> None:
+    """Log many params (MLflow takes at most 100 per request)."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)) for k, v in flat.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start:start + 100])
+
+
+def _parent_run(client, experiment_id: str, execution: str, commit: str, root: Path) -> str:
+    """The execution's parent run, created by its first stage with the whole pipeline's
+    params (params.yaml, flattened by section), so two executions compare param by param."""
+    from pipeline.config import PARAMS_FILE, load_params
+
+    found = _find_parent(client, experiment_id, execution)
     if found:
-        return found[0].info.run_id
+        return found.info.run_id
     run = client.create_run(experiment_id, run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",
                             tags={EXECUTION_TAG: execution, PARENT_TAG: "true", "git.commit": commit})
+    params = load_params(root / PARAMS_FILE)
+    flat = {}
+    for section in Params.__dataclass_fields__:
+        flat |= flatten(section, section_dict(params, section))
+    log_params(client, run.info.run_id, flat)
     return run.info.run_id
+
+
+def finish_execution(params: Params, root: Path, execution: str, stages: list[str], metrics_file: Path,
+                     returncode: int) -> str | None:
+    """Close an execution's parent run: tag the stages that did not run as `cached`, copy the
+    pipeline's metrics (e.g. student mIoU) onto it, and end it FINISHED or FAILED. Returns a
+    one-line summary, or None when no stage ran (DVC had nothing to do: no parent exists)."""
+    import json
+
+    from mlflow import MlflowClient
+
+    uri = resolve_tracking_uri(params.mlflow, root)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(params.mlflow.experiment)
+    parent = experiment and _find_parent(client, experiment.experiment_id, execution)
+    if not parent:
+        return None
+    tags = parent.data.tags
+    ran = [s for s in stages if tags.get(f"stage.{s}") == "ran"]
+    for name in stages:
+        if name not in ran:
+            client.set_tag(parent.info.run_id, f"stage.{name}", "cached")
+    if returncode == 0 and metrics_file.is_file():
+        scores = json.loads(metrics_file.read_text())
+        stamp = int(time.time() * 1000)
+        from mlflow.entities import Metric
+
+        client.log_batch(parent.info.run_id, metrics=[
+            Metric(f"{role}_{key}", float(value), stamp, 0) for role, values in scores.items()
+            for key, value in values.items() if isinstance(value, (int, float))])
+    client.set_terminated(parent.info.run_id, "FINISHED" if returncode == 0 else "FAILED")
+    return (f"MLflow run {parent.info.run_id}: ran {', '.join(ran) or 'nothing'}; "
+            f"cached {', '.join(s for s in stages if s not in ran) or 'nothing'}")
 
 
 @contextmanager
@@ -108,14 +164,14 @@ def stage_run(stage: str, params: Params, sections: list[str], root: Path) -> It
     client = MlflowClient(uri)
     experiment_id = _experiment_id(client, params.mlflow.experiment, root, uri)
     execution, commit = execution_id(), git_commit(root)
-    parent = _parent_run(client, experiment_id, execution, commit)
+    parent = _parent_run(client, experiment_id, execution, commit, root)
     tags = {"mlflow.parentRunId": parent, EXECUTION_TAG: execution, "dvc.stage": stage, "git.commit": commit}
     run = client.create_run(experiment_id, run_name=stage, tags=tags)
     run_id = run.info.run_id
     flat = {}
     for section in sections:
         flat |= flatten(section, section_dict(params, section))
-    client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in flat.items()])
+    log_params(client, run_id, flat)
     client.set_tag(parent, f"stage.{stage}", "ran")
     try:
         with mlflow.start_run(run_id=run_id):
@@ -123,6 +179,38 @@ def stage_run(stage: str, params: Params, sections: list[str], root: Path) -> It
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
+
+
+def metric_history_csv(tracking_uri: str | None, run_id: str) -> str:
+    """A run's metrics by step (epoch), one column each, as CSV."""
+    import csv
+    import io
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    keys = sorted(client.get_run(run_id).data.metrics)
+    rows: dict[int, dict] = {}
+    for key in keys:
+        for metric in client.get_metric_history(run_id, key):
+            rows.setdefault(metric.step, {})[key] = metric.value
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=["epoch", *keys], lineterminator="\n")
+    writer.writeheader()
+    for step in sorted(rows):
+        writer.writerow({"epoch": step, **rows[step]})
+    return out.getvalue()
+
+
+def tag_with_parent(key: str, value: str) -> None:
+    """Tag the active stage run and its pipeline's parent run."""
+    import mlflow
+
+    run = mlflow.active_run()
+    mlflow.set_tag(key, value)
+    parent = run.data.tags.get("mlflow.parentRunId") if run else None
+    if parent:
+        mlflow.MlflowClient().set_tag(parent, key, value)
 
 
 def log_metrics(tracking_uri: str | None, run_id: str, metrics: dict, step: int) -> None:

@@ -33,13 +33,14 @@ def log_triplets(net, prepared: Path, cfg: DecoderPretrainConfig, path: Path) ->
 
 
 def main() -> None:
-    parser = stage_parser(__doc__)
+    parser = stage_parser(__doc__, training=True)
     parser.add_argument("--prepared", type=Path, required=True)
     parser.add_argument("--encoder", type=Path, required=True, help="encoder weights from encoder_init")
     parser.add_argument("--out", type=Path, required=True, help="encoder+decoder weights file")
     parser.add_argument("--figures", type=Path, required=True)
     args = parser.parse_args()
-    with stage("decoder_pretrain", ["decoder_pretrain", "model"], args.prepared, overrides=args.overrides) as ctx:
+    with stage("decoder_pretrain", ["decoder_pretrain", "model"], args.prepared,
+               overrides=args.overrides, curves=args.curves) as ctx:
         cfg, model = ctx.params.decoder_pretrain, ctx.params.model
         manifest = read_manifest(args.prepared)
         encoder = load_weights(args.encoder, ENCODER, model)

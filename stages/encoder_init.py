@@ -14,11 +14,12 @@ from pipeline.training import encoder_classify_loop, encoder_densecl_loop, pretr
 
 
 def main() -> None:
-    parser = stage_parser(__doc__)
+    parser = stage_parser(__doc__, training=True)
     parser.add_argument("--prepared", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="encoder weights file")
     args = parser.parse_args()
-    with stage("encoder_init", ["encoder", "model"], args.prepared, overrides=args.overrides) as ctx:
+    with stage("encoder_init", ["encoder", "model"], args.prepared,
+               overrides=args.overrides, curves=args.curves) as ctx:
         cfg, model = ctx.params.encoder, ctx.params.model
         manifest = read_manifest(args.prepared)
         if cfg.init == "supervised":

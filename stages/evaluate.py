@@ -9,7 +9,7 @@ import mlflow
 
 from pipeline.checkpoints import load_segmenter
 from pipeline.data import read_manifest, write_text_atomic
-from pipeline.figures import confusion_figure, prediction_grid
+from pipeline.figures import confusion_figure, per_class_bars, prediction_grid
 from pipeline.formats import palette_for
 from pipeline.inference import evaluate_split
 from pipeline.metrics import segmentation_scores
@@ -49,6 +49,7 @@ def main() -> None:
         for name, c in confusion.items():
             confusion_figure(c.numpy(), classes, f"{name} (val mIoU {scores[name]['miou']:.3f})",
                              args.figures / f"confusion_{name}.png")
+        per_class_bars(scores, classes, args.figures / "per_class_iou.png")
         prediction_grid(samples["image"], {"truth": samples["mask"], **{n: samples[n] for n in models}},
                         palette_for(manifest), args.figures / "predictions.png")
         mlflow.log_artifacts(str(args.figures), "figures")

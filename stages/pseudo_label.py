@@ -3,21 +3,28 @@
 import json
 from pathlib import Path
 
+import mlflow
 import torch
 
 from pipeline.checkpoints import load_segmenter
 from pipeline.data import (
     PSEUDO_SCHEMA,
     DataError,
+    decode_png,
     publish,
     read_manifest,
+    read_split,
     temp_path_for,
     write_shards,
     write_text_atomic,
 )
+from pipeline.figures import pseudo_label_grid
+from pipeline.formats import palette_for
 from pipeline.inference import pseudo_label_rows
 from pipeline.metrics import segmentation_scores
 from pipeline.stage import stage, stage_parser
+
+EXAMPLES = 6  # images in the pseudo-label figure
 
 
 def main() -> None:
@@ -27,6 +34,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the pseudo-label shards")
     parser.add_argument("--unlabeled", type=Path, help="images to label (default: PREPARED/unlabeled)")
     parser.add_argument("--metrics", type=Path, help="write pseudo-label quality against held-aside masks here (JSON)")
+    parser.add_argument("--figures", type=Path, help="folder for pseudo-label examples (image / label / confidence / truth)")
     args = parser.parse_args()
     unlabeled = args.unlabeled or args.prepared / "unlabeled"
     with stage("pseudo_label", ["pseudo", "model"], args.prepared, overrides=args.overrides) as ctx:
@@ -45,6 +53,19 @@ def main() -> None:
                 write_text_atomic(args.metrics, json.dumps(quality, indent=2) + "\n")
         elif args.metrics:
             raise DataError(f"{unlabeled}: holds no masks to measure pseudo-labels against (--metrics)")
+        if args.figures:
+            examples_figure(args.out, unlabeled, manifest, EXAMPLES, args.figures / "pseudo_labels.png")
+            mlflow.log_artifacts(str(args.figures), "figures")
+
+
+def examples_figure(pseudo: Path, unlabeled: Path, manifest: dict, count: int, path: Path) -> None:
+    """The first `count` pseudo-labelled images as written, next to their held-aside masks."""
+    pseudo_rows = read_split(pseudo).slice(0, count).to_pylist()
+    masks = dict(zip(*read_split(unlabeled, ["id", "mask"]).to_pydict().values()))
+    pseudo_label_grid([decode_png(r["image"]) for r in pseudo_rows], [decode_png(r["pseudo_label"]) for r in pseudo_rows],
+                      [decode_png(r["confidence"]) for r in pseudo_rows],
+                      [None if masks.get(r["id"]) is None else decode_png(masks[r["id"]]) for r in pseudo_rows],
+                      palette_for(manifest), path)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pipeline.training import student_loop
 
 
 def main() -> None:
-    parser = stage_parser(__doc__)
+    parser = stage_parser(__doc__, training=True)
     parser.add_argument("--prepared", type=Path, required=True)
     parser.add_argument("--pseudo", type=Path, required=True, help="pseudo-label shards")
     parser.add_argument("--teacher", type=Path, required=True)
@@ -22,7 +22,8 @@ def main() -> None:
     parser.add_argument("--metrics", type=Path, help="also score the student on val and write its metrics JSON here")
     args = parser.parse_args()
     labeled = args.labeled or args.prepared / "labeled"
-    with stage("student_train", ["student", "model"], args.prepared, overrides=args.overrides) as ctx:
+    with stage("student_train", ["student", "model"], args.prepared,
+               overrides=args.overrides, curves=args.curves) as ctx:
         cfg, model = ctx.params.student, ctx.params.model
         manifest = read_manifest(args.prepared)
         classes = manifest["classes"]

@@ -11,7 +11,7 @@ from pipeline.training import teacher_loop
 
 
 def main() -> None:
-    parser = stage_parser(__doc__)
+    parser = stage_parser(__doc__, training=True)
     parser.add_argument("--prepared", type=Path, required=True)
     parser.add_argument("--labeled", type=Path, help="labeled split to train on (default: PREPARED/labeled)")
     parser.add_argument("--pretrained", type=Path, required=True, help="weights from decoder_pretrain")
@@ -19,7 +19,8 @@ def main() -> None:
     parser.add_argument("--metrics", type=Path, help="also score the teacher on val and write its metrics JSON here")
     args = parser.parse_args()
     labeled = args.labeled or args.prepared / "labeled"
-    with stage("teacher_finetune", ["teacher", "model"], args.prepared, overrides=args.overrides) as ctx:
+    with stage("teacher_finetune", ["teacher", "model"], args.prepared,
+               overrides=args.overrides, curves=args.curves) as ctx:
         cfg, model = ctx.params.teacher, ctx.params.model
         manifest = read_manifest(args.prepared)
         job = JobConfig(train=cfg, model=model, num_classes=manifest["num_classes"],

@@ -251,3 +251,86 @@ def test_every_format_has_a_palette_and_a_config_name():
     assert set(DATA_FORMATS) == {"digits", *formats.FORMATS}
     assert formats.palette_for({"format": "cityscapes", "num_classes": 19})[0].tolist() == [128, 64, 128]
     assert formats.palette_for({"format": "digits", "num_classes": 11})[255].tolist() == [255, 255, 255]
+
+
+# ---- property: folder ingestion never fails with anything but our error ----------------------
+
+def _png(array: np.ndarray, mode: str | None = None) -> bytes:
+    import io
+
+    image = Image.fromarray(array)
+    buffer = io.BytesIO()
+    (image.convert(mode) if mode else image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _folder_tree(draw) -> dict:
+    """A valid folder dataset of random sizes, image modes and labels, then up to two random
+    breakages: random bytes for a file, a mask of another size or mode, any label values,
+    a missing mask, a single class."""
+    from hypothesis import strategies as st
+
+    num_classes = draw(st.integers(2, 4))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    files = {"classes.txt": "\n".join(f"c{k}" for k in range(num_classes)).encode()}
+    for k in range(draw(st.integers(2, 6))):
+        w, h = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+        mode = draw(st.sampled_from(["RGB", "L", "RGBA", "I;16", "1", "P"]))
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        files[f"images/im{k}.png"] = (_png(rng.integers(0, 65536, (h, w), dtype=np.uint16)) if mode == "I;16"
+                                      else _png(pixels, mode))
+        labels = rng.integers(0, num_classes, (h, w), dtype=np.uint8)
+        labels[rng.random((h, w)) < 0.1] = 255
+        files[f"masks/im{k}.png"] = _png(labels)
+    names = sorted(n for n in files if n != "classes.txt")
+    for _ in range(draw(st.integers(0, 2))):
+        target = draw(st.sampled_from(names))
+        breakage = draw(st.sampled_from(["bytes", "size", "rgb", "values", "missing", "one class"]))
+        if breakage == "bytes":
+            files[target] = draw(st.binary(max_size=64))
+        elif breakage == "size" and target.startswith("masks/"):
+            files[target] = _png(np.zeros((draw(st.integers(1, 40)), draw(st.integers(1, 40))), np.uint8))
+        elif breakage == "rgb" and target.startswith("masks/"):
+            files[target] = _png(np.zeros((4, 4, 3), np.uint8))
+        elif breakage == "values" and target.startswith("masks/"):
+            with Image.open(__import__("io").BytesIO(files[target])) as im:
+                files[target] = _png(rng.integers(0, 256, (im.height, im.width), dtype=np.uint8))
+        elif breakage == "missing":
+            files.pop(target, None)
+        elif breakage == "one class":
+            files["classes.txt"] = b"only\n"
+    return files
+
+
+def test_folder_ingestion_either_writes_valid_shards_or_raises_our_error():
+    import tempfile
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    outcomes = {"written": 0, "refused": 0}
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+    @given(st.data(), st.floats(0.05, 1.0))
+    def check(data, fraction):
+        files = _folder_tree(data.draw)
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp) / "raw"
+            for name, content in files.items():
+                (root / name).parent.mkdir(parents=True, exist_ok=True)
+                (root / name).write_bytes(content)
+            cfg = DataConfig(format="folder", root=str(root), image_size=16, labeled_fraction=fraction, val_fraction=0.3)
+            try:
+                manifest = prepare(cfg, Path(tmp) / "prepared")
+            except DataError:
+                assert not (Path(tmp) / "prepared").exists()
+                outcomes["refused"] += 1
+                return
+            outcomes["written"] += 1
+            for split in ("labeled", "val"):
+                for mask in _decoded(Path(tmp) / "prepared", split).values():
+                    assert mask.shape == (16, 16)
+                    assert ((mask < manifest["num_classes"]) | (mask == 255)).all()
+
+    check()
+    assert outcomes["written"] and outcomes["refused"], outcomes  # both paths were exercised

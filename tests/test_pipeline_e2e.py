@@ -5,9 +5,11 @@ a small label-efficiency study."""
 import json
 import os
 import shutil
-import sqlite3
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -40,15 +42,77 @@ def run(cmd: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A fresh copy of this working tree, composed to the smoke preset, after one `dvc repro`."""
+def mlflow_server(tmp_path_factory) -> str:
+    """A real `mlflow server` on loopback, its artifacts served through it."""
+    store = tmp_path_factory.mktemp("mlflow")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    # One worker and no job runners: a 2-core machine under test load starts them too slowly
+    # for uvicorn's supervisor, which then kills and restarts them in a loop.
+    server = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+                               "--artifacts-destination", str(store / "artifacts")],
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                              stdout=subprocess.DEVNULL, stderr=open(store / "server.log", "w"))
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            assert server.poll() is None and time.time() < deadline, (store / "server.log").read_text()[-2000:]
+            time.sleep(1)
+    yield url
+    server.terminate()
+    server.wait(30)
+
+
+def mlflow_api(url: str, endpoint: str, body: dict | None = None) -> dict:
+    """MLflow's REST API: GET with query params, or POST a JSON body."""
+    if body is None:
+        return json.loads(urllib.request.urlopen(f"{url}/api/2.0/mlflow/{endpoint}", timeout=30).read())
+    request = urllib.request.Request(f"{url}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(request, timeout=30).read())
+
+
+def search_runs(url: str, filter_string: str) -> list[dict]:
+    experiment = mlflow_api(url, "experiments/get-by-name?experiment_name=label-efficient-segmentation")
+    found = mlflow_api(url, "runs/search", {"experiment_ids": [experiment["experiment"]["experiment_id"]],
+                                            "filter": filter_string, "max_results": 1000,
+                                            "order_by": ["attributes.start_time ASC"]})
+    return found.get("runs", [])
+
+
+def tags_of(run: dict) -> dict:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def params_of(run: dict) -> dict:
+    return {p["key"]: p["value"] for p in run["data"].get("params", [])}
+
+
+def metrics_of(run: dict) -> dict:
+    return {m["key"]: m["value"] for m in run["data"].get("metrics", [])}
+
+
+def children_of(url: str, parent: dict) -> dict[str, dict]:
+    return {tags_of(r)["dvc.stage"]: r for r in search_runs(url, f"tags.`mlflow.parentRunId` = '{parent['info']['run_id']}'")}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, mlflow_server) -> Path:
+    """A fresh copy of this working tree, composed to the smoke preset and logging to a real
+    MLflow server, after one `python -m pipeline.run` (dvc repro)."""
     repo = tmp_path_factory.mktemp("e2e") / "repo"
     shutil.copytree(ROOT, repo, ignore=COPY_IGNORE)
-    run([sys.executable, "-m", "pipeline.compose", "experiment=smoke"], repo)
+    run([sys.executable, "-m", "pipeline.compose", "experiment=smoke", f"mlflow.tracking_uri={mlflow_server}"], repo)
     run(["git", "init", "-q"], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "-c", "user.email=t@localhost", "-c", "user.name=t", "commit", "-qm", "smoke"], repo)
-    run(["dvc", "repro"], repo, timeout=1500)
+    run([sys.executable, "-m", "pipeline.run"], repo, timeout=1500)
     return repo
 
 
@@ -89,8 +153,12 @@ def same_weights(a: dict, b: dict) -> bool:
 def test_every_output_and_the_metrics_exist(repo):
     for path in ["data/prepared/manifest.json", "models/encoder.pt", "models/pretrained.pt", "models/teacher.pt",
                  "models/student.pt", "reports/per_class_iou.csv", "reports/figures/predictions.png",
-                 "reports/figures/confusion_teacher.png", "reports/decoder_pretrain/denoising_triplets.png"]:
+                 "reports/figures/confusion_teacher.png", "reports/figures/per_class_iou.png",
+                 "reports/decoder_pretrain/denoising_triplets.png", "reports/pseudo_label/pseudo_labels.png"]:
         assert (repo / path).is_file(), path
+    for stage in TRAINING:
+        curve = (repo / f"reports/curves/{stage}.csv").read_text().splitlines()
+        assert curve[0].startswith("epoch,") and "loss" in curve[0] and len(curve) >= 2, stage
     assert list((repo / "data/pseudo").glob("*.parquet"))
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     for role in ("teacher", "student"):
@@ -102,28 +170,30 @@ def test_every_output_and_the_metrics_exist(repo):
     assert not (repo / "ray_results").exists() or not any((repo / "ray_results").iterdir())
 
 
-def test_mlflow_has_one_parent_and_a_child_run_per_stage(repo):
-    db = sqlite3.connect(repo / "mlflow.db")
-    tags = db.execute("select run_uuid, key, value from tags").fetchall()
-    by_run: dict[str, dict] = {}
-    for run_id, key, value in tags:
-        by_run.setdefault(run_id, {})[key] = value
-    first = min((r for r, t in by_run.items() if t.get("pipeline.parent") == "true"),
-                key=lambda r: db.execute("select start_time from runs where run_uuid=?", (r,)).fetchone()[0])
-    children = {t["dvc.stage"]: r for r, t in by_run.items() if t.get("mlflow.parentRunId") == first}
+def test_mlflow_has_one_parent_and_a_child_run_per_stage(repo, mlflow_server):
+    parent = search_runs(mlflow_server, "tags.`pipeline.parent` = 'true'")[0]
+    assert parent["info"]["status"] == "FINISHED"
+    assert {"data.seed", "student.lr", "ray.num_workers"} <= set(params_of(parent))
+    assert tags_of(parent)["data.manifest_hash"] and tags_of(parent)["git.commit"] != "unknown"
+    assert all(tags_of(parent)[f"stage.{s}"] == "ran" for s in STAGES)
+    children = children_of(mlflow_server, parent)
     assert sorted(children) == sorted(STAGES)
-    for stage, run_id in children.items():
-        assert by_run[run_id]["git.commit"] != "unknown"
-        assert by_run[run_id]["data.manifest_hash"]
-        status = db.execute("select status from runs where run_uuid=?", (run_id,)).fetchone()[0]
-        assert status == "FINISHED", stage
+    for stage, child in children.items():
+        assert tags_of(child)["git.commit"] != "unknown" and tags_of(child)["data.manifest_hash"]
+        assert child["info"]["status"] == "FINISHED", stage
     for stage in TRAINING:
-        keys = {k for (k,) in db.execute("select key from metrics where run_uuid=?", (children[stage],))}
-        assert {"loss", "loop_seconds", "wall_s", "overhead_s"} <= keys, stage
-        params = {k for (k,) in db.execute("select key from params where run_uuid=?", (children[stage],))}
-        assert any(p.startswith("model.") for p in params)
-    eval_metrics = {k for (k,) in db.execute("select key from metrics where run_uuid=?", (children["evaluate"],))}
-    assert {"teacher_miou", "student_miou"} <= eval_metrics
+        assert {"loss", "loop_seconds", "wall_s", "overhead_s"} <= set(metrics_of(children[stage])), stage
+        assert any(p.startswith("model.") for p in params_of(children[stage]))
+    assert {"teacher_miou", "student_miou"} <= set(metrics_of(children["evaluate"]))
+    assert {"teacher_miou", "student_miou"} <= set(metrics_of(parent))
+
+
+def test_the_student_is_registered_and_champion(repo, mlflow_server):
+    alias = mlflow_api(mlflow_server, "registered-models/alias?name=segmentation-student&alias=champion")
+    assert alias["model_version"]["tags"][0]["key"] == "val_miou"
+    out = run([sys.executable, "-m", "pipeline.predict", "reports/figures/predictions.png",
+               "--model", "models:/segmentation-student@champion", "--out", "predicted"], repo).stdout
+    assert out.strip().endswith("predicted/predictions.png") and (repo / "predicted/predictions_overlay.jpg").is_file()
 
 
 def test_repeat_repro_runs_nothing(repo):
@@ -132,10 +202,27 @@ def test_repeat_repro_runs_nothing(repo):
     assert stale_stages(repo) == set()
 
 
-def test_student_param_change_reruns_only_student_and_evaluate(repo, params_file):
-    edit_params(params_file, "student", "lr", yaml.safe_load(params_file.read_text())["student"]["lr"] * 0.5)
+def test_a_student_change_reruns_two_stages_and_mlflow_compares_the_runs(repo, params_file, mlflow_server):
+    run(["git", "add", "-A"], repo)  # the first run's metrics and plot tables, committed as DVC intends
+    run(["git", "-c", "user.email=t@localhost", "-c", "user.name=t", "commit", "-qm", "first run"], repo)
+    lr = yaml.safe_load(params_file.read_text())["student"]["lr"]
+    edit_params(params_file, "student", "lr", lr * 0.5)
     assert stale_stages(repo) == {"student_train"}
-    assert ran_stages(run(["dvc", "repro"], repo, timeout=900).stdout) == {"student_train", "evaluate"}
+    result = run([sys.executable, "-m", "pipeline.run"], repo, timeout=900)
+    assert ran_stages(result.stdout) == {"student_train", "evaluate"}
+    first, second = [r for r in search_runs(mlflow_server, "tags.`pipeline.parent` = 'true'")
+                     if r["info"]["status"] == "FINISHED"][-2:]
+    assert float(params_of(first)["student.lr"]) == lr and float(params_of(second)["student.lr"]) == lr * 0.5
+    assert {k for k in params_of(first) if params_of(first)[k] != params_of(second).get(k)} == {"student.lr"}
+    assert "student_miou" in metrics_of(second)
+    assert sorted(children_of(mlflow_server, second)) == ["evaluate", "student_train"]
+    tags = tags_of(second)
+    assert [s for s in STAGES if tags[f"stage.{s}"] == "cached"] == STAGES[:5]
+    assert f"MLflow run {second['info']['run_id']}: ran student_train, evaluate" in result.stderr
+    plots = json.loads(run(["dvc", "plots", "diff", "HEAD", "--json"], repo).stdout)["data"]
+    for plot in ("training_loss", "student_iou_per_class"):
+        assert {rev for entry in plots[plot] for rev in entry["revisions"]} == {"HEAD", "workspace"}, plot
+    assert plots["reports/pseudo_label/pseudo_labels.png"] and plots["reports/figures/per_class_iou.png"]
 
 
 def test_sigma_change_starts_at_decoder_pretrain(repo, params_file):
@@ -172,19 +259,15 @@ def test_ray_and_mlflow_sections_never_invalidate_the_cache(repo, params_file):
     assert stale_stages(repo) == set()
 
 
-def test_two_ray_workers_train_and_export_one_model(repo, params_file):
+def test_two_ray_workers_train_and_export_one_model(repo, params_file, mlflow_server):
     edit_params(params_file, "ray", "num_workers", 2)
     edit_params(params_file, "ray", "cpus_per_worker", 1)
     before = (repo / "models/teacher.pt").stat().st_mtime_ns
     out = run(["dvc", "repro", "--force", "--single-item", "teacher_finetune"], repo, timeout=600)
     assert "world_size=2" in out.stdout + out.stderr
     assert (repo / "models/teacher.pt").stat().st_mtime_ns > before
-    db = sqlite3.connect(repo / "mlflow.db")
-    latest = db.execute("select r.run_uuid from runs r join tags t on r.run_uuid = t.run_uuid "
-                        "where t.key = 'dvc.stage' and t.value = 'teacher_finetune' "
-                        "order by r.start_time desc limit 1").fetchone()[0]
-    world = db.execute("select max(value) from metrics where run_uuid=? and key='world_size'", (latest,)).fetchone()
-    assert world[0] == 2
+    latest = search_runs(mlflow_server, "tags.`dvc.stage` = 'teacher_finetune'")[-1]
+    assert metrics_of(latest)["world_size"] == 2
 
 
 def test_study_runs_the_pipelines_stages_and_reports(repo, params_file):

@@ -1,0 +1,50 @@
+"""Run the pipeline: `python -m pipeline.run [dvc repro options]` (what `make run` does).
+
+`dvc repro` with, around it, one local Ray for all its stages (unless `RAY_ADDRESS` names a
+cluster) and one MLflow parent run for the execution: its stages are the child runs, and at
+the end the parent is closed with the stages DVC reused from its cache tagged `cached`, the
+pipeline's metrics, and FINISHED or FAILED. A bare `dvc repro` works too; its parent run is
+just never closed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.cluster import params_ray_config, shared_ray
+    from pipeline.config import ConfigError, load_params
+    from pipeline.tracking import finish_execution
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Other options and targets are passed to `dvc repro` (see `dvc repro --help`).")
+    _, args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    root = Path.cwd()
+    try:
+        params = load_params()
+        ray_cfg = params_ray_config()
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+    execution = os.environ.get("PIPELINE_EXECUTION_ID") or f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+    with shared_ray(ray_cfg) as env:
+        code = subprocess.call(["dvc", "repro", *args], env={**env, "PIPELINE_EXECUTION_ID": execution})
+    dvc_file = yaml.safe_load((root / "dvc.yaml").read_text())
+    metrics = root / dvc_file["vars"][0]["paths"]["metrics"]
+    summary = finish_execution(params, root, execution, list(dvc_file["stages"]), metrics, code)
+    if summary:
+        print(summary, file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
