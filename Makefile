@@ -8,7 +8,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_DISABLE_DOCKER_CPU_WARNING := 1
 
-.PHONY: install run study test test-fast bench ui report params clean
+.PHONY: install install-system run study test test-fast bench ui report params clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,11 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	@# DVC needs the project's git repo (a tarball or an export has none).
 	test -d .git || (git init -q && git add -A && git -c user.email=pipeline@localhost -c user.name=pipeline commit -qm "initial import")
 	touch $@
+
+# Into the current Python instead of a venv: the cluster's Ray image (cluster/*.yaml).
+install-system:
+	python -m pip install -q -r requirements.txt
+	python -m pip install -q --no-deps -e .
 
 # dvc repro with one local Ray for all stages and one MLflow parent run (see pipeline/run.py).
 run: install

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.data import publish, temp_path_for
+from pipeline.data import staged
 from pipeline.models import SegmentationNet, build_network
 
 ENCODER, DENOISER, SEGMENTER = "encoder", "denoiser", "segmenter"
@@ -26,9 +26,8 @@ class CheckpointError(ValueError):
 def save_weights(path: Path, state: dict, kind: str, model: ModelConfig, classes: list[str] | None) -> None:
     """Write atomically: a temp file renamed into place, so a killed stage leaves no half file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(path)
-    torch.save({"kind": kind, "model": asdict(model), "classes": classes, "state_dict": state}, tmp)
-    publish(tmp, path)
+    with staged(path) as tmp:
+        torch.save({"kind": kind, "model": asdict(model), "classes": classes, "state_dict": state}, tmp)
 
 
 def read_payload(path: Path) -> dict:

@@ -431,6 +431,15 @@ class Params:
     ray: RayConfig = field(default_factory=RayConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
+    def __post_init__(self) -> None:
+        workers = self.ray.num_workers
+        batches = {f"{name}.batch_size": getattr(self, name).batch_size
+                   for name in ("encoder", "decoder_pretrain", "teacher", "student")}
+        batches["student.unlabeled_batch_size"] = self.student.unlabeled_batch_size
+        for key, batch in batches.items():
+            _require(batch >= workers, key, f"a global batch of {batch} cannot give each of ray.num_workers="
+                                            f"{workers} workers an image; use a batch of at least {workers}")
+
 
 def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
     """Validate a params mapping against `Params`; errors name `source` and the key."""

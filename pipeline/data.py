@@ -114,9 +114,8 @@ def publish(tmp: Path, final: Path) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(path)
-    tmp.write_text(text)
-    publish(tmp, path)
+    with staged(path) as tmp:
+        tmp.write_text(text)
 
 
 @contextmanager

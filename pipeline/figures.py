@@ -18,10 +18,15 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
+    """Write the figure next to `path` and rename it into place: never a half-written PNG."""
+    from pipeline.data import publish, temp_path_for
+
     plt = _pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    tmp = temp_path_for(path)
+    fig.savefig(tmp, dpi=100, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
+    publish(tmp, path)
 
 
 def confusion_figure(confusion: np.ndarray, classes: list[str], title: str, path: Path) -> None:

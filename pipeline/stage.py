@@ -4,6 +4,7 @@ print one summary line, and turn our known errors into one readable message and 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import time
 from collections.abc import Iterator
@@ -74,6 +75,9 @@ class StageContext:
         return scores["miou"]
 
 
+UNWRITABLE = (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM)
+
+
 def known_errors() -> tuple[type[Exception], ...]:
     from pipeline.checkpoints import CheckpointError
     from pipeline.data import DataError
@@ -120,6 +124,11 @@ def stage(name: str, sections: list[str], prepared: Path | None = None,
                                        and isinstance(v, (int, float)) and not isinstance(v, bool)}, 0)
     except known_errors() as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as err:
+        if err.errno not in UNWRITABLE:
+            raise
+        print(f"error: cannot write {err.filename or 'an output'}: {err.strerror}", file=sys.stderr)
         sys.exit(1)
     parts = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in ctx.summary.items())
     print(f"[{name}] done: {parts}", flush=True)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -66,3 +68,16 @@ def test_external_encoder_for_another_architecture_is_refused(tmp_path):
     torch.save({"conv.weight": torch.zeros(3, 3)}, path)
     with pytest.raises(CheckpointError, match="does not fit model.preset 'tiny'"):
         load_external_encoder(path, "tiny")
+
+
+def test_a_failed_write_leaves_neither_the_file_nor_a_temp(tmp_path, monkeypatch):
+    import errno
+
+    def full_disk(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"half a model")
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_weights(tmp_path / "m.pt", {}, SEGMENTER, MODEL, CLASSES)
+    assert list(tmp_path.iterdir()) == []

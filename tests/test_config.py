@@ -120,6 +120,11 @@ def test_a_paper_preset_needs_the_encoder_weights():
         compose(["experiment=cityscapes_ddep", "data.root=/data/x"])
 
 
+def test_a_batch_smaller_than_the_worker_count_is_refused():
+    with pytest.raises(ConfigError, match="teacher.batch_size: a global batch of 2 cannot give each of ray.num_workers=4"):
+        parse_params({"teacher": {"batch_size": 2}, "ray": {"num_workers": 4}})
+
+
 def test_env_overrides_ray_address(monkeypatch):
     params = parse_params({"ray": {"address": "ray://params:10001"}})
     monkeypatch.setenv("RAY_ADDRESS", "ray://env:10001")

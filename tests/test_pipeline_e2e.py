@@ -202,6 +202,51 @@ def test_repeat_repro_runs_nothing(repo):
     assert stale_stages(repo) == set()
 
 
+def test_a_forced_rerun_reproduces_every_weight_and_metric(repo):
+    """Same params and seeds on CPU: the same bits."""
+    models = sorted((repo / "models").glob("*.pt"))
+    before = {p.name: torch.load(p, weights_only=True)["state_dict"] for p in models}
+    metrics = (repo / "reports/metrics.json").read_text()
+    run(["dvc", "repro", "--force"], repo, timeout=1500)
+    for path in models:
+        assert same_weights(torch.load(path, weights_only=True)["state_dict"], before[path.name]), path.name
+    assert (repo / "reports/metrics.json").read_text() == metrics
+
+
+def start(cmd: list[str], repo: Path) -> subprocess.Popen:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           "PYTHONPATH": str(repo)}
+    return subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def test_a_second_repro_is_refused_while_one_runs(repo):
+    first = start(["dvc", "repro", "--force", "--single-item", "evaluate"], repo)
+    time.sleep(8)
+    second = subprocess.run(["dvc", "repro"], cwd=repo, capture_output=True, text=True,
+                            env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    assert second.returncode != 0 and "lock" in (second.stdout + second.stderr).lower()
+    assert first.wait(600) == 0, first.stdout.read()[-3000:]
+    assert stale_stages(repo) == set()
+
+
+@pytest.mark.parametrize("seconds", [4, 15, 30])
+def test_a_repro_killed_at_any_moment_reruns_to_a_correct_result(repo, seconds):
+    """SIGKILL to the whole process tree (dvc, the stage, its Ray) part-way through the last
+    three stages; the next `dvc repro` reruns what did not finish and nothing else."""
+    killed = start(["dvc", "repro", "--force", "--downstream", "pseudo_label"], repo)
+    time.sleep(seconds)
+    os.killpg(killed.pid, 9)
+    killed.wait()
+    out = run(["dvc", "repro"], repo, timeout=900).stdout
+    assert ran_stages(out) <= {"pseudo_label", "student_train", "evaluate"}
+    assert stale_stages(repo) == set()
+    assert run(["dvc", "status"], repo).stdout.strip().endswith("Data and pipelines are up to date.")
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert 0 <= metrics["student"]["miou"] <= 1
+    assert not list(repo.rglob(".*.tmp"))
+
+
 def test_a_student_change_reruns_two_stages_and_mlflow_compares_the_runs(repo, params_file, mlflow_server):
     run(["git", "add", "-A"], repo)  # the first run's metrics and plot tables, committed as DVC intends
     run(["git", "-c", "user.email=t@localhost", "-c", "user.name=t", "commit", "-qm", "first run"], repo)
