@@ -189,7 +189,7 @@ def metric_history_csv(tracking_uri: str | None, run_id: str) -> str:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    keys = sorted(client.get_run(run_id).data.metrics)
+    keys = sorted(k for k in client.get_run(run_id).data.metrics if k != "epoch")  # the step is the epoch
     rows: dict[int, dict] = {}
     for key in keys:
         for metric in client.get_metric_history(run_id, key):
