@@ -184,12 +184,6 @@ def load_example(example: Example, fmt: DatasetFormat, table: np.ndarray,
         yield (example.id if len(images) == 1 else f"{example.id}_t{k}"), tile, mask_tile
 
 
-def source_id(example_id: str) -> str:
-    """The id of the image a square came from (tiles are `<id>_t<k>`)."""
-    stem, sep, k = example_id.rpartition("_t")
-    return stem if sep and k.isdigit() else example_id
-
-
 # ---- listing files in each layout ----------------------------------------------------------
 
 def list_images(folder: Path) -> list[Path]:
