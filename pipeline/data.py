@@ -147,12 +147,17 @@ class SplitWriter:
         self.num_classes = num_classes
         self.shards = {s: ShardWriter(out_dir / s, SEGMENTATION_SCHEMA, shard_rows) for s in SEGMENTATION_SPLITS}
         self.ids: dict[str, list[str]] = {s: [] for s in SEGMENTATION_SPLITS}
+        self.seen: set[str] = set()
         self.pixel_counts = np.zeros(num_classes, dtype=np.int64)
 
     def add(self, split: str, example_id: str, image: np.ndarray, mask: np.ndarray | None) -> None:
         if mask is not None and split == "labeled":
             self.pixel_counts += np.bincount(mask[mask != IGNORE_INDEX].ravel(),
                                              minlength=self.num_classes)[: self.num_classes]
+        if example_id in self.seen:
+            raise DataError(f"id {example_id!r} occurs twice in the dataset (e.g. a.png and a.jpg, or an image "
+                            "named like another's tile <id>_t<k>); ids must be unique")
+        self.seen.add(example_id)
         self.ids[split].append(example_id)
         self.shards[split].add({
             "id": example_id, "height": image.shape[0], "width": image.shape[1],

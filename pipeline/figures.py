@@ -19,14 +19,15 @@ def _pyplot():
 
 def _save(fig, path: Path) -> None:
     """Write the figure next to `path` and rename it into place: never a half-written PNG."""
-    from pipeline.data import publish, temp_path_for
+    from pipeline.data import staged
 
     plt = _pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(path)
-    fig.savefig(tmp, dpi=100, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
-    publish(tmp, path)
+    try:
+        with staged(path) as tmp:
+            fig.savefig(tmp, dpi=100, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
 
 
 def confusion_figure(confusion: np.ndarray, classes: list[str], title: str, path: Path) -> None:

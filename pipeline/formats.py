@@ -211,7 +211,8 @@ def read_id_list(path: Path) -> list[str]:
     (so `JPEGImages/2007_000032.jpg SegmentationClass/...` lines work too)."""
     if not path.is_file():
         raise DataError(f"{path}: missing; expected one image id per line")
-    ids = [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
+    tokens = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    ids = [Path(t).stem if "/" in t or Path(t).suffix.lower() in IMAGE_SUFFIXES else t for t in tokens]
     seen: set[str] = set()
     for eid in ids:
         if eid in seen:

@@ -1,7 +1,7 @@
 """Segment new images with a trained model.
 
     python -m pipeline.predict photos/ --model models/student.pt --out predictions/
-    python -m pipeline.predict 'shots/*.jpg' --model models:/digit-scenes@champion --out pred/ --confidence
+    python -m pipeline.predict 'shots/*.jpg' --model models:/segmentation-student@champion --out pred/ --confidence
 
 For each image, writes `<stem>.png` (class indices, with a colour palette so viewers show
 colours), `<stem>_overlay.jpg` (the colours over the image) and, with `--confidence`,
@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.data import DataError
-from pipeline.formats import IMAGE_SUFFIXES, read_image, square_layout, voc_palette
+from pipeline.formats import IMAGE_SUFFIXES, palette_for, read_image, square_layout
 
 
 @dataclass
@@ -35,9 +35,11 @@ class Prediction:
 class Predictor:
     """A segmentation network with the preprocessing it was trained with."""
 
-    def __init__(self, net, classes: list[str], image_size: int, device: str = "cpu", batch_size: int = 16):
+    def __init__(self, net, classes: list[str], image_size: int, device: str = "cpu", batch_size: int = 16,
+                 data_format: str = ""):
         self.net = net.to(device).eval()
         self.classes, self.image_size, self.device, self.batch_size = classes, image_size, device, batch_size
+        self.palette = palette_for({"format": data_format, "num_classes": len(classes)})
 
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:
         """H×W×3 uint8 images of any sizes → one Prediction each, at the image's own size."""
@@ -106,7 +108,8 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
         elif path.is_file():
             found.append(path)
         else:
-            matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True)
+                             if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_SUFFIXES)
             if not matches:
                 raise DataError(f"{item}: no such image, folder, or glob match")
             found += matches
@@ -176,13 +179,12 @@ def main(argv: list[str] | None = None) -> None:
             if wanted != predictor.classes:
                 raise CheckpointError(f"{args.model}: predicts classes {predictor.classes}, not the requested {wanted}")
         args.out.mkdir(parents=True, exist_ok=True)
-        palette = voc_palette(len(predictor.classes))
         with tqdm(total=len(paths), desc="predict", unit="img", file=sys.stderr) as bar:
             for start in range(0, len(paths), args.batch_size):
                 chunk = paths[start:start + args.batch_size]
                 images = [np.asarray(read_image(p)) for p in chunk]
                 for path, image, pred in zip(chunk, images, predictor.predict(images)):
-                    print(write_outputs(args.out, path.stem, image, pred, palette, args.confidence), flush=True)
+                    print(write_outputs(args.out, path.stem, image, pred, predictor.palette, args.confidence), flush=True)
                 bar.update(len(chunk))
     except (DataError, CheckpointError, ConfigError) as err:
         sys.exit(f"error: {err}")

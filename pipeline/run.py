@@ -36,13 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         sys.exit(f"error: {err}")
     execution = os.environ.get("PIPELINE_EXECUTION_ID") or f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
-    with shared_ray(ray_cfg) as env:
-        code = subprocess.call(["dvc", "repro", *args], env={**env, "PIPELINE_EXECUTION_ID": execution})
-    dvc_file = yaml.safe_load((root / "dvc.yaml").read_text())
-    metrics = root / dvc_file["vars"][0]["paths"]["metrics"]
-    summary = finish_execution(params, root, execution, list(dvc_file["stages"]), metrics, code)
-    if summary:
-        print(summary, file=sys.stderr)
+    code = 130  # interrupted, unless dvc returns
+    try:
+        with shared_ray(ray_cfg) as env:
+            code = subprocess.call(["dvc", "repro", *args], env={**env, "PIPELINE_EXECUTION_ID": execution})
+    finally:
+        dvc_file = yaml.safe_load((root / "dvc.yaml").read_text())
+        metrics = root / dvc_file["vars"][0]["paths"]["metrics"]
+        summary = finish_execution(params, root, execution, list(dvc_file["stages"]), metrics, code)
+        if summary:
+            print(summary, file=sys.stderr)
     return code
 
 

@@ -117,7 +117,8 @@ def _parent_run(client, experiment_id: str, execution: str, commit: str, root: P
 
 def finish_execution(params: Params, root: Path, execution: str, stages: list[str], metrics_file: Path,
                      returncode: int) -> str | None:
-    """Close an execution's parent run: tag the stages that did not run as `cached`, copy the
+    """Close an execution's parent run: tag the stages that did not run as `cached` (or `not
+    run` when the execution failed), copy the
     pipeline's metrics (e.g. student mIoU) onto it, and end it FINISHED or FAILED. Returns a
     one-line summary, or None when no stage ran (DVC had nothing to do: no parent exists)."""
     import json
@@ -132,9 +133,9 @@ def finish_execution(params: Params, root: Path, execution: str, stages: list[st
         return None
     tags = parent.data.tags
     ran = [s for s in stages if tags.get(f"stage.{s}") == "ran"]
-    for name in stages:
+    for name in stages:  # after a failure, DVC may never have reached them
         if name not in ran:
-            client.set_tag(parent.info.run_id, f"stage.{name}", "cached")
+            client.set_tag(parent.info.run_id, f"stage.{name}", "cached" if returncode == 0 else "not run")
     if returncode == 0 and metrics_file.is_file():
         scores = json.loads(metrics_file.read_text())
         stamp = int(time.time() * 1000)

@@ -62,7 +62,8 @@ def main() -> None:
             from pipeline.registry import register_segmenter
 
             version, champion = register_segmenter(args.student, manifest["image_size"], classes,
-                                                   cfg.registered_model, scores["student"]["miou"])
+                                                   cfg.registered_model, scores["student"]["miou"],
+                                                   manifest["format"])
             ctx.summary |= {"model": f"models:/{cfg.registered_model}/{version}", "champion": champion}
 
 

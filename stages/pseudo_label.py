@@ -54,6 +54,8 @@ def main() -> None:
         elif args.metrics:
             raise DataError(f"{unlabeled}: holds no masks to measure pseudo-labels against (--metrics)")
         if args.figures:
+            args.figures.mkdir(parents=True, exist_ok=True)  # a DVC output even when there is nothing to draw
+        if args.figures and ctx.summary["images"]:
             examples_figure(args.out, unlabeled, manifest, EXAMPLES, args.figures / "pseudo_labels.png")
             mlflow.log_artifacts(str(args.figures), "figures")
 

@@ -127,6 +127,8 @@ def test_folder_format_ingestion(tmp_path):
      "im4.png: mask mode RGB"),
     (lambda root: Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / "masks" / "im5.png"), "im5.png: mask size"),
     (lambda root: (root / "classes.txt").unlink(), "classes.txt: missing"),
+    (lambda root: Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "unlabeled" / "u0.jpg"),
+     "'unlabeled-u0' occurs twice"),
 ])
 def test_folder_errors_name_the_file(tmp_path, breakage, message):
     _folder_dataset(tmp_path / "raw")

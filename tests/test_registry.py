@@ -32,6 +32,12 @@ def test_champion_moves_only_to_a_better_model_and_loads_in_a_fresh_process(tmp_
             results.append(register_segmenter(weights, 32, CLASSES, "seg", miou))
     assert results == [("1", True), ("2", False), ("3", True)]
     assert str(MlflowClient(uri).get_model_version_by_alias("seg", "champion").version) == "3"
+    other = tmp_path / "other.pt"  # another class list: not comparable, so it takes the alias
+    save_weights(other, build_network(ModelConfig(), 2).state_dict(), SEGMENTER, ModelConfig(), ["bg", "x"])
+    with mlflow.start_run():
+        assert register_segmenter(other, 32, ["bg", "x"], "seg", 0.1) == ("4", True)
+    with mlflow.start_run():
+        assert register_segmenter(weights, 32, CLASSES, "seg", 0.55) == ("5", True)
 
     images = np.random.default_rng(0).integers(0, 256, (2, 40, 72, 3), dtype=np.uint8)
     np.save(tmp_path / "images.npy", images)
