@@ -100,9 +100,9 @@ def write_shards(rows: Iterable[dict], schema: pa.Schema, out_dir: Path, shard_r
     return writer.close()
 
 
-def read_split(path: Path, columns: list[str] | None = None) -> pa.Table:
-    """Read one split directory in full (for inference stages and tests)."""
-    return pq.read_table(path, columns=columns)
+def read_split(path: Path, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
+    """Read one split directory in full, or the rows matching pyarrow `filters`."""
+    return pq.read_table(path, columns=columns, filters=filters)
 
 
 def publish(tmp: Path, final: Path) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.data import DataError
-from pipeline.formats import IMAGE_SUFFIXES, palette_for, read_image, square_layout
+from pipeline.formats import IMAGE_SUFFIXES, palette_for, read_image, square_layout, squares
 
 
 @dataclass
@@ -49,11 +49,8 @@ class Predictor:
 
         layouts, tiles = [], []
         for image in images:
-            pil = Image.fromarray(image)
-            resized, boxes = square_layout(pil.width, pil.height, self.image_size, "tiles")
-            pil = pil.resize(resized, Image.BILINEAR)
-            layouts.append((resized, boxes))
-            tiles += [np.asarray(pil.crop(box)) for box in boxes]
+            layouts.append(square_layout(image.shape[1], image.shape[0], self.image_size, "tiles"))
+            tiles += squares(Image.fromarray(image), self.image_size, "tiles", Image.BILINEAR)
         batch = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2)
         probs = torch.cat([probabilities(self.net, batch[i:i + self.batch_size].to(self.device), flip_tta=False).cpu()
                            for i in range(0, len(batch), self.batch_size)])

@@ -103,7 +103,7 @@ def labeled_subset(prepared: Path, fraction: float, seed: int, out_dir: Path, sh
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from pipeline.data import SEGMENTATION_SCHEMA, publish, read_split, temp_path_for, write_shards
+    from pipeline.data import SEGMENTATION_SCHEMA, read_split, write_shards
 
     pool = pa.concat_tables([read_split(prepared / split) for split in ("labeled", "unlabeled")
                              if any((prepared / split).glob("*.parquet"))])
@@ -113,7 +113,6 @@ def labeled_subset(prepared: Path, fraction: float, seed: int, out_dir: Path, sh
     for table, split_dir in ((pool.filter(chosen), out_dir), (pool.filter(pc.invert(chosen)), unlabeled_dir)):
         if split_dir is None:
             continue
-        tmp = temp_path_for(split_dir)
-        counts.append(write_shards(table.cast(SEGMENTATION_SCHEMA).to_pylist(), SEGMENTATION_SCHEMA, tmp, shard_rows))
-        publish(tmp, split_dir)
+        with staged(split_dir) as tmp:
+            counts.append(write_shards(table.cast(SEGMENTATION_SCHEMA).to_pylist(), SEGMENTATION_SCHEMA, tmp, shard_rows))
     return counts[0], counts[1] if len(counts) > 1 else 0

@@ -11,10 +11,9 @@ from pipeline.data import (
     PSEUDO_SCHEMA,
     DataError,
     decode_png,
-    publish,
     read_manifest,
     read_split,
-    temp_path_for,
+    staged,
     write_shards,
     write_text_atomic,
 )
@@ -42,10 +41,9 @@ def main() -> None:
         manifest = read_manifest(args.prepared)
         teacher = load_segmenter(args.teacher, ctx.params.model, manifest["classes"])
         confusion = torch.zeros(manifest["num_classes"], manifest["num_classes"], dtype=torch.long)
-        tmp = temp_path_for(args.out)
         rows = pseudo_label_rows(teacher, unlabeled, cfg.batch_size, cfg.flip_tta, confusion)
-        ctx.summary["images"] = write_shards(rows, PSEUDO_SCHEMA, tmp, ctx.params.data.shard_rows)
-        publish(tmp, args.out)
+        with staged(args.out) as tmp:
+            ctx.summary["images"] = write_shards(rows, PSEUDO_SCHEMA, tmp, ctx.params.data.shard_rows)
         if confusion.sum() > 0:
             quality = segmentation_scores(confusion.numpy(), manifest["classes"])
             ctx.summary |= {"pseudo_miou": quality["miou"], "pseudo_pixel_accuracy": quality["pixel_accuracy"]}
@@ -62,8 +60,12 @@ def main() -> None:
 
 def examples_figure(pseudo: Path, unlabeled: Path, manifest: dict, count: int, path: Path) -> None:
     """The first `count` pseudo-labelled images as written, next to their held-aside masks."""
-    pseudo_rows = read_split(pseudo).slice(0, count).to_pylist()
-    masks = dict(zip(*read_split(unlabeled, ["id", "mask"]).to_pydict().values()))
+    import pyarrow.parquet as pq
+
+    first = pq.ParquetFile(min(pseudo.glob("*.parquet")))
+    pseudo_rows = next(first.iter_batches(batch_size=count)).to_pylist()
+    held_aside = read_split(unlabeled, ["id", "mask"], filters=[("id", "in", [r["id"] for r in pseudo_rows])])
+    masks = dict(zip(held_aside.column("id").to_pylist(), held_aside.column("mask").to_pylist()))
     pseudo_label_grid([decode_png(r["image"]) for r in pseudo_rows], [decode_png(r["pseudo_label"]) for r in pseudo_rows],
                       [decode_png(r["confidence"]) for r in pseudo_rows],
                       [None if masks.get(r["id"]) is None else decode_png(masks[r["id"]]) for r in pseudo_rows],

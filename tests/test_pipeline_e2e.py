@@ -30,13 +30,18 @@ COPY_IGNORE = shutil.ignore_patterns(".venv", ".git", "data", "models", "reports
 pytestmark = pytest.mark.slow
 
 
-def run(cmd: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
-    # PYTHONPATH: the copy's own `pipeline`, for the stages and the Ray workers alike.
+def repo_env(repo: Path) -> dict:
+    """The project's tools first on PATH; PYTHONPATH: the copy's own `pipeline`, for the stages
+    and the Ray workers alike; nothing inherited that points elsewhere."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-           "PYTHONPATH": str(cwd)}
+           "PYTHONPATH": str(repo)}
     for key in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "PIPELINE_EXECUTION_ID"):
         env.pop(key, None)
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kw)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=repo_env(cwd), capture_output=True, text=True, **kw)
     assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
@@ -214,17 +219,14 @@ def test_a_forced_rerun_reproduces_every_weight_and_metric(repo):
 
 
 def start(cmd: list[str], repo: Path) -> subprocess.Popen:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-           "PYTHONPATH": str(repo)}
-    return subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    return subprocess.Popen(cmd, cwd=repo, env=repo_env(repo), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
 
 def test_a_second_repro_is_refused_while_one_runs(repo):
     first = start(["dvc", "repro", "--force", "--single-item", "evaluate"], repo)
     time.sleep(8)
-    second = subprocess.run(["dvc", "repro"], cwd=repo, capture_output=True, text=True,
-                            env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    second = subprocess.run(["dvc", "repro"], cwd=repo, capture_output=True, text=True, env=repo_env(repo))
     assert second.returncode != 0 and "lock" in (second.stdout + second.stderr).lower()
     assert first.wait(600) == 0, first.stdout.read()[-3000:]
     assert stale_stages(repo) == set()
