@@ -396,9 +396,13 @@ class RayConfig:
     cpus_per_worker: int = 2
     storage_path: str = "ray_results"
     max_failures: int = 0
+    # Model replicas of batch inference (pseudo_label, evaluate): one GPU each when
+    # use_gpu, else cpus_per_worker CPUs each.
+    inference_actors: int = 1
 
     def __post_init__(self) -> None:
-        _positive("ray", num_workers=self.num_workers, cpus_per_worker=self.cpus_per_worker)
+        _positive("ray", num_workers=self.num_workers, cpus_per_worker=self.cpus_per_worker,
+                  inference_actors=self.inference_actors)
         _require(self.max_failures >= -1, "ray.max_failures",
                  f"expected -1 (retry forever) or a count >= 0, got {self.max_failures}")
 

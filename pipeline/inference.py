@@ -1,23 +1,37 @@
-"""Batched inference for `pseudo_label` and `evaluate`."""
+"""Batch inference for `pseudo_label` and `evaluate`: a Ray Data pipeline, and the same work
+as a plain in-process loop.
+
+    read_parquet -> map_batches(SegmenterReplica, a pool of `ray.inference_actors` actors)
+                 -> batches back to the stage, in order -> shards / confusion matrices
+
+Both paths run `predict_batch` on the same record batches and hand the stage the same
+columns, so their results are identical (tested). The stages run the Ray Data pipeline; the
+teacher's own val score and the benchmark's baseline use the plain loop.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
 from pipeline import augment
+from pipeline.config import ModelConfig, RayConfig
 from pipeline.data import decode_png, encode_png, stack_decoded
 from pipeline.metrics import confusion_matrix
-from pipeline.models import SegmentationNet
+from pipeline.models import SegmentationNet, build_network
+
+Batch = dict[str, np.ndarray]
 
 
 def probabilities(model: SegmentationNet, images: torch.Tensor, flip_tta: bool) -> torch.Tensor:
     """Softmax over classes for uint8 images N×3×H×W, averaged with the mirrored view if asked."""
-    x = augment.to_model_range(augment.to_unit_float(images))
+    device = next(model.parameters()).device
+    x = augment.to_model_range(augment.to_unit_float(images.to(device)))
     with torch.no_grad():
         probs = model(x).softmax(1)
         if flip_tta:
@@ -25,11 +39,85 @@ def probabilities(model: SegmentationNet, images: torch.Tensor, flip_tta: bool) 
     return probs
 
 
+def predict_batch(models: dict[str, SegmentationNet], batch: Batch, flip_tta: bool) -> Batch:
+    """The batch (PNG columns as stored) plus, per model, `<name>_label` and
+    `<name>_confidence` (uint8 N×H×W; confidence ×255)."""
+    images = stack_decoded([decode_png(v) for v in batch["image"]])
+    out = dict(batch)
+    for name, model in models.items():
+        confidence, label = probabilities(model, images, flip_tta).max(1)
+        out[f"{name}_label"] = label.to(torch.uint8).cpu().numpy()
+        out[f"{name}_confidence"] = (confidence * 255).round().to(torch.uint8).cpu().numpy()
+    return out
+
+
+class SegmenterReplica:
+    """One actor of the Ray Data pool: the models built once, then `predict_batch` per batch."""
+
+    def __init__(self, states: dict[str, dict], model: ModelConfig, num_classes: int, flip_tta: bool,
+                 threads: int, use_gpu: bool):
+        torch.set_num_threads(threads)
+        device = torch.device("cuda" if use_gpu else "cpu")
+        self.models = {}
+        for name, state in states.items():
+            net = build_network(model, num_classes)
+            net.load_state_dict(state)
+            self.models[name] = net.eval().to(device)
+        self.flip_tta = flip_tta
+
+    def __call__(self, batch: Batch) -> Batch:
+        return predict_batch(self.models, batch, self.flip_tta)
+
+
+def _parquet_files(split: Path) -> list[Path]:
+    return [split] if split.is_file() else sorted(split.glob("*.parquet"))
+
+
+def _row_count(files: list[Path]) -> int:
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+def local_predictions(models: dict[str, SegmentationNet], split: Path, columns: list[str], batch_size: int,
+                      flip_tta: bool, desc: str) -> Iterator[Batch]:
+    """`predict_batch` over a split in this process (no Ray): the baseline."""
+    files = _parquet_files(split)
+    with tqdm(total=_row_count(files), desc=desc, unit="img", mininterval=2) as bar:
+        for file in files:
+            for record_batch in pq.ParquetFile(file).iter_batches(batch_size=batch_size, columns=columns):
+                batch = {c: np.array(record_batch.column(c).to_pylist(), dtype=object) for c in columns}
+                bar.update(len(batch["id"]))
+                yield predict_batch(models, batch, flip_tta)
+
+
+def ray_predictions(states: dict[str, dict], model: ModelConfig, num_classes: int, split: Path, columns: list[str],
+                    batch_size: int, flip_tta: bool, ray_cfg: RayConfig) -> Iterator[Batch]:
+    """`predict_batch` over a split as a Ray Data pipeline with `ray.inference_actors` model
+    replicas (one GPU each when `use_gpu`), batches returned in the split's order."""
+    import ray
+    import ray.data
+
+    from pipeline.raytrain import init_ray
+
+    init_ray(ray_cfg)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.use_datasource_v2 = False  # see raytrain.launch
+    context.execution_options.preserve_order = True  # shards in the split's order, as the plain loop writes them
+    dataset = ray.data.read_parquet([str(f.resolve()) for f in _parquet_files(split)], columns=columns)
+    predicted = dataset.map_batches(
+        SegmenterReplica, batch_size=batch_size, batch_format="numpy",
+        fn_constructor_kwargs={"states": states, "model": model, "num_classes": num_classes, "flip_tta": flip_tta,
+                               "threads": ray_cfg.cpus_per_worker, "use_gpu": ray_cfg.use_gpu},
+        compute=ray.data.ActorPoolStrategy(size=ray_cfg.inference_actors),
+        num_cpus=1 if ray_cfg.use_gpu else ray_cfg.cpus_per_worker, num_gpus=1 if ray_cfg.use_gpu else 0)
+    yield from predicted.iter_batches(batch_size=None, batch_format="numpy")
+
+
 def iter_split(path: Path, batch_size: int, columns: list[str], desc: str) -> Iterator[dict]:
-    """Record batches of a prepared split, with PNG columns decoded to uint8 tensors."""
-    files = [path] if path.is_file() else sorted(path.glob("*.parquet"))
-    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    with tqdm(total=total, desc=desc, unit="img", mininterval=2) as bar:
+    """Record batches of a prepared split, with PNG columns decoded to uint8 tensors (and the
+    PNGs kept as `<column>_bytes`); a column with any missing value is None."""
+    files = _parquet_files(path)
+    with tqdm(total=_row_count(files), desc=desc, unit="img", mininterval=2) as bar:
         for file in files:
             for batch in pq.ParquetFile(file).iter_batches(batch_size=batch_size, columns=columns):
                 out = {"id": batch.column("id").to_pylist()}
@@ -46,36 +134,56 @@ def iter_split(path: Path, batch_size: int, columns: list[str], desc: str) -> It
                 yield out
 
 
-def pseudo_label_rows(model: SegmentationNet, unlabeled: Path, batch_size: int, flip_tta: bool,
-                      confusion: torch.Tensor) -> Iterator[dict]:
-    """The teacher's hard label and confidence (uint8, ×255) for every unlabeled image.
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor of a column Ray Data may hand over read-only (copied only then)."""
+    return torch.from_numpy(np.require(array, requirements=["C", "W"]))
+
+
+def _masks(batch: Batch) -> torch.Tensor | None:
+    """The batch's held-aside / ground-truth masks, or None when any is missing."""
+    if "mask" not in batch or any(v is None for v in batch["mask"]):
+        return None
+    return stack_decoded([decode_png(v) for v in batch["mask"]])
+
+
+def pseudo_label_rows(batches: Iterator[Batch], name: str, confusion: torch.Tensor) -> Iterator[dict]:
+    """Pseudo-label shard rows (image, hard label, confidence as PNGs) from `name`'s predictions.
 
     Where held-aside masks exist, adds pseudo-label vs. truth counts to `confusion` (to report
     pseudo-label quality; those masks are never used to train).
     """
-    for batch in iter_split(unlabeled, batch_size, ["id", "image", "mask"], "pseudo-label"):
-        confidence, label = probabilities(model, batch["image"], flip_tta).max(1)
-        if batch["mask"] is not None:
-            confusion += confusion_matrix(label, batch["mask"], confusion.shape[0])
-        conf_u8 = (confidence * 255).round().to(torch.uint8).numpy()
-        label_u8 = label.to(torch.uint8).numpy()
+    for batch in batches:
+        labels, confidences = batch[f"{name}_label"], batch[f"{name}_confidence"]
+        if (masks := _masks(batch)) is not None:
+            confusion += confusion_matrix(_tensor(labels), masks, confusion.shape[0])
         for i, eid in enumerate(batch["id"]):
-            yield {"id": eid, "image": batch["image_bytes"][i], "pseudo_label": encode_png(label_u8[i]),
-                   "confidence": encode_png(conf_u8[i])}
+            yield {"id": eid, "image": batch["image"][i], "pseudo_label": encode_png(labels[i]),
+                   "confidence": encode_png(confidences[i])}
+
+
+def confusion_and_samples(batches: Iterator[Batch], names: list[str], num_classes: int,
+                          keep: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One confusion matrix per model over every val pixel; plus the first `keep` images,
+    masks and predictions for the figures."""
+    confusion = {name: torch.zeros(num_classes, num_classes, dtype=torch.long) for name in names}
+    samples: dict[str, list] = {"image": [], "mask": [], **{name: [] for name in names}}
+    taken = 0
+    for batch in batches:
+        masks, room = _masks(batch), max(0, keep - taken)
+        preds = {name: _tensor(batch[f"{name}_label"]).long() for name in names}
+        for name, pred in preds.items():
+            confusion[name] += confusion_matrix(pred, masks, num_classes)
+        if room:
+            samples["image"].append(stack_decoded([decode_png(v) for v in batch["image"][:room]]))
+            samples["mask"].append(masks[:room])
+            for name, pred in preds.items():
+                samples[name].append(pred[:room])
+        taken += len(batch["id"])
+    return confusion, {k: torch.cat(v) if v else torch.empty(0) for k, v in samples.items()}
 
 
 def evaluate_split(models: dict[str, SegmentationNet], val: Path, batch_size: int, num_classes: int,
                    keep: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """One confusion matrix per model over every val pixel; plus the first `keep` images,
-    masks and predictions for the figures."""
-    confusion = {name: torch.zeros(num_classes, num_classes, dtype=torch.long) for name in models}
-    samples: dict[str, list] = {"image": [], "mask": [], **{name: [] for name in models}}
-    for batch in iter_split(val, batch_size, ["id", "image", "mask"], "evaluate"):
-        taken = sum(len(x) for x in samples["image"])
-        for name, model in models.items():
-            pred = probabilities(model, batch["image"], flip_tta=False).argmax(1)
-            confusion[name] += confusion_matrix(pred, batch["mask"], num_classes)
-            samples[name].append(pred[: max(0, keep - taken)])
-        samples["image"].append(batch["image"][: max(0, keep - taken)])
-        samples["mask"].append(batch["mask"][: max(0, keep - taken)])
-    return confusion, {k: torch.cat(v) for k, v in samples.items()}
+    """`confusion_and_samples` of the val split, in this process."""
+    batches = local_predictions(models, val, ["id", "image", "mask"], batch_size, False, "evaluate")
+    return confusion_and_samples(batches, list(models), num_classes, keep)

@@ -47,11 +47,11 @@ def run_name(stage: str, loop_config: dict, inputs: list[Path]) -> str:
 
 
 def local_cpus(ray_cfg: RayConfig | None) -> int:
-    """Logical CPUs for a local Ray: the machine's, or what the workers ask for, plus one.
-    Training workers hold their CPUs for the whole job and Ray Data's read tasks need one
-    more, or they wait forever."""
-    training_cpus = ray_cfg.num_workers * ray_cfg.cpus_per_worker if ray_cfg else 1
-    return max(os.cpu_count() or 1, training_cpus) + 1
+    """Logical CPUs for a local Ray: the machine's, or what the training workers or the
+    inference actors ask for, plus one. Both hold their CPUs for the whole job and Ray Data's
+    read tasks need one more, or they wait forever."""
+    held = max(ray_cfg.num_workers, ray_cfg.inference_actors) * ray_cfg.cpus_per_worker if ray_cfg else 1
+    return max(os.cpu_count() or 1, held) + 1
 
 
 def local_ray_options(ray_cfg: RayConfig | None) -> dict:
@@ -152,11 +152,15 @@ class WorkerSetup:
 
     @classmethod
     def from_job(cls, job: JobConfig) -> WorkerSetup:
+        import ray
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
         rank = ctx.get_world_rank()
+        # Where each worker runs, for people (and tests) checking placement or killing one.
+        print(f"worker {rank}/{ctx.get_world_size()} pid {os.getpid()} on node {ray.get_runtime_context().get_node_id()}",
+              flush=True)
         torch.set_num_threads(job.cpus_per_worker)
         torch.manual_seed(job.train.seed * 1000 + rank)
         generator = torch.Generator().manual_seed(job.train.seed * 1000 + rank)
@@ -228,6 +232,10 @@ def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: C
     epochs, steps = train.epochs, train.steps_per_epoch
     scheduler = warmup_cosine(optimizer, epochs * steps)
     start_epoch, loop_seconds = restore(model, optimizer, scheduler)
+    if start_epoch:  # a relaunch or a restarted worker group: visible in the log and the MLflow run
+        setup.log_metrics({"resumed_at_epoch": start_epoch}, start_epoch)
+        if setup.rank == 0:
+            print(f"resumed from the checkpoint of epoch {start_epoch}/{epochs}", flush=True)
     for epoch in range(start_epoch, epochs):
         model.train()
         started, totals = time.perf_counter(), {}
@@ -243,6 +251,8 @@ def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: C
         metrics = {k: v / steps for k, v in totals.items()}
         metrics |= {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[-1], "loop_seconds": loop_seconds,
                     "world_size": setup.world_size}
+        if setup.world_size > 1:
+            metrics["replica_weight_spread"] = replica_weight_spread(model)
         setup.log_metrics(metrics, epoch + 1)
         if setup.rank == 0:
             losses = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in totals)
@@ -250,6 +260,18 @@ def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: C
         state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "epoch": epoch + 1, "loop_seconds": loop_seconds}
         report(metrics, state if setup.rank == 0 else None)
+
+
+def replica_weight_spread(model: torch.nn.Module) -> float:
+    """How far apart the workers' copies of the weights are (0 when DDP keeps them in step):
+    the largest difference between ranks of a float64 checksum of every parameter."""
+    import torch.distributed as dist
+
+    checksum = torch.stack([p.detach().double().sum() for p in unwrap(model).parameters()]).sum()
+    gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, checksum)  # on the parameters' device: NCCL gathers GPU tensors only
+    spread = torch.stack(gathered)
+    return float(spread.max() - spread.min())
 
 
 def restore(model, optimizer, scheduler) -> tuple[int, float]:

@@ -1,6 +1,6 @@
 """The label-efficiency study: the DDeP paper's Figure 2 and σ sweep, run by the pipeline's own stages.
 
-    python -m pipeline.study            # write study/plan.yaml, `dvc repro study/dvc.yaml`
+    python -m pipeline.study            # write study/plan.yaml, `dvc repro` each point of it
     python -m pipeline.study plan       # only write the plan (what `dvc repro` will run)
     python -m pipeline.study readme     # copy study/report.md into README.md
 
@@ -8,7 +8,8 @@
 `teacher_finetune` once per entry of the plan (DVC `foreach`), each with `--set` overrides,
 so every point is cached and only what a params edit touches runs again. The plan is a pure
 function of params.yaml's `study` section; `study_report` turns the teachers' val metrics
-into tables, CSVs for `dvc plots` and figures.
+into tables, CSVs for `dvc plots` and figures. `study/dvc.lock` and `study/metrics/` are
+committed: the study goes on where it stopped, also from a fresh clone.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from pipeline.data import write_text_atomic
 STUDY_DIR = Path("study")
 PLAN_FILE = STUDY_DIR / "plan.yaml"
 SUPERVISED_ENCODER = "models/encoder.pt"  # the main pipeline's encoder_init output
+# A DVC remote in the repository (study/store, committed) for the outputs other points are
+# trained from: the encoders, the pretrainings and the models that pseudo-label (a few MB each).
+STORE = "study-store"
 RANDOM_ENCODER = "study/models/encoder-random.pt"
 
 # Figure 2's initialisations: (encoder, decoder pretraining mode).
@@ -282,16 +286,57 @@ def main(argv: list[str] | None = None) -> None:
     print(f"study: {len(study_plan['pretrain'])} pretrainings, {len(study_plan['subsets'])} labeled subsets, "
           f"{len(study_plan['teachers'])} teachers -> {PLAN_FILE}", flush=True)
     if args.command == "run":
-        # This interpreter's environment (a venv that is not activated) runs `dvc` and the stages.
-        bin_dir = os.path.dirname(sys.executable)
-        env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
-        dvc_file = STUDY_DIR / "dvc.yaml"
-        # One teacher at a time in plan order (DVC's own order is a graph walk), then the rest.
-        for key in study_plan["teachers"]:
-            if code := subprocess.call(["dvc", "repro", f"{dvc_file}:teacher@{key}", *args.dvc_args], env=env):
-                sys.exit(code)
-        sys.exit(subprocess.call(["dvc", "repro", str(dvc_file), *args.dvc_args], env=env))
+        sys.exit(run(study_plan, args.dvc_args))
 
+
+def run(study_plan: dict, dvc_args: list[str]) -> int:
+    """Train the plan's points one `dvc repro` target at a time, teachers cheapest first (DVC's
+    own order is a graph walk), then the ablation, then the report. A point whose result is
+    recorded (its metrics file is here and `recorded`) is skipped even when its models are not."""
+    # This interpreter's environment (a venv that is not activated) runs `dvc` and the stages.
+    bin_dir = os.path.dirname(sys.executable)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    dvc_file = STUDY_DIR / "dvc.yaml"
+    metrics = STUDY_DIR / "metrics"
+    stages = ([(f"teacher@{key}", metrics / f"{key}.json") for key in study_plan["teachers"]]
+              + [(f"pseudo@{key}", metrics / f"pseudo-{key}.json") for key in study_plan["pseudo"]]
+              + [(f"student@{key}", metrics / f"student-{key}.json") for key in study_plan["students"]])
+    # The models the recorded points were trained from, as they were (a retrained copy on
+    # another CPU differs in the last bits, which would make every point downstream stale).
+    stored = [SUPERVISED_ENCODER, f"{dvc_file}:encoder_random", f"{dvc_file}:pretrain",
+              *sorted({p["teacher"] for p in study_plan["pseudo"].values()})]
+    subprocess.call(["dvc", "pull", "--allow-missing", "-r", STORE, *stored], env=env)
+    try:
+        for name, result in stages:
+            if result.is_file() and recorded(dvc_file, name, env):
+                continue
+            if code := subprocess.call(["dvc", "repro", f"{dvc_file}:{name}", *dvc_args], env=env):
+                return code
+        return subprocess.call(["dvc", "repro", "--single-item", f"{dvc_file}:report", *dvc_args], env=env)
+    finally:
+        subprocess.call(["dvc", "push", "-r", STORE, *stored], env=env)
+
+
+def recorded(dvc_file: Path, name: str, env: dict) -> bool:
+    """Whether the study's lock holds this stage's result for its current command, params and
+    inputs, even if the files it made are not here. `study/dvc.lock` and the small metrics
+    files are committed, the models are not: a fresh clone keeps every finished point without
+    retraining it, and trains a point again only when something it depends on changed."""
+    lock_file = dvc_file.with_suffix(".lock")
+    lock = yaml.safe_load(lock_file.read_text()) if lock_file.is_file() else None
+    if name not in ((lock or {}).get("stages") or {}):
+        return False
+    status = subprocess.run(["dvc", "status", "--json", f"{dvc_file}:{name}"], env=env, capture_output=True,
+                            text=True, check=True)
+    changes = [change for stage in json.loads(status.stdout or "{}").values() for change in stage]
+    return all(_only_missing_files(change) for change in changes)
+
+
+def _only_missing_files(change) -> bool:
+    """A `dvc status` entry that only says files are absent (a changed command is a bare
+    string, changed params a nested dict, a changed file 'modified' or 'new')."""
+    return (isinstance(change, dict) and set(change) <= {"changed deps", "changed outs"}
+            and all(state in ("deleted", "not in cache") for files in change.values() for state in files.values()))
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,5 @@
-"""DVC stage `evaluate`: teacher and student on val — mIoU, per-class IoU, pixel accuracy, figures."""
+"""DVC stage `evaluate`: teacher and student on val — mIoU, per-class IoU, pixel accuracy, figures
+(a Ray Data pipeline with `ray.inference_actors` replicas of both models)."""
 
 import csv
 import io
@@ -7,11 +8,11 @@ from pathlib import Path
 
 import mlflow
 
-from pipeline.checkpoints import load_segmenter
+from pipeline.checkpoints import SEGMENTER, load_weights
 from pipeline.data import read_manifest, write_text_atomic
 from pipeline.figures import confusion_figure, per_class_bars, prediction_grid
 from pipeline.formats import palette_for
-from pipeline.inference import evaluate_split
+from pipeline.inference import confusion_and_samples, ray_predictions
 from pipeline.metrics import segmentation_scores
 from pipeline.stage import stage, stage_parser
 
@@ -39,10 +40,11 @@ def main() -> None:
         cfg, model = ctx.params.evaluate, ctx.params.model
         manifest = read_manifest(args.prepared)
         classes = manifest["classes"]
-        models = {"teacher": load_segmenter(args.teacher, model, classes),
-                  "student": load_segmenter(args.student, model, classes)}
-        confusion, samples = evaluate_split(models, args.prepared / "val", cfg.batch_size, len(classes),
-                                            cfg.grid_images)
+        models = {"teacher": load_weights(args.teacher, SEGMENTER, model, classes),
+                  "student": load_weights(args.student, SEGMENTER, model, classes)}
+        predictions = ray_predictions(models, model, len(classes), args.prepared / "val", ["id", "image", "mask"],
+                                      cfg.batch_size, False, ctx.params.ray)
+        confusion, samples = confusion_and_samples(predictions, list(models), len(classes), cfg.grid_images)
         scores = {name: segmentation_scores(c.numpy(), classes) for name, c in confusion.items()}
         write_text_atomic(args.metrics, json.dumps(scores, indent=2) + "\n")
         write_text_atomic(args.per_class, per_class_csv(scores, classes))

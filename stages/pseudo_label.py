@@ -1,4 +1,5 @@
-"""DVC stage `pseudo_label`: the teacher's hard label and confidence for every unlabeled pixel."""
+"""DVC stage `pseudo_label`: the teacher's hard label and confidence for every unlabeled pixel
+(a Ray Data pipeline with `ray.inference_actors` replicas of the teacher)."""
 
 import json
 from pathlib import Path
@@ -6,7 +7,7 @@ from pathlib import Path
 import mlflow
 import torch
 
-from pipeline.checkpoints import load_segmenter
+from pipeline.checkpoints import SEGMENTER, load_weights
 from pipeline.data import (
     PSEUDO_SCHEMA,
     DataError,
@@ -19,7 +20,7 @@ from pipeline.data import (
 )
 from pipeline.figures import pseudo_label_grid
 from pipeline.formats import palette_for
-from pipeline.inference import pseudo_label_rows
+from pipeline.inference import pseudo_label_rows, ray_predictions
 from pipeline.metrics import segmentation_scores
 from pipeline.stage import stage, stage_parser
 
@@ -39,9 +40,11 @@ def main() -> None:
     with stage("pseudo_label", ["pseudo", "model"], args.prepared, overrides=args.overrides) as ctx:
         cfg = ctx.params.pseudo
         manifest = read_manifest(args.prepared)
-        teacher = load_segmenter(args.teacher, ctx.params.model, manifest["classes"])
+        teacher = load_weights(args.teacher, SEGMENTER, ctx.params.model, manifest["classes"])
         confusion = torch.zeros(manifest["num_classes"], manifest["num_classes"], dtype=torch.long)
-        rows = pseudo_label_rows(teacher, unlabeled, cfg.batch_size, cfg.flip_tta, confusion)
+        predictions = ray_predictions({"teacher": teacher}, ctx.params.model, manifest["num_classes"], unlabeled,
+                                      ["id", "image", "mask"], cfg.batch_size, cfg.flip_tta, ctx.params.ray)
+        rows = pseudo_label_rows(predictions, "teacher", confusion)
         with staged(args.out) as tmp:
             ctx.summary["images"] = write_shards(rows, PSEUDO_SCHEMA, tmp, ctx.params.data.shard_rows)
         if confusion.sum() > 0:

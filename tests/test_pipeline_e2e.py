@@ -25,7 +25,7 @@ STAGES = ["prepare", "encoder_init", "decoder_pretrain", "teacher_finetune", "ps
 TRAINING = ["encoder_init", "decoder_pretrain", "teacher_finetune", "student_train"]
 COPY_IGNORE = shutil.ignore_patterns(".venv", ".git", "data", "models", "reports", "ray_results", "mlflow.db",
                                      "mlartifacts", "cache", "tmp", "__pycache__", ".pytest_cache", "dvc.lock",
-                                     "metrics", "report", "figures")
+                                     "metrics", "report", "figures", "store")
 
 pytestmark = pytest.mark.slow
 
@@ -40,8 +40,8 @@ def repo_env(repo: Path) -> dict:
     return env
 
 
-def run(cmd: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=repo_env(cwd), capture_output=True, text=True, **kw)
+def run(cmd: list[str], cwd: Path, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env={**repo_env(cwd), **(env or {})}, capture_output=True, text=True, **kw)
     assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
@@ -315,29 +315,108 @@ def test_two_ray_workers_train_and_export_one_model(repo, params_file, mlflow_se
     assert (repo / "models/teacher.pt").stat().st_mtime_ns > before
     latest = search_runs(mlflow_server, "tags.`dvc.stage` = 'teacher_finetune'")[-1]
     assert metrics_of(latest)["world_size"] == 2
+    assert metrics_of(latest)["replica_weight_spread"] == 0.0  # DDP kept the two copies identical
 
 
-def test_study_runs_the_pipelines_stages_and_reports(repo, params_file):
+def worker_lines(output: str) -> dict[int, tuple[int, str]]:
+    """rank -> (pid, node id) from the lines each training worker prints when it starts."""
+    found = {}
+    for line in output.splitlines():
+        if (at := line.find("worker ")) >= 0 and " pid " in line and " on node " in line:
+            words = line[at:].split()
+            found[int(words[1].split("/")[0])] = (int(words[3]), words[6])
+    return found
+
+
+def test_a_training_stage_runs_across_two_ray_nodes(repo, params_file, mlflow_server, monkeypatch):
+    """A real multi-node Ray cluster (a head and two worker nodes, each its own raylet), reached
+    through RAY_ADDRESS: each worker needs a whole node, so the two land on different nodes."""
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("PYTHONPATH", str(repo))  # the nodes' workers import this copy's pipeline
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    nodes = {cluster.add_node(num_cpus=2).node_id for _ in range(2)}
+    try:
+        cluster.wait_for_nodes()
+        edit_params(params_file, "ray", "num_workers", 2)
+        edit_params(params_file, "ray", "cpus_per_worker", 2)
+        out = run(["dvc", "repro", "--force", "--single-item", "teacher_finetune"], repo,
+                  env={"RAY_ADDRESS": cluster.address}, timeout=600)
+    finally:
+        cluster.shutdown()
+    workers = worker_lines(out.stdout + out.stderr)
+    assert sorted(workers) == [0, 1]
+    assert {node for _, node in workers.values()} == nodes  # one worker on each worker node
+    latest = search_runs(mlflow_server, "tags.`dvc.stage` = 'teacher_finetune'")[-1]
+    assert metrics_of(latest)["world_size"] == 2 and metrics_of(latest)["replica_weight_spread"] == 0.0
+
+
+def watch(cmd: list[str], repo: Path, log: Path) -> subprocess.Popen:
+    """Start `cmd` in its own process group, its output going to `log`."""
+    return subprocess.Popen(cmd, cwd=repo, env=repo_env(repo), stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_for(log: Path, text: str, count: int, process: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while log.read_text().count(text) < count:
+        assert process.poll() is None, f"ended before {count}x {text!r}:\n{log.read_text()[-3000:]}"
+        assert time.time() < deadline, f"no {count}x {text!r} in {timeout}s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.2)
+
+
+CHECKPOINTED = "Reporting training result"  # Ray Train's line once an epoch's checkpoint is persisted
+
+
+def longer_teacher(params_file: Path, **extra) -> None:
+    """A teacher long enough to be interrupted between checkpoints."""
     params = yaml.safe_load(params_file.read_text())
-    # One seed: averaging over seeds is unit-tested (test_study); this runs every kind of stage once.
-    params["study"] = {**params["study"], "fractions": [0.5], "seeds": [0], "sigmas": [0.2], "dep_sigma": 0.2,
-                       "sweep_fraction": 0.5, "teacher_steps": [2], "teacher_epochs": 1, "ablation_fractions": [0.5]}
+    params["teacher"] |= {"epochs": 6, "steps_per_epoch": 10, **extra}
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    out = run([sys.executable, "-m", "pipeline.cluster", "--", sys.executable, "-m", "pipeline.study"], repo,
-              timeout=1500).stdout
-    ran = ran_stages(out)
-    assert len([s for s in ran if "teacher@" in s]) == 4  # four initialisations
-    assert {"study/dvc.yaml:encoder_random", "study/dvc.yaml:report"} <= ran
-    assert "encoder_init" not in ran  # the supervised encoder is the main pipeline's, already built
-    report = (repo / "study/report/report.md").read_text()
-    for row in ("| random init |", "| supervised encoder |", "| DeP |", "| DDeP |", "| teacher (DDeP) |",
-                "| student, plain CE |", "| + dense contrast, 2 rounds |", "| pseudo-labels, round 2 |"):
-        assert row in report
-    assert len([s for s in ran if "student@" in s]) == len(ABLATION) + 1  # and a second round
-    header = (repo / "study/report/figure2.csv").read_text().splitlines()[0]
-    assert header.startswith("fraction,random init mean")
-    assert (repo / "study/report/figure2.png").is_file() and (repo / "study/report/sigma_sweep.png").is_file()
-    plots = run(["dvc", "plots", "show", "--json"], repo).stdout
-    assert "label_efficiency" in plots and "sigma_sweep" in plots
-    again = run([sys.executable, "-m", "pipeline.study"], repo, timeout=300).stdout
-    assert "Running stage" not in again
+
+
+def test_a_killed_worker_is_replaced_and_training_resumes_from_its_checkpoint(repo, params_file, mlflow_server,
+                                                                              tmp_path):
+    longer_teacher(params_file)
+    edit_params(params_file, "ray", "max_failures", 1)
+    runs_before = len(search_runs(mlflow_server, "tags.`dvc.stage` = 'teacher_finetune'"))
+    log = tmp_path / "repro.log"
+    stage = watch(["dvc", "repro", "--force", "--single-item", "teacher_finetune"], repo, log)
+    wait_for(log, CHECKPOINTED, 2, stage)
+    pid = worker_lines(log.read_text())[0][0]
+    os.kill(pid, 9)  # the training worker process, from outside
+    killed_at = time.time()
+    wait_for(log, "resumed from the checkpoint of epoch", 1, stage)
+    recovery_s = time.time() - killed_at
+    assert stage.wait(600) == 0, log.read_text()[-3000:]
+    out = log.read_text()
+    print(f"recovery after a killed worker: {recovery_s:.1f} s")
+    assert worker_lines(out)[0][0] != pid  # a replacement worker
+    assert "[teacher_finetune] done" in out and "epoch 6/6" in out
+    resumed_at = int(out.split("resumed from the checkpoint of epoch ")[1].split("/")[0])
+    assert resumed_at >= 2  # not from scratch
+    runs = search_runs(mlflow_server, "tags.`dvc.stage` = 'teacher_finetune'")
+    assert len(runs) == runs_before + 1  # the restart stayed inside the stage's one run
+    assert metrics_of(runs[-1])["resumed_at_epoch"] == resumed_at and metrics_of(runs[-1])["epoch"] == 6
+
+
+def interrupt(repo: Path, log: Path, signal_number: int) -> None:
+    """`dvc repro` of the teacher, interrupted once two epochs are checkpointed."""
+    stage = watch(["dvc", "repro", "--force", "--single-item", "teacher_finetune"], repo, log)
+    wait_for(log, CHECKPOINTED, 2, stage)
+    os.killpg(stage.pid, signal_number)  # Ctrl-C (or a scheduler's SIGTERM) to the whole foreground group
+    assert stage.wait(120) != 0
+
+
+@pytest.mark.parametrize("signal_number", [2, 15])
+def test_an_interrupted_stage_resumes_from_its_checkpoint_but_never_under_other_params(
+        repo, params_file, tmp_path, signal_number):
+    longer_teacher(params_file)
+    interrupt(repo, tmp_path / "first.log", signal_number)
+    out = run(["dvc", "repro", "--single-item", "teacher_finetune"], repo, timeout=600).stdout
+    assert "resumed from the checkpoint of epoch" in out and "epoch 1/6" not in out and "epoch 6/6" in out
+
+    interrupt(repo, tmp_path / "second.log", signal_number)
+    longer_teacher(params_file, lr=0.001)
+    out = run(["dvc", "repro", "--single-item", "teacher_finetune"], repo, timeout=600).stdout
+    assert "resumed from the checkpoint" not in out and "epoch 1/6" in out and "epoch 6/6" in out

@@ -1,4 +1,8 @@
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,7 @@ from pipeline.study import (
     figure2,
     markdown,
     plan,
+    recorded,
     sigma_sweep,
     update_readme,
     write_outputs,
@@ -161,3 +166,36 @@ def test_readme_table_is_replaced_between_the_markers(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ConfigError, match="markers"):
         update_readme(report, readme)
+
+
+def test_a_recorded_point_is_skipped_without_its_models_and_rerun_when_anything_it_depends_on_changes(
+        tmp_path, monkeypatch):
+    """A fresh clone has the study's lock and metrics but no models: finished points count as
+    done; a changed command or params, a changed input, or a point never run does not."""
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(["git", "init", "-q"], check=True)
+    subprocess.run(["dvc", "init", "-q"], check=True, env=env)
+    (tmp_path / "study").mkdir()
+    (tmp_path / "params.yaml").write_text("teacher:\n  lr: 0.1\n")
+    (tmp_path / "data.txt").write_text("images\n")
+    stage = {"wdir": "..", "cmd": "cp data.txt model.bin && cp data.txt m.json",
+             "deps": ["data.txt"], "params": ["teacher"], "outs": ["model.bin"], "metrics": [{"m.json": {"cache": False}}]}
+    dvc_file = Path("study/dvc.yaml")
+    never = {**stage, "cmd": "cp data.txt other.bin", "outs": ["other.bin"], "metrics": []}
+    dvc_file.write_text(yaml.safe_dump({"stages": {"done": stage, "never": never}}))
+    subprocess.run(["dvc", "repro", "-q", f"{dvc_file}:done"], check=True, env=env)
+    shutil.rmtree(tmp_path / ".dvc" / "cache")
+    (tmp_path / "model.bin").unlink()
+    assert recorded(dvc_file, "done", env)
+    assert not recorded(dvc_file, "never", env)
+
+    (tmp_path / "params.yaml").write_text("teacher:\n  lr: 0.2\n")
+    assert not recorded(dvc_file, "done", env)
+    (tmp_path / "params.yaml").write_text("teacher:\n  lr: 0.1\n")
+    (tmp_path / "data.txt").write_text("other images\n")
+    assert not recorded(dvc_file, "done", env)
+    (tmp_path / "data.txt").write_text("images\n")
+    assert recorded(dvc_file, "done", env)
+    dvc_file.write_text(dvc_file.read_text().replace("cp data.txt", "cp -p data.txt", 1))
+    assert not recorded(dvc_file, "done", env)
