@@ -395,6 +395,9 @@ class RayConfig:
     use_gpu: bool = False
     cpus_per_worker: int = 2
     storage_path: str = "ray_results"
+    # Where workers read the Parquet shards: null = the project folder (one machine, or a
+    # shared filesystem); a URI (s3://bucket/shards) = content-named copies there.
+    data_uri: str | None = None
     max_failures: int = 0
     # Model replicas of batch inference (pseudo_label, evaluate): one GPU each when
     # use_gpu, else cpus_per_worker CPUs each.
@@ -405,6 +408,8 @@ class RayConfig:
                   inference_actors=self.inference_actors)
         _require(self.max_failures >= -1, "ray.max_failures",
                  f"expected -1 (retry forever) or a count >= 0, got {self.max_failures}")
+        _require(self.data_uri is None or "://" in self.data_uri or self.data_uri.startswith("/"), "ray.data_uri",
+                 f"expected null, a URI such as s3://bucket/shards, or an absolute path, got {self.data_uri!r}")
 
     def resolved_address(self) -> str | None:
         return os.environ.get("RAY_ADDRESS") or self.address

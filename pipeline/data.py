@@ -10,7 +10,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
+import socket
+import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -107,8 +110,7 @@ def read_split(path: Path, columns: list[str] | None = None, filters: list | Non
 
 def publish(tmp: Path, final: Path) -> None:
     """Move a completed output into place, so a killed stage never leaves a half-written one."""
-    if final.exists():
-        shutil.rmtree(final) if final.is_dir() else final.unlink()
+    remove_path(final)
     tmp.rename(final)
 
 
@@ -120,23 +122,81 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 @contextmanager
 def staged(final: Path) -> Iterator[Path]:
-    """A temp path next to `final`, moved into place when the block completes and removed
-    when it raises, so nothing half-written is ever left where `final` belongs."""
+    """A temp path for `final`, moved into place when the block completes and removed when it
+    raises, so nothing half-written is ever left where `final` belongs.
+
+    Inside a DVC project the temp lives in the project's scratch folder `.dvc/tmp/staging/`,
+    not next to the output: a stage killed outright (SIGKILL, power loss) cannot clean up, and
+    when DVC then restores that stage from its run cache no stage code runs to do it either.
+    Leftovers of dead writers there are removed by the next write."""
     tmp = temp_path_for(final)
     try:
         yield tmp
     except BaseException:
-        if tmp.exists():
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        remove_path(tmp)
+        _drop_holder(tmp, final)
         raise
     publish(tmp, final)
+    _drop_holder(tmp, final)
+
+
+STAGING = Path(".dvc/tmp/staging")
 
 
 def temp_path_for(final: Path) -> Path:
-    tmp = final.with_name(f".{final.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
-    return tmp
+    """`.dvc/tmp/staging/<host>-<pid>-<n>/<name>` of the DVC project holding `final` (same
+    filesystem, so the final rename is atomic), else the hidden sibling `.<name>.tmp`."""
+    staging = _staging_dir(final)
+    if staging is None:
+        tmp = final.with_name(f".{final.name}.tmp")
+        remove_path(tmp)
+        return tmp
+    _sweep_dead_writers(staging)
+    holder = Path(tempfile.mkdtemp(prefix=f"{socket.gethostname()}-{os.getpid()}-", dir=staging))
+    return holder / final.name
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _drop_holder(tmp: Path, final: Path) -> None:
+    if tmp.parent != final.parent:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def _staging_dir(final: Path) -> Path | None:
+    parent = final.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for root in (parent, *parent.parents):
+        if (root / ".dvc").is_dir():
+            staging = root / STAGING
+            staging.mkdir(parents=True, exist_ok=True)
+            return staging if staging.stat().st_dev == parent.stat().st_dev else None
+    return None
+
+
+def _sweep_dead_writers(staging: Path) -> None:
+    """Remove what writers on this host that no longer run left behind."""
+    host = socket.gethostname()
+    for holder in staging.iterdir():
+        owner_host, _, rest = holder.name.rpartition("-")[0].rpartition("-")
+        pid = rest if owner_host else ""
+        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(holder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class SplitWriter:

@@ -24,6 +24,7 @@ from pipeline.config import ModelConfig, RayConfig
 from pipeline.data import decode_png, encode_png, stack_decoded
 from pipeline.metrics import confusion_matrix
 from pipeline.models import SegmentationNet, build_network
+from pipeline.storage import parquet_files, worker_uris
 
 Batch = dict[str, np.ndarray]
 
@@ -69,10 +70,6 @@ class SegmenterReplica:
         return predict_batch(self.models, batch, self.flip_tta)
 
 
-def _parquet_files(split: Path) -> list[Path]:
-    return [split] if split.is_file() else sorted(split.glob("*.parquet"))
-
-
 def _row_count(files: list[Path]) -> int:
     return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
@@ -80,7 +77,7 @@ def _row_count(files: list[Path]) -> int:
 def local_predictions(models: dict[str, SegmentationNet], split: Path, columns: list[str], batch_size: int,
                       flip_tta: bool, desc: str) -> Iterator[Batch]:
     """`predict_batch` over a split in this process (no Ray): the baseline."""
-    files = _parquet_files(split)
+    files = parquet_files(split)
     with tqdm(total=_row_count(files), desc=desc, unit="img", mininterval=2) as bar:
         for file in files:
             for record_batch in pq.ParquetFile(file).iter_batches(batch_size=batch_size, columns=columns):
@@ -103,7 +100,7 @@ def ray_predictions(states: dict[str, dict], model: ModelConfig, num_classes: in
     context.enable_progress_bars = False
     context.use_datasource_v2 = False  # see raytrain.launch
     context.execution_options.preserve_order = True  # shards in the split's order, as the plain loop writes them
-    dataset = ray.data.read_parquet([str(f.resolve()) for f in _parquet_files(split)], columns=columns)
+    dataset = ray.data.read_parquet(worker_uris(parquet_files(split), ray_cfg.data_uri), columns=columns)
     predicted = dataset.map_batches(
         SegmenterReplica, batch_size=batch_size, batch_format="numpy",
         fn_constructor_kwargs={"states": states, "model": model, "num_classes": num_classes, "flip_tta": flip_tta,
@@ -116,7 +113,7 @@ def ray_predictions(states: dict[str, dict], model: ModelConfig, num_classes: in
 def iter_split(path: Path, batch_size: int, columns: list[str], desc: str) -> Iterator[dict]:
     """Record batches of a prepared split, with PNG columns decoded to uint8 tensors (and the
     PNGs kept as `<column>_bytes`); a column with any missing value is None."""
-    files = _parquet_files(path)
+    files = parquet_files(path)
     with tqdm(total=_row_count(files), desc=desc, unit="img", mininterval=2) as bar:
         for file in files:
             for batch in pq.ParquetFile(file).iter_batches(batch_size=batch_size, columns=columns):

@@ -24,6 +24,7 @@ import torch
 
 from pipeline.config import ModelConfig, RayConfig, TrainConfig
 from pipeline.data import decode_png, stack_decoded
+from pipeline.storage import parquet_files, worker_uris
 
 STATE_FILE = "state.pt"
 
@@ -126,7 +127,8 @@ def launch(stage: str, train_loop: Callable[[dict], None], job: JobConfig,
         run_config=RunConfig(name=run_name(stage, job.identity(), inputs), storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
                              failure_config=FailureConfig(max_failures=ray_cfg.max_failures)),
-        datasets={key: ray.data.read_parquet([str(Path(p).resolve()) for p in paths], columns=columns)
+        datasets={key: ray.data.read_parquet(worker_uris([f for p in paths for f in parquet_files(Path(p))],
+                                                         ray_cfg.data_uri), columns=columns)
                   for key, (paths, columns) in datasets.items()},
     )
     result = trainer.fit()
