@@ -23,7 +23,7 @@ from pipeline import augment
 from pipeline.config import ModelConfig, RayConfig
 from pipeline.data import decode_png, encode_png, stack_decoded
 from pipeline.metrics import confusion_matrix
-from pipeline.models import SegmentationNet, build_network
+from pipeline.models import SegmentationNet, build_network, mixed_precision
 from pipeline.storage import parquet_files, worker_uris
 
 Batch = dict[str, np.ndarray]
@@ -33,10 +33,10 @@ def probabilities(model: SegmentationNet, images: torch.Tensor, flip_tta: bool) 
     """Softmax over classes for uint8 images N×3×H×W, averaged with the mirrored view if asked."""
     device = next(model.parameters()).device
     x = augment.to_model_range(augment.to_unit_float(images.to(device)))
-    with torch.no_grad():
-        probs = model(x).softmax(1)
+    with torch.no_grad(), mixed_precision(device):
+        probs = model(x).float().softmax(1)
         if flip_tta:
-            probs = 0.5 * (probs + model(x.flip(-1)).softmax(1).flip(-1))
+            probs = 0.5 * (probs + model(x.flip(-1)).float().softmax(1).flip(-1))
     return probs
 
 

@@ -238,3 +238,10 @@ class EncoderClassifier(nn.Module):
     def encoder_state(self) -> dict:
         """The encoder's weights without the classification head, as `HybridEncoder` holds them."""
         return {k: v for k, v in self.encoder.state_dict().items() if not k.startswith("vit.head.")}
+
+
+def mixed_precision(device: torch.device):
+    """bf16 autocast on a GPU (convolutions and matmuls in bf16, reductions such as softmax
+    and cross-entropy kept in float32 by autocast); a no-op elsewhere, so CPU runs stay
+    float32 and bit-reproducible."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

@@ -231,6 +231,8 @@ def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: C
     tensors, the first of which is optimised), then reports the epoch's mean losses and a
     checkpoint of the unwrapped model from rank 0. Resumes from Ray's latest checkpoint when the job is relaunched.
     """
+    from pipeline.models import mixed_precision  # not at the top: the driver imports this module without timm
+
     epochs, steps = train.epochs, train.steps_per_epoch
     scheduler = warmup_cosine(optimizer, epochs * steps)
     start_epoch, loop_seconds = restore(model, optimizer, scheduler)
@@ -242,7 +244,8 @@ def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: C
         model.train()
         started, totals = time.perf_counter(), {}
         for _ in range(steps):
-            losses = step()
+            with mixed_precision(setup.device):
+                losses = step()
             optimizer.zero_grad(set_to_none=True)
             next(iter(losses.values())).backward()
             optimizer.step()

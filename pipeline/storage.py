@@ -11,6 +11,7 @@ shared filesystem, and a shard already uploaded by an earlier stage or run is re
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 
 CHUNK = 1 << 20
@@ -40,7 +41,7 @@ def worker_uris(files: list[Path], data_uri: str | None) -> list[str]:
 
     filesystem, root = pafs.FileSystem.from_uri(data_uri)
     scheme = data_uri.split("://", 1)[0] + "://" if "://" in data_uri else ""
-    uris = []
+    uris, uploaded = [], 0
     for file in files:
         digest = content_digest(file)
         folder = f"{root.rstrip('/')}/{digest[:2]}"
@@ -51,5 +52,7 @@ def worker_uris(files: list[Path], data_uri: str | None) -> list[str]:
                 filesystem.create_dir(folder, recursive=True)
             pafs.copy_files(str(file.resolve()), target, source_filesystem=pafs.LocalFileSystem(),
                             destination_filesystem=filesystem)
+            uploaded += 1
         uris.append(scheme + target)
+    print(f"{len(uris)} Parquet shards read from {data_uri} ({uploaded} uploaded now)", file=sys.stderr, flush=True)
     return uris

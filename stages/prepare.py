@@ -4,6 +4,7 @@ from pathlib import Path
 
 from pipeline.prepare import prepare
 from pipeline.stage import stage, stage_parser
+from pipeline.storage import parquet_files, worker_uris
 
 
 def main() -> None:
@@ -13,6 +14,9 @@ def main() -> None:
     with stage("prepare", ["data"], prepared=args.out, overrides=args.overrides) as ctx:
         manifest = prepare(ctx.params.data, args.out)
         ctx.summary = {"out": str(args.out), **manifest["counts"]}
+        if ctx.params.ray.data_uri:  # the workers' copies, in place before the first training stage
+            shards = [f for split in sorted(p for p in args.out.iterdir() if p.is_dir()) for f in parquet_files(split)]
+            ctx.summary["shards_in_data_uri"] = len(worker_uris(shards, ctx.params.ray.data_uri))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ def test_wrong_type_is_named():
     ({"study": {"sweep_fraction": 0.2}}, "study.sweep_fraction"),
     ({"teacher": {"batch_size": 0}}, "teacher.batch_size"),
     ({"ray": {"num_workers": 0}}, "ray.num_workers"),
+    ({"ray": {"data_uri": "shards"}}, "ray.data_uri"),
     ({"model": {"preset": "resnet9000"}}, "model.preset"),
     ({"model": {"decoder_channels": [8, 8]}}, "model.decoder_channels"),
     ({"encoder": {"init": "file"}}, "encoder.weights_path"),

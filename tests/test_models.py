@@ -9,6 +9,7 @@ from pipeline.models import (
     ProjectedSegmenter,
     build_model,
     build_vit,
+    mixed_precision,
     segmenter_state,
 )
 
@@ -83,3 +84,13 @@ def test_projected_segmenter_adds_unit_embeddings_and_exports_the_plain_network(
     plain.load_state_dict(segmenter_state(wrapped.state_dict()))  # strict: no projection weights left
     torch.testing.assert_close(plain(x), logits)
     assert segmenter_state(plain.state_dict()).keys() == plain.state_dict().keys()
+
+
+def test_mixed_precision_leaves_cpu_runs_in_float32_and_bit_identical():
+    model = build_model("tiny", 128, [64, 32, 16, 16], 5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = model(x)
+        with mixed_precision(torch.device("cpu")):
+            mixed = model(x)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, plain)
