@@ -79,22 +79,20 @@ def inference_throughput(prepared: Path, teacher: Path, params, threads: int = 1
     import ray
     import torch
 
-    from pipeline.checkpoints import SEGMENTER, load_weights
+    from pipeline.checkpoints import load_segmenter
     from pipeline.data import read_manifest
     from pipeline.inference import local_predictions, pseudo_label_rows, ray_predictions
-    from pipeline.models import build_network
     from pipeline.raytrain import init_ray
 
     manifest = read_manifest(prepared)
     split, columns = prepared / "unlabeled", ["id", "image", "mask"]
-    state = load_weights(teacher, SEGMENTER, params.model, manifest["classes"])
-    net = build_network(params.model, manifest["num_classes"])
-    net.load_state_dict(state)
+    net = load_segmenter(teacher, params.model, manifest["classes"])
+    state = net.state_dict()
     confusion = torch.zeros(manifest["num_classes"], manifest["num_classes"], dtype=torch.long)
     images = manifest["counts"]["unlabeled"]
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    _drain(pseudo_label_rows(local_predictions({"teacher": net.eval()}, split, columns, params.pseudo.batch_size,
+    _drain(pseudo_label_rows(local_predictions({"teacher": net}, split, columns, params.pseudo.batch_size,
                                                params.pseudo.flip_tta, "plain loop"), "teacher", confusion))
     result = {"plain_loop": images / (time.perf_counter() - started)}
     for actors in (1, 2):
@@ -109,13 +107,12 @@ def inference_throughput(prepared: Path, teacher: Path, params, threads: int = 1
     return result
 
 
-def training_scaling(prepared: Path, pretrained: Path, steps: int = 200) -> dict[str, float]:
+def training_scaling(prepared: Path, pretrained: Path, batch: int, steps: int = 200) -> dict[str, float]:
     """Images/s inside the teacher's training loop with the same global batch on 1 Ray worker
     (2 threads) and on 2 workers (1 thread each, DDP over gloo)."""
     import tempfile
 
     result = {}
-    batch = load_params().teacher.batch_size
     for workers, cpus in ((1, 2), (2, 1)):
         with tempfile.TemporaryDirectory() as tmp:
             out = subprocess.run(
@@ -140,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.scale_out:
         params = load_params()
         figures = {"inference_images_per_s": inference_throughput(Path("data/prepared"), Path("models/teacher.pt"), params),
-                   "training_images_per_s": training_scaling(Path("data/prepared"), Path("models/pretrained.pt"))}
+                   "training_images_per_s": training_scaling(Path("data/prepared"), Path("models/pretrained.pt"),
+                                                             params.teacher.batch_size)}
         inference, training = figures["inference_images_per_s"], figures["training_images_per_s"]
         print(f"batch inference (pseudo_label, 1 thread per actor), images/s: plain loop {inference['plain_loop']:.0f}, "
               f"Ray Data 1 actor {inference['ray_data_1_actors']:.0f} "

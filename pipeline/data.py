@@ -115,7 +115,6 @@ def publish(tmp: Path, final: Path) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     with staged(path) as tmp:
         tmp.write_text(text)
 
@@ -123,49 +122,48 @@ def write_text_atomic(path: Path, text: str) -> None:
 @contextmanager
 def staged(final: Path) -> Iterator[Path]:
     """A temp path for `final`, moved into place when the block completes and removed when it
-    raises, so nothing half-written is ever left where `final` belongs.
+    raises, so nothing half-written is ever left where `final` belongs. `final`'s folder is
+    created if missing.
 
     Inside a DVC project the temp lives in the project's scratch folder `.dvc/tmp/staging/`,
     not next to the output: a stage killed outright (SIGKILL, power loss) cannot clean up, and
     when DVC then restores that stage from its run cache no stage code runs to do it either.
     Leftovers of dead writers there are removed by the next write."""
-    tmp = temp_path_for(final)
+    tmp, holder = _temp_location(final)
     try:
         yield tmp
     except BaseException:
         remove_path(tmp)
-        _drop_holder(tmp, final)
         raise
-    publish(tmp, final)
-    _drop_holder(tmp, final)
+    else:
+        publish(tmp, final)
+    finally:
+        if holder is not None:
+            shutil.rmtree(holder, ignore_errors=True)
 
 
 STAGING = Path(".dvc/tmp/staging")
 
 
-def temp_path_for(final: Path) -> Path:
-    """`.dvc/tmp/staging/<host>-<pid>-<n>/<name>` of the DVC project holding `final` (same
+def _temp_location(final: Path) -> tuple[Path, Path | None]:
+    """(temp path, the folder holding it that is removed afterwards): `<holder>/<name>` with
+    holder `.dvc/tmp/staging/<host>-<pid>-<n>` of the DVC project holding `final` (same
     filesystem, so the final rename is atomic), else the hidden sibling `.<name>.tmp`."""
     staging = _staging_dir(final)
     if staging is None:
         tmp = final.with_name(f".{final.name}.tmp")
         remove_path(tmp)
-        return tmp
+        return tmp, None
     _sweep_dead_writers(staging)
     holder = Path(tempfile.mkdtemp(prefix=f"{socket.gethostname()}-{os.getpid()}-", dir=staging))
-    return holder / final.name
+    return holder / final.name, holder
 
 
 def remove_path(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def _drop_holder(tmp: Path, final: Path) -> None:
-    if tmp.parent != final.parent:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _staging_dir(final: Path) -> Path | None:
@@ -183,9 +181,8 @@ def _sweep_dead_writers(staging: Path) -> None:
     """Remove what writers on this host that no longer run left behind."""
     host = socket.gethostname()
     for holder in staging.iterdir():
-        owner_host, _, rest = holder.name.rpartition("-")[0].rpartition("-")
-        pid = rest if owner_host else ""
-        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+        owner, _, pid = holder.name.rsplit("-", 1)[0].rpartition("-")  # <host>-<pid>-<n>
+        if owner == host and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(holder, ignore_errors=True)
 
 
@@ -194,8 +191,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, someone else's
+        pass
     return True
 
 
@@ -259,9 +256,14 @@ def _content_hash(root: Path) -> str:
     return digest.hexdigest()
 
 
+def parquet_files(path: Path) -> list[Path]:
+    """A split's shards in their order: the `*.parquet` files of a folder, or the one file."""
+    return [path] if path.is_file() else sorted(path.glob("*.parquet"))
+
+
 def check_rows(name: str, paths: list[Path], workers: int) -> int:
     """Count the rows of a dataset's Parquet folders; each of `workers` must get at least one."""
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for p in paths for f in sorted(Path(p).glob("*.parquet")))
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for p in paths for f in parquet_files(Path(p)))
     if rows < workers:
         raise DataError(f"dataset '{name}' ({', '.join(map(str, paths))}) has {rows} rows, fewer than the "
                         f"{workers} Ray workers (ray.num_workers); add data or use fewer workers")

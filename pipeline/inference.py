@@ -21,10 +21,10 @@ from tqdm import tqdm
 
 from pipeline import augment
 from pipeline.config import ModelConfig, RayConfig
-from pipeline.data import decode_png, encode_png, stack_decoded
+from pipeline.data import decode_png, encode_png, parquet_files, stack_decoded
 from pipeline.metrics import confusion_matrix
 from pipeline.models import SegmentationNet, build_network, mixed_precision
-from pipeline.storage import parquet_files, worker_uris
+from pipeline.storage import worker_uris
 
 Batch = dict[str, np.ndarray]
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from pipeline.config import ModelConfig, RayConfig, TrainConfig
-from pipeline.data import decode_png, stack_decoded
-from pipeline.storage import parquet_files, worker_uris
+from pipeline.data import decode_png, parquet_files, stack_decoded
+from pipeline.storage import worker_uris
 
 STATE_FILE = "state.pt"
 

@@ -17,11 +17,6 @@ from pathlib import Path
 CHUNK = 1 << 20
 
 
-def parquet_files(path: Path) -> list[Path]:
-    """A split's shards in their order: the `*.parquet` files of a folder, or the one file."""
-    return [path] if path.is_file() else sorted(path.glob("*.parquet"))
-
-
 def content_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

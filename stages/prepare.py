@@ -4,7 +4,7 @@ from pathlib import Path
 
 from pipeline.prepare import prepare
 from pipeline.stage import stage, stage_parser
-from pipeline.storage import parquet_files, worker_uris
+from pipeline.storage import worker_uris
 
 
 def main() -> None:
@@ -15,7 +15,7 @@ def main() -> None:
         manifest = prepare(ctx.params.data, args.out)
         ctx.summary = {"out": str(args.out), **manifest["counts"]}
         if ctx.params.ray.data_uri:  # the workers' copies, in place before the first training stage
-            shards = [f for split in sorted(p for p in args.out.iterdir() if p.is_dir()) for f in parquet_files(split)]
+            shards = sorted(args.out.glob("*/*.parquet"))
             ctx.summary["shards_in_data_uri"] = len(worker_uris(shards, ctx.params.ray.data_uri))
 
 

@@ -1,4 +1,52 @@
 import os
+import socket
+from dataclasses import dataclass
+
+import pytest
 
 # Ray asks about usage stats on first start; tests never answer prompts.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class S3Server:
+    """A real S3-compatible server on loopback (moto's, over HTTP) and how to reach it."""
+
+    url: str
+
+    @property
+    def env(self) -> dict:
+        """What points every S3 client (pyarrow for Ray, boto3 for MLflow and DVC) at the server."""
+        return {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.url}
+
+    def client(self):
+        import boto3
+
+        env = self.env
+        return boto3.client("s3", endpoint_url=self.url, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not one line per request
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield S3Server(f"http://127.0.0.1:{port}")
+    server.stop()

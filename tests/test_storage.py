@@ -1,12 +1,11 @@
 import os
-import socket
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data import SEGMENTATION_SCHEMA, write_shards
-from pipeline.storage import content_digest, parquet_files, worker_uris
+from pipeline.data import SEGMENTATION_SCHEMA, parquet_files, write_shards
+from pipeline.storage import content_digest, worker_uris
 
 BUCKET = "shards"
 
@@ -22,23 +21,13 @@ def split(tmp_path):
 
 
 @pytest.fixture
-def s3(monkeypatch):
-    """moto's S3 server on loopback, and the environment pyarrow's S3 client reads."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    for key, value in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+def s3(s3_server, monkeypatch):
+    """A bucket on the S3 server, and the environment pyarrow's S3 client reads."""
+    for key, value in s3_server.env.items():
         monkeypatch.setenv(key, value)
-    client = boto3.client("s3")
+    client = s3_server.client()
     client.create_bucket(Bucket=BUCKET)
     yield client
-    server.stop()
 
 
 def test_without_a_data_uri_workers_read_the_local_shards(split):
