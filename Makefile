@@ -42,8 +42,10 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
+# The performance benchmark (about 25 minutes here), then its table into README.md.
 bench: install
 	$(PY) -m pipeline.bench
+	$(PY) -m pipeline.bench readme
 
 ui: install
 	mlflow ui --backend-store-uri "sqlite:///$(abspath mlflow.db)" --host 127.0.0.1 --port 5000

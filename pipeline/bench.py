@@ -1,13 +1,24 @@
-"""Where the time of a pipeline run goes, read back from MLflow.
+"""The performance benchmark: every figure side by side with a plain-PyTorch baseline.
 
-    python -m pipeline.bench            # rerun every stage (dvc repro --force), then report
-    python -m pipeline.bench --report   # report the latest pipeline execution only
-    python -m pipeline.bench --scale-out  # batch inference (plain loop vs Ray Data, 1 and 2
-                                          # actors) and a training stage on 1 vs 2 Ray workers
+    python -m pipeline.bench            # everything below (what `make bench` runs), then the table
+    python -m pipeline.bench --report   # only the per-stage table of the latest pipeline run (MLflow)
+    python -m pipeline.bench readme     # the table of reports/bench.json into README.md
 
-Per stage: wall seconds (the stage process, imports included), seconds inside the training
-loop, and the difference (Ray start-up, data loading, checkpointing, export: the overhead).
-Plus the total wall time of `dvc repro` and the val mIoU of teacher and student.
+One invocation measures, on this machine and the params in params.yaml:
+1. the whole default pipeline (`python -m pipeline.run --force`) and a no-op `dvc repro`;
+   per stage: wall seconds (process start to end), seconds in the training loop, the
+   difference (the overhead), seconds to load the data into memory, and peak memory;
+2. for each training stage, `--steps` steps of the stage's own builder, batch, data and
+   threads in its Ray Train job against the same steps in a plain PyTorch process
+   (`stages/<stage>.py --plain`), alternated `--repeats` times (median): images/s and ratio,
+   and the seconds each takes to get the data into memory; plus the teacher on 2 Ray
+   workers with half the threads each (the same global batch, DDP over gloo);
+3. the teacher's plain loop at cpus_per_worker threads against fewer and more (the cost of
+   oversubscribing the cores);
+4. batch inference (pseudo_label's unlabeled split, evaluate's val split): a plain
+   `torch.no_grad()` loop against the Ray Data pipeline with 1 actor × 2 threads and
+   2 actors × 1 thread, with and without the actors' start-up.
+It prints a table, writes `reports/bench.json` and logs both to MLflow (run `bench`).
 """
 
 from __future__ import annotations
@@ -15,17 +26,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 from pipeline.config import load_params
-from pipeline.tracking import EXECUTION_TAG, PARENT_TAG, resolve_tracking_uri
+from pipeline.tracking import EXECUTION_TAG, PARENT_TAG, git_commit, resolve_tracking_uri
 
 STAGES = ["prepare", "encoder_init", "decoder_pretrain", "teacher_finetune", "pseudo_label", "student_train",
           "evaluate"]
+BENCH_JSON = Path("reports/bench.json")
+README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
+TARGETS = {"training_ratio": 0.95, "overhead_s": 6.0, "noop_repro_s": 3.0, "pipeline_s": 300.0,
+           "inference_ratio": 0.9}
 
+
+# ----------------------------------------------------------------- 1. the pipeline, per stage
 
 def latest_stage_runs(tracking_uri: str, experiment: str) -> dict[str, dict]:
     """Metrics of each stage run under the most recent pipeline parent run."""
@@ -45,35 +67,139 @@ def latest_stage_runs(tracking_uri: str, experiment: str) -> dict[str, dict]:
     return {run.data.tags["dvc.stage"]: run.data.metrics for run in children}
 
 
-def report(runs: dict[str, dict], total_s: float | None) -> str:
-    lines = [f"{'stage':<18}{'wall s':>9}{'loop s':>9}{'overhead s':>12}"]
+def stage_table(runs: dict[str, dict]) -> str:
+    lines = [f"{'stage':<18}{'wall s':>8}{'loop s':>8}{'overhead s':>11}{'data s':>8}{'peak MiB':>10}"]
     for stage in STAGES:
         m = runs.get(stage)
         if m is None:
-            lines.append(f"{stage:<18}{'(cached: not run in this execution)':>30}")
+            lines.append(f"{stage:<18}  (cached: not run in this execution)")
             continue
-        loop = f"{m['loop_s']:.1f}" if "loop_s" in m else "-"
-        overhead = f"{m['overhead_s']:.1f}" if "overhead_s" in m else "-"
-        lines.append(f"{stage:<18}{m.get('wall_s', float('nan')):>9.1f}{loop:>9}{overhead:>12}")
-    stage_total = sum(m.get("wall_s", 0.0) for m in runs.values())
-    lines.append(f"{'sum of stages':<18}{stage_total:>9.1f}")
-    if total_s is not None:
-        lines.append(f"{'dvc repro total':<18}{total_s:>9.1f}")
-    evaluate = runs.get("evaluate", {})
-    if "teacher_miou" in evaluate:
-        lines.append(f"val mIoU: teacher {evaluate['teacher_miou']:.4f}, student {evaluate['student_miou']:.4f}")
+        cells = [f"{m[k]:.1f}" if k in m else "-" for k in ("loop_s", "overhead_s", "data_s")]
+        peak = max(m.get("peak_rss_mb", 0.0), m.get("worker_peak_rss_mb", 0.0))
+        lines.append(f"{stage:<18}{m.get('wall_s', float('nan')):>8.1f}{cells[0]:>8}{cells[1]:>11}{cells[2]:>8}"
+                     f"{peak:>10.0f}")
+    lines.append(f"{'sum of stages':<18}{sum(m.get('wall_s', 0.0) for m in runs.values()):>8.1f}")
     return "\n".join(lines)
 
 
-def _drain(rows) -> None:
+def timed(command: list[str], env: dict | None = None) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, check=True, env=env)
+    return time.perf_counter() - started
+
+
+def pipeline_figures() -> dict:
+    """Rerun the whole pipeline, then a repro with nothing to do; the stages from MLflow."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    pipeline_s = timed([sys.executable, "-m", "pipeline.run", "--force"], env)
+    noop_s = timed(["dvc", "repro"], env)
+    params = load_params()
+    runs = latest_stage_runs(resolve_tracking_uri(params.mlflow, Path.cwd()), params.mlflow.experiment)
+    return {"pipeline_s": pipeline_s, "noop_repro_s": noop_s, "stages": runs}
+
+
+# ------------------------------------------------- 2-3. training: Ray Train job vs plain loop
+
+def _paths() -> dict[str, str]:
+    return yaml.safe_load(Path("dvc.yaml").read_text())["vars"][0]["paths"]
+
+
+def training_commands(tmp: Path) -> dict[str, tuple[str, list[str]]]:
+    """Per training stage: its params section and the stage script's arguments, reading the
+    last run's outputs and writing into `tmp`."""
+    p = _paths()
+    return {
+        "encoder_init": ("encoder", ["--prepared", p["prepared"], "--out", f"{tmp}/encoder.pt"]),
+        "decoder_pretrain": ("decoder_pretrain", ["--prepared", p["prepared"], "--encoder", p["encoder"],
+                                                  "--out", f"{tmp}/pretrained.pt", "--figures", f"{tmp}/figures"]),
+        "teacher_finetune": ("teacher", ["--prepared", p["prepared"], "--pretrained", p["pretrained"],
+                                         "--out", f"{tmp}/teacher.pt"]),
+        "student_train": ("student", ["--prepared", p["prepared"], "--pseudo", p["pseudo"], "--teacher", p["teacher"],
+                                      "--pretrained", p["pretrained"], "--out", f"{tmp}/student.pt"]),
+    }
+
+
+def images_per_step(params, section: str) -> int:
+    cfg = getattr(params, section)
+    return cfg.batch_size + (cfg.unlabeled_batch_size if section == "student" else 0)
+
+
+def run_stage(stage: str, args: list[str], env: dict) -> dict:
+    """Run a stage script; its summary line (`[stage] done: k=v, ...`) as a dict of numbers."""
+    out = subprocess.run([sys.executable, f"stages/{stage}.py", *args], capture_output=True, text=True, env=env)
+    if out.returncode:
+        sys.exit(f"error: stages/{stage}.py {' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    line = next(line for line in out.stdout.splitlines() if line.startswith(f"[{stage}] done:"))
+    summary = {}
+    for part in line.split("done:", 1)[1].split(", "):
+        key, _, value = part.strip().partition("=")
+        try:
+            summary[key] = float(value)
+        except ValueError:
+            pass
+    return summary
+
+
+def training_figures(params, steps: int, repeats: int, env: dict) -> dict:
+    """`steps` steps of each training stage in its Ray Train job and in a plain process,
+    alternated `repeats` times; medians of images/s, load seconds and peak memory."""
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for stage, (section, args) in training_commands(Path(tmp)).items():
+            if stage == "encoder_init" and params.encoder.init not in ("supervised", "densecl"):
+                continue  # nothing trains
+            common = [*args, "--set", f"{section}.epochs=1", "--set", f"{section}.steps_per_epoch={steps}",
+                      "--set", f"ray.storage_path={tmp}/ray"]
+            runs: dict[str, list[dict]] = {"ray": [], "plain": []}
+            for _ in range(repeats):
+                runs["ray"].append(run_stage(stage, common, env))
+                runs["plain"].append(run_stage(stage, [*common, "--plain"], env))
+            images = steps * images_per_step(params, section)
+            figures = {mode: {"images_per_s": statistics.median(images / r["loop_s"] for r in rs),
+                              "data_s": statistics.median(r["data_s"] for r in rs),
+                              "wall_s": statistics.median(r["wall_s"] for r in rs),
+                              "peak_rss_mb": max(max(r["peak_rss_mb"], r["worker_peak_rss_mb"]) for r in rs)}
+                       for mode, rs in runs.items()}
+            figures["ratio"] = figures["ray"]["images_per_s"] / figures["plain"]["images_per_s"]
+            result[stage] = figures
+            print(f"  {stage}: Ray {figures['ray']['images_per_s']:.0f} images/s, plain "
+                  f"{figures['plain']['images_per_s']:.0f} ({figures['ratio']:.2f}x)", flush=True)
+            if stage == "teacher_finetune":  # the same global batch split over 2 workers (DDP over gloo)
+                cores = params.ray.cpus_per_worker
+                split = run_stage(stage, [*common, "--set", "ray.num_workers=2", "--set",
+                                          f"ray.cpus_per_worker={max(1, cores // 2)}"], env)
+                figures["two_workers_images_per_s"] = images / split["loop_s"]
+    return result
+
+
+def thread_figures(params, steps: int, env: dict) -> dict[str, float]:
+    """The teacher's plain loop with 1, cpus_per_worker and 2 × cpus_per_worker torch threads."""
+    cores = params.ray.cpus_per_worker
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        section, args = training_commands(Path(tmp))["teacher_finetune"]
+        for threads in sorted({1, cores, 2 * cores}):
+            summary = run_stage("teacher_finetune", [*args, "--plain", "--set", f"{section}.epochs=1", "--set",
+                                                     f"{section}.steps_per_epoch={steps}", "--set",
+                                                     f"ray.cpus_per_worker={threads}"], env)
+            result[str(threads)] = steps * images_per_step(params, section) / summary["loop_s"]
+    return result
+
+
+# ------------------------------------------------------------------ 4. batch inference
+
+def _drain(rows) -> float:
+    """Consume a stream of batches; seconds from its first batch to its end (the steady state)."""
+    first = None
     for _ in rows:
-        pass
+        first = first or time.perf_counter()
+    return time.perf_counter() - (first or time.perf_counter())
 
 
-def inference_throughput(prepared: Path, teacher: Path, params, threads: int = 1) -> dict[str, float]:
-    """Images/s of pseudo-labelling the unlabeled split (predict + PNG-encode the rows): a plain
-    in-process loop, then the Ray Data pipeline with 1 and 2 actors, `threads` each. Ray is
-    started first, as `make run` has it running; actor start-up counts."""
+def inference_figures(params) -> dict:
+    """Images/s of the two batch-inference stages' work (predict and PNG-encode each row): a
+    plain in-process loop at cpus_per_worker threads, then the Ray Data pipeline with 1 actor
+    of that many threads and with 2 actors of half as many, start-up included and not."""
     from dataclasses import replace
 
     import ray
@@ -84,85 +210,152 @@ def inference_throughput(prepared: Path, teacher: Path, params, threads: int = 1
     from pipeline.inference import local_predictions, pseudo_label_rows, ray_predictions
     from pipeline.raytrain import init_ray
 
+    p = _paths()
+    prepared = Path(p["prepared"])
     manifest = read_manifest(prepared)
-    split, columns = prepared / "unlabeled", ["id", "image", "mask"]
-    net = load_segmenter(teacher, params.model, manifest["classes"])
-    state = net.state_dict()
+    nets = {name: load_segmenter(Path(p[name]), params.model, manifest["classes"]) for name in ("teacher", "student")}
     confusion = torch.zeros(manifest["num_classes"], manifest["num_classes"], dtype=torch.long)
-    images = manifest["counts"]["unlabeled"]
-    torch.set_num_threads(threads)
-    started = time.perf_counter()
-    _drain(pseudo_label_rows(local_predictions({"teacher": net}, split, columns, params.pseudo.batch_size,
-                                               params.pseudo.flip_tta, "plain loop"), "teacher", confusion))
-    result = {"plain_loop": images / (time.perf_counter() - started)}
-    for actors in (1, 2):
-        ray_cfg = replace(params.ray, cpus_per_worker=threads, inference_actors=actors)
-        init_ray(ray_cfg)
-        started = time.perf_counter()
-        _drain(pseudo_label_rows(ray_predictions({"teacher": state}, params.model, manifest["num_classes"], split,
-                                                 columns, params.pseudo.batch_size, params.pseudo.flip_tta, ray_cfg),
-                                 "teacher", confusion))
-        result[f"ray_data_{actors}_actors"] = images / (time.perf_counter() - started)
-        ray.shutdown()  # the next pool size gets a fresh local Ray of its own size
-    return result
-
-
-def training_scaling(prepared: Path, pretrained: Path, batch: int, steps: int = 200) -> dict[str, float]:
-    """Images/s inside the teacher's training loop with the same global batch on 1 Ray worker
-    (2 threads) and on 2 workers (1 thread each, DDP over gloo)."""
-    import tempfile
-
+    work = {"pseudo_label": ("unlabeled", ["teacher"], params.pseudo.batch_size),
+            "evaluate": ("val", ["teacher", "student"], params.evaluate.batch_size)}
+    threads = params.ray.cpus_per_worker
+    pools = {"ray_1_actor": (1, threads), "ray_2_actors": (2, max(1, threads // 2))}
     result = {}
-    for workers, cpus in ((1, 2), (2, 1)):
-        with tempfile.TemporaryDirectory() as tmp:
-            out = subprocess.run(
-                [sys.executable, "stages/teacher_finetune.py", "--prepared", str(prepared), "--pretrained",
-                 str(pretrained), "--out", f"{tmp}/teacher.pt", "--set", "teacher.epochs=1",
-                 "--set", f"teacher.steps_per_epoch={steps}", "--set", f"ray.num_workers={workers}",
-                 "--set", f"ray.cpus_per_worker={cpus}", "--set", f"ray.storage_path={tmp}/ray"],
-                capture_output=True, text=True, check=True).stdout
-        summary = next(line for line in out.splitlines() if line.startswith("[teacher_finetune] done:"))
-        loop_s = float(summary.split("loop_s=")[1].split(",")[0])
-        result[f"{workers}_workers"] = steps * batch / loop_s
+    for stage, (split, names, batch) in work.items():
+        images, columns = manifest["counts"][split], ["id", "image", "mask"]
+        models = {name: nets[name] for name in names}
+        torch.set_num_threads(threads)
+        started = time.perf_counter()
+        _drain(pseudo_label_rows(local_predictions(models, prepared / split, columns, batch, params.pseudo.flip_tta,
+                                                   "plain loop"), names[0], confusion))
+        figures = {"images": images, "plain": images / (time.perf_counter() - started)}
+        for label, (actors, actor_threads) in pools.items():
+            ray_cfg = replace(params.ray, cpus_per_worker=actor_threads, inference_actors=actors)
+            init_ray(ray_cfg)
+            started = time.perf_counter()
+            steady = _drain(pseudo_label_rows(ray_predictions(
+                {name: net.state_dict() for name, net in models.items()}, params.model, manifest["num_classes"],
+                prepared / split, columns, batch, params.pseudo.flip_tta, ray_cfg), names[0], confusion))
+            figures[label] = images / (time.perf_counter() - started)
+            figures[f"{label}_steady"] = images / steady if steady else float("nan")
+            ray.shutdown()  # the next pool size gets a fresh local Ray of its own size
+        figures["ratio"] = figures["ray_1_actor"] / figures["plain"]
+        result[stage] = figures
+        print(f"  {stage}: plain {figures['plain']:.0f} images/s, Ray Data 1 actor {figures['ray_1_actor']:.0f} "
+              f"({figures['ratio']:.2f}x), 2 actors {figures['ray_2_actors']:.0f}", flush=True)
     return result
+
+
+# ------------------------------------------------------------------------------ reporting
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return f"{os.cpu_count()} CPUs ({model}), {platform.system()} {platform.release()}"
+
+
+def markdown(fig: dict) -> str:
+    """The README's performance table, every figure from `fig` (reports/bench.json)."""
+    t = TARGETS
+    ok = lambda good: "met" if good else "**missed**"  # noqa: E731
+    lines = [f"Measured {fig['date']} at commit `{fig['commit'][:10]}` on {fig['machine']} by "
+             "`make bench` (`reports/bench.json`).", "",
+             "| stage | wall s | in the loop s | overhead s | data load s | peak MiB |", "|---|---:|---:|---:|---:|---:|"]
+    for stage in STAGES:
+        m = fig["pipeline"]["stages"].get(stage, {})
+        cell = lambda key: f"{m[key]:.1f}" if key in m else "–"  # noqa: E731
+        peak = max(m.get("peak_rss_mb", 0.0), m.get("worker_peak_rss_mb", 0.0))
+        lines.append(f"| {stage} | {cell('wall_s')} | {cell('loop_s')} | {cell('overhead_s')} | {cell('data_s')} | "
+                     f"{peak:.0f} |")
+    overheads = [m["overhead_s"] for m in fig["pipeline"]["stages"].values() if "overhead_s" in m]
+    lines += ["", "| figure | measured | target | |", "|---|---:|---:|---|",
+              f"| whole default pipeline (`pipeline.run --force`) | {fig['pipeline']['pipeline_s']:.0f} s | "
+              f"≤ {t['pipeline_s']:.0f} s | {ok(fig['pipeline']['pipeline_s'] <= t['pipeline_s'])} |",
+              f"| no-op `dvc repro` | {fig['pipeline']['noop_repro_s']:.1f} s | ≤ {t['noop_repro_s']:.0f} s | "
+              f"{ok(fig['pipeline']['noop_repro_s'] <= t['noop_repro_s'])} |",
+              f"| overhead per training stage (max) | {max(overheads, default=0):.1f} s | ≤ {t['overhead_s']:.0f} s | "
+              f"{ok(max(overheads, default=0) <= t['overhead_s'])} |"]
+    for stage, f in fig["training"].items():
+        lines.append(f"| {stage}: Ray Train / plain loop, images/s | {f['ray']['images_per_s']:.0f} / "
+                     f"{f['plain']['images_per_s']:.0f} = {f['ratio']:.2f} | ≥ {t['training_ratio']} | "
+                     f"{ok(f['ratio'] >= t['training_ratio'])} |")
+    for stage, f in fig["training"].items():
+        lines.append(f"| {stage}: data into memory, Ray Data / pyarrow | {f['ray']['data_s']:.2f} s / "
+                     f"{f['plain']['data_s']:.2f} s | | |")
+    for stage, f in fig["inference"].items():
+        lines.append(f"| {stage}: Ray Data 1 actor / plain loop, images/s | {f['ray_1_actor']:.0f} / {f['plain']:.0f} "
+                     f"= {f['ratio']:.2f} (steady state {f['ray_1_actor_steady']:.0f}) | ≥ {t['inference_ratio']} | "
+                     f"{ok(f['ratio'] >= t['inference_ratio'])} |")
+        lines.append(f"| {stage}: 2 actors × half the threads, images/s | {f['ray_2_actors']:.0f} (steady state "
+                     f"{f['ray_2_actors_steady']:.0f}) | | |")
+    two = fig["training"].get("teacher_finetune", {}).get("two_workers_images_per_s")
+    if two:
+        one = fig["training"]["teacher_finetune"]["ray"]["images_per_s"]
+        lines.append(f"| teacher_finetune: 2 workers × half the threads / 1 worker, images/s | {two:.0f} / {one:.0f} = "
+                     f"{two / one:.2f} | | |")
+    threads = ", ".join(f"{n} → {v:.0f}" for n, v in fig["threads"].items())
+    lines.append(f"| teacher plain loop, torch threads → images/s | {threads} | | |")
+    return "\n".join(lines)
+
+
+def write_readme(fig: dict, readme: Path = Path("README.md")) -> None:
+    from pipeline.data import write_text_atomic
+
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        sys.exit(f"error: {readme} has no {README_BEGIN} … {README_END} block")
+    head, rest = text.split(README_BEGIN, 1)
+    write_text_atomic(readme, head + README_BEGIN + "\n" + markdown(fig) + "\n" + README_END + rest.split(README_END, 1)[1])
+
+
+def log_to_mlflow(params, fig: dict, path: Path) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(params.mlflow, Path.cwd()))
+    mlflow.set_experiment(params.mlflow.experiment)
+    flat = {"pipeline_s": fig["pipeline"]["pipeline_s"], "noop_repro_s": fig["pipeline"]["noop_repro_s"]}
+    flat |= {f"{stage}.train_ratio": f["ratio"] for stage, f in fig["training"].items()}
+    flat |= {f"{stage}.inference_ratio": f["ratio"] for stage, f in fig["inference"].items()}
+    with mlflow.start_run(run_name="bench", tags={"git.commit": fig["commit"], "bench": "true"}):
+        mlflow.log_metrics(flat)
+        mlflow.log_artifact(str(path))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--report", action="store_true", help="only report the latest execution")
-    parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
-    parser.add_argument("--scale-out", action="store_true",
-                        help="measure batch inference (plain vs Ray Data, 1 and 2 actors) and 1 vs 2 training workers")
+    parser.add_argument("command", nargs="?", choices=["readme"], help="readme: write reports/bench.json's table into README.md")
+    parser.add_argument("--report", action="store_true", help="only print the latest execution's per-stage table")
+    parser.add_argument("--steps", type=int, default=60, help="training steps per side-by-side run (default 60)")
+    parser.add_argument("--repeats", type=int, default=1, help="side-by-side runs per training stage (median)")
+    parser.add_argument("--json", type=Path, default=BENCH_JSON, help=f"where to write the figures (default {BENCH_JSON})")
     args = parser.parse_args(argv)
-    if args.scale_out:
-        params = load_params()
-        figures = {"inference_images_per_s": inference_throughput(Path("data/prepared"), Path("models/teacher.pt"), params),
-                   "training_images_per_s": training_scaling(Path("data/prepared"), Path("models/pretrained.pt"),
-                                                             params.teacher.batch_size)}
-        inference, training = figures["inference_images_per_s"], figures["training_images_per_s"]
-        print(f"batch inference (pseudo_label, 1 thread per actor), images/s: plain loop {inference['plain_loop']:.0f}, "
-              f"Ray Data 1 actor {inference['ray_data_1_actors']:.0f} "
-              f"({inference['ray_data_1_actors'] / inference['plain_loop']:.2f}x), 2 actors "
-              f"{inference['ray_data_2_actors']:.0f} ({inference['ray_data_2_actors'] / inference['ray_data_1_actors']:.2f}x "
-              f"of 1 actor)")
-        print(f"teacher training, images/s in the loop: 1 worker x 2 threads {training['1_workers']:.0f}, "
-              f"2 workers x 1 thread {training['2_workers']:.0f} ({training['2_workers'] / training['1_workers']:.2f}x)")
-        if args.json:
-            args.json.write_text(json.dumps(figures, indent=2))
+    if args.command == "readme":
+        if not args.json.is_file():
+            sys.exit(f"error: {args.json} not found; run `make bench` first")
+        write_readme(json.loads(args.json.read_text()))
         return
-    total = None
-    if not args.report:
-        started = time.perf_counter()
-        rc = subprocess.call([sys.executable, "-m", "pipeline.cluster", "--", "dvc", "repro", "--force"],
-                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        if rc:
-            sys.exit(rc)
-        total = time.perf_counter() - started
     params = load_params()
-    runs = latest_stage_runs(resolve_tracking_uri(params.mlflow, Path.cwd()), params.mlflow.experiment)
-    print(report(runs, total))
-    if args.json:
-        args.json.write_text(json.dumps({"stages": runs, "dvc_repro_seconds": total}, indent=2))
+    if args.report:
+        print(stage_table(latest_stage_runs(resolve_tracking_uri(params.mlflow, Path.cwd()), params.mlflow.experiment)))
+        return
+    from pipeline.cluster import shared_ray
+
+    fig = {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(Path.cwd()), "machine": machine()}
+    print("the whole pipeline, then a no-op repro", flush=True)
+    fig["pipeline"] = pipeline_figures()
+    print(stage_table(fig["pipeline"]["stages"]), flush=True)
+    with tempfile.TemporaryDirectory() as tracking, shared_ray(params.ray) as env:
+        env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tracking}/bench.db"}  # side-by-side runs stay out of the experiment
+        print(f"training, {args.steps} steps: Ray Train job vs plain loop", flush=True)
+        fig["training"] = training_figures(params, args.steps, args.repeats, env)
+        fig["threads"] = thread_figures(params, args.steps, env)
+    print("batch inference: plain loop vs Ray Data", flush=True)
+    fig["inference"] = inference_figures(params)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    from pipeline.data import write_text_atomic
+
+    write_text_atomic(args.json, json.dumps(fig, indent=2) + "\n")
+    log_to_mlflow(params, fig, args.json)
+    print(markdown(fig))
 
 
 if __name__ == "__main__":

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from pipeline.config import ModelConfig
 from pipeline.data import staged
-from pipeline.models import SegmentationNet, build_network
+
+if TYPE_CHECKING:
+    from pipeline.models import SegmentationNet
 
 ENCODER, DENOISER, SEGMENTER = "encoder", "denoiser", "segmenter"
 
@@ -64,8 +67,17 @@ def encoder_weights(state: dict) -> dict:
             if k.startswith("encoder.") and not k.startswith("encoder.vit.head.")}
 
 
+def segmenter_state(state: dict) -> dict:
+    """The plain segmenter's weights out of a `ProjectedSegmenter` state (or a plain state)."""
+    if not any(k.startswith("net.") for k in state):
+        return state
+    return {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+
+
 def load_segmenter(path: Path, model: ModelConfig, classes: list[str]) -> SegmentationNet:
     """A fine-tuned network ready for inference."""
+    from pipeline.models import build_network
+
     net = build_network(model, len(classes))
     net.load_state_dict(load_weights(path, SEGMENTER, model, classes))
     return net.eval()
@@ -82,6 +94,8 @@ def load_exported_segmenter(path: Path) -> tuple[SegmentationNet, list[str]]:
         model = ModelConfig(**payload["model"])
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: its model config does not fit this version ({err})") from None
+    from pipeline.models import build_network
+
     net = build_network(model, len(payload["classes"]))
     net.load_state_dict(payload["state_dict"])
     return net.eval(), payload["classes"]

@@ -16,6 +16,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.presets import ENCODER_PRESETS
+
 PARAMS_FILE = "params.yaml"
 
 
@@ -113,8 +115,6 @@ class ModelConfig:
     decoder_channels: list[int] = field(default_factory=lambda: [96, 64, 32, 16])
 
     def __post_init__(self) -> None:
-        from pipeline.models import ENCODER_PRESETS
-
         _require(self.preset in ENCODER_PRESETS, "model.preset",
                  f"expected one of {sorted(ENCODER_PRESETS)}, got {self.preset!r}")
         _require(len(self.decoder_channels) == 4, "model.decoder_channels",

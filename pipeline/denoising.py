@@ -6,6 +6,8 @@ import torch
 
 from pipeline.config import DecoderPretrainConfig
 
+DENOISE_CHANNELS = 3  # a denoiser's head predicts the noise of each image channel
+
 
 def noisy_input(x: torch.Tensor, sigma: torch.Tensor | float, noise: torch.Tensor,
                 variance_preserving: bool = True) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -23,14 +24,18 @@ from pipeline import augment
 from pipeline.config import ModelConfig, RayConfig
 from pipeline.data import decode_png, encode_png, parquet_files, stack_decoded
 from pipeline.metrics import confusion_matrix
-from pipeline.models import SegmentationNet, build_network, mixed_precision
 from pipeline.storage import worker_uris
+
+if TYPE_CHECKING:  # the models (timm) are imported where a network is built: not by a stage's driver
+    from pipeline.models import SegmentationNet
 
 Batch = dict[str, np.ndarray]
 
 
 def probabilities(model: SegmentationNet, images: torch.Tensor, flip_tta: bool) -> torch.Tensor:
     """Softmax over classes for uint8 images N×3×H×W, averaged with the mirrored view if asked."""
+    from pipeline.models import mixed_precision  # already loaded by whoever built `model`
+
     device = next(model.parameters()).device
     x = augment.to_model_range(augment.to_unit_float(images.to(device)))
     with torch.no_grad(), mixed_precision(device):
@@ -57,6 +62,8 @@ class SegmenterReplica:
 
     def __init__(self, states: dict[str, dict], model: ModelConfig, num_classes: int, flip_tta: bool,
                  threads: int, use_gpu: bool):
+        from pipeline.models import build_network
+
         torch.set_num_threads(threads)
         device = torch.device("cuda" if use_gpu else "cpu")
         self.models = {}

@@ -9,7 +9,6 @@ checkpoint loads); `tiny` is the same thing narrower and shallower for a CPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -21,40 +20,7 @@ from timm.models.vision_transformer_hybrid import HybridEmbed
 from torch import nn
 
 from pipeline.config import ModelConfig
-
-DENOISE_CHANNELS = 3
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """Widths and depths of one encoder preset."""
-
-    cnn_layers: tuple[int, ...]
-    cnn_channels: tuple[int, ...]
-    stem_channels: int
-    norm_groups: int
-    embed_dim: int
-    depth: int
-    num_heads: int
-    mlp_ratio: float
-    img_size: int
-    global_pool: str = "token"
-
-    @property
-    def skip_channels(self) -> tuple[int, int, int]:
-        """Channels of the CNN features at strides 2, 4 and 8."""
-        return self.stem_channels, self.cnn_channels[0], self.cnn_channels[1]
-
-
-ENCODER_PRESETS = {
-    "tiny": EncoderSpec(cnn_layers=(1, 1, 1), cnn_channels=(64, 128, 256), stem_channels=32,
-                        norm_groups=8, embed_dim=128, depth=2, num_heads=4, mlp_ratio=2.0, img_size=64,
-                        global_pool="avg"),
-    "r50_vit_b16": EncoderSpec(cnn_layers=(3, 4, 9), cnn_channels=(256, 512, 1024), stem_channels=64,
-                               norm_groups=32, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
-                               img_size=224),
-}
-
+from pipeline.presets import ENCODER_PRESETS, EncoderSpec
 
 def build_vit(spec: EncoderSpec, num_classes: int = 0) -> VisionTransformer:
     """timm's hybrid ViT for a preset: ResNetV2 stages to stride 16, then transformer blocks."""
@@ -202,13 +168,6 @@ class ProjectedSegmenter(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.net.decoder(self.net.encoder(x))
         return self.net.head(features), F.normalize(self.projection(features), dim=1)
-
-
-def segmenter_state(state: dict) -> dict:
-    """The plain segmenter's weights out of a `ProjectedSegmenter` state (or a plain state)."""
-    if not any(k.startswith("net.") for k in state):
-        return state
-    return {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
 
 
 def build_network(model: ModelConfig, out_channels: int, sigma_conditioning: bool = False) -> SegmentationNet:

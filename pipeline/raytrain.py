@@ -19,11 +19,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipeline.config import ModelConfig, RayConfig, TrainConfig
-from pipeline.data import decode_png, parquet_files, stack_decoded
+from pipeline.data import columns_to_tensors, parquet_files
+from pipeline.stage import peak_rss_mb
 from pipeline.storage import worker_uris
 
 STATE_FILE = "state.pt"
@@ -96,19 +96,21 @@ class JobConfig:
                 "init_out_channels": self.init_out_channels}
 
 
-def launch(stage: str, train_loop: Callable[[dict], None], job: JobConfig,
-           datasets: dict[str, tuple[list[Path], list[str]]], ray_cfg: RayConfig,
-           inputs: list[Path]) -> tuple[dict, dict]:
-    """Run `train_loop` as a Ray Train job; return (final state dict, final reported metrics).
+def launch(stage: str, builder: str, job: JobConfig, datasets: dict[str, tuple[list[Path], list[str]]],
+           ray_cfg: RayConfig, inputs: list[Path]) -> tuple[dict, dict]:
+    """Train `training.BUILDERS[builder]` as a Ray Train job; return (final state dict, final
+    reported metrics).
 
     `datasets` maps a name to (Parquet folders, columns), read with Ray Data and sharded
     across workers. Checkpoints live under `ray.storage_path` while the job runs and are
     removed once the final state is back, since the stage exports it as its DVC output.
+    The builder goes by name so that the driver never imports the models (timm and
+    torchvision cost seconds per stage); only the workers do.
     """
     for key, value in _TRAIN_ENV_DEFAULTS.items():  # the trainer reads them and passes them to its controller
         os.environ.setdefault(key, value)
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     init_ray(ray_cfg)
@@ -117,11 +119,10 @@ def launch(stage: str, train_loop: Callable[[dict], None], job: JobConfig,
     # Ray Data's V2 Parquet reader lists files in a task and provisions footer-reader actors:
     # ~10 s per training stage on a small node, for shards that are a few MB. V1 reads them directly.
     data_context.use_datasource_v2 = False
-    job.cpus_per_worker = ray_cfg.cpus_per_worker
     storage = ray_cfg.storage_path if "://" in ray_cfg.storage_path else str(Path(ray_cfg.storage_path).resolve())
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"job": job},
+        _train_worker,
+        train_loop_config={"job": job, "builder": builder, "datasets": list(datasets)},
         scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
                                      resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
         run_config=RunConfig(name=run_name(stage, job.identity(), inputs), storage_path=storage,
@@ -130,6 +131,8 @@ def launch(stage: str, train_loop: Callable[[dict], None], job: JobConfig,
         datasets={key: ray.data.read_parquet(worker_uris([f for p in paths for f in parquet_files(Path(p))],
                                                          ray_cfg.data_uri), columns=columns)
                   for key, (paths, columns) in datasets.items()},
+        # One worker reads the whole dataset: splitting it would only add a coordinator actor (~3 s).
+        dataset_config=DataConfig(datasets_to_split="all" if ray_cfg.num_workers > 1 else []),
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as ckpt_dir:
@@ -140,6 +143,12 @@ def launch(stage: str, train_loop: Callable[[dict], None], job: JobConfig,
 
 # --------------------------------------------------------------------------- worker side
 
+def _train_worker(config: dict) -> None:
+    from pipeline.training import train_worker
+
+    train_worker(config["builder"], config["job"], config["datasets"])
+
+
 @dataclass
 class WorkerSetup:
     """What a worker needs to know about itself; built once at the top of a train loop."""
@@ -149,8 +158,9 @@ class WorkerSetup:
     device: torch.device
     generator: torch.Generator
     mlflow_run_id: str | None
-
     tracking_uri: str | None
+    in_ray: bool = True
+    data_seconds: float = 0.0  # loading this worker's shards into memory
 
     @classmethod
     def from_job(cls, job: JobConfig) -> WorkerSetup:
@@ -169,6 +179,22 @@ class WorkerSetup:
         return cls(rank, ctx.get_world_size(), ray.train.torch.get_device(), generator,
                    job.mlflow_run_id, job.tracking_uri)
 
+    @classmethod
+    def plain(cls, job: JobConfig) -> WorkerSetup:
+        """A single process outside Ray (the benchmark's baseline), seeded like rank 0."""
+        torch.set_num_threads(job.cpus_per_worker)
+        torch.manual_seed(job.train.seed * 1000)
+        return cls(0, 1, torch.device("cpu"), torch.Generator().manual_seed(job.train.seed * 1000), None, None,
+                   in_ray=False)
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Ray's `prepare_model` (device, and DDP with more than one worker); outside Ray, the device."""
+        if not self.in_ray:
+            return model.to(self.device)
+        from ray.train.torch import prepare_model
+
+        return prepare_model(model)
+
     def per_worker(self, global_batch: int) -> int:
         """Stage params give global batch sizes; each worker takes its share."""
         return max(1, global_batch // self.world_size)
@@ -179,20 +205,6 @@ class WorkerSetup:
         from pipeline.tracking import log_metrics
 
         log_metrics(self.tracking_uri, self.mlflow_run_id, metrics, step)
-
-
-def columns_to_tensors(batches) -> dict[str, torch.Tensor]:
-    """Stack column batches into tensors: PNG-bytes columns are decoded (images become
-    uint8 N×3×H×W, masks N×H×W), numeric columns are concatenated."""
-    parts: dict[str, list] = {}
-    for batch in batches:
-        for key, values in batch.items():
-            if values.dtype == object:
-                parts.setdefault(key, []).extend(decode_png(v) for v in values)
-            else:
-                parts.setdefault(key, []).append(values)
-    return {key: stack_decoded(values) if isinstance(values[0], np.ndarray) and values[0].ndim >= 2
-            else torch.from_numpy(np.concatenate(values)) for key, values in parts.items()}
 
 
 def load_shard(name: str) -> dict[str, torch.Tensor]:
@@ -231,8 +243,6 @@ def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: C
     tensors, the first of which is optimised), then reports the epoch's mean losses and a
     checkpoint of the unwrapped model from rank 0. Resumes from Ray's latest checkpoint when the job is relaunched.
     """
-    from pipeline.models import mixed_precision  # not at the top: the driver imports this module without timm
-
     epochs, steps = train.epochs, train.steps_per_epoch
     scheduler = warmup_cosine(optimizer, epochs * steps)
     start_epoch, loop_seconds = restore(model, optimizer, scheduler)
@@ -241,21 +251,13 @@ def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: C
         if setup.rank == 0:
             print(f"resumed from the checkpoint of epoch {start_epoch}/{epochs}", flush=True)
     for epoch in range(start_epoch, epochs):
-        model.train()
-        started, totals = time.perf_counter(), {}
-        for _ in range(steps):
-            with mixed_precision(setup.device):
-                losses = step()
-            optimizer.zero_grad(set_to_none=True)
-            next(iter(losses.values())).backward()
-            optimizer.step()
-            scheduler.step()
-            for key, value in losses.items():
-                totals[key] = totals.get(key, 0.0) + float(value.detach())
+        started = time.perf_counter()
+        totals = train_steps(model, optimizer, scheduler, step, steps, setup.device)
         loop_seconds += time.perf_counter() - started
         metrics = {k: v / steps for k, v in totals.items()}
         metrics |= {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[-1], "loop_seconds": loop_seconds,
-                    "world_size": setup.world_size}
+                    "world_size": setup.world_size, "data_seconds": setup.data_seconds,
+                    "worker_peak_rss_mb": peak_rss_mb()}
         if setup.world_size > 1:
             metrics["replica_weight_spread"] = replica_weight_spread(model)
         setup.log_metrics(metrics, epoch + 1)
@@ -265,6 +267,25 @@ def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: C
         state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "epoch": epoch + 1, "loop_seconds": loop_seconds}
         report(metrics, state if setup.rank == 0 else None)
+
+
+def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, step: Callable[[], dict],
+                steps: int, device: torch.device) -> dict[str, float]:
+    """`steps` optimisation steps; returns the sum of each loss over them."""
+    from pipeline.models import mixed_precision  # not at the top: the driver imports this module without timm
+
+    model.train()
+    totals: dict[str, float] = {}
+    for _ in range(steps):
+        with mixed_precision(device):
+            losses = step()
+        optimizer.zero_grad(set_to_none=True)
+        next(iter(losses.values())).backward()
+        optimizer.step()
+        scheduler.step()
+        for key, value in losses.items():
+            totals[key] = totals.get(key, 0.0) + float(value.detach())
+    return totals
 
 
 def replica_weight_spread(model: torch.nn.Module) -> float:

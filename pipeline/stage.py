@@ -22,24 +22,35 @@ class StageContext:
     root: Path
     run_id: str | None = None
     curves: Path | None = None  # where train() writes the per-epoch metrics (CSV, a DVC plot)
-    started: float = field(default_factory=time.perf_counter)
+    plain: bool = False  # train in this process without Ray (the benchmark's baseline)
     summary: dict = field(default_factory=dict)
 
     @property
     def wall_seconds(self) -> float:
-        return time.perf_counter() - self.started
+        """Since the process started: the interpreter and the imports count too."""
+        import psutil
 
-    def train(self, loop, job, datasets: dict, inputs: list[Path]) -> dict:
-        """Run a worker loop as this stage's Ray Train job; return the final state dict."""
+        return time.time() - psutil.Process().create_time()
+
+    def train(self, builder: str, job, datasets: dict, inputs: list[Path]) -> dict:
+        """Train `training.BUILDERS[builder]` as this stage's Ray Train job (or, with `plain`,
+        in a plain loop); return the final state dict."""
         from pipeline.data import check_rows
-        from pipeline.raytrain import launch
         from pipeline.tracking import resolve_tracking_uri
 
         for name, (paths, _) in datasets.items():
             check_rows(name, paths, self.params.ray.num_workers)
         job.mlflow_run_id = self.run_id
         job.tracking_uri = resolve_tracking_uri(self.params.mlflow, self.root)
-        state, metrics = launch(self.name, loop, job, datasets, self.params.ray, inputs)
+        job.cpus_per_worker = self.params.ray.cpus_per_worker
+        if self.plain:
+            from pipeline.training import plain_train
+
+            state, metrics = plain_train(builder, job, datasets)
+        else:
+            from pipeline.raytrain import launch
+
+            state, metrics = launch(self.name, builder, job, datasets, self.params.ray, inputs)
         if self.curves is not None:
             from pipeline.data import write_text_atomic
             from pipeline.tracking import metric_history_csv
@@ -48,6 +59,10 @@ class StageContext:
         self.summary["loss"] = float(metrics.get("loss", float("nan")))
         self.summary["loop_s"] = float(metrics.get("loop_seconds", 0.0))
         self.summary["world_size"] = int(metrics.get("world_size", 1))
+        self.summary["data_s"] = float(metrics.get("data_seconds", 0.0))
+        self.summary["worker_peak_rss_mb"] = float(metrics.get("worker_peak_rss_mb", 0.0))
+        if self.plain:
+            self.summary["plain"] = True
         return state
 
 
@@ -75,6 +90,13 @@ class StageContext:
         return scores["miou"]
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 UNWRITABLE = (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM)
 
 
@@ -93,17 +115,20 @@ def stage_parser(description: str | None, training: bool = False) -> argparse.Ar
                         help="override one params.yaml value for this run, e.g. decoder_pretrain.sigma=0.4")
     if training:
         parser.add_argument("--curves", type=Path, help="write the per-epoch training metrics here (CSV)")
+        parser.add_argument("--plain", action="store_true",
+                            help="train in one plain PyTorch process instead of a Ray Train job, with the same "
+                                 "model, data, batch, steps and threads (the benchmark's baseline)")
     return parser
 
 
 @contextmanager
 def stage(name: str, sections: list[str], prepared: Path | None = None,
           params_file: str = "params.yaml", overrides: list[str] = (),
-          curves: Path | None = None) -> Iterator[StageContext]:
+          curves: Path | None = None, plain: bool = False) -> Iterator[StageContext]:
     """Run a stage body inside its MLflow run; logs wall time and prints the summary line."""
     try:
         params = load_params(params_file, overrides)
-        ctx = StageContext(name, params, Path.cwd(), curves=curves)
+        ctx = StageContext(name, params, Path.cwd(), curves=curves, plain=plain)
         from pipeline.data import manifest_hash
         from pipeline.tracking import log_metrics, stage_run, tag_with_parent
 
@@ -117,6 +142,7 @@ def stage(name: str, sections: list[str], prepared: Path | None = None,
 
                 write_text_atomic(ctx.curves, "epoch\n")
             ctx.summary["wall_s"] = ctx.wall_seconds
+            ctx.summary["peak_rss_mb"] = peak_rss_mb()
             if "loop_s" in ctx.summary:
                 ctx.summary["overhead_s"] = ctx.summary["wall_s"] - ctx.summary["loop_s"]
             # The per-epoch loss is already logged by the workers.

@@ -1,14 +1,17 @@
 """What one optimisation step of each training stage computes, and the per-worker loops.
 
 A `*_step` factory returns a closure that draws a batch, augments it and returns its losses
-(the first one is optimised). The same closures run inside Ray Train (`*_loop`, through
+(the first one is optimised); a builder per stage (`BUILDERS`) puts network, optimizer and
+step together. The same parts run inside Ray Train (`train_worker`, through
 `raytrain.run_epochs`) and in a plain PyTorch loop (the benchmark's baseline).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,8 +19,8 @@ from torch import nn
 from pipeline import augment
 from pipeline.config import DecoderPretrainConfig, FinetuneConfig, StudentConfig, TrainConfig
 from pipeline.copy_paste import InstanceBank
-from pipeline.data import IGNORE_INDEX
-from pipeline.denoising import corrupt
+from pipeline.data import IGNORE_INDEX, read_tensors
+from pipeline.denoising import DENOISE_CHANNELS, corrupt
 from pipeline.dsbn import add_auxiliary_bn, main_samples_first
 from pipeline.losses import (
     denoising_loss,
@@ -27,14 +30,22 @@ from pipeline.losses import (
     weighted_ce,
 )
 from pipeline.models import (
-    DENOISE_CHANNELS,
     ENCODER_PRESETS,
     EncoderClassifier,
     ProjectedSegmenter,
     SegmentationNet,
     build_network,
 )
-from pipeline.raytrain import JobConfig, WorkerSetup, load_shard, run_epochs, unwrap
+from pipeline.raytrain import (
+    JobConfig,
+    WorkerSetup,
+    load_shard,
+    run_epochs,
+    train_steps,
+    unwrap,
+    warmup_cosine,
+)
+from pipeline.stage import peak_rss_mb
 
 Step = Callable[[], dict]
 
@@ -164,9 +175,17 @@ def student_step(model: nn.Module, labeled: tuple[torch.Tensor, torch.Tensor],
     return step
 
 
-# ----------------------------------------------------------------- per-worker Ray Train loops
-# Each takes Ray's train_loop_config {"job": JobConfig} and reads like the method: load this
-# worker's shard, build the network from the previous stage's weights, optimise.
+# ------------------------------------------------------- what each training stage trains
+# A builder takes the job, this worker's data (in-memory tensors by dataset name) and the
+# worker's setup, and returns the network, its optimizer and its step. Ray Train runs it through
+# `train_worker`; the benchmark runs the very same parts in a plain PyTorch loop.
+
+@dataclass
+class Trainable:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    step: Step
+
 
 def _optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
@@ -181,48 +200,35 @@ def _finetune_optimizer(model: nn.Module, train: FinetuneConfig) -> torch.optim.
     return _optimizer([{"params": encoder, "lr": train.lr * train.encoder_lr_scale}, {"params": rest}], train)
 
 
-def encoder_classify_loop(config: dict) -> None:
-    from ray.train.torch import prepare_model
-
-    job: JobConfig = config["job"]
-    setup = WorkerSetup.from_job(job)
-    shard = load_shard("classify")
-    model = EncoderClassifier(ENCODER_PRESETS[job.model.preset], job.num_classes)
-    model = prepare_model(model.to(memory_format=torch.channels_last))
-    step = classification_step(model, shard["image"], shard["label"].long(),
+def encoder_classify(job: JobConfig, data: dict, setup: WorkerSetup) -> Trainable:
+    model = setup.prepare(EncoderClassifier(ENCODER_PRESETS[job.model.preset], job.num_classes)
+                          .to(memory_format=torch.channels_last))
+    step = classification_step(model, data["classify"]["image"], data["classify"]["label"].long(),
                                setup.per_worker(job.train.batch_size), setup.generator, setup.device)
-    run_epochs(model, _optimizer(model.parameters(), job.train), step, job.train, setup)
+    return Trainable(model, _optimizer(model.parameters(), job.train), step)
 
 
-def encoder_densecl_loop(config: dict) -> None:
-    from ray.train.torch import prepare_model
-
+def encoder_densecl(job: JobConfig, data: dict, setup: WorkerSetup) -> Trainable:
     from pipeline.densecl import DenseCL
 
-    job: JobConfig = config["job"]
-    setup = WorkerSetup.from_job(job)
-    images = load_shard("images")["image"]
-    model = prepare_model(DenseCL(ENCODER_PRESETS[job.model.preset], job.train.densecl).to(memory_format=torch.channels_last))
+    model = setup.prepare(DenseCL(ENCODER_PRESETS[job.model.preset], job.train.densecl)
+                          .to(memory_format=torch.channels_last))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    step = densecl_step(model, images, setup.per_worker(job.train.batch_size), setup.generator, setup.device)
-    run_epochs(model, _optimizer(trainable, job.train), step, job.train, setup)
+    step = densecl_step(model, data["images"]["image"], setup.per_worker(job.train.batch_size), setup.generator,
+                        setup.device)
+    return Trainable(model, _optimizer(trainable, job.train), step)
 
 
-def decoder_pretrain_loop(config: dict) -> None:
-    from ray.train.torch import prepare_model
-
-    job: JobConfig = config["job"]
-    setup = WorkerSetup.from_job(job)
-    images = load_shard("images")["image"]
+def decoder_pretrain(job: JobConfig, data: dict, setup: WorkerSetup) -> Trainable:
     model = build_network(job.model, DENOISE_CHANNELS, job.train.sigma_conditioning)
     model.encoder.load_state_dict(job.init_state)
     if job.train.mode == "ddep":
         model.encoder.requires_grad_(False)  # the encoder stays exactly as pretrained
-    model = prepare_model(model.to(memory_format=torch.channels_last))
+    model = setup.prepare(model.to(memory_format=torch.channels_last))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    step = denoising_step(model, images, setup.per_worker(job.train.batch_size), job.train,
+    step = denoising_step(model, data["images"]["image"], setup.per_worker(job.train.batch_size), job.train,
                           setup.generator, setup.device)
-    run_epochs(model, _optimizer(trainable, job.train), step, job.train, setup)
+    return Trainable(model, _optimizer(trainable, job.train), step)
 
 
 def _segmenter_from(job: JobConfig) -> SegmentationNet:
@@ -234,29 +240,21 @@ def _segmenter_from(job: JobConfig) -> SegmentationNet:
     return model.to(memory_format=torch.channels_last)
 
 
-def teacher_loop(config: dict) -> None:
-    from ray.train.torch import prepare_model
-
-    job: JobConfig = config["job"]
-    setup = WorkerSetup.from_job(job)
-    labeled = load_shard("labeled")
-    model = prepare_model(_segmenter_from(job))
+def teacher(job: JobConfig, data: dict, setup: WorkerSetup) -> Trainable:
+    model = setup.prepare(_segmenter_from(job))
+    labeled = data["labeled"]
     step = supervised_step(model, labeled["image"], labeled["mask"], setup.per_worker(job.train.batch_size),
                            job.train.crop_scale_min, job.train.hflip, setup.generator, setup.device)
-    run_epochs(model, _finetune_optimizer(model, job.train), step, job.train, setup)
+    return Trainable(model, _finetune_optimizer(model, job.train), step)
 
 
-def student_loop(config: dict) -> None:
-    from ray.train.torch import prepare_model
-
-    job: JobConfig = config["job"]
-    setup = WorkerSetup.from_job(job)
+def student(job: JobConfig, data: dict, setup: WorkerSetup) -> Trainable:
     cfg: StudentConfig = job.train
-    labeled, pseudo = load_shard("labeled"), load_shard("pseudo")
+    labeled, pseudo = data["labeled"], data["pseudo"]
     model = _segmenter_from(job)
     if cfg.dense_contrast_weight > 0:
         model = ProjectedSegmenter(model, cfg.projection_dim).to(memory_format=torch.channels_last)
-    model = prepare_model(add_auxiliary_bn(model) if cfg.dsbn else model)
+    model = setup.prepare(add_auxiliary_bn(model) if cfg.dsbn else model)
     bank = None
     if cfg.copy_paste_probability > 0:
         excluded = frozenset(i for i, name in enumerate(job.classes) if name in cfg.copy_paste_exclude)
@@ -266,10 +264,38 @@ def student_loop(config: dict) -> None:
     step = student_step(model, (labeled["image"], labeled["mask"]),
                         (pseudo["image"], pseudo["pseudo_label"], pseudo["confidence"]), cfg,
                         batches, setup.generator, setup.device, bank)
-    run_epochs(model, _finetune_optimizer(model, job.train), step, job.train, setup)
+    return Trainable(model, _finetune_optimizer(model, job.train), step)
 
 
-def pretraining_images(prepared, manifest: dict) -> list:
-    """The Parquet folders whose images (not masks) self-supervised pretraining may use:
-    the labeled split and, when there is one, the unlabeled split."""
-    return [prepared / "labeled"] + ([prepared / "unlabeled"] if manifest["counts"]["unlabeled"] else [])
+BUILDERS: dict[str, Callable[[JobConfig, dict, WorkerSetup], Trainable]] = {
+    "encoder_classify": encoder_classify, "encoder_densecl": encoder_densecl, "decoder_pretrain": decoder_pretrain,
+    "teacher": teacher, "student": student,
+}
+
+
+def train_worker(builder: str, job: JobConfig, datasets: list[str]) -> None:
+    """The Ray Train loop of every stage: this worker's shards, the stage's parts, the epochs."""
+    setup = WorkerSetup.from_job(job)
+    started = time.perf_counter()
+    data = {name: load_shard(name) for name in datasets}
+    setup.data_seconds = time.perf_counter() - started
+    parts = BUILDERS[builder](job, data, setup)
+    run_epochs(parts.model, parts.optimizer, parts.step, job.train, setup)
+
+
+def plain_train(builder: str, job: JobConfig, datasets: dict[str, tuple[list, list[str]]]) -> tuple[dict, dict]:
+    """The benchmark's baseline: the same builder, data, threads and number of steps as the
+    stage's Ray Train job, in this one process with no Ray at all. Returns what `launch` does."""
+    started = time.perf_counter()
+    data = {name: read_tensors(folders, columns) for name, (folders, columns) in datasets.items()}
+    data_seconds = time.perf_counter() - started
+    setup = WorkerSetup.plain(job)
+    parts = BUILDERS[builder](job, data, setup)
+    steps = job.train.epochs * job.train.steps_per_epoch
+    started = time.perf_counter()
+    totals = train_steps(parts.model, parts.optimizer, warmup_cosine(parts.optimizer, steps), parts.step, steps,
+                         setup.device)
+    metrics = {key: value / steps for key, value in totals.items()}
+    metrics |= {"loop_seconds": time.perf_counter() - started, "data_seconds": data_seconds, "world_size": 1,
+                "worker_peak_rss_mb": peak_rss_mb()}
+    return {"model": parts.model.state_dict()}, metrics

@@ -6,11 +6,9 @@ from pathlib import Path
 import torch
 
 from pipeline.checkpoints import ENCODER, encoder_weights, load_external_encoder, save_weights
-from pipeline.data import read_manifest
-from pipeline.models import ENCODER_PRESETS, HybridEncoder
+from pipeline.data import pretraining_images, read_manifest
 from pipeline.raytrain import JobConfig
 from pipeline.stage import stage, stage_parser
-from pipeline.training import encoder_classify_loop, encoder_densecl_loop, pretraining_images
 
 
 def main() -> None:
@@ -19,22 +17,24 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="encoder weights file")
     args = parser.parse_args()
     with stage("encoder_init", ["encoder", "model"], args.prepared,
-               overrides=args.overrides, curves=args.curves) as ctx:
+               overrides=args.overrides, curves=args.curves, plain=args.plain) as ctx:
         cfg, model = ctx.params.encoder, ctx.params.model
         manifest = read_manifest(args.prepared)
         if cfg.init == "supervised":
             job = JobConfig(train=cfg, model=model, num_classes=manifest["classify_num_classes"])
-            state = ctx.train(encoder_classify_loop, job, {"classify": ([args.prepared / "classify"], ["image", "label"])},
+            state = ctx.train("encoder_classify", job, {"classify": ([args.prepared / "classify"], ["image", "label"])},
                               inputs=[args.prepared])
             weights = encoder_weights(state["model"])
         elif cfg.init == "densecl":
             job = JobConfig(train=cfg, model=model, num_classes=manifest["num_classes"])
-            state = ctx.train(encoder_densecl_loop, job, {"images": (pretraining_images(args.prepared, manifest), ["image"])},
+            state = ctx.train("encoder_densecl", job, {"images": (pretraining_images(args.prepared, manifest), ["image"])},
                               inputs=[args.prepared])
             weights = encoder_weights(state["model"])
         elif cfg.init == "file":
             weights = load_external_encoder(Path(cfg.weights_path), model.preset)
         else:
+            from pipeline.models import ENCODER_PRESETS, HybridEncoder
+
             torch.manual_seed(cfg.seed)
             weights = HybridEncoder(ENCODER_PRESETS[model.preset]).state_dict()
         save_weights(args.out, weights, ENCODER, model, None)

@@ -2,13 +2,12 @@
 
 from pathlib import Path
 
-from pipeline.checkpoints import DENOISER, SEGMENTER, load_weights, save_weights
+from pipeline.checkpoints import DENOISER, SEGMENTER, load_weights, save_weights, segmenter_state
 from pipeline.data import read_manifest
+from pipeline.denoising import DENOISE_CHANNELS
 from pipeline.dsbn import main_bn_state
-from pipeline.models import DENOISE_CHANNELS, segmenter_state
 from pipeline.raytrain import JobConfig
 from pipeline.stage import stage, stage_parser
-from pipeline.training import student_loop
 
 
 def main() -> None:
@@ -23,7 +22,7 @@ def main() -> None:
     args = parser.parse_args()
     labeled = args.labeled or args.prepared / "labeled"
     with stage("student_train", ["student", "model"], args.prepared,
-               overrides=args.overrides, curves=args.curves) as ctx:
+               overrides=args.overrides, curves=args.curves, plain=args.plain) as ctx:
         cfg, model = ctx.params.student, ctx.params.model
         manifest = read_manifest(args.prepared)
         classes = manifest["classes"]
@@ -35,7 +34,7 @@ def main() -> None:
                         init_out_channels=init_channels)
         datasets = {"labeled": ([labeled], ["image", "mask"]),
                     "pseudo": ([args.pseudo], ["image", "pseudo_label", "confidence"])}
-        state = ctx.train(student_loop, job, datasets, inputs=[args.prepared, labeled, args.pseudo, args.teacher, args.pretrained])
+        state = ctx.train("student", job, datasets, inputs=[args.prepared, labeled, args.pseudo, args.teacher, args.pretrained])
         weights = main_bn_state(segmenter_state(state["model"]))
         save_weights(args.out, weights, SEGMENTER, model, classes)
         ctx.summary["out"] = str(args.out)

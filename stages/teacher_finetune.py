@@ -4,10 +4,9 @@ from pathlib import Path
 
 from pipeline.checkpoints import DENOISER, SEGMENTER, load_weights, save_weights
 from pipeline.data import read_manifest
-from pipeline.models import DENOISE_CHANNELS
+from pipeline.denoising import DENOISE_CHANNELS
 from pipeline.raytrain import JobConfig
 from pipeline.stage import stage, stage_parser
-from pipeline.training import teacher_loop
 
 
 def main() -> None:
@@ -20,13 +19,13 @@ def main() -> None:
     args = parser.parse_args()
     labeled = args.labeled or args.prepared / "labeled"
     with stage("teacher_finetune", ["teacher", "model"], args.prepared,
-               overrides=args.overrides, curves=args.curves) as ctx:
+               overrides=args.overrides, curves=args.curves, plain=args.plain) as ctx:
         cfg, model = ctx.params.teacher, ctx.params.model
         manifest = read_manifest(args.prepared)
         job = JobConfig(train=cfg, model=model, num_classes=manifest["num_classes"],
                         init_state=load_weights(args.pretrained, DENOISER, model),
                         init_out_channels=DENOISE_CHANNELS)
-        state = ctx.train(teacher_loop, job, {"labeled": ([labeled], ["image", "mask"])},
+        state = ctx.train("teacher", job, {"labeled": ([labeled], ["image", "mask"])},
                           inputs=[args.prepared, labeled, args.pretrained])
         save_weights(args.out, state["model"], SEGMENTER, model, manifest["classes"])
         ctx.summary["out"] = str(args.out)

@@ -2,6 +2,7 @@ import pytest
 import timm
 import torch
 
+from pipeline.checkpoints import segmenter_state
 from pipeline.models import (
     ENCODER_PRESETS,
     EncoderClassifier,
@@ -10,7 +11,6 @@ from pipeline.models import (
     build_model,
     build_vit,
     mixed_precision,
-    segmenter_state,
 )
 
 

@@ -65,3 +65,61 @@ def test_finetune_optimizer_slows_the_encoder_and_trains_everything_else_once(pr
     assert len(encoder_group["params"]) + len(rest_group["params"]) == len(list(model.parameters()))
     if projected:
         assert {id(p) for p in model.projection.parameters()} <= {id(p) for p in rest_group["params"]}
+
+
+@pytest.fixture
+def labeled_split(tmp_path):
+    import numpy as np
+
+    from pipeline.data import SEGMENTATION_SCHEMA, encode_png, write_shards
+
+    rng = np.random.default_rng(0)
+    rows = [{"id": f"img{i}", "image": encode_png(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)),
+             "mask": encode_png(rng.integers(0, 4, (32, 32), dtype=np.uint8))} for i in range(7)]
+    write_shards(rows, SEGMENTATION_SCHEMA, tmp_path / "labeled", 4)
+    return tmp_path / "labeled"
+
+
+@pytest.mark.slow
+def test_the_plain_baseline_trains_exactly_what_the_ray_train_job_trains(labeled_split, tmp_path):
+    """The benchmark's ratio compares like with like: `--plain` runs the same builder on the same
+    data with the same seeds and threads, so the weights come out bit-identical."""
+    import ray
+
+    from pipeline.config import RayConfig, TeacherConfig
+    from pipeline.raytrain import JobConfig, launch
+    from pipeline.training import plain_train
+
+    torch.manual_seed(0)
+    job = JobConfig(train=TeacherConfig(epochs=2, steps_per_epoch=2, batch_size=2), model=MODEL, num_classes=4,
+                    init_state=build_network(MODEL, 4).state_dict(), init_out_channels=4, cpus_per_worker=1)
+    datasets = {"labeled": ([labeled_split], ["image", "mask"])}
+    plain_state, plain_metrics = plain_train("teacher", job, datasets)
+    try:
+        ray_state, ray_metrics = launch("teacher_finetune", "teacher", job, datasets,
+                                        RayConfig(cpus_per_worker=1, storage_path=str(tmp_path / "ray")), [labeled_split])
+    finally:
+        ray.shutdown()
+    assert plain_state["model"].keys() == ray_state["model"].keys()
+    assert all(torch.equal(plain_state["model"][k], ray_state["model"][k]) for k in plain_state["model"])
+    assert plain_metrics["loop_seconds"] > 0 and plain_metrics["data_seconds"] >= 0
+    assert ray_metrics["data_seconds"] > 0 and ray_metrics["worker_peak_rss_mb"] > 100
+
+
+def test_a_stage_driver_never_imports_the_models():
+    """timm and torchvision take seconds to import; a training stage's driver only launches the
+    job and writes its outputs, so the imports happen in the Ray workers alone."""
+    import subprocess
+    import sys
+
+    code = ("import runpy, sys\n"
+            "for name in ['encoder_init', 'decoder_pretrain', 'teacher_finetune', 'student_train']:\n"
+            "    sys.argv = [name, '--help']\n"
+            "    try:\n"
+            "        runpy.run_path(f'stages/{name}.py', run_name='__main__')\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "import pipeline.stage, pipeline.raytrain, pipeline.checkpoints, pipeline.config\n"
+            "print(sorted(m for m in ('timm', 'torchvision') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

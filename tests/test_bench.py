@@ -1,0 +1,53 @@
+"""The benchmark's report: every number in the README's performance table comes from the
+figures file, and each target is judged from the figure, not typed in."""
+
+import pytest
+
+from pipeline.bench import README_BEGIN, README_END, markdown, write_readme
+
+
+def _figures(pipeline_s: float, ratio_ray: float) -> dict:
+    stage = {"wall_s": 30.0, "loop_s": 20.0, "overhead_s": 10.0, "data_s": 1.5, "peak_rss_mb": 500.0,
+             "worker_peak_rss_mb": 1200.0}
+    return {
+        "date": "2026-12-01", "commit": "0123456789abcdef", "machine": "2 CPUs (test)",
+        "pipeline": {"pipeline_s": pipeline_s, "noop_repro_s": 2.0,
+                     "stages": {"teacher_finetune": stage, "prepare": {"wall_s": 9.0, "peak_rss_mb": 300.0}}},
+        "training": {"teacher_finetune": {"ray": {"images_per_s": ratio_ray * 100, "data_s": 2.5},
+                                          "plain": {"images_per_s": 100.0, "data_s": 0.1},
+                                          "ratio": ratio_ray, "two_workers_images_per_s": 90.0}},
+        "inference": {"evaluate": {"plain": 200.0, "ray_1_actor": 190.0, "ray_1_actor_steady": 210.0,
+                                   "ray_2_actors": 150.0, "ray_2_actors_steady": 160.0, "ratio": 0.95}},
+        "threads": {"1": 80.0, "2": 120.0, "4": 60.0},
+    }
+
+
+def test_the_table_shows_each_figure_and_judges_it_against_its_target():
+    table = markdown(_figures(pipeline_s=420.0, ratio_ray=0.97))
+    assert "commit `0123456789`" in table and "2 CPUs (test)" in table
+    assert "| teacher_finetune | 30.0 | 20.0 | 10.0 | 1.5 | 1200 |" in table  # the worker's peak is the stage's
+    assert "| prepare | 9.0 | – | – | – | 300 |" in table
+    assert "| 420 s | ≤ 300 s | **missed** |" in table  # the whole pipeline
+    assert "97 / 100 = 0.97 | ≥ 0.95 | met |" in table
+    assert "| overhead per training stage (max) | 10.0 s | ≤ 6 s | **missed** |" in table
+    assert "190 / 200 = 0.95 (steady state 210) | ≥ 0.9 | met |" in table
+    assert "1 → 80, 2 → 120, 4 → 60" in table
+    assert "90 / 97 = 0.93" in table
+    assert "met" in markdown(_figures(pipeline_s=290.0, ratio_ray=0.9)).split("whole default pipeline")[1].splitlines()[0]
+
+
+def test_the_readme_block_is_replaced_and_the_rest_kept(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nbefore\n{README_BEGIN}\nold table\n{README_END}\nafter\n")
+    write_readme(_figures(300.0, 1.0), readme)
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nbefore\n") and text.endswith(f"{README_END}\nafter\n")
+    assert "old table" not in text and "| no-op `dvc repro` | 2.0 s |" in text
+
+
+def test_a_readme_without_the_block_is_refused(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no block\n")
+    with pytest.raises(SystemExit, match="bench:begin"):
+        write_readme(_figures(300.0, 1.0), readme)
+    assert readme.read_text() == "# no block\n"
