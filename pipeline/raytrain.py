@@ -144,9 +144,17 @@ def launch(stage: str, builder: str, job: JobConfig, datasets: dict[str, tuple[l
 # --------------------------------------------------------------------------- worker side
 
 def _train_worker(config: dict) -> None:
-    from pipeline.training import train_worker
+    """Load this worker's shards in a thread while the models' imports (seconds of timm and
+    torchvision) run on this one: the read tasks run in other processes, on the other cores."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    train_worker(config["builder"], config["job"], config["datasets"])
+    with ThreadPoolExecutor(1) as pool:
+        started = time.perf_counter()
+        loading = pool.submit(lambda: {name: load_shard(name) for name in config["datasets"]})
+        from pipeline.training import train_worker
+
+        data = loading.result()
+    train_worker(config["builder"], config["job"], data, time.perf_counter() - started)
 
 
 @dataclass

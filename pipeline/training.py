@@ -39,7 +39,6 @@ from pipeline.models import (
 from pipeline.raytrain import (
     JobConfig,
     WorkerSetup,
-    load_shard,
     run_epochs,
     train_steps,
     unwrap,
@@ -273,12 +272,11 @@ BUILDERS: dict[str, Callable[[JobConfig, dict, WorkerSetup], Trainable]] = {
 }
 
 
-def train_worker(builder: str, job: JobConfig, datasets: list[str]) -> None:
-    """The Ray Train loop of every stage: this worker's shards, the stage's parts, the epochs."""
+def train_worker(builder: str, job: JobConfig, data: dict, data_seconds: float) -> None:
+    """The Ray Train loop of every stage: the stage's parts over this worker's shards (loaded
+    in `data_seconds`), then the epochs."""
     setup = WorkerSetup.from_job(job)
-    started = time.perf_counter()
-    data = {name: load_shard(name) for name in datasets}
-    setup.data_seconds = time.perf_counter() - started
+    setup.data_seconds = data_seconds
     parts = BUILDERS[builder](job, data, setup)
     run_epochs(parts.model, parts.optimizer, parts.step, job.train, setup)
 
