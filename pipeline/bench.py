@@ -279,8 +279,8 @@ def markdown(fig: dict) -> str:
                      f"{f['plain']['images_per_s']:.0f} = {f['ratio']:.2f} | ≥ {t['training_ratio']} | "
                      f"{ok(f['ratio'] >= t['training_ratio'])} |")
     for stage, f in fig["training"].items():
-        lines.append(f"| {stage}: data into memory, Ray Data / pyarrow | {f['ray']['data_s']:.2f} s / "
-                     f"{f['plain']['data_s']:.2f} s | | |")
+        lines.append(f"| {stage}: data into memory, Ray Data (while the worker imports the models) / pyarrow | "
+                     f"{f['ray']['data_s']:.2f} s / {f['plain']['data_s']:.2f} s | | |")
     for stage, f in fig["inference"].items():
         lines.append(f"| {stage} ({f['images']} images): Ray Data 1 actor / plain loop, images/s | "
                      f"{f['ray_1_actor']:.0f} / {f['plain']:.0f} = {f['ratio']:.2f} (first row after "
