@@ -274,8 +274,9 @@ def markdown(fig: dict) -> str:
               f"{ok(fig['pipeline']['noop_repro_s'] <= t['noop_repro_s'])} |",
               f"| overhead per training stage (max) | {max(overheads, default=0):.1f} s | ≤ {t['overhead_s']:.0f} s | "
               f"{ok(max(overheads, default=0) <= t['overhead_s'])} |"]
+    runs = f"{fig['training_steps']} steps, median of {fig['training_repeats']}, " if "training_steps" in fig else ""
     for stage, f in fig["training"].items():
-        lines.append(f"| {stage}: Ray Train / plain loop, images/s | {f['ray']['images_per_s']:.0f} / "
+        lines.append(f"| {stage}: Ray Train / plain loop ({runs}images/s) | {f['ray']['images_per_s']:.0f} / "
                      f"{f['plain']['images_per_s']:.0f} = {f['ratio']:.2f} | ≥ {t['training_ratio']} | "
                      f"{ok(f['ratio'] >= t['training_ratio'])} |")
     for stage, f in fig["training"].items():
@@ -346,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tracking, shared_ray(params.ray) as env:
         env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tracking}/bench.db"}  # side-by-side runs stay out of the experiment
         print(f"training, {args.steps} steps: Ray Train job vs plain loop", flush=True)
+        fig["training_steps"], fig["training_repeats"] = args.steps, args.repeats
         fig["training"] = training_figures(params, args.steps, args.repeats, env)
         fig["threads"] = thread_figures(params, args.steps, env)
     print("batch inference: plain loop vs Ray Data", flush=True)
