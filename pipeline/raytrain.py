@@ -157,6 +157,14 @@ def _train_worker(config: dict) -> None:
     train_worker(config["builder"], config["job"], data, time.perf_counter() - started)
 
 
+def _threads_and_seed(job: JobConfig, rank: int) -> torch.Generator:
+    """`cpus_per_worker` torch threads, and torch's and the batch sampler's seeds for `rank`:
+    one place, so the plain baseline draws exactly the batches rank 0 of the Ray job draws."""
+    torch.set_num_threads(job.cpus_per_worker)
+    torch.manual_seed(job.train.seed * 1000 + rank)
+    return torch.Generator().manual_seed(job.train.seed * 1000 + rank)
+
+
 @dataclass
 class WorkerSetup:
     """What a worker needs to know about itself; built once at the top of a train loop."""
@@ -181,19 +189,13 @@ class WorkerSetup:
         # Where each worker runs, for people (and tests) checking placement or killing one.
         print(f"worker {rank}/{ctx.get_world_size()} pid {os.getpid()} on node {ray.get_runtime_context().get_node_id()}",
               flush=True)
-        torch.set_num_threads(job.cpus_per_worker)
-        torch.manual_seed(job.train.seed * 1000 + rank)
-        generator = torch.Generator().manual_seed(job.train.seed * 1000 + rank)
-        return cls(rank, ctx.get_world_size(), ray.train.torch.get_device(), generator,
+        return cls(rank, ctx.get_world_size(), ray.train.torch.get_device(), _threads_and_seed(job, rank),
                    job.mlflow_run_id, job.tracking_uri)
 
     @classmethod
     def plain(cls, job: JobConfig) -> WorkerSetup:
         """A single process outside Ray (the benchmark's baseline), seeded like rank 0."""
-        torch.set_num_threads(job.cpus_per_worker)
-        torch.manual_seed(job.train.seed * 1000)
-        return cls(0, 1, torch.device("cpu"), torch.Generator().manual_seed(job.train.seed * 1000), None, None,
-                   in_ray=False)
+        return cls(0, 1, torch.device("cpu"), _threads_and_seed(job, 0), None, None, in_ray=False)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Ray's `prepare_model` (device, and DDP with more than one worker); outside Ray, the device."""
