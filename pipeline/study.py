@@ -2,7 +2,11 @@
 
     python -m pipeline.study            # write study/plan.yaml, `dvc repro` each point of it
     python -m pipeline.study plan       # only write the plan (what `dvc repro` will run)
-    python -m pipeline.study readme     # copy study/report.md into README.md
+    python -m pipeline.study readme     # copy study/report/report.md into README.md
+
+A study stopped part-way (Ctrl-C; it resumes where it stopped) reports what it has measured
+so far with `dvc repro --single-item study/dvc.yaml:report`: the tables say how many points
+are in and mark the rest "–".
 
 `study/dvc.yaml` runs `encoder_init`, `decoder_pretrain`, `labeled_subset` and
 `teacher_finetune` once per entry of the plan (DVC `foreach`), each with `--set` overrides,
@@ -154,31 +158,33 @@ class Point:
     miou: float
 
 
-def _miou(path: Path) -> float:
-    if not path.is_file():
-        raise ConfigError(f"{path}: missing; run `dvc repro study/dvc.yaml` first")
-    return json.loads(path.read_text())["miou"]
+def _miou(path: Path) -> float | None:
+    """A point's val mIoU, or None while it has not been trained (a study still running)."""
+    return json.loads(path.read_text())["miou"] if path.is_file() else None
 
 
 def collect(study_plan: dict, metrics_dir: Path) -> list[Point]:
-    """One point per teacher of the plan, from its val metrics file."""
+    """One point per teacher of the plan that has its val metrics file."""
     points = []
     for key, teacher in study_plan["teachers"].items():
         pre = study_plan["pretrain"][teacher["pretrain"]]
-        points.append(Point(pre["mode"], pre["init"], pre["sigma"], teacher["fraction"], teacher["seed"],
-                            _miou(metrics_dir / f"{key}.json")))
+        miou = _miou(metrics_dir / f"{key}.json")
+        if miou is not None:
+            points.append(Point(pre["mode"], pre["init"], pre["sigma"], teacher["fraction"], teacher["seed"], miou))
     return points
 
 
 def ablation_table(study_plan: dict, metrics_dir: Path, cfg: StudyConfig) -> dict[str, dict[float, tuple]]:
     """Row -> ablation fraction -> (mean, std, n) of val mIoU: the DDeP teacher, each student
     row, the second round, the pseudo-labels of each round (their mIoU on the images they
-    label), and the fully supervised teacher (100% labels) as the upper line."""
+    label), and the fully supervised teacher (100% labels) as the upper line. Empty while no
+    student has been trained; a cell of points not trained yet has n = 0."""
     ddep = pretrain_key("supervised", "ddep", cfg.ddep_sigma)
     rows: dict[str, dict[float, list[float]]] = {}
 
-    def add(row: str, fraction: float, value: float) -> None:
-        rows.setdefault(row, {}).setdefault(fraction, []).append(value)
+    def add(row: str, fraction: float, value: float | None) -> None:
+        if value is not None:
+            rows.setdefault(row, {}).setdefault(fraction, []).append(value)
 
     for key, p in study_plan["pseudo"].items():
         add(f"pseudo-labels, round {p['round']}", p["fraction"], _miou(metrics_dir / f"pseudo-{key}.json"))
@@ -192,12 +198,16 @@ def ablation_table(study_plan: dict, metrics_dir: Path, cfg: StudyConfig) -> dic
             full = _miou(metrics_dir / f"{ddep}-{subset_key(1.0, seed)}.json")
             for fraction in cfg.ablation_fractions:
                 add("fully supervised (100% labels)", fraction, full)
+    if not any(row.startswith(("student", "+")) for row in rows):
+        return {}
     order = ["teacher (DDeP)", *[label for label, _ in ABLATION.values()], f"{ABLATION[SECOND_ROUND][0]}, 2 rounds",
              "fully supervised (100% labels)", "pseudo-labels, round 1", "pseudo-labels, round 2"]
-    return {row: {f: _stats(v) for f, v in rows[row].items()} for row in order if row in rows}
+    return {row: {f: _stats(rows.get(row, {}).get(f, [])) for f in cfg.ablation_fractions} for row in order}
 
 
 def _stats(values: list[float]) -> tuple[float, float, int]:
+    if not values:
+        return float("nan"), float("nan"), 0
     return float(np.mean(values)), float(np.std(values)), len(values)
 
 
@@ -218,31 +228,60 @@ def sigma_sweep(points: list[Point], cfg: StudyConfig) -> dict[str, dict[float, 
             for label, mode in (("DDeP", "ddep"), ("DeP", "dep"))}
 
 
-def _cell(stat: tuple[float, float, int]) -> str:
-    mean, std, _ = stat
-    return f"{mean:.3f} ± {std:.3f}"
+def _cell(stat: tuple[float, float, int], seeds: int) -> str:
+    """mean ± std over the seeds; a point with fewer seeds so far says how many; – for none."""
+    mean, std, n = stat
+    if n == 0:
+        return "–"
+    return f"{mean:.3f} ± {std:.3f}" if n >= seeds else f"{mean:.3f} ({n} of {seeds} seeds)"
 
 
-def markdown(fig2: dict, sweep: dict, cfg: StudyConfig, commit: str, ablation: dict | None = None) -> str:
+def markdown(fig2: dict, sweep: dict, cfg: StudyConfig, commit: str, ablation: dict | None = None,
+             progress: tuple[int, int] | None = None) -> str:
+    """The report's tables. `progress` = (points measured, points planned): a study still
+    running says so above its tables."""
+    seeds = len(cfg.seeds)
     fractions = list(next(iter(fig2.values())))
     steps = ", ".join(f"{cfg.steps_for(f)} steps at {f:.0%}" for f in cfg.fractions)
-    lines = [(f"Teacher val mIoU, mean ± std over {len(cfg.seeds)} seeds (labeled subset and training seed); "
-              f"teachers trained {steps}; DDeP σ = {cfg.ddep_sigma:g}, DeP σ = {cfg.dep_sigma:g}. "
-              f"Commit `{commit}`."), "",
-             "| initialisation | " + " | ".join(f"{f:.0%} labels" for f in fractions) + " |",
-             "|---|" + "---|" * len(fractions)]
-    lines += [f"| {name} | " + " | ".join(_cell(row[f]) for f in fractions) + " |" for name, row in fig2.items()]
+    lines = []
+    if progress and progress[0] < progress[1]:
+        lines += [f"**Partial: {progress[0]} of {progress[1]} points measured so far** (– = not trained yet).", ""]
+    lines += [(f"Teacher val mIoU, mean ± std over {seeds} seeds (labeled subset and training seed); "
+               f"teachers trained {steps}; DDeP σ = {cfg.ddep_sigma:g}, DeP σ = {cfg.dep_sigma:g}. "
+               f"Commit `{commit}`."), "",
+              "| initialisation | " + " | ".join(f"{f:.0%} labels" for f in fractions) + " |",
+              "|---|" + "---|" * len(fractions)]
+    lines += [f"| {name} | " + " | ".join(_cell(row[f], seeds) for f in fractions) + " |" for name, row in fig2.items()]
     sigmas = list(next(iter(sweep.values())))
     lines += ["", f"σ sweep at {cfg.sweep_fraction:.0%} labels:", "",
               "| pretraining | " + " | ".join(f"σ = {s:g}" for s in sigmas) + " |", "|---|" + "---|" * len(sigmas)]
-    lines += [f"| {name} | " + " | ".join(_cell(row[s]) for s in sigmas) + " |" for name, row in sweep.items()]
+    lines += [f"| {name} | " + " | ".join(_cell(row[s], seeds) for s in sigmas) + " |" for name, row in sweep.items()]
+    lines += ["", ("Self-training ablation (student val mIoU; pseudo-label rows: mIoU of the pseudo-labels "
+                   "on the images they label):"), ""]
     if ablation:
         columns = list(next(iter(ablation.values())))
-        lines += ["", ("Self-training ablation (student val mIoU; pseudo-label rows: mIoU of the pseudo-labels "
-                       "on the images they label):"), "",
-                  "| | " + " | ".join(f"{f:.0%} labels" for f in columns) + " |", "|---|" + "---|" * len(columns)]
-        lines += [f"| {name} | " + " | ".join(_cell(row[f]) for f in columns) + " |" for name, row in ablation.items()]
+        lines += ["| | " + " | ".join(f"{f:.0%} labels" for f in columns) + " |", "|---|" + "---|" * len(columns)]
+        lines += [f"| {name} | " + " | ".join(_cell(row[f], seeds) for f in columns) + " |"
+                  for name, row in ablation.items()]
+    else:
+        lines += ["(not trained yet)"]
     return "\n".join(lines) + "\n"
+
+
+def result_files(study_plan: dict) -> list[tuple[str, str]]:
+    """(study stage, its metrics file in study/metrics) for every point the plan trains, in the
+    order `run` trains them: teachers cheapest first, then the ablation."""
+    return ([(f"teacher@{key}", f"{key}.json") for key in study_plan["teachers"]]
+            + [(f"pseudo@{key}", f"pseudo-{key}.json") for key in study_plan["pseudo"]]
+            + [(f"student@{key}", f"student-{key}.json") for key in study_plan["students"]])
+
+
+def planned_points(study_plan: dict) -> int:
+    return len(result_files(study_plan))
+
+
+def measured_points(study_plan: dict, metrics_dir: Path) -> int:
+    return sum((metrics_dir / name).is_file() for _, name in result_files(study_plan))
 
 
 def write_outputs(fig2: dict, sweep: dict, out_dir: Path) -> None:
@@ -252,7 +291,8 @@ def write_outputs(fig2: dict, sweep: dict, out_dir: Path) -> None:
     for name, table, x in (("figure2", fig2, "fraction"), ("sigma_sweep", sweep, "sigma")):
         xs = list(next(iter(table.values())))
         header = [x] + [f"{c} {part}" for c in table for part in ("mean", "std")]
-        rows = [",".join(header)] + [",".join([f"{v:g}"] + [f"{table[c][v][i]:.4f}" for c in table for i in (0, 1)])
+        # A point not trained yet is an empty cell, which `dvc plots` and a spreadsheet read as missing.
+        rows = [",".join(header)] + [",".join([f"{v:g}"] + [_csv_number(table[c][v][i]) for c in table for i in (0, 1)])
                                      for v in xs]
         write_text_atomic(out_dir / f"{name}.csv", "\n".join(rows) + "\n")
     mean_curves({c: (list(r), [m for m, _, _ in r.values()], [s for _, s, _ in r.values()]) for c, r in fig2.items()},
@@ -262,7 +302,13 @@ def write_outputs(fig2: dict, sweep: dict, out_dir: Path) -> None:
                 "σ", "teacher val mIoU", "Noise level of denoising pretraining", out_dir / "sigma_sweep.png", log_x=True)
 
 
-def update_readme(report: Path = STUDY_DIR / "report.md", readme: Path = Path("README.md")) -> None:
+def _csv_number(value: float) -> str:
+    return "" if np.isnan(value) else f"{value:.4f}"
+
+
+def update_readme(report: Path = STUDY_DIR / "report" / "report.md", readme: Path = Path("README.md")) -> None:
+    if not report.is_file():
+        raise ConfigError(f"{report}: missing; run `dvc repro --single-item study/dvc.yaml:report` first")
     text = readme.read_text()
     if README_BEGIN not in text or README_END not in text:
         raise ConfigError(f"{readme}: no {README_BEGIN} … {README_END} markers to put the study table between")
@@ -298,17 +344,14 @@ def run(study_plan: dict, dvc_args: list[str]) -> int:
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
     dvc_file = STUDY_DIR / "dvc.yaml"
     metrics = STUDY_DIR / "metrics"
-    stages = ([(f"teacher@{key}", metrics / f"{key}.json") for key in study_plan["teachers"]]
-              + [(f"pseudo@{key}", metrics / f"pseudo-{key}.json") for key in study_plan["pseudo"]]
-              + [(f"student@{key}", metrics / f"student-{key}.json") for key in study_plan["students"]])
     # The models the recorded points were trained from, as they were (a retrained copy on
     # another CPU differs in the last bits, which would make every point downstream stale).
     stored = [SUPERVISED_ENCODER, f"{dvc_file}:encoder_random", f"{dvc_file}:pretrain",
               *sorted({p["teacher"] for p in study_plan["pseudo"].values()})]
     subprocess.call(["dvc", "pull", "--allow-missing", "-r", STORE, *stored], env=env)
     try:
-        for name, result in stages:
-            if result.is_file() and recorded(dvc_file, name, env):
+        for name, result in result_files(study_plan):
+            if (metrics / result).is_file() and recorded(dvc_file, name, env):
                 continue
             if code := subprocess.call(["dvc", "repro", f"{dvc_file}:{name}", *dvc_args], env=env):
                 return code

@@ -19,7 +19,9 @@ from pipeline.study import (
     collect,
     figure2,
     markdown,
+    measured_points,
     plan,
+    planned_points,
     recorded,
     sigma_sweep,
     update_readme,
@@ -95,8 +97,19 @@ def test_ablation_table_averages_seeds_and_adds_teacher_full_supervision_and_pse
                     table)
     assert "| + DSBN | 0.405 ± 0.005 |" in text
     (tmp_path / f"student-{next(iter(study['students']))}.json").unlink()
-    with pytest.raises(ConfigError, match="missing"):
-        ablation_table(study, tmp_path, cfg)
+    assert ablation_table(study, tmp_path, cfg)["student, plain CE"][0.1][2] == 1  # the other seed's so far
+
+
+def test_ablation_table_is_empty_until_a_student_is_trained(tmp_path):
+    cfg = StudyConfig(fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.1,
+                      teacher_steps=[10, 20], ablation_fractions=[0.1])
+    study = plan(cfg)
+    for key in study["teachers"]:
+        (tmp_path / f"{key}.json").write_text(json.dumps({"miou": 0.3}))
+    assert ablation_table(study, tmp_path, cfg) == {}
+    points = collect(study, tmp_path)
+    text = markdown(figure2(points, cfg), sigma_sweep(points, cfg), cfg, "c0ffee", {})
+    assert "(not trained yet)" in text.split("Self-training ablation")[1]
 
 
 def test_committed_plan_is_the_plan_of_the_committed_params():
@@ -133,17 +146,32 @@ def test_tables_average_over_seeds_and_keep_the_spread():
     assert "| DDeP | 0.230 ± 0.010 | 0.320 ± 0.010 |" in text and "abc123" in text
 
 
-def test_collect_reads_each_teachers_metrics_and_names_a_missing_one(tmp_path):
-    cfg = StudyConfig(fractions=[1.0], seeds=[0], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=1.0, teacher_steps=[10],
-                      ablation_fractions=[])
+def test_collect_reads_each_teachers_metrics_and_a_partial_study_reports_what_it_has(tmp_path):
+    cfg = StudyConfig(fractions=[0.5, 1.0], seeds=[0, 1], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=1.0,
+                      teacher_steps=[10, 10], ablation_fractions=[])
     study = plan(cfg)
     for i, key in enumerate(study["teachers"]):
-        (tmp_path / f"{key}.json").write_text(json.dumps({"miou": i / 10}))
+        (tmp_path / f"{key}.json").write_text(json.dumps({"miou": i / 100}))
     points = collect(study, tmp_path)
-    assert len(points) == len(study["teachers"]) == 4
-    (tmp_path / f"{next(iter(study['teachers']))}.json").unlink()
-    with pytest.raises(ConfigError, match="missing"):
-        collect(study, tmp_path)
+    assert len(points) == len(study["teachers"]) == 16
+    assert measured_points(study, tmp_path) == planned_points(study) == 16
+    full = markdown(figure2(points, cfg), sigma_sweep(points, cfg), cfg, "c0ffee", {}, (16, 16))
+    assert "Partial" not in full and "–" not in full.split("Self-training")[0]
+    # The 100% column not trained at all and one seed of DDeP at 50%: "–" and "(1 of 2 seeds)".
+    for key, teacher in study["teachers"].items():
+        if teacher["fraction"] == 1.0 or (key.startswith("ddep") and teacher["seed"] == 1):
+            (tmp_path / f"{key}.json").unlink()
+    points = collect(study, tmp_path)
+    fig2 = figure2(points, cfg)
+    assert len(points) == 7 and fig2["DDeP"][1.0][2] == 0 and fig2["DDeP"][0.5][2] == 1
+    progress = measured_points(study, tmp_path), planned_points(study)
+    text = markdown(fig2, sigma_sweep(points, cfg), cfg, "c0ffee", {}, progress)
+    assert "**Partial: 7 of 16 points measured so far**" in text
+    ddep_row = next(line for line in text.splitlines() if line.startswith("| DDeP |"))
+    assert ddep_row.endswith("(1 of 2 seeds) | – |")
+    write_outputs(fig2, sigma_sweep(points, cfg), tmp_path)
+    last = (tmp_path / "figure2.csv").read_text().splitlines()[-1].split(",")
+    assert last[0] == "1" and last[1:] == [""] * 8  # not trained: empty, not "nan" or 0
 
 
 def test_outputs_are_csvs_for_dvc_plots_and_figures(tmp_path):
@@ -160,6 +188,8 @@ def test_outputs_are_csvs_for_dvc_plots_and_figures(tmp_path):
 def test_readme_table_is_replaced_between_the_markers(tmp_path):
     readme, report = tmp_path / "README.md", tmp_path / "report.md"
     readme.write_text(f"# T\n{README_BEGIN}\nold\n{README_END}\nafter\n")
+    with pytest.raises(ConfigError, match="report.md: missing"):
+        update_readme(report, readme)
     report.write_text("| new |\n")
     update_readme(report, readme)
     assert readme.read_text() == f"# T\n{README_BEGIN}\n| new |\n{README_END}\nafter\n"
