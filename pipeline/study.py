@@ -183,8 +183,9 @@ def ablation_table(study_plan: dict, metrics_dir: Path, cfg: StudyConfig) -> dic
     rows: dict[str, dict[float, list[float]]] = {}
 
     def add(row: str, fraction: float, value: float | None) -> None:
+        cells = rows.setdefault(row, {})  # a row of the plan, measured or not yet
         if value is not None:
-            rows.setdefault(row, {}).setdefault(fraction, []).append(value)
+            cells.setdefault(fraction, []).append(value)
 
     for key, p in study_plan["pseudo"].items():
         add(f"pseudo-labels, round {p['round']}", p["fraction"], _miou(metrics_dir / f"pseudo-{key}.json"))
@@ -198,11 +199,11 @@ def ablation_table(study_plan: dict, metrics_dir: Path, cfg: StudyConfig) -> dic
             full = _miou(metrics_dir / f"{ddep}-{subset_key(1.0, seed)}.json")
             for fraction in cfg.ablation_fractions:
                 add("fully supervised (100% labels)", fraction, full)
-    if not any(row.startswith(("student", "+")) for row in rows):
+    if not any(cells for row, cells in rows.items() if row.startswith(("student", "+"))):
         return {}
     order = ["teacher (DDeP)", *[label for label, _ in ABLATION.values()], f"{ABLATION[SECOND_ROUND][0]}, 2 rounds",
              "fully supervised (100% labels)", "pseudo-labels, round 1", "pseudo-labels, round 2"]
-    return {row: {f: _stats(rows.get(row, {}).get(f, [])) for f in cfg.ablation_fractions} for row in order}
+    return {row: {f: _stats(rows[row].get(f, [])) for f in cfg.ablation_fractions} for row in order if row in rows}
 
 
 def _stats(values: list[float]) -> tuple[float, float, int]:

@@ -16,6 +16,8 @@ import torch
 import yaml
 from conftest import S3Server, free_port
 
+from pipeline.study import ABLATION, README_BEGIN, README_END
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 STAGES = ["prepare", "encoder_init", "decoder_pretrain", "teacher_finetune", "pseudo_label", "student_train",
@@ -479,3 +481,38 @@ def test_outputs_push_to_and_pull_from_a_dvc_remote_on_s3(repo, s3_endpoint):
     (repo / f".dvc/cache/files/md5/{md5[:2]}/{md5[2:]}").unlink()  # only the remote has it now
     run(["dvc", "pull", "-r", "objects", "models/teacher.pt"], repo, env=env)
     assert teacher.read_bytes() == weights
+
+
+def test_a_one_seed_study_runs_the_pipelines_stages_reports_and_resumes_from_its_lock(repo, params_file):
+    """Every kind of study stage once (averaging over seeds is unit-tested in test_study), the
+    report and its README table, then a second run that finds every point recorded."""
+    params = yaml.safe_load(params_file.read_text())
+    params["study"] = {**params["study"], "fractions": [0.5], "seeds": [0], "sigmas": [0.2], "dep_sigma": 0.2,
+                       "ddep_sigma": 0.2, "sweep_fraction": 0.5, "teacher_steps": [2], "teacher_epochs": 1,
+                       "ablation_fractions": [0.5]}
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run([sys.executable, "-m", "pipeline.cluster", "--", sys.executable, "-m", "pipeline.study"], repo,
+              timeout=1800).stdout
+    ran = ran_stages(out)
+    assert len([s for s in ran if "teacher@" in s]) == 4  # the four initialisations
+    assert len([s for s in ran if "student@" in s]) == len(ABLATION) + 1  # and a second round
+    assert {"study/dvc.yaml:encoder_random", "study/dvc.yaml:report"} <= ran
+    assert "encoder_init" not in ran  # the supervised encoder is the main pipeline's, already built
+    report = (repo / "study/report/report.md").read_text()
+    for row in ("| random init |", "| supervised encoder |", "| DeP |", "| DDeP |", "| teacher (DDeP) |",
+                "| student, plain CE |", "| + dense contrast, 2 rounds |", "| pseudo-labels, round 2 |"):
+        assert row in report
+    assert "Partial" not in report and "–" not in report
+    header = (repo / "study/report/figure2.csv").read_text().splitlines()[0]
+    assert header.startswith("fraction,random init mean")
+    assert (repo / "study/report/figure2.png").is_file() and (repo / "study/report/sigma_sweep.png").is_file()
+    plots = run(["dvc", "plots", "show", "--json"], repo).stdout
+    assert "label_efficiency" in plots and "sigma_sweep" in plots
+    run([sys.executable, "-m", "pipeline.study", "readme"], repo)
+    readme = (repo / "README.md").read_text()
+    assert readme.split(README_BEGIN)[1].split(README_END)[0].strip() == report.strip()
+    # The models of finished points gone (a fresh clone has only the lock and metrics): nothing reruns.
+    for model in (repo / "study/models").glob("teacher-*.pt"):
+        model.unlink()
+    again = run([sys.executable, "-m", "pipeline.study"], repo, timeout=600).stdout
+    assert "Running stage" not in again

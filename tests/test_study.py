@@ -98,6 +98,8 @@ def test_ablation_table_averages_seeds_and_adds_teacher_full_supervision_and_pse
     assert "| + DSBN | 0.405 ± 0.005 |" in text
     (tmp_path / f"student-{next(iter(study['students']))}.json").unlink()
     assert ablation_table(study, tmp_path, cfg)["student, plain CE"][0.1][2] == 1  # the other seed's so far
+    without_full = StudyConfig(**{**cfg.__dict__, "fractions": [0.1], "teacher_steps": [10]})
+    assert "fully supervised (100% labels)" not in ablation_table(plan(without_full), tmp_path, without_full)
 
 
 def test_ablation_table_is_empty_until_a_student_is_trained(tmp_path):
