@@ -35,8 +35,11 @@ from pipeline.data import write_text_atomic
 STUDY_DIR = Path("study")
 PLAN_FILE = STUDY_DIR / "plan.yaml"
 SUPERVISED_ENCODER = "models/encoder.pt"  # the main pipeline's encoder_init output
+PREPARED = "data/prepared"  # the main pipeline's prepare output, which every point reads
 # A DVC remote in the repository (study/store, committed) for the outputs other points are
-# trained from: the encoders, the pretrainings and the models that pseudo-label (a few MB each).
+# trained from: the prepared shards (~40 MB: another pyarrow writes other bytes, and a new
+# hash would make every point stale), the encoders, the pretrainings and the models that
+# pseudo-label (a few MB each).
 STORE = "study-store"
 RANDOM_ENCODER = "study/models/encoder-random.pt"
 
@@ -345,9 +348,9 @@ def run(study_plan: dict, dvc_args: list[str]) -> int:
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
     dvc_file = STUDY_DIR / "dvc.yaml"
     metrics = STUDY_DIR / "metrics"
-    # The models the recorded points were trained from, as they were (a retrained copy on
-    # another CPU differs in the last bits, which would make every point downstream stale).
-    stored = [SUPERVISED_ENCODER, f"{dvc_file}:encoder_random", f"{dvc_file}:pretrain",
+    # The data and models the recorded points were trained from, as they were (a retrained
+    # copy on another CPU differs in the last bits, which would make every point downstream stale).
+    stored = [PREPARED, SUPERVISED_ENCODER, f"{dvc_file}:encoder_random", f"{dvc_file}:pretrain",
               *sorted({p["teacher"] for p in study_plan["pseudo"].values()})]
     subprocess.call(["dvc", "pull", "--allow-missing", "-r", STORE, *stored], env=env)
     try:
