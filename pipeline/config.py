@@ -350,7 +350,10 @@ class StudyConfig:
     `teacher_steps[i]` steps in `teacher_epochs` epochs: the fewest steps that converged on
     the built-in data (more labels need more steps to leave the all-background plateau).
     At `ablation_fractions` the DDeP teachers also get students, one per step of the
-    self-training ablation (pipeline.study.ABLATION), and the last one a second round."""
+    self-training ablation (pipeline.study.ABLATION), and the last one a second round.
+    The DDeP pretraining is also run for `pretrain_epochs` (longer than decoder_pretrain's own
+    epochs), each with teachers at `pretrain_fractions`: is the decoder's denoising trained
+    long enough to help?"""
 
     fractions: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 1.0])
     seeds: list[int] = field(default_factory=lambda: [0, 1])
@@ -361,6 +364,8 @@ class StudyConfig:
     teacher_steps: list[int] = field(default_factory=lambda: [1000, 1000, 1000, 2000, 4000])
     teacher_epochs: int = 2
     ablation_fractions: list[float] = field(default_factory=lambda: [0.01, 0.05])  # the student ablation's
+    pretrain_epochs: list[int] = field(default_factory=lambda: [30, 60])
+    pretrain_fractions: list[float] = field(default_factory=lambda: [0.01, 0.05])
 
     def __post_init__(self) -> None:
         for name in ("fractions", "seeds", "sigmas"):
@@ -374,9 +379,13 @@ class StudyConfig:
         _require(self.sweep_fraction in self.fractions, "study.sweep_fraction",
                  f"expected one of study.fractions {self.fractions}, got {self.sweep_fraction}")
         _positive("study", teacher_epochs=self.teacher_epochs)
-        for f in self.ablation_fractions:
-            _require(f in self.fractions, "study.ablation_fractions",
-                     f"expected fractions from study.fractions {self.fractions}, got {f}")
+        for name in ("ablation_fractions", "pretrain_fractions"):
+            for f in getattr(self, name):
+                _require(f in self.fractions, f"study.{name}",
+                         f"expected fractions from study.fractions {self.fractions}, got {f}")
+        for epochs in self.pretrain_epochs:
+            _require(isinstance(epochs, int) and epochs > 0, "study.pretrain_epochs",
+                     f"expected positive whole numbers of epochs, got {epochs!r}")
         for steps in self.teacher_steps:
             _require(steps > 0 and steps % self.teacher_epochs == 0, "study.teacher_steps",
                      f"expected positive multiples of study.teacher_epochs ({self.teacher_epochs}), got {steps}")

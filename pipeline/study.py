@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline.config import PARAMS_FILE, ConfigError, StudyConfig, load_params
+from pipeline.config import PARAMS_FILE, ConfigError, DecoderPretrainConfig, StudyConfig, load_params
 from pipeline.data import write_text_atomic
 
 STUDY_DIR = Path("study")
@@ -86,21 +86,27 @@ def subset_key(fraction: float, seed: int) -> str:
     return f"f{_tag(fraction * 100)}-seed{seed}"
 
 
-def plan(cfg: StudyConfig) -> dict:
-    """Every pretraining, labeled subset and teacher the study needs, each once."""
+def plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig | None = None) -> dict:
+    """Every pretraining, labeled subset and teacher the study needs, each once. `pretraining`
+    (params.yaml's decoder_pretrain) is the length every pretraining has but the longer DDeP
+    ones of `pretrain_length`."""
+    pretraining = pretraining or DecoderPretrainConfig()
     curve_sigma = {"dep": cfg.dep_sigma, "ddep": cfg.ddep_sigma, "none": 0.0}
-    pretrain, subsets, teachers = {}, {}, {}
+    pretrain, pretrain_length, subsets, teachers = {}, {}, {}, {}
+
+    def add_teachers(key: str, fraction: float) -> None:
+        for seed in cfg.seeds:
+            subsets[subset_key(fraction, seed)] = {"fraction": float(fraction), "seed": int(seed)}
+            teachers[f"{key}-{subset_key(fraction, seed)}"] = {
+                "pretrain": key, "subset": subset_key(fraction, seed), "fraction": float(fraction), "seed": int(seed),
+                "epochs": cfg.teacher_epochs, "steps_per_epoch": cfg.steps_for(fraction) // cfg.teacher_epochs}
 
     def add(encoder: str, mode: str, sigma: float, fraction: float) -> None:
         key = pretrain_key(encoder, mode, sigma)
         pretrain[key] = {"encoder": SUPERVISED_ENCODER if encoder == "supervised" else RANDOM_ENCODER,
                          "init": encoder, "mode": mode,
                          "sigma": float(sigma if mode != "none" else cfg.ddep_sigma)}  # none: σ unused
-        for seed in cfg.seeds:
-            subsets[subset_key(fraction, seed)] = {"fraction": float(fraction), "seed": int(seed)}
-            teachers[f"{key}-{subset_key(fraction, seed)}"] = {
-                "pretrain": key, "subset": subset_key(fraction, seed), "fraction": float(fraction), "seed": int(seed),
-                "epochs": cfg.teacher_epochs, "steps_per_epoch": cfg.steps_for(fraction) // cfg.teacher_epochs}
+        add_teachers(key, fraction)
 
     for encoder, mode in CURVES.values():
         for fraction in cfg.fractions:
@@ -108,9 +114,22 @@ def plan(cfg: StudyConfig) -> dict:
     for mode, encoder in (("ddep", "supervised"), ("dep", "random")):
         for sigma in cfg.sigmas:
             add(encoder, mode, sigma, cfg.sweep_fraction)
+    # The pretraining-length check: Figure 2's DDeP again, only to record its denoising loss
+    # curve (its teachers are Figure 2's), then longer, each with teachers of its own.
+    ddep = pretrain_key("supervised", "ddep", cfg.ddep_sigma)
+    lengths = sorted({pretraining.epochs, *cfg.pretrain_epochs}) if cfg.pretrain_epochs and cfg.pretrain_fractions else []
+    for epochs in lengths:
+        key = f"{ddep}-e{epochs}"
+        pretrain_length[key] = {**pretrain[ddep], "epochs": int(epochs),
+                                "steps": int(epochs * pretraining.steps_per_epoch),
+                                "default": epochs == pretraining.epochs}
+        if epochs != pretraining.epochs:
+            for fraction in cfg.pretrain_fractions:
+                add_teachers(key, fraction)
     # Cheapest first: `run` trains them in this order, so a partial study has whole columns.
     ordered = sorted(teachers.items(), key=lambda kv: (kv[1]["fraction"], kv[1]["seed"]))
-    return {"pretrain": pretrain, "subsets": subsets, "teachers": dict(ordered), **ablation_plan(cfg)}
+    return {"pretrain": pretrain, "pretrain_length": pretrain_length, "subsets": subsets,
+            "teachers": dict(ordered), **ablation_plan(cfg)}
 
 
 def _overrides(values: dict) -> str:
@@ -141,7 +160,8 @@ def ablation_plan(cfg: StudyConfig) -> dict:
 
 
 def write_plan(params_file: str = PARAMS_FILE, path: Path = PLAN_FILE) -> dict:
-    study_plan = plan(load_params(params_file).study)
+    params = load_params(params_file)
+    study_plan = plan(params.study, params.decoder_pretrain)
     header = "# Written by `python -m pipeline.study plan` from params.yaml's `study` section.\n"
     text = header + yaml.safe_dump(study_plan, sort_keys=False)
     if not path.is_file() or path.read_text() != text:  # unchanged: keep DVC's view of it stable
@@ -159,6 +179,7 @@ class Point:
     fraction: float
     seed: int
     miou: float
+    pretrain_epochs: int | None = None  # a pretraining-length point; None: the pipeline's length
 
 
 def _miou(path: Path) -> float | None:
@@ -169,11 +190,13 @@ def _miou(path: Path) -> float | None:
 def collect(study_plan: dict, metrics_dir: Path) -> list[Point]:
     """One point per teacher of the plan that has its val metrics file."""
     points = []
+    pretrainings = {**study_plan["pretrain"], **study_plan["pretrain_length"]}
     for key, teacher in study_plan["teachers"].items():
-        pre = study_plan["pretrain"][teacher["pretrain"]]
+        pre = pretrainings[teacher["pretrain"]]
         miou = _miou(metrics_dir / f"{key}.json")
         if miou is not None:
-            points.append(Point(pre["mode"], pre["init"], pre["sigma"], teacher["fraction"], teacher["seed"], miou))
+            points.append(Point(pre["mode"], pre["init"], pre["sigma"], teacher["fraction"], teacher["seed"], miou,
+                                pre.get("epochs")))
     return points
 
 
@@ -221,15 +244,42 @@ def figure2(points: list[Point], cfg: StudyConfig) -> dict[str, dict[float, tupl
     table = {}
     for name, (init, mode) in CURVES.items():
         table[name] = {f: _stats([p.miou for p in points if (p.init, p.mode, p.fraction) == (init, mode, f)
-                                  and (mode == "none" or p.sigma == sigma[mode])]) for f in cfg.fractions}
+                                  and p.pretrain_epochs is None and (mode == "none" or p.sigma == sigma[mode])])
+                       for f in cfg.fractions}
     return table
 
 
 def sigma_sweep(points: list[Point], cfg: StudyConfig) -> dict[str, dict[float, tuple[float, float, int]]]:
     """DDeP / DeP -> σ -> (mean, std, n) of teacher val mIoU at the sweep fraction."""
     return {label: {s: _stats([p.miou for p in points if p.mode == mode and p.sigma == s
-                               and p.fraction == cfg.sweep_fraction]) for s in cfg.sigmas}
+                               and p.fraction == cfg.sweep_fraction and p.pretrain_epochs is None]) for s in cfg.sigmas}
             for label, mode in (("DDeP", "ddep"), ("DeP", "dep"))}
+
+
+def pretrain_length_table(points: list[Point], study_plan: dict, metrics_dir: Path,
+                          cfg: StudyConfig) -> dict[str, dict]:
+    """Row -> {"loss": final denoising loss (None: not trained yet), fraction: (mean, std, n)
+    of teacher val mIoU}: the supervised encoder without decoder pretraining, then DDeP at each length (the
+    pipeline's own length reads Figure 2's DDeP teachers)."""
+    def cells(keep) -> dict[float, tuple]:
+        return {f: _stats([p.miou for p in points if p.fraction == f and keep(p)]) for f in cfg.pretrain_fractions}
+
+    rows = {"supervised encoder, no decoder pretraining":
+            {**cells(lambda p: (p.init, p.mode, p.pretrain_epochs) == ("supervised", "none", None))}}
+    for key, pre in sorted(study_plan["pretrain_length"].items(), key=lambda kv: kv[1]["epochs"]):
+        epochs = None if pre["default"] else pre["epochs"]
+        rows[f"DDeP, {pre['steps']} steps" + (" (Figure 2's)" if pre["default"] else "")] = {
+            "loss": _final_loss(metrics_dir / f"pretrain-{key}.csv"),
+            **cells(lambda p: (p.mode, p.sigma, p.pretrain_epochs) == ("ddep", cfg.ddep_sigma, epochs))}
+    return rows
+
+
+def _final_loss(curve: Path) -> float | None:
+    """The last epoch's training loss of a `--curves` CSV, None while it is not trained."""
+    if not curve.is_file():
+        return None
+    header, *rows = curve.read_text().splitlines()
+    return float(rows[-1].split(",")[header.split(",").index("loss")]) if rows else None
 
 
 def _cell(stat: tuple[float, float, int], seeds: int) -> str:
@@ -241,7 +291,7 @@ def _cell(stat: tuple[float, float, int], seeds: int) -> str:
 
 
 def markdown(fig2: dict, sweep: dict, cfg: StudyConfig, commit: str, ablation: dict | None = None,
-             progress: tuple[int, int] | None = None) -> str:
+             progress: tuple[int, int] | None = None, length: dict | None = None) -> str:
     """The report's tables. `progress` = (points measured, points planned): a study still
     running says so above its tables."""
     seeds = len(cfg.seeds)
@@ -260,6 +310,15 @@ def markdown(fig2: dict, sweep: dict, cfg: StudyConfig, commit: str, ablation: d
     lines += ["", f"σ sweep at {cfg.sweep_fraction:.0%} labels:", "",
               "| pretraining | " + " | ".join(f"σ = {s:g}" for s in sigmas) + " |", "|---|" + "---|" * len(sigmas)]
     lines += [f"| {name} | " + " | ".join(_cell(row[s], seeds) for s in sigmas) + " |" for name, row in sweep.items()]
+    if length:
+        lines += ["", (f"Length of the DDeP pretraining (σ = {cfg.ddep_sigma:g}), teacher val mIoU; the loss is the "
+                       "last epoch's denoising loss, 1.0 = predicting no noise at all:"), "",
+                  "| decoder pretraining | final denoising loss | "
+                  + " | ".join(f"{f:.0%} labels" for f in cfg.pretrain_fractions) + " |",
+                  "|---|---|" + "---|" * len(cfg.pretrain_fractions)]
+        lines += [f"| {name} | {_loss_cell(row)} | "
+                  + " | ".join(_cell(row[f], seeds) for f in cfg.pretrain_fractions) + " |"
+                  for name, row in length.items()]
     lines += ["", ("Self-training ablation (student val mIoU; pseudo-label rows: mIoU of the pseudo-labels "
                    "on the images they label):"), ""]
     if ablation:
@@ -272,10 +331,18 @@ def markdown(fig2: dict, sweep: dict, cfg: StudyConfig, commit: str, ablation: d
     return "\n".join(lines) + "\n"
 
 
+def _loss_cell(row: dict) -> str:
+    if "loss" not in row:
+        return "n/a"  # no denoising pretraining
+    return "–" if row["loss"] is None else f"{row['loss']:.3f}"
+
+
 def result_files(study_plan: dict) -> list[tuple[str, str]]:
     """(study stage, its metrics file in study/metrics) for every point the plan trains, in the
-    order `run` trains them: teachers cheapest first, then the ablation."""
-    return ([(f"teacher@{key}", f"{key}.json") for key in study_plan["teachers"]]
+    order `run` trains them: the pretraining-length check's pretrainings (a loss curve each),
+    teachers cheapest first, then the ablation."""
+    return ([(f"pretrain_length@{key}", f"pretrain-{key}.csv") for key in study_plan["pretrain_length"]]
+            + [(f"teacher@{key}", f"{key}.json") for key in study_plan["teachers"]]
             + [(f"pseudo@{key}", f"pseudo-{key}.json") for key in study_plan["pseudo"]]
             + [(f"student@{key}", f"student-{key}.json") for key in study_plan["students"]])
 
@@ -333,7 +400,8 @@ def main(argv: list[str] | None = None) -> None:
         study_plan = write_plan()
     except ConfigError as err:
         sys.exit(f"error: {err}")
-    print(f"study: {len(study_plan['pretrain'])} pretrainings, {len(study_plan['subsets'])} labeled subsets, "
+    print(f"study: {len(study_plan['pretrain']) + len(study_plan['pretrain_length'])} pretrainings, "
+          f"{len(study_plan['subsets'])} labeled subsets, "
           f"{len(study_plan['teachers'])} teachers -> {PLAN_FILE}", flush=True)
     if args.command == "run":
         sys.exit(run(study_plan, args.dvc_args))
@@ -351,6 +419,7 @@ def run(study_plan: dict, dvc_args: list[str]) -> int:
     # The data and models the recorded points were trained from, as they were (a retrained
     # copy on another CPU differs in the last bits, which would make every point downstream stale).
     stored = [PREPARED, SUPERVISED_ENCODER, f"{dvc_file}:encoder_random", f"{dvc_file}:pretrain",
+              f"{dvc_file}:pretrain_length",
               *sorted({p["teacher"] for p in study_plan["pseudo"].values()})]
     subprocess.call(["dvc", "pull", "--allow-missing", "-r", STORE, *stored], env=env)
     try:

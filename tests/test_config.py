@@ -41,6 +41,8 @@ def test_wrong_type_is_named():
     ({"study": {"teacher_steps": [1000, 1000]}}, "study.teacher_steps"),
     ({"study": {"teacher_epochs": 3}}, "study.teacher_steps"),
     ({"study": {"sweep_fraction": 0.2}}, "study.sweep_fraction"),
+    ({"study": {"pretrain_fractions": [0.3]}}, "study.pretrain_fractions"),
+    ({"study": {"pretrain_epochs": [30, 0]}}, "study.pretrain_epochs"),
     ({"teacher": {"batch_size": 0}}, "teacher.batch_size"),
     ({"ray": {"num_workers": 0}}, "ray.num_workers"),
     ({"ray": {"data_uri": "shards"}}, "ray.data_uri"),

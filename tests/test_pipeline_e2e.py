@@ -489,18 +489,21 @@ def test_a_one_seed_study_runs_the_pipelines_stages_reports_and_resumes_from_its
     params = yaml.safe_load(params_file.read_text())
     params["study"] = {**params["study"], "fractions": [0.5], "seeds": [0], "sigmas": [0.2], "dep_sigma": 0.2,
                        "ddep_sigma": 0.2, "sweep_fraction": 0.5, "teacher_steps": [2], "teacher_epochs": 1,
-                       "ablation_fractions": [0.5]}
+                       "ablation_fractions": [0.5], "pretrain_fractions": [0.5],
+                       "pretrain_epochs": [params["decoder_pretrain"]["epochs"] + 1]}
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     out = run([sys.executable, "-m", "pipeline.cluster", "--", sys.executable, "-m", "pipeline.study"], repo,
               timeout=1800).stdout
     ran = ran_stages(out)
-    assert len([s for s in ran if "teacher@" in s]) == 4  # the four initialisations
+    assert len([s for s in ran if "teacher@" in s]) == 4 + 1  # the four initialisations, a longer DDeP
+    assert len([s for s in ran if "pretrain_length@" in s]) == 2  # the pipeline's length and the longer one
     assert len([s for s in ran if "student@" in s]) == len(ABLATION) + 1  # and a second round
     assert {"study/dvc.yaml:encoder_random", "study/dvc.yaml:report"} <= ran
     assert "encoder_init" not in ran  # the supervised encoder is the main pipeline's, already built
     report = (repo / "study/report/report.md").read_text()
     for row in ("| random init |", "| supervised encoder |", "| DeP |", "| DDeP |", "| teacher (DDeP) |",
-                "| student, plain CE |", "| + dense contrast, 2 rounds |", "| pseudo-labels, round 2 |"):
+                "| student, plain CE |", "| + dense contrast, 2 rounds |", "| pseudo-labels, round 2 |",
+                "| supervised encoder, no decoder pretraining | n/a |", "(Figure 2's) | 0.", "| DDeP, "):
         assert row in report
     assert "Partial" not in report and "–" not in report
     header = (repo / "study/report/figure2.csv").read_text().splitlines()[0]

@@ -36,12 +36,14 @@ def test_default_plan_covers_figure2_and_the_sweep_once_each():
     study = plan(cfg)
     # Figure 2: 4 initialisations x 5 fractions x 2 seeds; sweep: 2 modes x 5 σ x 2 seeds at 5%,
     # of which DDeP σ=0.2 and DeP σ=0.4 at 5% are already Figure 2 points.
-    assert len(study["teachers"]) == 40 + 20 - 4
+    # Pretraining length: 2 longer DDeP pretrainings x 2 fractions x 2 seeds.
+    assert len(study["teachers"]) == 40 + 20 - 4 + 8
     assert len(study["pretrain"]) == 2 + 5 + 5
     assert len(study["subsets"]) == 5 * 2
     for key in [*study["teachers"], *study["pretrain"], *study["subsets"]]:
         assert "." not in key and "@" not in key, key  # DVC stage-name safe
-    sweep = {k: t for k, t in study["teachers"].items() if t["fraction"] == cfg.sweep_fraction}
+    sweep = {k: t for k, t in study["teachers"].items()
+             if t["fraction"] == cfg.sweep_fraction and t["pretrain"] in study["pretrain"]}
     assert {study["pretrain"][t["pretrain"]]["sigma"] for t in sweep.values()
             if study["pretrain"][t["pretrain"]]["mode"] == "ddep"} == set(cfg.sigmas)
     assert study["pretrain"]["ddep-s0p2"] == {"encoder": "models/encoder.pt", "init": "supervised", "mode": "ddep",
@@ -51,7 +53,7 @@ def test_default_plan_covers_figure2_and_the_sweep_once_each():
 
 def test_teachers_train_their_fractions_steps_cheapest_first():
     cfg = StudyConfig(fractions=[0.1, 1.0], sweep_fraction=0.1, teacher_steps=[10, 40], teacher_epochs=2,
-                      ablation_fractions=[0.1])
+                      ablation_fractions=[0.1], pretrain_fractions=[])
     teachers = list(plan(cfg)["teachers"].values())
     assert [t["fraction"] for t in teachers] == sorted(t["fraction"] for t in teachers)
     assert {(t["fraction"], t["epochs"] * t["steps_per_epoch"]) for t in teachers} == {(0.1, 10), (1.0, 40)}
@@ -78,7 +80,7 @@ def test_ablation_adds_one_piece_per_row_and_a_second_round_from_the_round_one_s
 
 def test_ablation_table_averages_seeds_and_adds_teacher_full_supervision_and_pseudo_label_rows(tmp_path):
     cfg = StudyConfig(fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.1,
-                      teacher_steps=[10, 20], ablation_fractions=[0.1])
+                      teacher_steps=[10, 20], ablation_fractions=[0.1], pretrain_fractions=[])
     study = plan(cfg)
     for key in study["teachers"]:
         (tmp_path / f"{key}.json").write_text(json.dumps({"miou": 0.9 if "f100" in key else 0.3}))
@@ -104,7 +106,7 @@ def test_ablation_table_averages_seeds_and_adds_teacher_full_supervision_and_pse
 
 def test_ablation_table_is_empty_until_a_student_is_trained(tmp_path):
     cfg = StudyConfig(fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.1,
-                      teacher_steps=[10, 20], ablation_fractions=[0.1])
+                      teacher_steps=[10, 20], ablation_fractions=[0.1], pretrain_fractions=[])
     study = plan(cfg)
     for key in study["teachers"]:
         (tmp_path / f"{key}.json").write_text(json.dumps({"miou": 0.3}))
@@ -118,7 +120,55 @@ def test_committed_plan_is_the_plan_of_the_committed_params():
     from pipeline.config import load_params
 
     committed = yaml.safe_load((ROOT / "study" / "plan.yaml").read_text())
-    assert committed == plan(load_params(ROOT / "params.yaml").study)
+    params = load_params(ROOT / "params.yaml")
+    assert committed == plan(params.study, params.decoder_pretrain)
+
+
+def test_longer_pretrainings_get_their_own_teachers_and_the_default_length_only_its_loss_curve():
+    from pipeline.config import DecoderPretrainConfig
+
+    cfg = StudyConfig(pretrain_epochs=[30, 60], pretrain_fractions=[0.01])
+    study = plan(cfg, DecoderPretrainConfig(epochs=6, steps_per_epoch=50))
+    lengths = study["pretrain_length"]
+    assert [(p["epochs"], p["steps"], p["default"]) for p in lengths.values()] == [(6, 300, True), (30, 1500, False),
+                                                                                 (60, 3000, False)]
+    assert all({k: p[k] for k in ("encoder", "mode", "sigma")} == {"encoder": "models/encoder.pt", "mode": "ddep",
+                                                                    "sigma": 0.2} for p in lengths.values())
+    by_pretrain = {}
+    for key, t in study["teachers"].items():
+        by_pretrain.setdefault(t["pretrain"], []).append((t["fraction"], t["seed"]))
+    assert "ddep-s0p2-e6" not in by_pretrain  # Figure 2's DDeP teachers are that length's
+    assert by_pretrain["ddep-s0p2-e30"] == by_pretrain["ddep-s0p2-e60"] == [(0.01, 0), (0.01, 1)]
+    # The pipeline's own length is one of the longer ones: then it has no teachers of its own.
+    assert "ddep-s0p2-e30" not in {t["pretrain"] for t in plan(cfg, DecoderPretrainConfig(epochs=30))["teachers"].values()}
+
+
+def test_pretrain_length_table_reads_each_lengths_loss_and_keeps_its_teachers_out_of_figure2(tmp_path):
+    from pipeline.config import DecoderPretrainConfig
+    from pipeline.study import pretrain_length_table
+
+    cfg = StudyConfig(fractions=[0.05, 1.0], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.05, teacher_steps=[10, 10],
+                      ablation_fractions=[], pretrain_epochs=[30], pretrain_fractions=[0.05])
+    study = plan(cfg, DecoderPretrainConfig(epochs=6))
+    mious = {"supervised-f5": 0.3, "ddep-s0p2-f5": 0.2, "ddep-s0p2-e30-f5": 0.4}
+    for key in study["teachers"]:
+        stem = key.rsplit("-seed", 1)[0]
+        if stem in mious:
+            (tmp_path / f"{key}.json").write_text(json.dumps({"miou": mious[stem]}))
+    (tmp_path / "pretrain-ddep-s0p2-e30.csv").write_text("epoch,loss,lr\n1,0.9,0.1\n2,0.5,0.01\n")
+    points = collect(study, tmp_path)
+    table = pretrain_length_table(points, study, tmp_path, cfg)
+    assert list(table) == ["supervised encoder, no decoder pretraining", "DDeP, 300 steps (Figure 2's)",
+                           "DDeP, 1500 steps"]
+    assert table["DDeP, 1500 steps"]["loss"] == 0.5 and table["DDeP, 1500 steps"][0.05][:1] == (pytest.approx(0.4),)
+    assert table["DDeP, 300 steps (Figure 2's)"]["loss"] is None  # its curve not written yet
+    assert table["DDeP, 300 steps (Figure 2's)"][0.05][0] == pytest.approx(0.2)
+    assert table["supervised encoder, no decoder pretraining"][0.05][0] == pytest.approx(0.3)
+    assert figure2(points, cfg)["DDeP"][0.05][0] == pytest.approx(0.2)  # the longer pretraining is not Figure 2's
+    text = markdown(figure2(points, cfg), sigma_sweep(points, cfg), cfg, "c0ffee", {}, None, table)
+    assert "| DDeP, 1500 steps | 0.500 | 0.400 ± 0.000 |" in text
+    assert "| DDeP, 300 steps (Figure 2's) | – | 0.200 ± 0.000 |" in text
+    assert "| supervised encoder, no decoder pretraining | n/a | 0.300 ± 0.000 |" in text
 
 
 def _points(cfg: StudyConfig) -> list[Point]:
@@ -135,7 +185,7 @@ def _points(cfg: StudyConfig) -> list[Point]:
 
 def test_tables_average_over_seeds_and_keep_the_spread():
     cfg = StudyConfig(fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2, 0.4], sweep_fraction=0.1, teacher_steps=[10, 20],
-                      ablation_fractions=[0.1])
+                      ablation_fractions=[0.1], pretrain_fractions=[])
     points = _points(cfg)
     fig2 = figure2(points, cfg)
     mean, std, n = fig2["DDeP"][1.0]
@@ -150,7 +200,7 @@ def test_tables_average_over_seeds_and_keep_the_spread():
 
 def test_collect_reads_each_teachers_metrics_and_a_partial_study_reports_what_it_has(tmp_path):
     cfg = StudyConfig(fractions=[0.5, 1.0], seeds=[0, 1], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=1.0,
-                      teacher_steps=[10, 10], ablation_fractions=[])
+                      teacher_steps=[10, 10], ablation_fractions=[], pretrain_fractions=[])
     study = plan(cfg)
     for i, key in enumerate(study["teachers"]):
         (tmp_path / f"{key}.json").write_text(json.dumps({"miou": i / 100}))
@@ -178,7 +228,7 @@ def test_collect_reads_each_teachers_metrics_and_a_partial_study_reports_what_it
 
 def test_outputs_are_csvs_for_dvc_plots_and_figures(tmp_path):
     cfg = StudyConfig(fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2, 0.4], sweep_fraction=0.1, teacher_steps=[10, 20],
-                      ablation_fractions=[0.1])
+                      ablation_fractions=[0.1], pretrain_fractions=[])
     points = _points(cfg)
     write_outputs(figure2(points, cfg), sigma_sweep(points, cfg), tmp_path)
     header, *rows = (tmp_path / "figure2.csv").read_text().splitlines()
