@@ -225,7 +225,7 @@ def ablation_table(study_plan: dict, metrics_dir: Path, cfg: StudyConfig) -> dic
             full = _miou(metrics_dir / f"{ddep}-{subset_key(1.0, seed)}.json")
             for fraction in cfg.ablation_fractions:
                 add("fully supervised (100% labels)", fraction, full)
-    if not any(cells for row, cells in rows.items() if row.startswith(("student", "+"))):
+    if not any((metrics_dir / f"student-{key}.json").is_file() for key in study_plan["students"]):
         return {}
     order = ["teacher (DDeP)", *[label for label, _ in ABLATION.values()], f"{ABLATION[SECOND_ROUND][0]}, 2 rounds",
              "fully supervised (100% labels)", "pseudo-labels, round 1", "pseudo-labels, round 2"]
