@@ -39,8 +39,9 @@ import yaml
 from pipeline.config import load_params
 from pipeline.tracking import EXECUTION_TAG, PARENT_TAG, git_commit, resolve_tracking_uri
 
-STAGES = ["prepare", "encoder_init", "decoder_pretrain", "teacher_finetune", "pseudo_label", "student_train",
-          "evaluate"]
+FIRST_ROUND = "round1"  # of `self_training.rounds`: the default pipeline's one round
+STAGES = ["prepare", "encoder_init", "decoder_pretrain", "teacher_finetune", f"pseudo_label@{FIRST_ROUND}",
+          f"student_train@{FIRST_ROUND}", "evaluate"]
 BENCH_JSON = Path("reports/bench.json")
 README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 TARGETS = {"training_ratio": 0.95, "overhead_s": 6.0, "noop_repro_s": 3.0, "pipeline_s": 300.0,
@@ -68,17 +69,17 @@ def latest_stage_runs(tracking_uri: str, experiment: str) -> dict[str, dict]:
 
 
 def stage_table(runs: dict[str, dict]) -> str:
-    lines = [f"{'stage':<18}{'wall s':>8}{'loop s':>8}{'overhead s':>11}{'data s':>8}{'peak MiB':>10}"]
+    lines = [f"{'stage':<22}{'wall s':>8}{'loop s':>8}{'overhead s':>11}{'data s':>8}{'peak MiB':>10}"]
     for stage in STAGES:
         m = runs.get(stage)
         if m is None:
-            lines.append(f"{stage:<18}  (cached: not run in this execution)")
+            lines.append(f"{stage:<22}  (cached: not run in this execution)")
             continue
         cells = [f"{m[k]:.1f}" if k in m else "-" for k in ("loop_s", "overhead_s", "data_s")]
         peak = max(m.get("peak_rss_mb", 0.0), m.get("worker_peak_rss_mb", 0.0))
-        lines.append(f"{stage:<18}{m.get('wall_s', float('nan')):>8.1f}{cells[0]:>8}{cells[1]:>11}{cells[2]:>8}"
+        lines.append(f"{stage:<22}{m.get('wall_s', float('nan')):>8.1f}{cells[0]:>8}{cells[1]:>11}{cells[2]:>8}"
                      f"{peak:>10.0f}")
-    lines.append(f"{'sum of stages':<18}{sum(m.get('wall_s', 0.0) for m in runs.values()):>8.1f}")
+    lines.append(f"{'sum of stages':<22}{sum(m.get('wall_s', 0.0) for m in runs.values()):>8.1f}")
     return "\n".join(lines)
 
 
@@ -114,8 +115,9 @@ def training_commands(tmp: Path) -> dict[str, tuple[str, list[str]]]:
                                                   "--out", f"{tmp}/pretrained.pt", "--figures", f"{tmp}/figures"]),
         "teacher_finetune": ("teacher", ["--prepared", p["prepared"], "--pretrained", p["pretrained"],
                                          "--out", f"{tmp}/teacher.pt"]),
-        "student_train": ("student", ["--prepared", p["prepared"], "--pseudo", p["pseudo"], "--teacher", p["teacher"],
-                                      "--pretrained", p["pretrained"], "--out", f"{tmp}/student.pt"]),
+        "student_train": ("student", ["--prepared", p["prepared"], "--pseudo", f"{p['pseudo']}/{FIRST_ROUND}",
+                                      "--teacher", p["teacher"], "--pretrained", p["pretrained"],
+                                      "--out", f"{tmp}/student.pt"]),
     }
 
 

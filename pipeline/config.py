@@ -328,6 +328,35 @@ class StudentConfig(FinetuneConfig):
                   dense_contrast_points=self.dense_contrast_points, projection_dim=self.projection_dim)
 
 
+ROUND_TEACHER = "teacher"  # round 1 learns from the fine-tuned teacher
+
+
+def default_rounds() -> dict[str, str]:
+    return {"round1": ROUND_TEACHER}
+
+
+@dataclass
+class SelfTrainingConfig:
+    """The self-training rounds, each a `pseudo_label` and a `student_train` stage of its own:
+    round name -> the model whose pseudo-labels it learns from. `round2: round1` adds a round in
+    which round 1's student is the teacher. A mapping rather than a count because DVC's
+    `foreach` can only range over a list or a mapping, and a round's stage must name the
+    model before it; no stage depends on this section, so adding a round reruns none of the
+    earlier ones."""
+
+    rounds: dict[str, str] = field(default_factory=default_rounds)
+
+    def __post_init__(self) -> None:
+        expected = {f"round{k}": ROUND_TEACHER if k == 1 else f"round{k - 1}" for k in range(1, len(self.rounds) + 1)}
+        _require(bool(self.rounds) and dict(self.rounds) == expected and list(self.rounds) == list(expected),
+                 "self_training.rounds", "expected round1: teacher, then round2: round1, round3: round2, … "
+                 f"(each round learns from the one before), got {dict(self.rounds)}")
+
+    @property
+    def last(self) -> str:
+        return list(self.rounds)[-1]
+
+
 @dataclass
 class EvaluateConfig:
     """`evaluate`: metrics and figures on the val split; the student is registered in
@@ -444,6 +473,7 @@ class Params:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
+    self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -459,12 +489,19 @@ class Params:
                                             f"{workers} workers an image; use a batch of at least {workers}")
 
 
+# Mappings taken whole from params.yaml: `dvc.yaml` ranges over them as written.
+WHOLE_MAPPINGS = ("self_training.rounds",)
+
+
 def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
     """Validate a params mapping against `Params`; errors name `source` and the key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Params), raw)
+        for key in WHOLE_MAPPINGS:  # as written, not merged into the default (which DVC never sees)
+            if (value := OmegaConf.select(OmegaConf.create(raw), key, default=None)) is not None:
+                OmegaConf.update(merged, key, value, merge=False)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"

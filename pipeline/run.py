@@ -43,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         dvc_file = yaml.safe_load((root / "dvc.yaml").read_text())
         metrics = root / dvc_file["vars"][0]["paths"]["metrics"]
-        summary = finish_execution(params, root, execution, list(dvc_file["stages"]), metrics, code)
+        # DVC's names for the stages, each `foreach` instance (`student_train@round1`) on its own.
+        stages = subprocess.run(["dvc", "stage", "list", "--name-only"], capture_output=True, text=True,
+                                check=True).stdout.split()
+        summary = finish_execution(params, root, execution, stages, metrics, code)
         if summary:
             print(summary, file=sys.stderr)
     return code

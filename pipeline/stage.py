@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -121,11 +122,20 @@ def stage_parser(description: str | None, training: bool = False) -> argparse.Ar
     return parser
 
 
+def dvc_stage_name(script_stage: str) -> str:
+    """`student_train@round2` when DVC runs this script as that instance of a `foreach` stage
+    (DVC names the running stage in `DVC_STAGE`), so each round is its own MLflow run and Ray
+    Train job; otherwise the script's own stage name."""
+    running = os.environ.get("DVC_STAGE", "").rpartition(":")[2]
+    return running if running.startswith(f"{script_stage}@") else script_stage
+
+
 @contextmanager
 def stage(name: str, sections: list[str], prepared: Path | None = None,
           params_file: str = "params.yaml", overrides: list[str] = (),
           curves: Path | None = None, plain: bool = False) -> Iterator[StageContext]:
     """Run a stage body inside its MLflow run; logs wall time and prints the summary line."""
+    name = dvc_stage_name(name)
     try:
         params = load_params(params_file, overrides)
         ctx = StageContext(name, params, Path.cwd(), curves=curves, plain=plain)

@@ -115,6 +115,12 @@ def _parent_run(client, experiment_id: str, execution: str, commit: str, root: P
     return run.info.run_id
 
 
+def stage_tag(stage: str) -> str:
+    """The parent run's tag for a stage: `stage.student_train/round1` for DVC's
+    `student_train@round1` (MLflow keys may not hold `@`)."""
+    return f"stage.{stage.replace('@', '/')}"
+
+
 def finish_execution(params: Params, root: Path, execution: str, stages: list[str], metrics_file: Path,
                      returncode: int) -> str | None:
     """Close an execution's parent run: tag the stages that did not run as `cached` (or `not
@@ -132,10 +138,10 @@ def finish_execution(params: Params, root: Path, execution: str, stages: list[st
     if not parent:
         return None
     tags = parent.data.tags
-    ran = [s for s in stages if tags.get(f"stage.{s}") == "ran"]
+    ran = [s for s in stages if tags.get(stage_tag(s)) == "ran"]
     for name in stages:  # after a failure, DVC may never have reached them
         if name not in ran:
-            client.set_tag(parent.info.run_id, f"stage.{name}", "cached" if returncode == 0 else "not run")
+            client.set_tag(parent.info.run_id, stage_tag(name), "cached" if returncode == 0 else "not run")
     if returncode == 0 and metrics_file.is_file():
         scores = json.loads(metrics_file.read_text())
         stamp = int(time.time() * 1000)
@@ -173,7 +179,7 @@ def stage_run(stage: str, params: Params, sections: list[str], root: Path) -> It
     for section in sections:
         flat |= flatten(section, section_dict(params, section))
     log_params(client, run_id, flat)
-    client.set_tag(parent, f"stage.{stage}", "ran")
+    client.set_tag(parent, stage_tag(stage), "ran")
     try:
         with mlflow.start_run(run_id=run_id):
             yield run_id

@@ -1,15 +1,18 @@
-"""DVC stage `evaluate`: teacher and student on val — mIoU, per-class IoU, pixel accuracy, figures
-(a Ray Data pipeline with `ray.inference_actors` replicas of both models)."""
+"""DVC stage `evaluate`: the teacher and every self-training round's student on val — mIoU,
+per-class IoU, pixel accuracy, figures (a Ray Data pipeline with `ray.inference_actors` replicas
+of the models). The last round's student is `student`: it is exported and registered."""
 
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 
 import mlflow
 
 from pipeline.checkpoints import SEGMENTER, load_weights
-from pipeline.data import read_manifest, write_text_atomic
+from pipeline.config import ROUND_TEACHER
+from pipeline.data import read_manifest, staged, write_text_atomic
 from pipeline.figures import confusion_figure, per_class_bars, prediction_grid
 from pipeline.formats import palette_for
 from pipeline.inference import confusion_and_samples, ray_predictions
@@ -30,18 +33,20 @@ def per_class_csv(scores: dict, classes: list[str]) -> str:
 def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--prepared", type=Path, required=True)
-    parser.add_argument("--teacher", type=Path, required=True)
-    parser.add_argument("--student", type=Path, required=True)
+    parser.add_argument("--rounds", type=Path, required=True,
+                        help="folder of the self-training rounds' models: teacher.pt, round1.pt, …")
+    parser.add_argument("--student", type=Path, required=True, help="export the last round's student here")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON (a DVC metric)")
     parser.add_argument("--per-class", type=Path, required=True, help="per-class IoU CSV (a DVC plot)")
     parser.add_argument("--figures", type=Path, required=True)
     args = parser.parse_args()
-    with stage("evaluate", ["evaluate", "model"], args.prepared, overrides=args.overrides) as ctx:
-        cfg, model = ctx.params.evaluate, ctx.params.model
+    with stage("evaluate", ["evaluate", "model", "self_training"], args.prepared, overrides=args.overrides) as ctx:
+        cfg, model, last = ctx.params.evaluate, ctx.params.model, ctx.params.self_training.last
         manifest = read_manifest(args.prepared)
         classes = manifest["classes"]
-        models = {"teacher": load_weights(args.teacher, SEGMENTER, model, classes),
-                  "student": load_weights(args.student, SEGMENTER, model, classes)}
+        files = {name: args.rounds / f"{name}.pt" for name in [ROUND_TEACHER, *ctx.params.self_training.rounds]}
+        models = {("student" if name == last else name): load_weights(path, SEGMENTER, model, classes)
+                  for name, path in files.items()}
         predictions = ray_predictions(models, model, len(classes), args.prepared / "val", ["id", "image", "mask"],
                                       cfg.batch_size, False, ctx.params.ray)
         confusion, samples = confusion_and_samples(predictions, list(models), len(classes), cfg.grid_images)
@@ -60,6 +65,8 @@ def main() -> None:
             mlflow.log_metrics({f"{name}_miou": s["miou"], f"{name}_pixel_accuracy": s["pixel_accuracy"]})
             mlflow.log_metrics({f"{name}_iou.{c}": v for c, v in s["per_class_iou"].items()})
             ctx.summary[f"{name}_miou"] = s["miou"]
+        with staged(args.student) as tmp:
+            shutil.copyfile(files[last], tmp)
         if cfg.registered_model:
             from pipeline.registry import register_segmenter
 

@@ -32,7 +32,7 @@ def test_every_entry_point_has_help(entry):
 
 STAGE_OPTIONS = {"--prepared": "p", "--out": "o", "--teacher": "t.pt", "--student": "s.pt", "--encoder": "e.pt",
                  "--pretrained": "w.pt", "--pseudo": "q", "--metrics": "m.json", "--per-class": "c.csv",
-                 "--figures": "f", "--fraction": "0.5", "--seed": "0", "--plan": "plan.yaml"}
+                 "--figures": "f", "--fraction": "0.5", "--seed": "0", "--plan": "plan.yaml", "--rounds": "r"}
 
 
 @pytest.mark.parametrize("script", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "stages").glob("*.py")))

@@ -140,5 +140,22 @@ def test_each_stage_depends_only_on_its_sections():
     for name, stage in stages.items():
         params = stage.get("params", [])
         assert "ray" not in params and "mlflow" not in params, name
-    assert stages["student_train"]["params"] == ["student", "model"]
+    assert stages["student_train"]["do"]["params"] == ["student", "model"]
     assert "student" not in stages["evaluate"]["params"]
+    # Adding a round must not rerun the rounds before it: no round depends on the rounds.
+    assert all("self_training" not in stages[name]["do"]["params"] for name in ("pseudo_label", "student_train"))
+
+
+def test_the_rounds_are_a_chain_each_learning_from_the_one_before():
+    rounds = {"round1": "teacher", "round2": "round1", "round3": "round2"}
+    config = parse_params({"self_training": {"rounds": rounds}}).self_training
+    assert config.rounds == rounds and config.last == "round3"
+    assert parse_params({}).self_training.rounds == {"round1": "teacher"}
+
+
+@pytest.mark.parametrize("rounds", [{}, {"round2": "round1"}, {"round1": "teacher", "round2": "teacher"},
+                                    {"round1": "teacher", "round3": "round2"}, {"round2": "round1", "round1": "teacher"}])
+def test_rounds_that_do_not_chain_name_the_key(rounds):
+    # Taken as written: DVC ranges over params.yaml's mapping, never over a merge with the default.
+    with pytest.raises(ConfigError, match=r"self_training.rounds: expected round1: teacher, then round2: round1"):
+        parse_params({"self_training": {"rounds": rounds}})

@@ -18,12 +18,16 @@ import yaml
 from conftest import S3Server, free_port
 
 from pipeline.study import ABLATION, README_BEGIN, README_END
+from pipeline.tracking import stage_tag
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-STAGES = ["prepare", "encoder_init", "decoder_pretrain", "teacher_finetune", "pseudo_label", "student_train",
-          "evaluate"]
-TRAINING = ["encoder_init", "decoder_pretrain", "teacher_finetune", "student_train"]
+STAGES = ["prepare", "encoder_init", "decoder_pretrain", "teacher_finetune", "pseudo_label@round1",
+          "student_train@round1", "evaluate"]
+TRAINING = ["encoder_init", "decoder_pretrain", "teacher_finetune", "student_train@round1"]
+CURVES = {"encoder_init": "encoder_init", "decoder_pretrain": "decoder_pretrain",
+          "teacher_finetune": "teacher_finetune", "student_train@round1": "student_train-round1"}
+TEACHER = "models/rounds/teacher.pt"
 COPY_IGNORE = shutil.ignore_patterns(".venv", ".git", "data", "models", "reports", "ray_results", "mlflow.db",
                                      "mlartifacts", "cache", "tmp", "__pycache__", ".pytest_cache", "dvc.lock",
                                      "metrics", "report", "figures", "store")
@@ -171,15 +175,18 @@ def same_weights(a: dict, b: dict) -> bool:
 
 
 def test_every_output_and_the_metrics_exist(repo):
-    for path in ["data/prepared/manifest.json", "models/encoder.pt", "models/pretrained.pt", "models/teacher.pt",
-                 "models/student.pt", "reports/per_class_iou.csv", "reports/figures/predictions.png",
-                 "reports/figures/confusion_teacher.png", "reports/figures/per_class_iou.png",
-                 "reports/decoder_pretrain/denoising_triplets.png", "reports/pseudo_label/pseudo_labels.png"]:
+    for path in ["data/prepared/manifest.json", "models/encoder.pt", "models/pretrained.pt", TEACHER,
+                 "models/rounds/round1.pt", "models/student.pt", "reports/per_class_iou.csv",
+                 "reports/figures/predictions.png", "reports/figures/confusion_teacher.png",
+                 "reports/figures/per_class_iou.png", "reports/decoder_pretrain/denoising_triplets.png",
+                 "reports/pseudo_label/round1/pseudo_labels.png"]:
         assert (repo / path).is_file(), path
     for stage in TRAINING:
-        curve = (repo / f"reports/curves/{stage}.csv").read_text().splitlines()
+        curve = (repo / f"reports/curves/{CURVES[stage]}.csv").read_text().splitlines()
         assert curve[0].startswith("epoch,") and "loss" in curve[0] and len(curve) >= 2, stage
-    assert list((repo / "data/pseudo").glob("*.parquet"))
+    assert list((repo / "data/pseudo/round1").glob("*.parquet"))
+    # The exported student is the last round's.
+    assert (repo / "models/student.pt").read_bytes() == (repo / "models/rounds/round1.pt").read_bytes()
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     for role in ("teacher", "student"):
         assert 0.0 <= metrics[role]["miou"] <= 1.0
@@ -195,7 +202,7 @@ def test_mlflow_has_one_parent_and_a_child_run_per_stage(repo, mlflow_server):
     assert parent["info"]["status"] == "FINISHED"
     assert {"data.seed", "student.lr", "ray.num_workers"} <= set(params_of(parent))
     assert tags_of(parent)["data.manifest_hash"] and tags_of(parent)["git.commit"] != "unknown"
-    assert all(tags_of(parent)[f"stage.{s}"] == "ran" for s in STAGES)
+    assert all(tags_of(parent)[stage_tag(s)] == "ran" for s in STAGES)
     children = children_of(mlflow_server, parent)
     assert sorted(children) == sorted(STAGES)
     for stage, child in children.items():
@@ -226,7 +233,7 @@ def test_repeat_repro_runs_nothing(repo):
 
 def test_a_forced_rerun_reproduces_every_weight_and_metric(repo):
     """Same params and seeds on CPU: the same bits."""
-    models = sorted((repo / "models").glob("*.pt"))
+    models = sorted((repo / "models").rglob("*.pt"))
     before = {p.name: torch.load(p, weights_only=True)["state_dict"] for p in models}
     metrics = (repo / "reports/metrics.json").read_text()
     run(["dvc", "repro", "--force"], repo, timeout=1500)
@@ -253,12 +260,12 @@ def test_a_second_repro_is_refused_while_one_runs(repo):
 def test_a_repro_killed_at_any_moment_reruns_to_a_correct_result(repo, seconds):
     """SIGKILL to the whole process tree (dvc, the stage, its Ray) part-way through the last
     three stages; the next `dvc repro` reruns what did not finish and nothing else."""
-    killed = start(["dvc", "repro", "--force", "--downstream", "pseudo_label"], repo)
+    killed = start(["dvc", "repro", "--force", "--downstream", "pseudo_label@round1"], repo)
     time.sleep(seconds)
     os.killpg(killed.pid, 9)
     killed.wait()
     out = run(["dvc", "repro"], repo, timeout=900).stdout
-    assert ran_stages(out) <= {"pseudo_label", "student_train", "evaluate"}
+    assert ran_stages(out) <= {"pseudo_label@round1", "student_train@round1", "evaluate"}
     assert stale_stages(repo) == set()
     assert run(["dvc", "status", "dvc.yaml"], repo).stdout.strip().endswith("Data and pipelines are up to date.")
     metrics = json.loads((repo / "reports/metrics.json").read_text())
@@ -271,22 +278,52 @@ def test_a_student_change_reruns_two_stages_and_mlflow_compares_the_runs(repo, p
     run(["git", "-c", "user.email=t@localhost", "-c", "user.name=t", "commit", "-qm", "first run"], repo)
     lr = yaml.safe_load(params_file.read_text())["student"]["lr"]
     edit_params(params_file, "student", "lr", lr * 0.5)
-    assert stale_stages(repo) == {"student_train"}
+    assert stale_stages(repo) == {"student_train@round1"}
     result = run([sys.executable, "-m", "pipeline.run"], repo, timeout=900)
-    assert ran_stages(result.stdout) == {"student_train", "evaluate"}
+    assert ran_stages(result.stdout) == {"student_train@round1", "evaluate"}
     first, second = [r for r in search_runs(mlflow_server, "tags.`pipeline.parent` = 'true'")
                      if r["info"]["status"] == "FINISHED"][-2:]
     assert float(params_of(first)["student.lr"]) == lr and float(params_of(second)["student.lr"]) == lr * 0.5
     assert {k for k in params_of(first) if params_of(first)[k] != params_of(second).get(k)} == {"student.lr"}
     assert "student_miou" in metrics_of(second)
-    assert sorted(children_of(mlflow_server, second)) == ["evaluate", "student_train"]
+    assert sorted(children_of(mlflow_server, second)) == ["evaluate", "student_train@round1"]
     tags = tags_of(second)
-    assert [s for s in STAGES if tags[f"stage.{s}"] == "cached"] == STAGES[:5]
-    assert f"MLflow run {second['info']['run_id']}: ran student_train, evaluate" in result.stderr
+    assert [s for s in STAGES if tags[stage_tag(s)] == "cached"] == STAGES[:5]
+    assert f"MLflow run {second['info']['run_id']}: ran student_train@round1, evaluate" in result.stderr
     plots = json.loads(run(["dvc", "plots", "diff", "HEAD", "--json"], repo).stdout)["data"]
     for plot in ("training_loss", "student_iou_per_class"):
         assert {rev for entry in plots[plot] for rev in entry["revisions"]} == {"HEAD", "workspace"}, plot
-    assert plots["reports/pseudo_label/pseudo_labels.png"] and plots["reports/figures/per_class_iou.png"]
+    assert plots["reports/pseudo_label/round1/pseudo_labels.png"] and plots["reports/figures/per_class_iou.png"]
+
+
+def test_rounds_that_do_not_chain_are_refused_with_the_key_named(repo, params_file):
+    edit_params(params_file, "self_training", "rounds", {"round1": "teacher", "round2": "teacher"})
+    result = subprocess.run(["dvc", "repro"], cwd=repo, env=repo_env(repo), capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "self_training.rounds: expected round1: teacher, then round2: round1" in result.stdout + result.stderr
+    assert not (repo / "data/pseudo/round2").exists() and not (repo / "models/rounds/round2.pt").exists()
+
+
+def test_a_second_round_learns_from_the_first_and_reruns_nothing_before_it(repo, params_file, mlflow_server):
+    """`round2: round1` in params.yaml: two new stages, the round-1 student as their teacher,
+    each its own MLflow run; round 1 and everything before it stay cached."""
+    rounds = {"round1": "teacher", "round2": "round1"}
+    edit_params(params_file, "self_training", "rounds", rounds)
+    edges = set(re.findall(r'"([^"]+)" -> "([^"]+)"', run(["dvc", "dag", "--dot", "evaluate"], repo).stdout))
+    assert {("student_train@round1", "pseudo_label@round2"), ("pseudo_label@round2", "student_train@round2"),
+            ("student_train@round2", "evaluate"), ("student_train@round1", "student_train@round2")} <= edges
+    result = run([sys.executable, "-m", "pipeline.run"], repo, timeout=900)
+    assert ran_stages(result.stdout) == {"pseudo_label@round2", "student_train@round2", "evaluate"}
+    parent = search_runs(mlflow_server, "tags.`pipeline.parent` = 'true'")[-1]
+    children = children_of(mlflow_server, parent)
+    assert sorted(children) == ["evaluate", "pseudo_label@round2", "student_train@round2"]
+    assert "pseudo_miou" in metrics_of(children["pseudo_label@round2"])
+    assert tags_of(parent)[stage_tag("student_train@round1")] == "cached"
+    assert {"round1_miou", "student_miou", "teacher_miou"} <= set(metrics_of(parent))
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert list(metrics) == ["teacher", "round1", "student"]
+    assert (repo / "models/student.pt").read_bytes() == (repo / "models/rounds/round2.pt").read_bytes()
+    assert "round1" in (repo / "reports/per_class_iou.csv").read_text().splitlines()[0]
 
 
 def test_sigma_change_starts_at_decoder_pretrain(repo, params_file):
@@ -326,10 +363,10 @@ def test_ray_and_mlflow_sections_never_invalidate_the_cache(repo, params_file):
 def test_two_ray_workers_train_and_export_one_model(repo, params_file, mlflow_server):
     edit_params(params_file, "ray", "num_workers", 2)
     edit_params(params_file, "ray", "cpus_per_worker", 1)
-    before = (repo / "models/teacher.pt").stat().st_mtime_ns
+    before = (repo / TEACHER).stat().st_mtime_ns
     out = run(["dvc", "repro", "--force", "--single-item", "teacher_finetune"], repo, timeout=600)
     assert "world_size=2" in out.stdout + out.stderr
-    assert (repo / "models/teacher.pt").stat().st_mtime_ns > before
+    assert (repo / TEACHER).stat().st_mtime_ns > before
     latest = search_runs(mlflow_server, "tags.`dvc.stage` = 'teacher_finetune'")[-1]
     assert metrics_of(latest)["world_size"] == 2
     assert metrics_of(latest)["replica_weight_spread"] == 0.0  # DDP kept the two copies identical
@@ -464,7 +501,7 @@ def test_workers_read_shards_and_keep_checkpoints_in_s3_and_an_interrupted_stage
               timeout=600).stdout
     assert "resumed from the checkpoint of epoch" in out and "epoch 6/6" in out
     assert not [key for key in s3_keys(s3_endpoint, "ray/") if "/checkpoint_" in key]
-    inference = run(["dvc", "repro", "--force", "--single-item", "pseudo_label"], repo, env=env, timeout=600)
+    inference = run(["dvc", "repro", "--force", "--single-item", "pseudo_label@round1"], repo, env=env, timeout=600)
     assert f"read from s3://{BUCKET}/shards" in inference.stdout + inference.stderr
 
 
@@ -472,15 +509,15 @@ def test_outputs_push_to_and_pull_from_a_dvc_remote_on_s3(repo, s3_endpoint):
     run(["dvc", "remote", "add", "--local", "-f", "objects", f"s3://{BUCKET}/dvc"], repo)
     run(["dvc", "remote", "modify", "--local", "objects", "endpointurl", s3_endpoint.url], repo)
     env = s3_endpoint.env
-    run(["dvc", "push", "-r", "objects", "models/teacher.pt"], repo, env=env)
+    run(["dvc", "push", "-r", "objects", TEACHER], repo, env=env)
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    md5 = next(o["md5"] for o in lock["stages"]["teacher_finetune"]["outs"] if o["path"] == "models/teacher.pt")
+    md5 = next(o["md5"] for o in lock["stages"]["teacher_finetune"]["outs"] if o["path"] == TEACHER)
     assert f"dvc/files/md5/{md5[:2]}/{md5[2:]}" in s3_keys(s3_endpoint, "dvc/")
-    teacher = repo / "models/teacher.pt"
+    teacher = repo / TEACHER
     weights = teacher.read_bytes()
     teacher.unlink()
     (repo / f".dvc/cache/files/md5/{md5[:2]}/{md5[2:]}").unlink()  # only the remote has it now
-    run(["dvc", "pull", "-r", "objects", "models/teacher.pt"], repo, env=env)
+    run(["dvc", "pull", "-r", "objects", TEACHER], repo, env=env)
     assert teacher.read_bytes() == weights
 
 

@@ -39,3 +39,22 @@ def test_no_secret_from_the_environment_reaches_mlflow(project, monkeypatch):
     logged = [*run.data.params.items(), *run.data.tags.items(), *parent.data.params.items(), *parent.data.tags.items()]
     assert len(parent.data.params) > 100  # the whole params.yaml
     assert not [(k, v) for k, v in logged for secret in secrets.values() if secret in f"{k}={v}"]
+
+
+@pytest.mark.parametrize("running, expected", [
+    ("student_train@round2", "student_train@round2"),       # a round of the main pipeline
+    ("dvc.yaml:student_train@round2", "student_train@round2"),
+    ("study/dvc.yaml:student@dsbn-f5-seed0-r1", "student_train"),  # another stage running this script
+    ("", "student_train"),                                  # not run by DVC
+])
+def test_each_round_is_an_mlflow_run_of_its_own_name(project, monkeypatch, running, expected):
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("DVC_STAGE", running)
+    with stage("student_train", ["student"]) as ctx:
+        run_id = ctx.run_id
+    assert ctx.name == expected
+    run = MlflowClient().get_run(run_id)
+    assert run.info.run_name == expected and run.data.tags["dvc.stage"] == expected
+    parent = MlflowClient().get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags[f"stage.{expected.replace('@', '/')}"] == "ran"
