@@ -232,6 +232,25 @@ def ablation_table(study_plan: dict, metrics_dir: Path, cfg: StudyConfig) -> dic
     return {row: {f: _stats(rows[row].get(f, [])) for f in cfg.ablation_fractions} for row in order if row in rows}
 
 
+def per_class_table(study_plan: dict, metrics_dir: Path, cfg: StudyConfig) -> dict[str, dict[str, tuple]]:
+    """Figure 2's teachers at the sweep fraction, per class: curve -> class -> (mean, std, n) of
+    val IoU. Where the initialisations' mIoU differ: which classes, not only how much."""
+    sigma = {"dep": cfg.dep_sigma, "ddep": cfg.ddep_sigma}
+    table = {}
+    for name, (init, mode) in CURVES.items():
+        values: dict[str, list[float]] = {}
+        for key, teacher in study_plan["teachers"].items():
+            pre = study_plan["pretrain"].get(teacher["pretrain"])  # the pretraining-length teachers are not Figure 2's
+            path = metrics_dir / f"{key}.json"
+            if (pre is None or (pre["init"], pre["mode"]) != (init, mode) or teacher["fraction"] != cfg.sweep_fraction
+                    or (mode != "none" and pre["sigma"] != sigma[mode]) or not path.is_file()):
+                continue
+            for cls, iou in json.loads(path.read_text())["per_class_iou"].items():
+                values.setdefault(cls, []).append(iou)
+        table[name] = {cls: _stats(ious) for cls, ious in values.items()}
+    return table
+
+
 def _stats(values: list[float]) -> tuple[float, float, int]:
     if not values:
         return float("nan"), float("nan"), 0
@@ -291,7 +310,8 @@ def _cell(stat: tuple[float, float, int], seeds: int) -> str:
 
 
 def markdown(fig2: dict, sweep: dict, cfg: StudyConfig, commit: str, ablation: dict | None = None,
-             progress: tuple[int, int] | None = None, length: dict | None = None) -> str:
+             progress: tuple[int, int] | None = None, length: dict | None = None,
+             per_class: dict | None = None) -> str:
     """The report's tables. `progress` = (points measured, points planned): a study still
     running says so above its tables."""
     seeds = len(cfg.seeds)
@@ -319,6 +339,12 @@ def markdown(fig2: dict, sweep: dict, cfg: StudyConfig, commit: str, ablation: d
         lines += [f"| {name} | {_loss_cell(row)} | "
                   + " | ".join(_cell(row[f], seeds) for f in cfg.pretrain_fractions) + " |"
                   for name, row in length.items()]
+    classes = list(dict.fromkeys(c for row in (per_class or {}).values() for c in row))
+    if classes:
+        lines += ["", f"Per-class val IoU of the teachers above at {cfg.sweep_fraction:.0%} labels:", "",
+                  "| class | " + " | ".join(per_class) + " |", "|---|" + "---|" * len(per_class)]
+        lines += [f"| {c} | " + " | ".join(_cell(row.get(c, (0.0, 0.0, 0)), seeds) for row in per_class.values()) + " |"
+                  for c in classes]
     lines += ["", ("Self-training ablation (student val mIoU; pseudo-label rows: mIoU of the pseudo-labels "
                    "on the images they label):"), ""]
     if ablation:

@@ -8,8 +8,8 @@ import yaml
 
 from pipeline.data import write_text_atomic
 from pipeline.stage import stage, stage_parser
-from pipeline.study import (ablation_table, collect, figure2, markdown, measured_points, planned_points,
-                            pretrain_length_table, sigma_sweep, write_outputs)
+from pipeline.study import (ablation_table, collect, figure2, markdown, measured_points, per_class_table,
+                            planned_points, pretrain_length_table, sigma_sweep, write_outputs)
 from pipeline.tracking import git_commit
 
 
@@ -29,7 +29,8 @@ def main() -> None:
         progress = measured_points(study_plan, args.metrics), planned_points(study_plan)
         length = pretrain_length_table(points, study_plan, args.metrics, cfg)
         write_text_atomic(args.out / "report.md",
-                          markdown(fig2, sweep, cfg, git_commit(ctx.root), ablation, progress, length))
+                          markdown(fig2, sweep, cfg, git_commit(ctx.root), ablation, progress, length,
+                                   per_class_table(study_plan, args.metrics, cfg)))
         mlflow.log_artifacts(str(args.out), "study")
         ctx.summary |= {"points": progress[0], "planned": progress[1],
                         **{f"{name} {f:g}": row[f][0] for name, row in fig2.items() for f in (min(row),)

@@ -281,3 +281,25 @@ def test_a_recorded_point_is_skipped_without_its_models_and_rerun_when_anything_
     assert recorded(dvc_file, "done", env)
     dvc_file.write_text(dvc_file.read_text().replace("cp data.txt", "cp -p data.txt", 1))
     assert not recorded(dvc_file, "done", env)
+
+
+def test_per_class_table_averages_figure2_teachers_at_the_sweep_fraction_by_class(tmp_path):
+    from pipeline.config import DecoderPretrainConfig
+    from pipeline.study import per_class_table
+
+    cfg = StudyConfig(fractions=[0.05, 1.0], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.05, teacher_steps=[10, 10],
+                      ablation_fractions=[], pretrain_epochs=[30], pretrain_fractions=[0.05])
+    study = plan(cfg, DecoderPretrainConfig(epochs=6))
+    for key, teacher in study["teachers"].items():
+        digit = 0.2 + 0.1 * teacher["seed"] + (0.5 if "e30" in key else 0.0) + (0.01 if teacher["fraction"] == 1.0 else 0)
+        (tmp_path / f"{key}.json").write_text(json.dumps({"miou": 0.5, "per_class_iou": {"background": 0.9,
+                                                                                         "digit": digit}}))
+    (tmp_path / "ddep-s0p2-f5-seed1.json").unlink()  # one seed of DDeP so far
+    table = per_class_table(study, tmp_path, cfg)
+    assert list(table) == ["random init", "supervised encoder", "DeP", "DDeP"]
+    mean, std, n = table["supervised encoder"]["digit"]
+    assert (mean, std, n) == (pytest.approx(0.25), pytest.approx(0.05), 2)  # 5% only: not 100%, not the 30-epoch DDeP
+    assert table["DDeP"]["digit"] == (pytest.approx(0.2), 0.0, 1)
+    text = markdown(figure2([], cfg), sigma_sweep([], cfg), cfg, "c0ffee", {}, None, None, table)
+    assert "| class | random init | supervised encoder | DeP | DDeP |" in text
+    assert "| digit | 0.250 ± 0.050 | 0.250 ± 0.050 | 0.250 ± 0.050 | 0.200 (1 of 2 seeds) |" in text
