@@ -343,8 +343,9 @@ def markdown(fig2: dict, sweep: dict, cfg: StudyConfig, commit: str, ablation: d
     if classes:
         lines += ["", f"Per-class val IoU of the teachers above at {cfg.sweep_fraction:.0%} labels:", "",
                   "| class | " + " | ".join(per_class) + " |", "|---|" + "---|" * len(per_class)]
-        lines += [f"| {c} | " + " | ".join(_cell(row.get(c, (0.0, 0.0, 0)), seeds) for row in per_class.values()) + " |"
-                  for c in classes]
+        # "n/a": a class no teacher of the row predicted and no val pixel holds (it is not in its mIoU).
+        lines += [f"| {c} | " + " | ".join(("–" if not row else _cell(row[c], seeds) if c in row else "n/a")
+                                          for row in per_class.values()) + " |" for c in classes]
     lines += ["", ("Self-training ablation (student val mIoU; pseudo-label rows: mIoU of the pseudo-labels "
                    "on the images they label):"), ""]
     if ablation:

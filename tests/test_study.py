@@ -295,6 +295,9 @@ def test_per_class_table_averages_figure2_teachers_at_the_sweep_fraction_by_clas
         (tmp_path / f"{key}.json").write_text(json.dumps({"miou": 0.5, "per_class_iou": {"background": 0.9,
                                                                                          "digit": digit}}))
     (tmp_path / "ddep-s0p2-f5-seed1.json").unlink()  # one seed of DDeP so far
+    for seed in (0, 1):  # DeP not trained yet; random init never saw or predicted a digit
+        (tmp_path / f"dep-s0p2-f5-seed{seed}.json").unlink()
+        (tmp_path / f"random-f5-seed{seed}.json").write_text(json.dumps({"per_class_iou": {"background": 0.9}}))
     table = per_class_table(study, tmp_path, cfg)
     assert list(table) == ["random init", "supervised encoder", "DeP", "DDeP"]
     mean, std, n = table["supervised encoder"]["digit"]
@@ -302,4 +305,5 @@ def test_per_class_table_averages_figure2_teachers_at_the_sweep_fraction_by_clas
     assert table["DDeP"]["digit"] == (pytest.approx(0.2), 0.0, 1)
     text = markdown(figure2([], cfg), sigma_sweep([], cfg), cfg, "c0ffee", {}, None, None, table)
     assert "| class | random init | supervised encoder | DeP | DDeP |" in text
-    assert "| digit | 0.250 ± 0.050 | 0.250 ± 0.050 | 0.250 ± 0.050 | 0.200 (1 of 2 seeds) |" in text
+    assert "| digit | n/a | 0.250 ± 0.050 | – | 0.200 (1 of 2 seeds) |" in text
+    assert "| background | 0.900 ± 0.000 | 0.900 ± 0.000 | – | 0.900 (1 of 2 seeds) |" in text
