@@ -23,7 +23,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -180,11 +180,17 @@ class Point:
     seed: int
     miou: float
     pretrain_epochs: int | None = None  # a pretraining-length point; None: the pipeline's length
+    per_class_iou: dict[str, float] = field(default_factory=dict)
+
+
+def _metrics(path: Path) -> dict | None:
+    """A point's val metrics, or None while it has not been trained (a study still running)."""
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _miou(path: Path) -> float | None:
-    """A point's val mIoU, or None while it has not been trained (a study still running)."""
-    return json.loads(path.read_text())["miou"] if path.is_file() else None
+    metrics = _metrics(path)
+    return None if metrics is None else metrics["miou"]
 
 
 def collect(study_plan: dict, metrics_dir: Path) -> list[Point]:
@@ -193,10 +199,10 @@ def collect(study_plan: dict, metrics_dir: Path) -> list[Point]:
     pretrainings = {**study_plan["pretrain"], **study_plan["pretrain_length"]}
     for key, teacher in study_plan["teachers"].items():
         pre = pretrainings[teacher["pretrain"]]
-        miou = _miou(metrics_dir / f"{key}.json")
-        if miou is not None:
-            points.append(Point(pre["mode"], pre["init"], pre["sigma"], teacher["fraction"], teacher["seed"], miou,
-                                pre.get("epochs")))
+        metrics = _metrics(metrics_dir / f"{key}.json")
+        if metrics is not None:
+            points.append(Point(pre["mode"], pre["init"], pre["sigma"], teacher["fraction"], teacher["seed"],
+                                metrics["miou"], pre.get("epochs"), metrics.get("per_class_iou", {})))
     return points
 
 
@@ -232,21 +238,16 @@ def ablation_table(study_plan: dict, metrics_dir: Path, cfg: StudyConfig) -> dic
     return {row: {f: _stats(rows[row].get(f, [])) for f in cfg.ablation_fractions} for row in order if row in rows}
 
 
-def per_class_table(study_plan: dict, metrics_dir: Path, cfg: StudyConfig) -> dict[str, dict[str, tuple]]:
+def per_class_table(points: list[Point], cfg: StudyConfig) -> dict[str, dict[str, tuple]]:
     """Figure 2's teachers at the sweep fraction, per class: curve -> class -> (mean, std, n) of
     val IoU. Where the initialisations' mIoU differ: which classes, not only how much."""
-    sigma = {"dep": cfg.dep_sigma, "ddep": cfg.ddep_sigma}
     table = {}
     for name, (init, mode) in CURVES.items():
         values: dict[str, list[float]] = {}
-        for key, teacher in study_plan["teachers"].items():
-            pre = study_plan["pretrain"].get(teacher["pretrain"])  # the pretraining-length teachers are not Figure 2's
-            path = metrics_dir / f"{key}.json"
-            if (pre is None or (pre["init"], pre["mode"]) != (init, mode) or teacher["fraction"] != cfg.sweep_fraction
-                    or (mode != "none" and pre["sigma"] != sigma[mode]) or not path.is_file()):
-                continue
-            for cls, iou in json.loads(path.read_text())["per_class_iou"].items():
-                values.setdefault(cls, []).append(iou)
+        for p in points:
+            if _on_curve(p, init, mode, cfg) and p.fraction == cfg.sweep_fraction:
+                for cls, iou in p.per_class_iou.items():
+                    values.setdefault(cls, []).append(iou)
         table[name] = {cls: _stats(ious) for cls, ious in values.items()}
     return table
 
@@ -259,13 +260,17 @@ def _stats(values: list[float]) -> tuple[float, float, int]:
 
 def figure2(points: list[Point], cfg: StudyConfig) -> dict[str, dict[float, tuple[float, float, int]]]:
     """curve -> fraction -> (mean, std, n) of teacher val mIoU."""
+    return {name: {f: _stats([p.miou for p in points if _on_curve(p, init, mode, cfg) and p.fraction == f])
+                   for f in cfg.fractions}
+            for name, (init, mode) in CURVES.items()}
+
+
+def _on_curve(p: Point, init: str, mode: str, cfg: StudyConfig) -> bool:
+    """A teacher of Figure 2's curve (init, mode): the pipeline's pretraining length, and for a
+    pretrained decoder the σ Figure 2 uses for that mode."""
     sigma = {"dep": cfg.dep_sigma, "ddep": cfg.ddep_sigma}
-    table = {}
-    for name, (init, mode) in CURVES.items():
-        table[name] = {f: _stats([p.miou for p in points if (p.init, p.mode, p.fraction) == (init, mode, f)
-                                  and p.pretrain_epochs is None and (mode == "none" or p.sigma == sigma[mode])])
-                       for f in cfg.fractions}
-    return table
+    return ((p.init, p.mode) == (init, mode) and p.pretrain_epochs is None
+            and (mode == "none" or p.sigma == sigma[mode]))
 
 
 def sigma_sweep(points: list[Point], cfg: StudyConfig) -> dict[str, dict[float, tuple[float, float, int]]]:

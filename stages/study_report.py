@@ -30,7 +30,7 @@ def main() -> None:
         length = pretrain_length_table(points, study_plan, args.metrics, cfg)
         write_text_atomic(args.out / "report.md",
                           markdown(fig2, sweep, cfg, git_commit(ctx.root), ablation, progress, length,
-                                   per_class_table(study_plan, args.metrics, cfg)))
+                                   per_class_table(points, cfg)))
         mlflow.log_artifacts(str(args.out), "study")
         ctx.summary |= {"points": progress[0], "planned": progress[1],
                         **{f"{name} {f:g}": row[f][0] for name, row in fig2.items() for f in (min(row),)

@@ -297,8 +297,9 @@ def test_per_class_table_averages_figure2_teachers_at_the_sweep_fraction_by_clas
     (tmp_path / "ddep-s0p2-f5-seed1.json").unlink()  # one seed of DDeP so far
     for seed in (0, 1):  # DeP not trained yet; random init never saw or predicted a digit
         (tmp_path / f"dep-s0p2-f5-seed{seed}.json").unlink()
-        (tmp_path / f"random-f5-seed{seed}.json").write_text(json.dumps({"per_class_iou": {"background": 0.9}}))
-    table = per_class_table(study, tmp_path, cfg)
+        (tmp_path / f"random-f5-seed{seed}.json").write_text(json.dumps({"miou": 0.9,
+                                                                          "per_class_iou": {"background": 0.9}}))
+    table = per_class_table(collect(study, tmp_path), cfg)
     assert list(table) == ["random init", "supervised encoder", "DeP", "DDeP"]
     mean, std, n = table["supervised encoder"]["digit"]
     assert (mean, std, n) == (pytest.approx(0.25), pytest.approx(0.05), 2)  # 5% only: not 100%, not the 30-epoch DDeP
