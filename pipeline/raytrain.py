@@ -114,6 +114,7 @@ def launch(stage: str, builder: str, job: JobConfig, datasets: dict[str, tuple[l
     from ray.train.torch import TorchTrainer
 
     init_ray(ray_cfg)
+    ray_connected_at = time.time()
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = False
     # Ray Data's V2 Parquet reader lists files in a task and provisions footer-reader actors:
@@ -138,7 +139,18 @@ def launch(stage: str, builder: str, job: JobConfig, datasets: dict[str, tuple[l
     with result.checkpoint.as_directory() as ckpt_dir:
         state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)
     result.filesystem.delete_dir(result.path)
-    return state, dict(result.metrics or {})
+    return state, {**(result.metrics or {}), "ray_connected_at": ray_connected_at}
+
+
+def job_phases(launched_at: float, metrics: dict, returned_at: float) -> dict[str, float]:
+    """Where a Ray Train job's seconds outside the training loop go, from the wall-clock marks
+    of the driver (`launch` called, Ray connected, result back) and of rank 0 (its function
+    entered, first epoch started, last report done; the same clock on one machine)."""
+    return {"ray_connect_s": metrics["ray_connected_at"] - launched_at,
+            "job_start_s": metrics["worker_started_at"] - metrics["ray_connected_at"],
+            "worker_setup_s": metrics["loop_started_at"] - metrics["worker_started_at"],
+            "report_s": metrics["report_seconds"],
+            "job_end_s": returned_at - metrics["loop_ended_at"]}
 
 
 # --------------------------------------------------------------------------- worker side
@@ -148,13 +160,13 @@ def _train_worker(config: dict) -> None:
     torchvision) run on this one: the read tasks run in other processes, on the other cores."""
     from concurrent.futures import ThreadPoolExecutor
 
+    started_at = time.time()
     with ThreadPoolExecutor(1) as pool:
-        started = time.perf_counter()
         loading = pool.submit(lambda: {name: load_shard(name) for name in config["datasets"]})
         from pipeline.training import train_worker
 
         data = loading.result()
-    train_worker(config["builder"], config["job"], data, time.perf_counter() - started)
+    train_worker(config["builder"], config["job"], data, started_at, time.time() - started_at)
 
 
 def _threads_and_seed(job: JobConfig, rank: int) -> torch.Generator:
@@ -177,6 +189,7 @@ class WorkerSetup:
     tracking_uri: str | None
     in_ray: bool = True
     data_seconds: float = 0.0  # loading this worker's shards into memory
+    started_at: float = 0.0  # wall clock when this worker's train function was entered
 
     @classmethod
     def from_job(cls, job: JobConfig) -> WorkerSetup:
@@ -260,10 +273,12 @@ def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: C
         setup.log_metrics({"resumed_at_epoch": start_epoch}, start_epoch)
         if setup.rank == 0:
             print(f"resumed from the checkpoint of epoch {start_epoch}/{epochs}", flush=True)
+    timeline = {"worker_started_at": setup.started_at, "loop_started_at": time.time(), "report_seconds": 0.0}
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
         totals = train_steps(model, optimizer, scheduler, step, steps, setup.device)
         loop_seconds += time.perf_counter() - started
+        reporting = time.perf_counter()
         metrics = {k: v / steps for k, v in totals.items()}
         metrics |= {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[-1], "loop_seconds": loop_seconds,
                     "world_size": setup.world_size, "data_seconds": setup.data_seconds,
@@ -276,7 +291,13 @@ def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: C
             print(f"epoch {epoch + 1}/{epochs} {losses} ({loop_seconds:.0f}s in the loop)", flush=True)
         state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "epoch": epoch + 1, "loop_seconds": loop_seconds}
-        report(metrics, state if setup.rank == 0 else None)
+        # Logging, checkpoints and the report barrier are not training: timed apart from the loop
+        # (the last report falls after `loop_ended_at`, in the job's end).
+        timeline["report_seconds"] += time.perf_counter() - reporting
+        marks = timeline | {"loop_ended_at": time.time()}
+        reporting = time.perf_counter()
+        report(metrics | marks, state if setup.rank == 0 else None)
+        timeline["report_seconds"] += time.perf_counter() - reporting
 
 
 def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, step: Callable[[], dict],

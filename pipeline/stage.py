@@ -25,13 +25,14 @@ class StageContext:
     curves: Path | None = None  # where train() writes the per-epoch metrics (CSV, a DVC plot)
     plain: bool = False  # train in this process without Ray (the benchmark's baseline)
     summary: dict = field(default_factory=dict)
+    trained_at: float | None = None  # wall clock when the Ray Train job returned
 
     @property
-    def wall_seconds(self) -> float:
-        """Since the process started: the interpreter and the imports count too."""
+    def started_at(self) -> float:
+        """When the process started: the interpreter and the imports count too."""
         import psutil
 
-        return time.time() - psutil.Process().create_time()
+        return psutil.Process().create_time()
 
     def train(self, builder: str, job, datasets: dict, inputs: list[Path]) -> dict:
         """Train `training.BUILDERS[builder]` as this stage's Ray Train job (or, with `plain`,
@@ -49,9 +50,13 @@ class StageContext:
 
             state, metrics = plain_train(builder, job, datasets)
         else:
-            from pipeline.raytrain import launch
+            from pipeline.raytrain import job_phases, launch
 
+            launched_at = time.time()
+            self.summary["startup_s"] = launched_at - self.started_at
             state, metrics = launch(self.name, builder, job, datasets, self.params.ray, inputs)
+            self.trained_at = time.time()
+            self.summary |= job_phases(launched_at, metrics, self.trained_at)
         if self.curves is not None:
             from pipeline.data import write_text_atomic
             from pipeline.tracking import metric_history_csv
@@ -151,7 +156,10 @@ def stage(name: str, sections: list[str], prepared: Path | None = None,
                 from pipeline.data import write_text_atomic
 
                 write_text_atomic(ctx.curves, "epoch\n")
-            ctx.summary["wall_s"] = ctx.wall_seconds
+            now = time.time()
+            ctx.summary["wall_s"] = now - ctx.started_at
+            if ctx.trained_at is not None:  # after the Ray job: curves, outputs, scores, MLflow
+                ctx.summary["finish_s"] = now - ctx.trained_at
             ctx.summary["peak_rss_mb"] = peak_rss_mb()
             if "loop_s" in ctx.summary:
                 ctx.summary["overhead_s"] = ctx.summary["wall_s"] - ctx.summary["loop_s"]

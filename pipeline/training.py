@@ -272,11 +272,11 @@ BUILDERS: dict[str, Callable[[JobConfig, dict, WorkerSetup], Trainable]] = {
 }
 
 
-def train_worker(builder: str, job: JobConfig, data: dict, data_seconds: float) -> None:
-    """The Ray Train loop of every stage: the stage's parts over this worker's shards (loaded
-    in `data_seconds`), then the epochs."""
+def train_worker(builder: str, job: JobConfig, data: dict, started_at: float, data_seconds: float) -> None:
+    """The Ray Train loop of every stage, entered at `started_at`: the stage's parts over this
+    worker's shards (loaded in `data_seconds`), then the epochs."""
     setup = WorkerSetup.from_job(job)
-    setup.data_seconds = data_seconds
+    setup.started_at, setup.data_seconds = started_at, data_seconds
     parts = BUILDERS[builder](job, data, setup)
     run_epochs(parts.model, parts.optimizer, parts.step, job.train, setup)
 

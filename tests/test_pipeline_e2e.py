@@ -17,6 +17,7 @@ import torch
 import yaml
 from conftest import S3Server, free_port
 
+from pipeline.bench import PHASES
 from pipeline.study import ABLATION, README_BEGIN, README_END
 from pipeline.tracking import stage_tag
 
@@ -209,7 +210,10 @@ def test_mlflow_has_one_parent_and_a_child_run_per_stage(repo, mlflow_server):
         assert tags_of(child)["git.commit"] != "unknown" and tags_of(child)["data.manifest_hash"]
         assert child["info"]["status"] == "FINISHED", stage
     for stage in TRAINING:
-        assert {"loss", "loop_seconds", "wall_s", "overhead_s"} <= set(metrics_of(children[stage])), stage
+        metrics = metrics_of(children[stage])
+        assert {"loss", "loop_seconds", "wall_s", "overhead_s"} <= set(metrics), stage
+        # The overhead, phase by phase, adds up (`make bench`'s table shows where it goes).
+        assert sum(metrics[phase] for phase in PHASES) == pytest.approx(metrics["overhead_s"], abs=0.1), stage
         assert any(p.startswith("model.") for p in params_of(children[stage]))
     assert {"teacher_miou", "student_miou"} <= set(metrics_of(children["evaluate"]))
     assert {"teacher_miou", "student_miou"} <= set(metrics_of(parent))

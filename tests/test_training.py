@@ -1,3 +1,5 @@
+import time
+
 import pytest
 import torch
 
@@ -87,7 +89,7 @@ def test_the_plain_baseline_trains_exactly_what_the_ray_train_job_trains(labeled
     import ray
 
     from pipeline.config import RayConfig, TeacherConfig
-    from pipeline.raytrain import JobConfig, launch
+    from pipeline.raytrain import JobConfig, job_phases, launch
     from pipeline.training import plain_train
 
     torch.manual_seed(0)
@@ -96,10 +98,17 @@ def test_the_plain_baseline_trains_exactly_what_the_ray_train_job_trains(labeled
     datasets = {"labeled": ([labeled_split], ["image", "mask"])}
     plain_state, plain_metrics = plain_train("teacher", job, datasets)
     try:
+        launched_at = time.time()
         ray_state, ray_metrics = launch("teacher_finetune", "teacher", job, datasets,
                                         RayConfig(cpus_per_worker=1, storage_path=str(tmp_path / "ray")), [labeled_split])
+        returned_at = time.time()
     finally:
         ray.shutdown()
+    # The overhead's phases and the loop account for the whole job, each phase in its place.
+    phases = job_phases(launched_at, ray_metrics, returned_at)
+    assert all(seconds >= 0 for seconds in phases.values()), phases
+    assert sum(phases.values()) + ray_metrics["loop_seconds"] == pytest.approx(returned_at - launched_at, abs=0.05)
+    assert phases["job_start_s"] > 1  # Ray Train's controller and worker group: seconds, not nothing
     assert plain_state["model"].keys() == ray_state["model"].keys()
     assert all(torch.equal(plain_state["model"][k], ray_state["model"][k]) for k in plain_state["model"])
     assert plain_metrics["loop_seconds"] > 0 and plain_metrics["data_seconds"] >= 0
