@@ -244,7 +244,8 @@ def inference_figures(params) -> dict:
                 prepared / split, columns, batch, params.pseudo.flip_tta, ray_cfg), names[0], confusion))
             elapsed = time.perf_counter() - started
             figures[label], figures[f"{label}_first_row_s"] = images / elapsed, first_row_s
-            # Once running: the rows after the first batch over the time after it (start-up left out).
+            # Once running: the rows after the first batch over the time after it (start-up left out;
+            # with one actor the batches come one after another, so this is its steady rate).
             figures[f"{label}_after_start"] = max(0, images - batch) / max(elapsed - first_row_s, 1e-9)
             ray.shutdown()  # the next pool size gets a fresh local Ray of its own size
         figures["ratio"] = figures["ray_1_actor"] / figures["plain"]
@@ -298,7 +299,7 @@ def markdown(fig: dict) -> str:
                      f"{f['ray_1_actor_first_row_s']:.1f} s; after it {f['ray_1_actor_after_start']:.0f} images/s) | ≥ {t['inference_ratio']} | "
                      f"{ok(f['ratio'] >= t['inference_ratio'])} |")
         lines.append(f"| {stage}: 2 actors × half the threads, images/s | {f['ray_2_actors']:.0f} (first row after "
-                     f"{f['ray_2_actors_first_row_s']:.1f} s; after it {f['ray_2_actors_after_start']:.0f}) | | |")
+                     f"{f['ray_2_actors_first_row_s']:.1f} s) | | |")
     two = fig["training"].get("teacher_finetune", {}).get("two_workers_images_per_s")
     if two:
         one = fig["training"]["teacher_finetune"]["ray"]["images_per_s"]
