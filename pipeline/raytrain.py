@@ -145,7 +145,11 @@ def launch(stage: str, builder: str, job: JobConfig, datasets: dict[str, tuple[l
 def job_phases(launched_at: float, metrics: dict, returned_at: float) -> dict[str, float]:
     """Where a Ray Train job's seconds outside the training loop go, from the wall-clock marks
     of the driver (`launch` called, Ray connected, result back) and of rank 0 (its function
-    entered, first epoch started, last report done; the same clock on one machine)."""
+    entered, first epoch started, last report done; the same clock on one machine). Empty when
+    the job trained nothing itself (relaunched after its last epoch's checkpoint): its marks,
+    if any, are an earlier launch's."""
+    if metrics.get("worker_started_at", 0.0) < launched_at:
+        return {}
     return {"ray_connect_s": metrics["ray_connected_at"] - launched_at,
             "job_start_s": metrics["worker_started_at"] - metrics["ray_connected_at"],
             "worker_setup_s": metrics["loop_started_at"] - metrics["worker_started_at"],

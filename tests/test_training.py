@@ -109,6 +109,7 @@ def test_the_plain_baseline_trains_exactly_what_the_ray_train_job_trains(labeled
     assert all(seconds >= 0 for seconds in phases.values()), phases
     assert sum(phases.values()) + ray_metrics["loop_seconds"] == pytest.approx(returned_at - launched_at, abs=0.05)
     assert phases["job_start_s"] > 1  # Ray Train's controller and worker group: seconds, not nothing
+    assert job_phases(returned_at, ray_metrics, returned_at + 1) == {}  # a relaunch that trained nothing itself
     assert plain_state["model"].keys() == ray_state["model"].keys()
     assert all(torch.equal(plain_state["model"][k], ray_state["model"][k]) for k in plain_state["model"])
     assert plain_metrics["loop_seconds"] > 0 and plain_metrics["data_seconds"] >= 0
