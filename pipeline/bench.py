@@ -47,6 +47,8 @@ README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 # A training stage's overhead, in the order it is spent (pipeline.stage and raytrain.job_phases).
 PHASES = {"startup_s": "start-up", "ray_connect_s": "Ray connect", "job_start_s": "job start",
           "worker_setup_s": "worker setup", "report_s": "reports", "job_end_s": "job end", "finish_s": "finish"}
+# The per-stage table's columns after the wall time, in the terminal and in the README alike.
+STAGE_COLUMNS = {"loop_s": "in the loop s", "overhead_s": "overhead s", **PHASES, "data_s": "data load s"}
 TARGETS = {"training_ratio": 0.95, "overhead_s": 6.0, "noop_repro_s": 3.0, "pipeline_s": 300.0,
            "inference_ratio": 0.9}
 
@@ -72,15 +74,14 @@ def latest_stage_runs(tracking_uri: str, experiment: str) -> dict[str, dict]:
 
 
 def stage_table(runs: dict[str, dict]) -> str:
-    columns = {"loop_s": "loop s", "overhead_s": "overhead s", **PHASES, "data_s": "data s"}
-    lines = [f"{'stage':<22}{'wall s':>8}" + "".join(f"{title:>{len(title) + 2}}" for title in columns.values())
+    lines = [f"{'stage':<22}{'wall s':>8}" + "".join(f"{title:>{len(title) + 2}}" for title in STAGE_COLUMNS.values())
              + f"{'peak MiB':>10}"]
     for stage in STAGES:
         m = runs.get(stage)
         if m is None:
             lines.append(f"{stage:<22}  (cached: not run in this execution)")
             continue
-        cells = "".join(f"{f'{m[k]:.1f}' if k in m else '-':>{len(title) + 2}}" for k, title in columns.items())
+        cells = "".join(f"{f'{m[k]:.1f}' if k in m else '-':>{len(title) + 2}}" for k, title in STAGE_COLUMNS.items())
         peak = max(m.get("peak_rss_mb", 0.0), m.get("worker_peak_rss_mb", 0.0))
         lines.append(f"{stage:<22}{m.get('wall_s', float('nan')):>8.1f}{cells}{peak:>10.0f}")
     lines.append(f"{'sum of stages':<22}{sum(m.get('wall_s', 0.0) for m in runs.values()):>8.1f}")
@@ -269,12 +270,12 @@ def markdown(fig: dict) -> str:
     ok = lambda good: "met" if good else "**missed**"  # noqa: E731
     lines = [f"Measured {fig['date']} at commit `{fig['commit'][:10]}` on {fig['machine']} by "
              "`make bench` (`reports/bench.json`).", "",
-             "| stage | wall s | in the loop s | overhead s | " + " | ".join(PHASES.values())
-             + " | data load s | peak MiB |", "|---|" + "---:|" * (len(PHASES) + 5)]
+             "| stage | wall s | " + " | ".join(STAGE_COLUMNS.values()) + " | peak MiB |",
+             "|---|" + "---:|" * (len(STAGE_COLUMNS) + 2)]
     for stage in STAGES:
         m = fig["pipeline"]["stages"].get(stage, {})
         cells = " | ".join(f"{m[key]:.1f}" if key in m else "–"
-                           for key in ("wall_s", "loop_s", "overhead_s", *PHASES, "data_s"))
+                           for key in ("wall_s", *STAGE_COLUMNS))
         peak = max(m.get("peak_rss_mb", 0.0), m.get("worker_peak_rss_mb", 0.0))
         lines.append(f"| {stage} | {cells} | {peak:.0f} |")
     overheads = [m["overhead_s"] for m in fig["pipeline"]["stages"].values() if "overhead_s" in m]

@@ -29,11 +29,11 @@ def shared_ray(ray_cfg: RayConfig | None) -> Iterator[dict]:
         return
     import ray
 
-    from pipeline.raytrain import local_ray_options
+    from pipeline.raytrain import LOCAL_TRAIN_ENV, local_ray_options
 
     context = ray.init(**local_ray_options(ray_cfg), log_to_driver=False)
     try:
-        yield {**os.environ, "RAY_ADDRESS": context.address_info["gcs_address"]}
+        yield {**LOCAL_TRAIN_ENV, **os.environ, "RAY_ADDRESS": context.address_info["gcs_address"]}
     finally:
         ray.shutdown()
 

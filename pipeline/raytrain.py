@@ -32,6 +32,11 @@ STATE_FILE = "state.pt"
 # waits for the poll at every state change, and the metrics need a dashboard we do not start.
 # Environment variables of the same name win.
 _TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_METRICS_ENABLED": "0"}
+# On a Ray this pipeline starts itself, on one machine, no node can be preempted: Ray Train's
+# preemption watcher would only be one more actor process per stage (~1.2 s of CPU to start,
+# while the worker imports torch) and a poller beside the training loop. A cluster keeps it.
+# The stage's driver passes these on to Ray Train's controller and workers.
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 # --------------------------------------------------------------------------- driver side
@@ -73,6 +78,8 @@ def init_ray(ray_cfg: RayConfig) -> None:
     if address:
         ray.init(address=address, **job_options)
     else:
+        for key, value in LOCAL_TRAIN_ENV.items():  # values already set win
+            os.environ.setdefault(key, value)
         ray.init(**local_ray_options(ray_cfg), **job_options)
 
 
@@ -272,17 +279,17 @@ def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: C
     """
     epochs, steps = train.epochs, train.steps_per_epoch
     scheduler = warmup_cosine(optimizer, epochs * steps)
-    start_epoch, loop_seconds = restore(model, optimizer, scheduler)
+    start_epoch, restored_seconds = restore(model, optimizer, scheduler)
     if start_epoch:  # a relaunch or a restarted worker group: visible in the log and the MLflow run
         setup.log_metrics({"resumed_at_epoch": start_epoch}, start_epoch)
         if setup.rank == 0:
             print(f"resumed from the checkpoint of epoch {start_epoch}/{epochs}", flush=True)
-    timeline = {"worker_started_at": setup.started_at, "loop_started_at": time.time(), "report_seconds": 0.0}
+    timeline = {"worker_started_at": setup.started_at, "loop_started_at": time.time()}
+    loop_seconds = restored_seconds  # in the training steps, over every launch
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
         totals = train_steps(model, optimizer, scheduler, step, steps, setup.device)
         loop_seconds += time.perf_counter() - started
-        reporting = time.perf_counter()
         metrics = {k: v / steps for k, v in totals.items()}
         metrics |= {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[-1], "loop_seconds": loop_seconds,
                     "world_size": setup.world_size, "data_seconds": setup.data_seconds,
@@ -295,13 +302,13 @@ def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: C
             print(f"epoch {epoch + 1}/{epochs} {losses} ({loop_seconds:.0f}s in the loop)", flush=True)
         state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "epoch": epoch + 1, "loop_seconds": loop_seconds}
-        # Logging, checkpoints and the report barrier are not training: timed apart from the loop
-        # (the last report falls after `loop_ended_at`, in the job's end).
-        timeline["report_seconds"] += time.perf_counter() - reporting
-        marks = timeline | {"loop_ended_at": time.time()}
-        reporting = time.perf_counter()
+        # Everything since the loop started that was not a training step (logging, checkpoints, the
+        # earlier report barriers) is reporting; this epoch's report falls after the mark, and the
+        # last one is part of the job's end.
+        now = time.time()
+        outside_steps = now - timeline["loop_started_at"] - (loop_seconds - restored_seconds)
+        marks = timeline | {"loop_ended_at": now, "report_seconds": outside_steps}
         report(metrics | marks, state if setup.rank == 0 else None)
-        timeline["report_seconds"] += time.perf_counter() - reporting
 
 
 def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, step: Callable[[], dict],

@@ -16,6 +16,13 @@ from pathlib import Path
 from pipeline.config import ConfigError, Params, load_params
 
 
+def process_started_at() -> float:
+    """When this process started: a stage's interpreter and imports count in its time too."""
+    import psutil
+
+    return psutil.Process().create_time()
+
+
 @dataclass
 class StageContext:
     name: str
@@ -26,13 +33,7 @@ class StageContext:
     plain: bool = False  # train in this process without Ray (the benchmark's baseline)
     summary: dict = field(default_factory=dict)
     trained_at: float | None = None  # wall clock when the Ray Train job returned
-
-    @property
-    def started_at(self) -> float:
-        """When the process started: the interpreter and the imports count too."""
-        import psutil
-
-        return psutil.Process().create_time()
+    started_at: float = field(default_factory=process_started_at)  # read once
 
     def train(self, builder: str, job, datasets: dict, inputs: list[Path]) -> dict:
         """Train `training.BUILDERS[builder]` as this stage's Ray Train job (or, with `plain`,

@@ -102,6 +102,9 @@ def test_the_plain_baseline_trains_exactly_what_the_ray_train_job_trains(labeled
         ray_state, ray_metrics = launch("teacher_finetune", "teacher", job, datasets,
                                         RayConfig(cpus_per_worker=1, storage_path=str(tmp_path / "ray")), [labeled_split])
         returned_at = time.time()
+        # On the Ray a stage starts for itself, Ray Train starts no preemption watcher (one machine).
+        actor_classes = {actor["ActorClassName"] for actor in ray._private.state.actors().values()}
+        assert "RayTrainWorker" in actor_classes and "PreemptionWatcher" not in actor_classes, actor_classes
     finally:
         ray.shutdown()
     # The overhead's phases and the loop account for the whole job, each phase in its place.
