@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", choices=["readme"], help="readme: write reports/bench.json's table into README.md")
     parser.add_argument("--report", action="store_true", help="only print the latest execution's per-stage table")
-    parser.add_argument("--steps", type=int, default=60, help="training steps per side-by-side run (default 60)")
+    parser.add_argument("--steps", type=int, default=200, help="training steps per side-by-side run (default 200)")
     parser.add_argument("--repeats", type=int, default=2, help="side-by-side runs per training stage (median)")
     parser.add_argument("--json", type=Path, default=BENCH_JSON, help=f"where to write the figures (default {BENCH_JSON})")
     args = parser.parse_args(argv)

@@ -7,5 +7,7 @@ import logging
 def quiet_worker_logs() -> None:
     """Without a dashboard, Ray Train's placement-group cleaner cannot reach the State API and
     warns about it every second for the whole job; it still does its work, so only its own
-    logger is turned down."""
+    logger is turned down. Ray Data says (at INFO) that it logs one dataset at a time when a
+    worker reads its datasets side by side, as ours do."""
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    logging.getLogger("ray.data._internal.logging").setLevel(logging.WARNING)

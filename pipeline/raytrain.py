@@ -167,16 +167,17 @@ def job_phases(launched_at: float, metrics: dict, returned_at: float) -> dict[st
 # --------------------------------------------------------------------------- worker side
 
 def _train_worker(config: dict) -> None:
-    """Load this worker's shards in a thread while the models' imports (seconds of timm and
-    torchvision) run on this one: the read tasks run in other processes, on the other cores."""
+    """Load this worker's shards while the models' imports (seconds of timm and torchvision) run
+    on this thread: each dataset in a thread of its own, since most of a small dataset's load is
+    Ray Data starting its execution, and the read tasks run in other processes."""
     from concurrent.futures import ThreadPoolExecutor
 
     started_at = time.time()
-    with ThreadPoolExecutor(1) as pool:
-        loading = pool.submit(lambda: {name: load_shard(name) for name in config["datasets"]})
+    with ThreadPoolExecutor(len(config["datasets"])) as pool:
+        loading = {name: pool.submit(load_shard, name) for name in config["datasets"]}
         from pipeline.training import train_worker
 
-        data = loading.result()
+        data = {name: future.result() for name, future in loading.items()}
     train_worker(config["builder"], config["job"], data, started_at, time.time() - started_at)
 
 
