@@ -19,6 +19,26 @@ from contextlib import contextmanager
 
 from pipeline.config import PARAMS_FILE, RayConfig, load_params
 
+# On a Ray this pipeline starts itself, on one machine, no node can be preempted: Ray Train's
+# preemption watcher would only be one more actor process per stage (~1.2 s of CPU to start,
+# while the worker imports torch) and a poller beside the training loop. A cluster keeps it.
+# The stage's driver passes these on to Ray Train's controller and workers.
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def local_cpus(ray_cfg: RayConfig | None) -> int:
+    """Logical CPUs for a local Ray: the machine's, or what the training workers or the
+    inference actors ask for, plus one. Both hold their CPUs for the whole job and Ray Data's
+    read tasks need one more, or they wait forever."""
+    held = max(ray_cfg.num_workers, ray_cfg.inference_actors) * ray_cfg.cpus_per_worker if ray_cfg else 1
+    return max(os.cpu_count() or 1, held) + 1
+
+
+def local_ray_options(ray_cfg: RayConfig | None) -> dict:
+    """`ray.init` arguments that start a new local Ray (never attach to one already running
+    on the machine, whose resources we do not know)."""
+    return {"address": "local", "num_cpus": local_cpus(ray_cfg), "include_dashboard": False}
+
 
 @contextmanager
 def shared_ray(ray_cfg: RayConfig | None) -> Iterator[dict]:
@@ -28,8 +48,6 @@ def shared_ray(ray_cfg: RayConfig | None) -> Iterator[dict]:
         yield dict(os.environ)
         return
     import ray
-
-    from pipeline.raytrain import LOCAL_TRAIN_ENV, local_ray_options
 
     context = ray.init(**local_ray_options(ray_cfg), log_to_driver=False)
     try:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.cluster import LOCAL_TRAIN_ENV, local_ray_options
 from pipeline.config import ModelConfig, RayConfig, TrainConfig
 from pipeline.data import columns_to_tensors, parquet_files
 from pipeline.stage import peak_rss_mb
@@ -32,11 +33,6 @@ STATE_FILE = "state.pt"
 # waits for the poll at every state change, and the metrics need a dashboard we do not start.
 # Environment variables of the same name win.
 _TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_METRICS_ENABLED": "0"}
-# On a Ray this pipeline starts itself, on one machine, no node can be preempted: Ray Train's
-# preemption watcher would only be one more actor process per stage (~1.2 s of CPU to start,
-# while the worker imports torch) and a poller beside the training loop. A cluster keeps it.
-# The stage's driver passes these on to Ray Train's controller and workers.
-LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 # --------------------------------------------------------------------------- driver side
@@ -50,20 +46,6 @@ def run_name(stage: str, loop_config: dict, inputs: list[Path]) -> str:
             stat = path.stat()
             digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return f"{stage}-{digest.hexdigest()[:12]}"
-
-
-def local_cpus(ray_cfg: RayConfig | None) -> int:
-    """Logical CPUs for a local Ray: the machine's, or what the training workers or the
-    inference actors ask for, plus one. Both hold their CPUs for the whole job and Ray Data's
-    read tasks need one more, or they wait forever."""
-    held = max(ray_cfg.num_workers, ray_cfg.inference_actors) * ray_cfg.cpus_per_worker if ray_cfg else 1
-    return max(os.cpu_count() or 1, held) + 1
-
-
-def local_ray_options(ray_cfg: RayConfig | None) -> dict:
-    """`ray.init` arguments that start a new local Ray (never attach to one already running
-    on the machine, whose resources we do not know)."""
-    return {"address": "local", "num_cpus": local_cpus(ray_cfg), "include_dashboard": False}
 
 
 def init_ray(ray_cfg: RayConfig) -> None:
