@@ -3,6 +3,7 @@
     python -m pipeline.bench            # everything below (what `make bench` runs), then the table
     python -m pipeline.bench --report   # only the per-stage table of the latest pipeline run (MLflow)
     python -m pipeline.bench readme     # the table of reports/bench.json into README.md
+    python -m pipeline.bench processes  # the processes one teacher stage starts, and their CPU
 
 One invocation measures, on this machine and the params in params.yaml:
 1. the whole default pipeline (`python -m pipeline.run --force`) and a no-op `dvc repro`;
@@ -256,6 +257,57 @@ def inference_figures(params) -> dict:
     return result
 
 
+# ------------------------------------------------- 5. the processes behind a stage's overhead
+
+def _process_name(argv: list[str], name: str) -> str:
+    """`ray::TrainController` for Ray's processes (their title), else the program and its first argument."""
+    if argv and argv[0].startswith("ray::"):
+        return argv[0].split()[0]
+    return " ".join([Path(argv[0]).name, *argv[1:2]]) if argv else name
+
+
+def process_timeline(command: list[str], env: dict | None = None, interval: float = 0.2) -> list[dict]:
+    """Run `command`; every process that appeared meanwhile (Ray names its workers and actors
+    in the process title): when it started and its CPU seconds at the last look, by start."""
+    import psutil
+
+    before = {proc.pid for proc in psutil.process_iter()}
+    started = time.time()
+    seen: dict[int, dict] = {}
+    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while child.poll() is None:
+        for proc in psutil.process_iter():
+            if proc.pid in before:
+                continue
+            try:
+                with proc.oneshot():
+                    cpu, argv = proc.cpu_times(), proc.cmdline()
+                    seen[proc.pid] = {"name": _process_name(argv, proc.name()), "cpu_s": cpu.user + cpu.system,
+                                      "started_s": proc.create_time() - started}
+            except psutil.Error:  # gone between the listing and the look
+                pass
+        time.sleep(interval)
+    if child.returncode:
+        sys.exit(f"error: {' '.join(command)} failed with exit code {child.returncode}")
+    return sorted(seen.values(), key=lambda row: row["started_s"])
+
+
+def process_figures(params, steps: int) -> str:
+    """The processes a short teacher stage starts on the shared local Ray, as a table."""
+    from pipeline.cluster import shared_ray
+
+    with tempfile.TemporaryDirectory() as tmp, shared_ray(params.ray) as env:
+        env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/bench.db"}
+        section, args = training_commands(Path(tmp))["teacher_finetune"]
+        command = [sys.executable, "stages/teacher_finetune.py", *args, "--set", f"{section}.epochs=1",
+                   "--set", f"{section}.steps_per_epoch={steps}", "--set", f"ray.storage_path={tmp}/ray"]
+        run_stage("teacher_finetune", command[2:], env)  # the first job on a new Ray starts its shared actors
+        rows = process_timeline(command, env)
+    lines = [f"{'started s':>10}{'CPU s':>8}  process (teacher_finetune, {steps} steps)"]
+    lines += [f"{row['started_s']:>10.1f}{row['cpu_s']:>8.1f}  {row['name']}" for row in rows if row["cpu_s"] >= 0.05]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------ reporting
 
 def machine() -> str:
@@ -336,7 +388,9 @@ def log_to_mlflow(params, fig: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", choices=["readme"], help="readme: write reports/bench.json's table into README.md")
+    parser.add_argument("command", nargs="?", choices=["readme", "processes"],
+                        help="readme: write reports/bench.json's table into README.md; processes: list the "
+                             "processes one short teacher stage starts (Ray's workers and actors) and their CPU seconds")
     parser.add_argument("--report", action="store_true", help="only print the latest execution's per-stage table")
     parser.add_argument("--steps", type=int, default=200, help="training steps per side-by-side run (default 200)")
     parser.add_argument("--repeats", type=int, default=2, help="side-by-side runs per training stage (median)")
@@ -348,6 +402,9 @@ def main(argv: list[str] | None = None) -> None:
         write_readme(json.loads(args.json.read_text()))
         return
     params = load_params()
+    if args.command == "processes":
+        print(process_figures(params, args.steps))
+        return
     if args.report:
         print(stage_table(latest_stage_runs(resolve_tracking_uri(params.mlflow, Path.cwd()), params.mlflow.experiment)))
         return

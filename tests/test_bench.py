@@ -3,7 +3,7 @@ figures file, and each target is judged from the figure, not typed in."""
 
 import pytest
 
-from pipeline.bench import README_BEGIN, README_END, markdown, write_readme
+from pipeline.bench import README_BEGIN, README_END, markdown, process_timeline, write_readme
 
 
 def _figures(pipeline_s: float, ratio_ray: float) -> dict:
@@ -58,3 +58,22 @@ def test_a_readme_without_the_block_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="bench:begin"):
         write_readme(_figures(300.0, 1.0), readme)
     assert readme.read_text() == "# no block\n"
+
+
+def test_the_process_timeline_lists_each_process_the_command_started_with_its_cpu(tmp_path):
+    """`python -m pipeline.bench processes` rests on this: a child that burns CPU shows up."""
+    import sys
+
+    child = "import time; t = time.process_time(); exec('while time.process_time() - t < 0.6: pass')"
+    parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}, 'burner'], check=True)"
+    rows = process_timeline([sys.executable, "-c", parent], interval=0.05)
+    burner = [row for row in rows if row["name"] == "python -c" and row["cpu_s"] >= 0.3]
+    assert len(burner) == 1 and rows[0]["started_s"] <= burner[0]["started_s"], rows
+    assert all(row["started_s"] > -1 for row in rows)
+
+
+def test_the_process_timeline_stops_on_a_failed_command():
+    import sys
+
+    with pytest.raises(SystemExit, match="exit code 3"):
+        process_timeline([sys.executable, "-c", "raise SystemExit(3)"])
