@@ -127,6 +127,12 @@ def training_commands(tmp: Path) -> dict[str, tuple[str, list[str]]]:
     }
 
 
+def short_run(args: list[str], section: str, steps: int, tmp: Path) -> list[str]:
+    """A stage script's arguments for one epoch of `steps` steps, its checkpoints under `tmp`."""
+    return [*args, "--set", f"{section}.epochs=1", "--set", f"{section}.steps_per_epoch={steps}",
+            "--set", f"ray.storage_path={tmp}/ray"]
+
+
 def images_per_step(params, section: str) -> int:
     cfg = getattr(params, section)
     return cfg.batch_size + (cfg.unlabeled_batch_size if section == "student" else 0)
@@ -156,8 +162,7 @@ def training_figures(params, steps: int, repeats: int, env: dict) -> dict:
         for stage, (section, args) in training_commands(Path(tmp)).items():
             if stage == "encoder_init" and params.encoder.init not in ("supervised", "densecl"):
                 continue  # nothing trains
-            common = [*args, "--set", f"{section}.epochs=1", "--set", f"{section}.steps_per_epoch={steps}",
-                      "--set", f"ray.storage_path={tmp}/ray"]
+            common = short_run(args, section, steps, Path(tmp))
             runs: dict[str, list[dict]] = {"ray": [], "plain": []}
             for _ in range(repeats):
                 runs["ray"].append(run_stage(stage, common, env))
@@ -187,9 +192,8 @@ def thread_figures(params, steps: int, env: dict) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         section, args = training_commands(Path(tmp))["teacher_finetune"]
         for threads in sorted({1, cores, 2 * cores}):
-            summary = run_stage("teacher_finetune", [*args, "--plain", "--set", f"{section}.epochs=1", "--set",
-                                                     f"{section}.steps_per_epoch={steps}", "--set",
-                                                     f"ray.cpus_per_worker={threads}"], env)
+            summary = run_stage("teacher_finetune", [*short_run(args, section, steps, Path(tmp)), "--plain",
+                                                     "--set", f"ray.cpus_per_worker={threads}"], env)
             result[str(threads)] = steps * images_per_step(params, section) / summary["loop_s"]
     return result
 
@@ -299,10 +303,9 @@ def process_figures(params, steps: int) -> str:
     with tempfile.TemporaryDirectory() as tmp, shared_ray(params.ray) as env:
         env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/bench.db"}
         section, args = training_commands(Path(tmp))["teacher_finetune"]
-        command = [sys.executable, "stages/teacher_finetune.py", *args, "--set", f"{section}.epochs=1",
-                   "--set", f"{section}.steps_per_epoch={steps}", "--set", f"ray.storage_path={tmp}/ray"]
-        run_stage("teacher_finetune", command[2:], env)  # the first job on a new Ray starts its shared actors
-        rows = process_timeline(command, env)
+        stage_args = short_run(args, section, steps, Path(tmp))
+        run_stage("teacher_finetune", stage_args, env)  # the first job on a new Ray starts its shared actors
+        rows = process_timeline([sys.executable, "stages/teacher_finetune.py", *stage_args], env)
     lines = [f"{'started s':>10}{'CPU s':>8}  process (teacher_finetune, {steps} steps)"]
     lines += [f"{row['started_s']:>10.1f}{row['cpu_s']:>8.1f}  {row['name']}" for row in rows if row["cpu_s"] >= 0.05]
     return "\n".join(lines)

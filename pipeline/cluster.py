@@ -22,7 +22,7 @@ from pipeline.config import PARAMS_FILE, RayConfig, load_params
 # On a Ray this pipeline starts itself, on one machine, no node can be preempted: Ray Train's
 # preemption watcher would only be one more actor process per stage (~1.2 s of CPU to start,
 # while the worker imports torch) and a poller beside the training loop. A cluster keeps it.
-# The stage's driver passes these on to Ray Train's controller and workers.
+# A stage's driver passes them on to Ray Train's controller and workers.
 LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
@@ -40,6 +40,16 @@ def local_ray_options(ray_cfg: RayConfig | None) -> dict:
     return {"address": "local", "num_cpus": local_cpus(ray_cfg), "include_dashboard": False}
 
 
+def start_local_ray(ray_cfg: RayConfig | None, **init_options):
+    """Start a new local Ray, with this process's environment (and so its stages') given the
+    Ray Train settings for one machine, values already set winning; returns `ray.init`'s context."""
+    import ray
+
+    for key, value in LOCAL_TRAIN_ENV.items():
+        os.environ.setdefault(key, value)
+    return ray.init(**local_ray_options(ray_cfg), **init_options)
+
+
 @contextmanager
 def shared_ray(ray_cfg: RayConfig | None) -> Iterator[dict]:
     """The environment for child processes that should all use one Ray: the running cluster's
@@ -49,9 +59,9 @@ def shared_ray(ray_cfg: RayConfig | None) -> Iterator[dict]:
         return
     import ray
 
-    context = ray.init(**local_ray_options(ray_cfg), log_to_driver=False)
+    context = start_local_ray(ray_cfg, log_to_driver=False)
     try:
-        yield {**LOCAL_TRAIN_ENV, **os.environ, "RAY_ADDRESS": context.address_info["gcs_address"]}
+        yield {**os.environ, "RAY_ADDRESS": context.address_info["gcs_address"]}
     finally:
         ray.shutdown()
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.cluster import LOCAL_TRAIN_ENV, local_ray_options
+from pipeline.cluster import start_local_ray
 from pipeline.config import ModelConfig, RayConfig, TrainConfig
 from pipeline.data import columns_to_tensors, parquet_files
 from pipeline.stage import peak_rss_mb
@@ -60,9 +60,7 @@ def init_ray(ray_cfg: RayConfig) -> None:
     if address:
         ray.init(address=address, **job_options)
     else:
-        for key, value in LOCAL_TRAIN_ENV.items():  # values already set win
-            os.environ.setdefault(key, value)
-        ray.init(**local_ray_options(ray_cfg), **job_options)
+        start_local_ray(ray_cfg, **job_options)
 
 
 @dataclass
