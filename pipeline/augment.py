@@ -42,6 +42,7 @@ def random_view(images: torch.Tensor, labels: torch.Tensor | None, side_range: t
 
     `side_range` is the side of the viewed window relative to the image: below 1 crops and
     enlarges (inception-style crop), above 1 shrinks and pads. Output keeps the input size.
+    The draws come from `generator` on the host; the sampling runs where the images are.
     """
     n = images.shape[0]
     side = _uniform(n, *side_range, generator)
@@ -56,7 +57,7 @@ def random_view(images: torch.Tensor, labels: torch.Tensor | None, side_range: t
     flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if hflip else torch.ones(n)
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx * flip, tx, sy, ty
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(images.device, non_blocking=True), list(images.shape), align_corners=False)
     out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if labels is None:
         return out, None
@@ -70,10 +71,8 @@ def random_view(images: torch.Tensor, labels: torch.Tensor | None, side_range: t
 def color_jitter(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
     """Random brightness, contrast and saturation per image (images in [0, 1])."""
     n = images.shape[0]
-    shape = (n, 1, 1, 1)
-    brightness = _uniform(n, 1 - strength, 1 + strength, generator).view(shape)
-    contrast = _uniform(n, 1 - strength, 1 + strength, generator).view(shape)
-    saturation = _uniform(n, 1 - strength, 1 + strength, generator).view(shape)
+    factors = torch.stack([_uniform(n, 1 - strength, 1 + strength, generator) for _ in range(3)])
+    brightness, contrast, saturation = factors.view(3, n, 1, 1, 1).to(images.device, non_blocking=True)
     x = images * brightness
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * contrast + mean

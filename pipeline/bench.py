@@ -45,6 +45,7 @@ STAGES = ["prepare", "encoder_init", "decoder_pretrain", "teacher_finetune", f"p
           f"student_train@{FIRST_ROUND}", "evaluate"]
 BENCH_JSON = Path("reports/bench.json")
 README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
+GPU_README_BEGIN, GPU_README_END = "<!-- gpu-bench:begin -->", "<!-- gpu-bench:end -->"
 # A training stage's overhead, in the order it is spent (pipeline.stage and raytrain.job_phases).
 PHASES = {"startup_s": "start-up", "ray_connect_s": "Ray connect", "job_start_s": "job start",
           "worker_setup_s": "worker setup", "report_s": "reports", "job_end_s": "job end", "finish_s": "finish"}
@@ -366,14 +367,25 @@ def markdown(fig: dict) -> str:
     return "\n".join(lines)
 
 
-def write_readme(fig: dict, readme: Path = Path("README.md")) -> None:
+def _replace_block(text: str, begin: str, end: str, content: str, readme: Path) -> str:
+    if begin not in text or end not in text:
+        sys.exit(f"error: {readme} has no {begin} … {end} block")
+    head, rest = text.split(begin, 1)
+    return head + begin + "\n" + content + "\n" + end + rest.split(end, 1)[1]
+
+
+def write_readme(fig: dict | None, gpu_fig: dict | None = None, readme: Path = Path("README.md")) -> None:
+    """The tables of the CPU benchmark and of its GPU mode into their README blocks, each
+    where its figures exist."""
+    from pipeline import gpu_bench
     from pipeline.data import write_text_atomic
 
     text = readme.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        sys.exit(f"error: {readme} has no {README_BEGIN} … {README_END} block")
-    head, rest = text.split(README_BEGIN, 1)
-    write_text_atomic(readme, head + README_BEGIN + "\n" + markdown(fig) + "\n" + README_END + rest.split(README_END, 1)[1])
+    if fig is not None:
+        text = _replace_block(text, README_BEGIN, README_END, markdown(fig), readme)
+    if gpu_fig is not None:
+        text = _replace_block(text, GPU_README_BEGIN, GPU_README_END, gpu_bench.markdown(gpu_fig), readme)
+    write_text_atomic(readme, text)
 
 
 def log_to_mlflow(params, fig: dict, path: Path) -> None:
@@ -390,19 +402,28 @@ def log_to_mlflow(params, fig: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["gpu"]:  # its own options; it needs neither Ray nor MLflow
+        from pipeline import gpu_bench
+
+        gpu_bench.main(argv[1:])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", choices=["readme", "processes"],
-                        help="readme: write reports/bench.json's table into README.md; processes: list the "
-                             "processes one short teacher stage starts (Ray's workers and actors) and their CPU seconds")
+    parser.add_argument("command", nargs="?", choices=["readme", "processes", "gpu"],
+                        help="readme: write reports/bench.json's (and reports/gpu_bench.json's) table into README.md; "
+                             "processes: list the processes one short teacher stage starts (Ray's workers and actors) "
+                             "and their CPU seconds; gpu: the GPU mode (`gpu --help`)")
     parser.add_argument("--report", action="store_true", help="only print the latest execution's per-stage table")
     parser.add_argument("--steps", type=int, default=200, help="training steps per side-by-side run (default 200)")
     parser.add_argument("--repeats", type=int, default=2, help="side-by-side runs per training stage (median)")
     parser.add_argument("--json", type=Path, default=BENCH_JSON, help=f"where to write the figures (default {BENCH_JSON})")
     args = parser.parse_args(argv)
     if args.command == "readme":
-        if not args.json.is_file():
-            sys.exit(f"error: {args.json} not found; run `make bench` first")
-        write_readme(json.loads(args.json.read_text()))
+        from pipeline.gpu_bench import GPU_JSON
+
+        if not args.json.is_file() and not GPU_JSON.is_file():
+            sys.exit(f"error: neither {args.json} nor {GPU_JSON} found; run `make bench` or `python -m pipeline.bench gpu` first")
+        write_readme(*(json.loads(path.read_text()) if path.is_file() else None for path in (args.json, GPU_JSON)))
         return
     params = load_params()
     if args.command == "processes":

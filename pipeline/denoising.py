@@ -19,7 +19,7 @@ def noisy_input(x: torch.Tensor, sigma: torch.Tensor | float, noise: torch.Tenso
         sigma: the noise level σ, a number or one value per example (shape N).
         noise: ε ~ N(0, I), the same shape as `x`.
     """
-    sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    sigma = torch.as_tensor(sigma, dtype=x.dtype).to(x.device, non_blocking=True).reshape(-1, *([1] * (x.ndim - 1)))
     noisy = x + sigma * noise
     return noisy / torch.sqrt(1.0 + sigma**2) if variance_preserving else noisy
 
@@ -36,7 +36,7 @@ def sample_sigma(count: int, sigma_range: tuple[float, float], generator: torch.
 def corrupt(x: torch.Tensor, cfg: DecoderPretrainConfig, generator: torch.Generator
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One denoising example per image: (noisy input, σ per example, regression target)."""
-    noise = torch.randn(x.shape, generator=generator)
+    noise = torch.randn(x.shape, generator=generator).to(x.device, non_blocking=True)
     sigma = sample_sigma(len(x), cfg.sigma_range, generator)
     target = noise if cfg.target == "noise" else x
     return noisy_input(x, sigma, noise, cfg.variance_preserving), sigma, target

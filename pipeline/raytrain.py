@@ -298,7 +298,7 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedu
     from pipeline.models import mixed_precision  # not at the top: the driver imports this module without timm
 
     model.train()
-    totals: dict[str, float] = {}
+    totals: dict[str, torch.Tensor] = {}
     for _ in range(steps):
         with mixed_precision(device):
             losses = step()
@@ -306,9 +306,11 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedu
         next(iter(losses.values())).backward()
         optimizer.step()
         scheduler.step()
+        # Summed where they are and read once: reading a GPU value each step would make the
+        # host wait for the step to finish before it queues the next.
         for key, value in losses.items():
-            totals[key] = totals.get(key, 0.0) + float(value.detach())
-    return totals
+            totals[key] = totals.get(key, 0.0) + value.detach().double()
+    return {key: float(total) for key, total in totals.items()}
 
 
 def replica_weight_spread(model: torch.nn.Module) -> float:

@@ -49,8 +49,16 @@ from pipeline.stage import peak_rss_mb
 Step = Callable[[], dict]
 
 
-def _batch(count: int, size: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.randint(count, (size,), generator=generator)
+def _draw(generator: torch.Generator, size: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`size` rows drawn with replacement, the same rows of each tensor."""
+    idx = torch.randint(len(tensors[0]), (size,), generator=generator)
+    return tuple(t[idx] for t in tensors)
+
+
+def to_device(device: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A batch drawn from the host's tensors, moved before it is augmented so that a GPU does
+    the augmenting; non-blocking, so the host queues the copy and goes on to the next ops."""
+    return tuple(t.to(device, non_blocking=True) for t in tensors)
 
 
 def model_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -62,9 +70,9 @@ def classification_step(model: nn.Module, images: torch.Tensor, labels: torch.Te
                         generator: torch.Generator, device: torch.device) -> Step:
     """Supervised encoder pretraining: cross-entropy on image-level labels, zoom/crop views."""
     def step() -> dict:
-        idx = _batch(len(labels), batch, generator)
-        x, _ = augment.random_view(augment.to_unit_float(images[idx]), None, (0.8, 1.1), generator, hflip=False)
-        return {"loss": nn.functional.cross_entropy(model(model_input(x, device)), labels[idx].to(device))}
+        x, y = to_device(device, *_draw(generator, batch, images, labels))
+        x, _ = augment.random_view(augment.to_unit_float(x), None, (0.8, 1.1), generator, hflip=False)
+        return {"loss": nn.functional.cross_entropy(model(model_input(x, device)), y)}
     return step
 
 
@@ -72,11 +80,11 @@ def denoising_step(model: nn.Module, images: torch.Tensor, batch: int, cfg: Deco
                    generator: torch.Generator, device: torch.device) -> Step:
     """DeP/DDeP: the network sees x̃ (see `denoising.corrupt`) and predicts ε (or x)."""
     def step() -> dict:
-        x = augment.to_model_range(augment.to_unit_float(images[_batch(len(images), batch, generator)]))
-        noisy, sigma, target = corrupt(x, cfg, generator)
+        x, = to_device(device, *_draw(generator, batch, images))
+        noisy, sigma, target = corrupt(augment.to_model_range(augment.to_unit_float(x)), cfg, generator)
         predicted = model(noisy.to(device, memory_format=torch.channels_last),
                           sigma.to(device) if cfg.sigma_conditioning else None)
-        return {"loss": denoising_loss(predicted, target.to(device))}
+        return {"loss": denoising_loss(predicted, target)}
     return step
 
 
@@ -90,7 +98,7 @@ def densecl_step(model: nn.Module, images: torch.Tensor, batch: int, generator: 
                  device: torch.device) -> Step:
     """DenseCL: two views of each image, global + dense InfoNCE against the momentum branch."""
     def step() -> dict:
-        chosen = images[_batch(len(images), batch, generator)]
+        chosen, = to_device(device, *_draw(generator, batch, images))
         return model(model_input(two_views(chosen, generator), device), model_input(two_views(chosen, generator), device))
     return step
 
@@ -107,17 +115,17 @@ def supervised_step(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
                     device: torch.device) -> Step:
     """Teacher fine-tuning: cross-entropy on the labeled split under weak augmentation."""
     def step() -> dict:
-        idx = _batch(len(images), batch, generator)
-        x, y = weak_view(images[idx], masks[idx], crop_scale_min, hflip, generator)
-        return {"loss": segmentation_ce(model(model_input(x, device)), y.to(device))}
+        x, y = weak_view(*to_device(device, *_draw(generator, batch, images, masks)), crop_scale_min, hflip, generator)
+        return {"loss": segmentation_ce(model(model_input(x, device)), y)}
     return step
 
 
 def strong_view(images: torch.Tensor, label_maps: torch.Tensor, cfg: StudentConfig,
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """RandAugment intensity ops on the image alone, then zoom 0.5-2x with crop or padding
-    (and flip if enabled) applied identically to the image and its per-pixel maps."""
-    x = augment.to_unit_float(augment.rand_augment(images, cfg.randaug_ops, generator))
+    (and flip if enabled) applied identically to the image and its per-pixel maps. RandAugment
+    runs on the host (its ops go image by image, one through Pillow); the zoom where the maps are."""
+    x = augment.to_unit_float(augment.rand_augment(images, cfg.randaug_ops, generator).to(label_maps.device))
     return augment.random_view(x, label_maps, (0.5, 2.0), generator, hflip=cfg.hflip)
 
 
@@ -147,26 +155,25 @@ def student_step(model: nn.Module, labeled: tuple[torch.Tensor, torch.Tensor],
     label_maps = torch.stack([confident_labels.long(), p_conf.long()], dim=1)  # moved together by every view
 
     def step() -> dict:
-        idx = _batch(len(images), batches[0], generator)
-        x, y = weak_view(images[idx], masks[idx], cfg.crop_scale_min, cfg.hflip, generator)
-        pidx = _batch(len(p_images), batches[1], generator)
-        px, maps = p_images[pidx], label_maps[pidx]
+        x, y = weak_view(*to_device(device, *_draw(generator, batches[0], images, masks)), cfg.crop_scale_min,
+                         cfg.hflip, generator)
+        px, maps = _draw(generator, batches[1], p_images, label_maps)
         if bank is not None:
             px, maps = bank.paste(px, maps, cfg.copy_paste_count, cfg.copy_paste_probability, generator, (255,))
         if cfg.strong_augment:
-            px, maps = strong_view(px, maps, cfg, generator)
+            px, maps = strong_view(px, maps.to(device, non_blocking=True), cfg, generator)
         else:
-            px, maps = weak_view(px, maps, cfg.crop_scale_min, cfg.hflip, generator)
-        routing = main_samples_first(unwrap(model), len(idx)) if cfg.dsbn else nullcontext()
+            px, maps = weak_view(*to_device(device, px, maps), cfg.crop_scale_min, cfg.hflip, generator)
+        routing = main_samples_first(unwrap(model), len(x)) if cfg.dsbn else nullcontext()
         with routing:
             out = model(model_input(torch.cat([x, px]), device))
         logits, embeddings = out if isinstance(out, tuple) else (out, None)
-        labeled_ce = segmentation_ce(logits[: len(idx)], y.to(device))
-        pseudo_loss = pseudo_label_loss(logits[len(idx):], maps[:, 0].to(device), maps[:, 1].to(device), cfg)
+        labeled_ce = segmentation_ce(logits[: len(x)], y)
+        pseudo_loss = pseudo_label_loss(logits[len(x):], maps[:, 0], maps[:, 1], cfg)
         losses = {"loss": labeled_ce + cfg.pseudo_weight * pseudo_loss,
                   "labeled_ce": labeled_ce, "pseudo_loss": pseudo_loss}
         if embeddings is not None:
-            contrast = pixel_contrastive_loss(embeddings, torch.cat([y.to(device), maps[:, 0].to(device)]),
+            contrast = pixel_contrastive_loss(embeddings, torch.cat([y, maps[:, 0]]),
                                               cfg.dense_contrast_temperature, cfg.dense_contrast_points, generator)
             losses["loss"] = losses["loss"] + cfg.dense_contrast_weight * contrast
             losses["dense_contrast"] = contrast

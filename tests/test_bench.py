@@ -48,7 +48,7 @@ def test_the_table_shows_each_figure_and_judges_it_against_its_target():
 def test_the_readme_block_is_replaced_and_the_rest_kept(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# Title\n\nbefore\n{README_BEGIN}\nold table\n{README_END}\nafter\n")
-    write_readme(_figures(300.0, 1.0), readme)
+    write_readme(_figures(300.0, 1.0), readme=readme)
     text = readme.read_text()
     assert text.startswith("# Title\n\nbefore\n") and text.endswith(f"{README_END}\nafter\n")
     assert "old table" not in text and "| no-op `dvc repro` | 2.0 s |" in text
@@ -58,7 +58,7 @@ def test_a_readme_without_the_block_is_refused(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# no block\n")
     with pytest.raises(SystemExit, match="bench:begin"):
-        write_readme(_figures(300.0, 1.0), readme)
+        write_readme(_figures(300.0, 1.0), readme=readme)
     assert readme.read_text() == "# no block\n"
 
 
