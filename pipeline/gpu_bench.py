@@ -64,11 +64,14 @@ def step_flops(model: torch.nn.Module, step) -> float:
 
 
 class UtilisationSampler:
-    """GPU utilisation (% of time a kernel ran, as nvidia-smi reports it) sampled in a thread."""
+    """GPU utilisation (% of time a kernel ran, as nvidia-smi reports it) sampled in a thread;
+    `error` says why there is none where NVML cannot be read (no nvidia-ml-py, a container
+    without the driver's library)."""
 
     def __init__(self, device: torch.device, interval: float = 0.1):
         self.device, self.interval = device, interval
         self.samples: list[int] = []
+        self.error: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -76,7 +79,11 @@ class UtilisationSampler:
         import torch
 
         while not self._stop.wait(self.interval):
-            self.samples.append(torch.cuda.utilization(self.device))
+            try:
+                self.samples.append(torch.cuda.utilization(self.device))
+            except Exception as err:  # whatever NVML raises, the timing goes on without it
+                self.error = f"{type(err).__name__}: {err}"
+                return
 
     def __enter__(self) -> UtilisationSampler:
         if self.device.type == "cuda":
@@ -111,7 +118,7 @@ def timed_run(model, optimizer, step, steps: int, batch: int, device: torch.devi
     return {"images_per_s": steps_per_s * batch, "step_ms": 1000 / steps_per_s,
             "tflops_per_s": flops_per_step * steps_per_s / 1e12,
             "mfu": flops_per_step * steps_per_s / (peak * 1e12) if peak else None,
-            "gpu_utilisation": utilisation.mean(),
+            "gpu_utilisation": utilisation.mean(), "gpu_utilisation_error": utilisation.error,
             "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
 
 

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -72,3 +73,23 @@ def test_the_readme_gets_the_gpu_table_beside_the_cpu_one(tmp_path):
     assert "cpu table" in text and "not run" not in text  # the CPU block stays as it was
     assert "| data path: host uint8 → device, augmented there | 400.0 | 40.0 | 404.0 | 40.8% | 97% | 20.0 |" in text
     assert "`r50_vit_b16` at 512×512, batch 16, autocast bf16" in text
+
+
+def test_utilisation_is_the_mean_of_the_samples_taken_while_the_steps_run(monkeypatch):
+    readings = iter([40, 80] + [60] * 1000)
+    monkeypatch.setattr(torch.cuda, "utilization", lambda device: next(readings))
+    with gpu_bench.UtilisationSampler(torch.device("cuda"), interval=0.01) as sampler:
+        while len(sampler.samples) < 2:
+            time.sleep(0.01)
+    assert sampler.samples[:2] == [40, 80] and sampler.mean() == pytest.approx(sum(sampler.samples) / len(sampler.samples))
+    assert sampler.error is None
+
+
+def test_without_nvml_the_sampler_says_why_and_reports_no_utilisation(monkeypatch):
+    def unreadable(device):
+        raise RuntimeError("NVML library not found")
+
+    monkeypatch.setattr(torch.cuda, "utilization", unreadable)
+    with gpu_bench.UtilisationSampler(torch.device("cuda"), interval=0.01) as sampler:
+        time.sleep(0.1)
+    assert sampler.mean() is None and sampler.error == "RuntimeError: NVML library not found"
