@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -30,6 +31,11 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
     return images * 2.0 - 1.0
 
 
+def _outside_autocast(device: torch.device):
+    """Float32 ops inside a GPU step's bf16 autocast (the only autocast the stages turn on)."""
+    return torch.autocast("cuda", enabled=False) if device.type == "cuda" else nullcontext()
+
+
 def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
     return low + (high - low) * torch.rand(n, generator=generator)
 
@@ -42,7 +48,9 @@ def random_view(images: torch.Tensor, labels: torch.Tensor | None, side_range: t
 
     `side_range` is the side of the viewed window relative to the image: below 1 crops and
     enlarges (inception-style crop), above 1 shrinks and pads. Output keeps the input size.
-    The draws come from `generator` on the host; the sampling runs where the images are.
+    The draws come from `generator` on the host; the sampling runs where the images are, in
+    float32 even inside a GPU step's bf16 autocast, which would round the grid (its `bmm`) to
+    whole pixels at 512² and more.
     """
     n = images.shape[0]
     side = _uniform(n, *side_range, generator)
@@ -57,13 +65,14 @@ def random_view(images: torch.Tensor, labels: torch.Tensor | None, side_range: t
     flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if hflip else torch.ones(n)
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx * flip, tx, sy, ty
-    grid = F.affine_grid(theta.to(images.device, non_blocking=True), list(images.shape), align_corners=False)
-    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    if labels is None:
-        return out, None
-    # Shift labels by one so the zero padding marks "outside the image", then map it to ignore.
-    maps = labels if labels.ndim == 4 else labels.unsqueeze(1)
-    shifted = F.grid_sample(maps.float() + 1, grid, mode="nearest", align_corners=False).long()
+    with _outside_autocast(images.device):
+        grid = F.affine_grid(theta.to(images.device, non_blocking=True), list(images.shape), align_corners=False)
+        out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if labels is None:
+            return out, None
+        # Shift labels by one so the zero padding marks "outside the image", then map it to ignore.
+        maps = labels if labels.ndim == 4 else labels.unsqueeze(1)
+        shifted = F.grid_sample(maps.float() + 1, grid, mode="nearest", align_corners=False).long()
     shifted = shifted if labels.ndim == 4 else shifted.squeeze(1)
     return out, torch.where(shifted == 0, IGNORE_INDEX, shifted - 1).to(labels.dtype)
 

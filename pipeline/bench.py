@@ -409,10 +409,11 @@ def main(argv: list[str] | None = None) -> None:
         gpu_bench.main(argv[1:])
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", choices=["readme", "processes", "gpu"],
+    parser.add_argument("command", nargs="?", choices=["readme", "processes"],
                         help="readme: write reports/bench.json's (and reports/gpu_bench.json's) table into README.md; "
                              "processes: list the processes one short teacher stage starts (Ray's workers and actors) "
-                             "and their CPU seconds; gpu: the GPU mode (`gpu --help`)")
+                             "and their CPU seconds. `python -m pipeline.bench gpu …` is the GPU mode "
+                             "(`gpu --help`), with options of its own")
     parser.add_argument("--report", action="store_true", help="only print the latest execution's per-stage table")
     parser.add_argument("--steps", type=int, default=200, help="training steps per side-by-side run (default 200)")
     parser.add_argument("--repeats", type=int, default=2, help="side-by-side runs per training stage (median)")

@@ -19,7 +19,7 @@ def noisy_input(x: torch.Tensor, sigma: torch.Tensor | float, noise: torch.Tenso
         sigma: the noise level σ, a number or one value per example (shape N).
         noise: ε ~ N(0, I), the same shape as `x`.
     """
-    sigma = torch.as_tensor(sigma, dtype=x.dtype).to(x.device, non_blocking=True).reshape(-1, *([1] * (x.ndim - 1)))
+    sigma = torch.as_tensor(sigma, dtype=x.dtype).to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
     noisy = x + sigma * noise
     return noisy / torch.sqrt(1.0 + sigma**2) if variance_preserving else noisy
 

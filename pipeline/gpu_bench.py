@@ -11,9 +11,8 @@ and, on a GPU, under bf16 autocast. After warm-up steps (and compilation) it tim
   stage's worker holds its shard), copies it to the device and augments it there;
 - `model_only`: one batch already on the device, no augmentation: what the network alone does.
 Each gives images/s, peak device memory, GPU utilisation (NVML, sampled while the timed steps
-run) and model FLOP utilisation (MFU): the FLOPs of one forward and backward pass, counted by
-torch's FlopCounterMode with attention on its math path (so every device counts the same
-matrix products), × steps/s ÷ the device's dense bf16 peak.
+run) and model FLOP utilisation (MFU): the FLOPs of one forward and backward pass (torch's
+FlopCounterMode, attention as its matrix products) × steps/s ÷ the device's dense bf16 peak.
 
 It needs torch, timm, omegaconf and pyarrow, not Ray, MLflow or DVC, so it runs on a bare GPU machine;
 torch is imported where it is used, so that writing the README's table needs none of them.
@@ -37,8 +36,9 @@ MODEL_PRESETS = Path(__file__).resolve().parent.parent / "conf" / "model"
 TARGETS = {"mfu": 0.40, "gpu_utilisation": 90.0}
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s, matched against
 # torch.cuda.get_device_name in this order (the first name that is contained wins).
-BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4),
-                    ("H800", 989.4), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0))
+BF16_PEAK_TFLOPS = (("H200 NVL", 835.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4),
+                    ("H200", 989.4), ("H800", 989.4), ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0),
+                    ("L4", 121.0))
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -48,14 +48,19 @@ def peak_tflops(device_name: str) -> float | None:
 
 def step_flops(model: torch.nn.Module, step) -> float:
     """FLOPs of one forward and backward pass of `step()`'s first loss (no optimizer step)."""
-    import torch
+    from contextlib import nullcontext
+
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     from pipeline.models import mixed_precision
 
     device = next(model.parameters()).device
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    # torch's FLOP table knows the GPU's fused attention kernels but not the CPU's: there, the
+    # math path's matrix products are counted instead (on a GPU it would keep every attention
+    # matrix for the backward, gigabytes at 512²).
+    attention = sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext()
+    with attention, FlopCounterMode(display=False) as counter:
         with mixed_precision(device):
             loss = next(iter(step().values()))
         loss.backward()
@@ -112,7 +117,9 @@ def timed_run(model, optimizer, step, steps: int, batch: int, device: torch.devi
         torch.cuda.reset_peak_memory_stats(device)
     with UtilisationSampler(device) as utilisation:
         started = time.perf_counter()
-        train_steps(model, optimizer, scheduler, step, steps, device)  # reads the losses back: a sync
+        train_steps(model, optimizer, scheduler, step, steps, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - started
     steps_per_s = steps / seconds
     return {"images_per_s": steps_per_s * batch, "step_ms": 1000 / steps_per_s,
@@ -123,7 +130,7 @@ def timed_run(model, optimizer, step, steps: int, batch: int, device: torch.devi
 
 
 def run(device: str = "cuda", preset: str = "r50_vit_b16", image_size: int = 512, batch_size: int = 16,
-        steps: int = 30, warmup: int = 5, compile: bool = False, classes: int = 19,
+        steps: int = 100, warmup: int = 5, compiled: bool = False, classes: int = 19,
         peak: float | None = None) -> dict:
     """Both timed runs on `device`; returns the figures `main` writes as JSON."""
     import torch
@@ -146,7 +153,7 @@ def run(device: str = "cuda", preset: str = "r50_vit_b16", image_size: int = 512
     shard = {"image": torch.randint(256, (rows, 3, image_size, image_size), dtype=torch.uint8, generator=generator),
              "mask": torch.randint(classes, (rows, image_size, image_size), dtype=torch.uint8, generator=generator)}
     parts = BUILDERS["teacher"](job, {"labeled": shard}, setup)
-    if compile:
+    if compiled:
         parts.model.compile()
     x = model_input(to_unit_float(shard["image"][:batch_size]), target)
     y = shard["mask"][:batch_size].to(target)
@@ -157,11 +164,12 @@ def run(device: str = "cuda", preset: str = "r50_vit_b16", image_size: int = 512
     flops = step_flops(parts.model, parts.step)
     peak = peak or (peak_tflops(torch.cuda.get_device_name(target)) if target.type == "cuda" else None)
     warm_started = time.perf_counter()
-    for warming in (parts.step, model_only):  # compiles (when asked) and lets cuDNN pick its kernels
+    for warming in (parts.step, model_only):  # compiles (when asked); cuDNN times its algorithms
         train_steps(parts.model, parts.optimizer, warmup_cosine(parts.optimizer, warmup), warming, warmup, target)
     figures = {"device": torch.cuda.get_device_name(target) if target.type == "cuda" else "cpu",
                "torch": torch.__version__, "preset": preset, "image_size": image_size, "batch_size": batch_size,
-               "steps": steps, "compile": compile, "autocast": "bf16" if target.type == "cuda" else "none",
+               "steps": steps, "compile": compiled,
+               "autocast": "bf16" if target.type == "cuda" and torch.cuda.is_bf16_supported() else "none",
                "channels_last": True, "warmup_s": time.perf_counter() - warm_started,
                "flops_per_image": flops / batch_size, "peak_tflops": peak}
     for name, step in (("data_path", parts.step), ("model_only", model_only)):
@@ -178,6 +186,10 @@ def markdown(fig: dict) -> str:
     def cell(value, fmt: str, unit: str = "") -> str:
         return "n/a" if value is None else f"{value:{fmt}}{unit}"
 
+    def utilisation(run: dict) -> str:
+        error = run.get("gpu_utilisation_error")
+        return f"n/a ({error})" if error else cell(run["gpu_utilisation"], ".0f", "%")
+
     lines = [f"Measured {fig['date']} on {fig['device']} (torch {fig['torch']}) by `python -m pipeline.bench gpu`: "
              f"`{fig['preset']}` at {fig['image_size']}×{fig['image_size']}, batch {fig['batch_size']}, "
              f"autocast {fig['autocast']}, channels-last, torch.compile {'on' if fig['compile'] else 'off'}, "
@@ -189,7 +201,7 @@ def markdown(fig: dict) -> str:
         f = fig[name]
         memory = None if f["peak_memory_mb"] is None else f["peak_memory_mb"] / 1024
         lines.append(f"| {label} | {f['images_per_s']:.1f} | {f['step_ms']:.1f} | {f['tflops_per_s']:.1f} | "
-                     f"{cell(f['mfu'], '.1%')} | {cell(f['gpu_utilisation'], '.0f', '%')} | {cell(memory, '.1f')} |")
+                     f"{cell(f['mfu'], '.1%')} | {utilisation(f)} | {cell(memory, '.1f')} |")
     lines += ["", f"Data path / model only: {fig['data_path_ratio']:.2f}."]
     return "\n".join(lines)
 
@@ -202,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="a model preset of conf/model (default r50_vit_b16)")
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per run (default 30)")
+    parser.add_argument("--steps", type=int, default=100, help="timed steps per run (default 100)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per run first (default 5)")
     parser.add_argument("--compile", action="store_true", help="run the network through torch.compile")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for a GPU not in the table")

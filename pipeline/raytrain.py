@@ -204,6 +204,9 @@ class WorkerSetup:
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Ray's `prepare_model` (device, and DDP with more than one worker); outside Ray, the device."""
+        if self.device.type == "cuda":
+            # Every step has the same shapes: cuDNN times its algorithms once per shape and keeps the fastest.
+            torch.backends.cudnn.benchmark = True
         if not self.in_ray:
             return model.to(self.device)
         from ray.train.torch import prepare_model

@@ -57,7 +57,8 @@ def _draw(generator: torch.Generator, size: int, *tensors: torch.Tensor) -> tupl
 
 def to_device(device: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """A batch drawn from the host's tensors, moved before it is augmented so that a GPU does
-    the augmenting; non-blocking, so the host queues the copy and goes on to the next ops."""
+    the augmenting. Host to device, non-blocking: CUDA stages the rows and returns without
+    waiting for the steps still queued on the GPU."""
     return tuple(t.to(device, non_blocking=True) for t in tensors)
 
 
@@ -125,7 +126,8 @@ def strong_view(images: torch.Tensor, label_maps: torch.Tensor, cfg: StudentConf
     """RandAugment intensity ops on the image alone, then zoom 0.5-2x with crop or padding
     (and flip if enabled) applied identically to the image and its per-pixel maps. RandAugment
     runs on the host (its ops go image by image, one through Pillow); the zoom where the maps are."""
-    x = augment.to_unit_float(augment.rand_augment(images, cfg.randaug_ops, generator).to(label_maps.device))
+    x, = to_device(label_maps.device, augment.rand_augment(images, cfg.randaug_ops, generator))
+    x = augment.to_unit_float(x)
     return augment.random_view(x, label_maps, (0.5, 2.0), generator, hflip=cfg.hflip)
 
 

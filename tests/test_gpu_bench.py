@@ -27,9 +27,28 @@ def test_the_flop_count_holds_the_forward_and_the_backward_pass():
     assert all(p.grad is None for p in model.parameters())  # counting leaves no gradient behind
 
 
+def test_attention_counts_as_its_matrix_products_on_the_cpu_too():
+    """q·kᵀ and its product with v, 2·b·h·n²·d FLOPs each forward; the backward gives q, k and v
+    their gradients, twice that per product. The CPU's fused attention kernel is not in torch's
+    FLOP table, which is why the count takes attention's math path there."""
+    b, h, n, d = 2, 3, 5, 4
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = (nn.Parameter(torch.randn(b, h, n, d)) for _ in range(3))
+
+        def forward(self):
+            return nn.functional.scaled_dot_product_attention(self.q, self.k, self.v)
+
+    model = Attention()
+    assert gpu_bench.step_flops(model, lambda: {"loss": model().sum()}) == 3 * 2 * (2 * b * h * n * n * d)
+
+
 @pytest.mark.parametrize(("name", "peak"), [
     ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.4),
-    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0), ("Tesla T4", None),
+    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.0), ("NVIDIA L40", 181.0), ("NVIDIA L4", 121.0),
+    ("NVIDIA H200 NVL", 835.0), ("Tesla T4", None),
 ])
 def test_the_bf16_peak_is_looked_up_by_device_name(name, peak):
     assert gpu_bench.peak_tflops(name) == peak
@@ -79,7 +98,8 @@ def test_utilisation_is_the_mean_of_the_samples_taken_while_the_steps_run(monkey
     readings = iter([40, 80] + [60] * 1000)
     monkeypatch.setattr(torch.cuda, "utilization", lambda device: next(readings))
     with gpu_bench.UtilisationSampler(torch.device("cuda"), interval=0.01) as sampler:
-        while len(sampler.samples) < 2:
+        deadline = time.monotonic() + 10
+        while len(sampler.samples) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
     assert sampler.samples[:2] == [40, 80] and sampler.mean() == pytest.approx(sum(sampler.samples) / len(sampler.samples))
     assert sampler.error is None

@@ -3,11 +3,12 @@ import time
 import pytest
 import torch
 
-from pipeline.config import ModelConfig, StudentConfig
+from pipeline.config import DecoderPretrainConfig, EncoderConfig, FinetuneConfig, ModelConfig, StudentConfig
 from pipeline.copy_paste import InstanceBank
 from pipeline.dsbn import DualBatchNorm2d, add_auxiliary_bn
 from pipeline.models import ProjectedSegmenter, build_network
-from pipeline.training import _finetune_optimizer, student_step
+from pipeline.raytrain import JobConfig, WorkerSetup
+from pipeline.training import BUILDERS, _finetune_optimizer, student_step
 
 MODEL = ModelConfig(preset="tiny", decoder_in_channels=32, decoder_channels=[16, 8, 8, 8])
 
@@ -18,6 +19,31 @@ def _data(n: int = 6, size: int = 32, classes: int = 4):
     masks = torch.randint(0, classes, (n, size, size), generator=g)
     confidence = (torch.rand(n, size, size, generator=g) * 255).to(torch.uint8)
     return (images, masks), (images.clone(), masks.clone(), confidence)
+
+
+@pytest.mark.parametrize("builder", ["encoder_classify", "encoder_densecl", "decoder_pretrain", "teacher"])
+def test_a_step_keeps_its_batch_on_the_models_device(builder):
+    """On a GPU the batch moves before it is augmented, and every draw from the host generator
+    follows it there. On the meta device any host tensor that meets the batch raises, so this
+    runs each step's forward and backward there. (The student's losses read values, which meta
+    tensors have none of.)"""
+    (images, masks), _ = _data()
+    denoiser = build_network(MODEL, 3).state_dict()
+    jobs = {"encoder_classify": (EncoderConfig(batch_size=2), {"classify": {"image": images, "label": masks[:, 0, 0]}}, {}),
+            "encoder_densecl": (EncoderConfig(batch_size=2), {"images": {"image": images}}, {}),
+            "decoder_pretrain": (DecoderPretrainConfig(batch_size=2), {"images": {"image": images}},
+                                 {"init_state": {k[len("encoder."):]: v for k, v in denoiser.items() if k.startswith("encoder.")}}),
+            "teacher": (FinetuneConfig(batch_size=2), {"labeled": {"image": images, "mask": masks}},
+                        {"init_state": denoiser, "init_out_channels": 3})}
+    train, data, init = jobs[builder]
+    job = JobConfig(train=train, model=MODEL, num_classes=4, **init)
+    setup = WorkerSetup.plain(job)
+    setup.device = torch.device("meta")
+    parts = BUILDERS[builder](job, data, setup)
+    loss = next(iter(parts.step().values()))
+    loss.backward()
+    assert loss.device.type == "meta"
+    assert all(p.grad is None or p.grad.device.type == "meta" for p in parts.model.parameters())
 
 
 @pytest.mark.parametrize("overrides", [
