@@ -163,7 +163,7 @@ def student_step(model: nn.Module, labeled: tuple[torch.Tensor, torch.Tensor],
         if bank is not None:
             px, maps = bank.paste(px, maps, cfg.copy_paste_count, cfg.copy_paste_probability, generator, (255,))
         if cfg.strong_augment:
-            px, maps = strong_view(px, maps.to(device, non_blocking=True), cfg, generator)
+            px, maps = strong_view(px, *to_device(device, maps), cfg, generator)
         else:
             px, maps = weak_view(*to_device(device, px, maps), cfg.crop_scale_min, cfg.hflip, generator)
         routing = main_samples_first(unwrap(model), len(x)) if cfg.dsbn else nullcontext()
