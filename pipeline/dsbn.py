@@ -32,8 +32,10 @@ class DualBatchNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.main_count is None:
             return self.main(x)
-        n = self.main_count
-        return torch.cat([self.main(x[:n]), self.auxiliary(x[n:])])
+        # split, not two slices: the backward then joins the two halves' gradients once,
+        # where each slice's backward would fill a whole-batch tensor of zeros.
+        main, auxiliary = x.split([self.main_count, len(x) - self.main_count])
+        return torch.cat([self.main(main), self.auxiliary(auxiliary)])
 
 
 def add_auxiliary_bn(model: nn.Module) -> nn.Module:

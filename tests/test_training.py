@@ -21,12 +21,8 @@ def _data(n: int = 6, size: int = 32, classes: int = 4):
     return (images, masks), (images.clone(), masks.clone(), confidence)
 
 
-@pytest.mark.parametrize("builder", ["encoder_classify", "encoder_densecl", "decoder_pretrain", "teacher"])
-def test_a_step_keeps_its_batch_on_the_models_device(builder):
-    """On a GPU the batch moves before it is augmented, and every draw from the host generator
-    follows it there. On the meta device any host tensor that meets the batch raises, so this
-    runs each step's forward and backward there. (The student's losses read values, which meta
-    tensors have none of.)"""
+def _builder_parts(builder: str, device: torch.device):
+    """`builder`'s network, optimizer and step on small random data, on `device`."""
     (images, masks), _ = _data()
     denoiser = build_network(MODEL, 3).state_dict()
     jobs = {"encoder_classify": (EncoderConfig(batch_size=2), {"classify": {"image": images, "label": masks[:, 0, 0]}}, {}),
@@ -38,12 +34,34 @@ def test_a_step_keeps_its_batch_on_the_models_device(builder):
     train, data, init = jobs[builder]
     job = JobConfig(train=train, model=MODEL, num_classes=4, **init)
     setup = WorkerSetup.plain(job)
-    setup.device = torch.device("meta")
-    parts = BUILDERS[builder](job, data, setup)
+    setup.device = device
+    return BUILDERS[builder](job, data, setup)
+
+
+@pytest.mark.parametrize("builder", ["encoder_classify", "encoder_densecl", "decoder_pretrain", "teacher"])
+def test_a_step_keeps_its_batch_on_the_models_device(builder):
+    """On a GPU the batch moves before it is augmented, and every draw from the host generator
+    follows it there. On the meta device any host tensor that meets the batch raises, so this
+    runs each step's forward and backward there. (The student's losses read values, which meta
+    tensors have none of.)"""
+    parts = _builder_parts(builder, torch.device("meta"))
     loss = next(iter(parts.step().values()))
     loss.backward()
     assert loss.device.type == "meta"
     assert all(p.grad is None or p.grad.device.type == "meta" for p in parts.model.parameters())
+
+
+@pytest.mark.parametrize("builder", ["encoder_classify", "encoder_densecl", "decoder_pretrain", "teacher"])
+def test_on_the_cpu_each_stage_steps_with_the_fused_adamw(builder):
+    """One kernel over every tensor (the per-tensor loop costs ~5% of a teacher step here);
+    the meta device above, which has no fused kernel, gets the plain loop."""
+    parts = _builder_parts(builder, torch.device("cpu"))
+    assert parts.optimizer.defaults["fused"]
+    trained = [p for group in parts.optimizer.param_groups for p in group["params"]]
+    before = [p.detach().clone() for p in trained]
+    next(iter(parts.step().values())).backward()
+    parts.optimizer.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, trained))
 
 
 @pytest.mark.parametrize("overrides", [
