@@ -11,7 +11,8 @@ One invocation measures, on this machine and the params in params.yaml:
    difference (the overhead), seconds to load the data into memory, and peak memory;
 2. for each training stage, `--steps` steps of the stage's own builder, batch, data and
    threads in its Ray Train job against the same steps in a plain PyTorch process
-   (`stages/<stage>.py --plain`), alternated `--repeats` times (median): images/s and ratio,
+   (`stages/<stage>.py --plain`), in `--repeats` alternated pairs: images/s, and the ratio
+   as the median of each pair's own (a drift in the machine's speed cancels within a pair),
    and the seconds each takes to get the data into memory; plus the teacher on 2 Ray
    workers with half the threads each (the same global batch, DDP over gloo);
 3. the teacher's plain loop at cpus_per_worker threads against fewer and more (the cost of
@@ -155,29 +156,46 @@ def run_stage(stage: str, args: list[str], env: dict) -> dict:
     return summary
 
 
+def side_by_side(pairs: list[tuple[dict, dict]], images: int) -> dict:
+    """Figures of alternated (Ray Train, plain) runs of the same `images`: medians per mode, and
+    the ratio as the median over the pairs of each pair's own ratio. A pair's two runs are a
+    minute or two apart, so a drift in the machine's speed over the benchmark (by a third within
+    one session on the machines this project is built on) cancels within each pair."""
+    figures = {mode: {"images_per_s": statistics.median(images / r["loop_s"] for r in rs),
+                      "data_s": statistics.median(r["data_s"] for r in rs),
+                      "wall_s": statistics.median(r["wall_s"] for r in rs),
+                      "peak_rss_mb": max(max(r["peak_rss_mb"], r["worker_peak_rss_mb"]) for r in rs)}
+               for mode, rs in (("ray", [ray for ray, _ in pairs]), ("plain", [plain for _, plain in pairs]))}
+    figures["pair_ratios"] = [plain["loop_s"] / ray["loop_s"] for ray, plain in pairs]
+    figures["ratio"] = statistics.median(figures["pair_ratios"])
+    return figures
+
+
 def training_figures(params, steps: int, repeats: int, env: dict) -> dict:
     """`steps` steps of each training stage in its Ray Train job and in a plain process,
-    alternated `repeats` times; medians of images/s, load seconds and peak memory."""
+    `repeats` alternated pairs (`side_by_side`)."""
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
         for stage, (section, args) in training_commands(Path(tmp)).items():
             if stage == "encoder_init" and params.encoder.init not in ("supervised", "densecl"):
                 continue  # nothing trains
             common = short_run(args, section, steps, Path(tmp))
-            runs: dict[str, list[dict]] = {"ray": [], "plain": []}
-            for _ in range(repeats):
-                runs["ray"].append(run_stage(stage, common, env))
-                runs["plain"].append(run_stage(stage, [*common, "--plain"], env))
+            pairs = []
+            for i in range(repeats):
+                # Ray first, then plain first: neither mode always gets the later (or earlier) slot.
+                if i % 2:
+                    plain = run_stage(stage, [*common, "--plain"], env)
+                    ray = run_stage(stage, common, env)
+                else:
+                    ray = run_stage(stage, common, env)
+                    plain = run_stage(stage, [*common, "--plain"], env)
+                pairs.append((ray, plain))
             images = steps * images_per_step(params, section)
-            figures = {mode: {"images_per_s": statistics.median(images / r["loop_s"] for r in rs),
-                              "data_s": statistics.median(r["data_s"] for r in rs),
-                              "wall_s": statistics.median(r["wall_s"] for r in rs),
-                              "peak_rss_mb": max(max(r["peak_rss_mb"], r["worker_peak_rss_mb"]) for r in rs)}
-                       for mode, rs in runs.items()}
-            figures["ratio"] = figures["ray"]["images_per_s"] / figures["plain"]["images_per_s"]
+            figures = side_by_side(pairs, images)
             result[stage] = figures
             print(f"  {stage}: Ray {figures['ray']['images_per_s']:.0f} images/s, plain "
-                  f"{figures['plain']['images_per_s']:.0f} ({figures['ratio']:.2f}x)", flush=True)
+                  f"{figures['plain']['images_per_s']:.0f}, ratio {figures['ratio']:.2f} (pairs "
+                  f"{', '.join(f'{r:.2f}' for r in figures['pair_ratios'])})", flush=True)
             if stage == "teacher_finetune":  # the same global batch split over 2 workers (DDP over gloo)
                 cores = params.ray.cpus_per_worker
                 split = run_stage(stage, [*common, "--set", "ray.num_workers=2", "--set",
@@ -342,11 +360,13 @@ def markdown(fig: dict) -> str:
               f"{ok(fig['pipeline']['noop_repro_s'] <= t['noop_repro_s'])} |",
               f"| overhead per training stage (max) | {max(overheads, default=0):.1f} s | ≤ {t['overhead_s']:.0f} s | "
               f"{ok(max(overheads, default=0) <= t['overhead_s'])} |"]
-    runs = f"{fig['training_steps']} steps, median of {fig['training_repeats']}, " if "training_steps" in fig else ""
+    runs = f"{fig['training_steps']} steps, {fig['training_repeats']} alternated pairs, " if "training_steps" in fig else ""
     for stage, f in fig["training"].items():
-        lines.append(f"| {stage}: Ray Train / plain loop ({runs}images/s) | {f['ray']['images_per_s']:.0f} / "
-                     f"{f['plain']['images_per_s']:.0f} = {f['ratio']:.2f} | ≥ {t['training_ratio']} | "
-                     f"{ok(f['ratio'] >= t['training_ratio'])} |")
+        pairs = f.get("pair_ratios", [])
+        spread = f" (pairs {min(pairs):.2f}–{max(pairs):.2f})" if len(pairs) > 1 else ""
+        lines.append(f"| {stage}: Ray Train / plain loop ({runs}images/s; ratio: median over the pairs) | "
+                     f"{f['ray']['images_per_s']:.0f} / {f['plain']['images_per_s']:.0f}; {f['ratio']:.2f}{spread} | "
+                     f"≥ {t['training_ratio']} | {ok(f['ratio'] >= t['training_ratio'])} |")
     for stage, f in fig["training"].items():
         lines.append(f"| {stage}: data into memory, Ray Data (while the worker imports the models) / pyarrow | "
                      f"{f['ray']['data_s']:.2f} s / {f['plain']['data_s']:.2f} s | | |")
@@ -416,7 +436,8 @@ def main(argv: list[str] | None = None) -> None:
                              "(`gpu --help`), with options of its own")
     parser.add_argument("--report", action="store_true", help="only print the latest execution's per-stage table")
     parser.add_argument("--steps", type=int, default=200, help="training steps per side-by-side run (default 200)")
-    parser.add_argument("--repeats", type=int, default=2, help="side-by-side runs per training stage (median)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="alternated pairs of runs (Ray Train, plain) per training stage (default 3)")
     parser.add_argument("--json", type=Path, default=BENCH_JSON, help=f"where to write the figures (default {BENCH_JSON})")
     args = parser.parse_args(argv)
     if args.command == "readme":
