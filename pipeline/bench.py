@@ -365,7 +365,7 @@ def markdown(fig: dict) -> str:
         pairs = f.get("pair_ratios", [])
         spread = f" (pairs {min(pairs):.2f}–{max(pairs):.2f})" if len(pairs) > 1 else ""
         lines.append(f"| {stage}: Ray Train / plain loop ({runs}images/s; ratio: median over the pairs) | "
-                     f"{f['ray']['images_per_s']:.0f} / {f['plain']['images_per_s']:.0f}; {f['ratio']:.2f}{spread} | "
+                     f"{f['ray']['images_per_s']:.0f} / {f['plain']['images_per_s']:.0f}; {f['ratio']:.3f}{spread} | "
                      f"≥ {t['training_ratio']} | {ok(f['ratio'] >= t['training_ratio'])} |")
     for stage, f in fig["training"].items():
         lines.append(f"| {stage}: data into memory, Ray Data (while the worker imports the models) / pyarrow | "
