@@ -183,13 +183,10 @@ def training_figures(params, steps: int, repeats: int, env: dict) -> dict:
             pairs = []
             for i in range(repeats):
                 # Ray first, then plain first: neither mode always gets the later (or earlier) slot.
-                if i % 2:
-                    plain = run_stage(stage, [*common, "--plain"], env)
-                    ray = run_stage(stage, common, env)
-                else:
-                    ray = run_stage(stage, common, env)
-                    plain = run_stage(stage, [*common, "--plain"], env)
-                pairs.append((ray, plain))
+                order = ("ray", "plain") if i % 2 == 0 else ("plain", "ray")
+                runs = {mode: run_stage(stage, [*common, "--plain"] if mode == "plain" else common, env)
+                        for mode in order}
+                pairs.append((runs["ray"], runs["plain"]))
             images = steps * images_per_step(params, section)
             figures = side_by_side(pairs, images)
             result[stage] = figures

@@ -105,7 +105,7 @@ def test_finetune_optimizer_slows_the_encoder_and_trains_everything_else_once(pr
     net = build_network(MODEL, 4)
     model = ProjectedSegmenter(net, 8) if projected else net
     cfg = StudentConfig(lr=0.01, encoder_lr_scale=0.1)
-    encoder_group, rest_group = _finetune_optimizer(model, cfg).param_groups
+    encoder_group, rest_group = _finetune_optimizer(model, cfg, torch.device("cpu")).param_groups
     assert encoder_group["lr"] == pytest.approx(0.001) and rest_group["lr"] == pytest.approx(0.01)
     assert {id(p) for p in encoder_group["params"]} == {id(p) for p in net.encoder.parameters()}
     assert len(encoder_group["params"]) + len(rest_group["params"]) == len(list(model.parameters()))
