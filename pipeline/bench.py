@@ -3,7 +3,7 @@
     python -m pipeline.bench            # everything below (what `make bench` runs), then the table
     python -m pipeline.bench --report   # only the per-stage table of the latest pipeline run (MLflow)
     python -m pipeline.bench readme     # the table of reports/bench.json into README.md
-    python -m pipeline.bench processes  # the processes one teacher stage starts, and their CPU
+    python -m pipeline.bench processes  # the processes one teacher stage starts, their CPU, their share beside its loop
 
 One invocation measures, on this machine and the params in params.yaml:
 1. the whole default pipeline (`python -m pipeline.run --force`) and a no-op `dvc repro`;
@@ -145,7 +145,12 @@ def run_stage(stage: str, args: list[str], env: dict) -> dict:
     out = subprocess.run([sys.executable, f"stages/{stage}.py", *args], capture_output=True, text=True, env=env)
     if out.returncode:
         sys.exit(f"error: stages/{stage}.py {' '.join(args)} failed:\n{out.stderr[-3000:]}")
-    line = next(line for line in out.stdout.splitlines() if line.startswith(f"[{stage}] done:"))
+    return stage_summary(stage, out.stdout)
+
+
+def stage_summary(stage: str, stdout: str) -> dict:
+    """A stage's summary line (`[stage] done: k=v, ...`) in its output, as a dict of numbers."""
+    line = next(line for line in stdout.splitlines() if line.startswith(f"[{stage}] done:"))
     summary = {}
     for part in line.split("done:", 1)[1].split(", "):
         key, _, value = part.strip().partition("=")
@@ -280,40 +285,82 @@ def inference_figures(params) -> dict:
 # ------------------------------------------------- 5. the processes behind a stage's overhead
 
 def _process_name(argv: list[str], name: str) -> str:
-    """`ray::TrainController` for Ray's processes (their title), else the program and its first argument."""
+    """`ray::TrainController` for Ray's processes (their title), else the program, and for Python
+    the file name of its first argument (`python log_monitor.py`)."""
     if argv and argv[0].startswith("ray::"):
         return argv[0].split()[0]
-    return " ".join([Path(argv[0]).name, *argv[1:2]]) if argv else name
+    if not argv:
+        return name
+    program = Path(argv[0]).name
+    if not program.startswith("python"):
+        return program
+    script = [arg for arg in argv[1:] if arg != "-u"][:1]  # Ray's monitors run as `python -u <script>`
+    return " ".join([program, *(Path(arg).name for arg in script)])
 
 
-def process_timeline(command: list[str], env: dict | None = None, interval: float = 0.2) -> list[dict]:
+def _is_ray(argv: list[str]) -> bool:
+    return any(arg.startswith("ray::") or "/site-packages/ray/" in arg for arg in argv)
+
+
+def process_timeline(command: list[str], env: dict | None = None, interval: float = 0.2) -> tuple[list[dict], str]:
     """Run `command`; every process that appeared meanwhile (Ray names its workers and actors
-    in the process title): when it started and its CPU seconds at the last look, by start."""
+    in the process title), and every Ray process already running (its services, its detached
+    actors; `started_s` None): when it started, in seconds from the command's start, its CPU
+    seconds at the last look and all its looks (`samples`: seconds, CPU seconds), by start.
+    Also returns the command's output."""
     import psutil
 
     before = {proc.pid for proc in psutil.process_iter()}
-    started = time.time()
     seen: dict[int, dict] = {}
-    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while child.poll() is None:
-        for proc in psutil.process_iter():
-            if proc.pid in before:
-                continue
-            try:
-                with proc.oneshot():
-                    cpu, argv = proc.cpu_times(), proc.cmdline()
-                    seen[proc.pid] = {"name": _process_name(argv, proc.name()), "cpu_s": cpu.user + cpu.system,
-                                      "started_s": proc.create_time() - started}
-            except psutil.Error:  # gone between the listing and the look
-                pass
-        time.sleep(interval)
+    skipped: set[int] = set()
+    with tempfile.TemporaryFile("w+") as output:
+        child = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
+        try:
+            origin = psutil.Process(child.pid).create_time()
+        except psutil.Error:  # already gone
+            origin = time.time()
+        while child.poll() is None:
+            for proc in psutil.process_iter():
+                if proc.pid in skipped:
+                    continue
+                try:
+                    with proc.oneshot():
+                        argv, cpu = proc.cmdline(), proc.cpu_times()  # Ray titles a worker once it has a role
+                        if proc.pid not in seen:
+                            if proc.pid in before and not _is_ray(argv):
+                                skipped.add(proc.pid)
+                                continue
+                            seen[proc.pid] = {"samples": [],
+                                              "started_s": None if proc.pid in before else proc.create_time() - origin}
+                        name = proc.name()
+                except psutil.Error:  # gone between the listing and the look
+                    continue
+                row = seen[proc.pid]
+                if argv or "name" not in row:  # an exiting process has no command line left
+                    row["name"] = _process_name(argv, name)
+                row["cpu_s"] = cpu.user + cpu.system
+                row["samples"].append((time.time() - origin, row["cpu_s"]))
+            time.sleep(interval)
+        output.seek(0)
+        text = output.read()
     if child.returncode:
-        sys.exit(f"error: {' '.join(command)} failed with exit code {child.returncode}")
-    return sorted(seen.values(), key=lambda row: row["started_s"])
+        sys.exit(f"error: {' '.join(command)} failed with exit code {child.returncode}:\n{text[-3000:]}")
+    return sorted(seen.values(), key=lambda row: (row["started_s"] is not None, row["started_s"] or 0.0)), text
+
+
+def cpu_between(samples: list[tuple[float, float]], start: float, end: float) -> float:
+    """CPU seconds a process spent from `start` to `end` (seconds), by its last looks before each;
+    a process first seen after `start` counts from zero there (it started after it)."""
+    def at(moment: float) -> float:
+        return max((cpu for when, cpu in samples if when <= moment), default=0.0)
+
+    return at(end) - at(start)
 
 
 def process_figures(params, steps: int) -> str:
-    """The processes a short teacher stage starts on the shared local Ray, as a table."""
+    """The processes a short teacher stage starts on the shared local Ray and the Ray processes
+    already running: when each started, its CPU seconds during the stage and its share of a core
+    during the stage's training loop, as a table."""
     from pipeline.cluster import shared_ray
 
     with tempfile.TemporaryDirectory() as tmp, shared_ray(params.ray) as env:
@@ -321,9 +368,20 @@ def process_figures(params, steps: int) -> str:
         section, args = training_commands(Path(tmp))["teacher_finetune"]
         stage_args = short_run(args, section, steps, Path(tmp))
         run_stage("teacher_finetune", stage_args, env)  # the first job on a new Ray starts its shared actors
-        rows = process_timeline([sys.executable, "stages/teacher_finetune.py", *stage_args], env)
-    lines = [f"{'started s':>10}{'CPU s':>8}  process (teacher_finetune, {steps} steps)"]
-    lines += [f"{row['started_s']:>10.1f}{row['cpu_s']:>8.1f}  {row['name']}" for row in rows if row["cpu_s"] >= 0.05]
+        rows, output = process_timeline([sys.executable, "stages/teacher_finetune.py", *stage_args], env)
+    summary = stage_summary("teacher_finetune", output)
+    # The loop's window, from the stage's own phases (they count from its process start, as the rows do).
+    loop_start = sum(summary[key] for key in ("startup_s", "ray_connect_s", "job_start_s", "worker_setup_s"))
+    loop_s = summary["loop_s"]
+    lines = [f"{'started s':>10}{'CPU s':>8}{'in loop':>9}  process (teacher_finetune, {steps} steps; "
+             f"'in loop': % of one core over its {loop_s:.1f} s loop)"]
+    for row in rows:
+        share = 100 * cpu_between(row["samples"], loop_start, loop_start + loop_s) / loop_s
+        running = row["started_s"] is None  # then its CPU during the stage, not over its whole life
+        during = row["cpu_s"] - (row["samples"][0][1] if running else 0.0)
+        if during >= 0.05 or share >= 0.2:
+            lines.append(f"{'before' if running else format(row['started_s'], '.1f'):>10}{during:>8.1f}"
+                         f"{share:>8.1f}%  {row['name']}")
     return "\n".join(lines)
 
 
@@ -429,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", nargs="?", choices=["readme", "processes"],
                         help="readme: write reports/bench.json's (and reports/gpu_bench.json's) table into README.md; "
                              "processes: list the processes one short teacher stage starts (Ray's workers and actors) "
-                             "and their CPU seconds. `python -m pipeline.bench gpu …` is the GPU mode "
+                             "and their CPU seconds, and each Ray process's share of a core during its loop. `python -m pipeline.bench gpu …` is the GPU mode "
                              "(`gpu --help`), with options of its own")
     parser.add_argument("--report", action="store_true", help="only print the latest execution's per-stage table")
     parser.add_argument("--steps", type=int, default=200, help="training steps per side-by-side run (default 200)")

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.bench import README_BEGIN, README_END, markdown, process_timeline, side_by_side, write_readme
+from pipeline.bench import (README_BEGIN, README_END, cpu_between, markdown, process_timeline, side_by_side,
+                            write_readme)
 
 
 def _figures(pipeline_s: float, ratio_ray: float) -> dict:
@@ -86,10 +87,23 @@ def test_the_process_timeline_lists_each_process_the_command_started_with_its_cp
 
     child = "import time; t = time.process_time(); exec('while time.process_time() - t < 0.6: pass')"
     parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}, 'burner'], check=True)"
-    rows = process_timeline([sys.executable, "-c", parent], interval=0.05)
-    burner = [row for row in rows if row["name"] == f"{Path(sys.executable).name} -c" and row["cpu_s"] >= 0.3]
-    assert len(burner) == 1 and rows[0]["started_s"] <= burner[0]["started_s"], rows
-    assert all(row["started_s"] > -1 for row in rows)
+    rows, output = process_timeline([sys.executable, "-c", parent + "; print('done')"], interval=0.05)
+    started = [row for row in rows if row["started_s"] is not None]  # the rest: Ray processes already running
+    burner = [row for row in started if row["name"] == f"{Path(sys.executable).name} -c" and row["cpu_s"] >= 0.3]
+    assert len(burner) == 1 and started[0]["started_s"] <= burner[0]["started_s"], rows
+    assert all(row["started_s"] > -1 for row in started)
+    # Its CPU over a window is read from its looks: the burn is all of it, and none before the burner started.
+    samples = burner[0]["samples"]
+    assert cpu_between(samples, 0.0, samples[-1][0]) == pytest.approx(burner[0]["cpu_s"])
+    assert cpu_between(samples, -1.0, burner[0]["started_s"] - 0.01) == 0.0
+    assert output == "done\n"
+
+
+def test_cpu_between_two_moments_reads_the_last_look_before_each():
+    samples = [(0.0, 1.0), (1.0, 1.5), (2.0, 3.0), (3.0, 3.2)]
+    assert cpu_between(samples, 1.0, 2.5) == pytest.approx(1.5)
+    assert cpu_between(samples, 0.5, 10.0) == pytest.approx(2.2)
+    assert cpu_between(samples, -1.0, 0.5) == pytest.approx(1.0)  # first seen after the start: from zero
 
 
 def test_the_process_timeline_stops_on_a_failed_command():
