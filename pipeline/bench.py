@@ -26,7 +26,9 @@ It prints a table, writes `reports/bench.json` and logs both to MLflow (run `ben
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
@@ -298,8 +300,9 @@ def _process_name(argv: list[str], name: str) -> str:
     return " ".join([program, *(Path(arg).name for arg in script)])
 
 
-def _is_ray(argv: list[str]) -> bool:
-    return any(arg.startswith("ray::") or "/site-packages/ray/" in arg for arg in argv)
+def _is_ray(argv: list[str], ray_package: str) -> bool:
+    """A Ray worker or actor (its title) or one of Ray's services (a file of the package's folder)."""
+    return any(arg.startswith("ray::") or ray_package in arg for arg in argv)
 
 
 def process_timeline(command: list[str], env: dict | None = None, interval: float = 0.2) -> tuple[list[dict], str]:
@@ -307,10 +310,13 @@ def process_timeline(command: list[str], env: dict | None = None, interval: floa
     in the process title), and every Ray process already running (its services, its detached
     actors; `started_s` None): when it started, in seconds from the command's start, its CPU
     seconds at the last look and all its looks (`samples`: seconds, CPU seconds), by start.
-    Also returns the command's output."""
+    The looks themselves cost CPU beside the command, so this process is a row too. Also
+    returns the command's output."""
     import psutil
 
+    ray_package = os.path.join(importlib.util.find_spec("ray").submodule_search_locations[0], "")
     before = {proc.pid for proc in psutil.process_iter()}
+    sampler = {"name": "the looks (this benchmark)", "started_s": None, "samples": []}
     seen: dict[int, dict] = {}
     skipped: set[int] = set()
     with tempfile.TemporaryFile("w+") as output:
@@ -320,6 +326,8 @@ def process_timeline(command: list[str], env: dict | None = None, interval: floa
         except psutil.Error:  # already gone
             origin = time.time()
         while child.poll() is None:
+            sampler["cpu_s"] = time.process_time()
+            sampler["samples"].append((time.time() - origin, sampler["cpu_s"]))
             for proc in psutil.process_iter():
                 if proc.pid in skipped:
                     continue
@@ -327,7 +335,7 @@ def process_timeline(command: list[str], env: dict | None = None, interval: floa
                     with proc.oneshot():
                         argv, cpu = proc.cmdline(), proc.cpu_times()  # Ray titles a worker once it has a role
                         if proc.pid not in seen:
-                            if proc.pid in before and not _is_ray(argv):
+                            if proc.pid in before and not _is_ray(argv, ray_package):
                                 skipped.add(proc.pid)
                                 continue
                             seen[proc.pid] = {"samples": [],
@@ -345,7 +353,8 @@ def process_timeline(command: list[str], env: dict | None = None, interval: floa
         text = output.read()
     if child.returncode:
         sys.exit(f"error: {' '.join(command)} failed with exit code {child.returncode}:\n{text[-3000:]}")
-    return sorted(seen.values(), key=lambda row: (row["started_s"] is not None, row["started_s"] or 0.0)), text
+    rows = [sampler, *seen.values()]
+    return sorted(rows, key=lambda row: (row["started_s"] is not None, row["started_s"] or 0.0)), text
 
 
 def cpu_between(samples: list[tuple[float, float]], start: float, end: float) -> float:
@@ -378,7 +387,7 @@ def process_figures(params, steps: int) -> str:
     for row in rows:
         share = 100 * cpu_between(row["samples"], loop_start, loop_start + loop_s) / loop_s
         running = row["started_s"] is None  # then its CPU during the stage, not over its whole life
-        during = row["cpu_s"] - (row["samples"][0][1] if running else 0.0)
+        during = cpu_between(row["samples"], row["samples"][0][0] if running else -math.inf, math.inf)
         if during >= 0.05 or share >= 0.2:
             lines.append(f"{'before' if running else format(row['started_s'], '.1f'):>10}{during:>8.1f}"
                          f"{share:>8.1f}%  {row['name']}")
@@ -487,8 +496,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", nargs="?", choices=["readme", "processes"],
                         help="readme: write reports/bench.json's (and reports/gpu_bench.json's) table into README.md; "
                              "processes: list the processes one short teacher stage starts (Ray's workers and actors) "
-                             "and their CPU seconds, and each Ray process's share of a core during its loop. `python -m pipeline.bench gpu …` is the GPU mode "
-                             "(`gpu --help`), with options of its own")
+                             "and their CPU seconds, and each Ray process's share of a core during its loop. "
+                             "`python -m pipeline.bench gpu …` is the GPU mode (`gpu --help`), with options of its own")
     parser.add_argument("--report", action="store_true", help="only print the latest execution's per-stage table")
     parser.add_argument("--steps", type=int, default=200, help="training steps per side-by-side run (default 200)")
     parser.add_argument("--repeats", type=int, default=3,

@@ -1,12 +1,14 @@
 """The benchmark's report: every number in the README's performance table comes from the
 figures file, and each target is judged from the figure, not typed in."""
 
+import math
+import os
 from pathlib import Path
 
 import pytest
 
-from pipeline.bench import (README_BEGIN, README_END, cpu_between, markdown, process_timeline, side_by_side,
-                            write_readme)
+from pipeline.bench import (README_BEGIN, README_END, _is_ray, cpu_between, markdown, process_timeline,
+                            side_by_side, write_readme)
 
 
 def _figures(pipeline_s: float, ratio_ray: float) -> dict:
@@ -96,7 +98,19 @@ def test_the_process_timeline_lists_each_process_the_command_started_with_its_cp
     samples = burner[0]["samples"]
     assert cpu_between(samples, 0.0, samples[-1][0]) == pytest.approx(burner[0]["cpu_s"])
     assert cpu_between(samples, -1.0, burner[0]["started_s"] - 0.01) == 0.0
+    # The looks cost CPU in this process, beside the command: a row of their own.
+    looks = [row for row in rows if row["name"] == "the looks (this benchmark)"]
+    assert len(looks) == 1 and looks[0]["started_s"] is None
+    spent = cpu_between(looks[0]["samples"], looks[0]["samples"][0][0], math.inf)
+    assert 0.0 < spent <= looks[0]["samples"][-1][0] * os.cpu_count()
     assert output == "done\n"
+
+
+def test_ray_processes_are_told_by_their_title_or_by_a_file_of_the_installed_package():
+    package = "/usr/lib/python3/dist-packages/ray/"  # a Debian install: not under site-packages
+    assert _is_ray(["ray::IDLE"], package)
+    assert _is_ray(["/usr/bin/python3", "-u", package + "_private/log_monitor.py", "--logs-dir=/tmp"], package)
+    assert not _is_ray(["/usr/bin/python3", "-m", "pytest", "tests/test_ray.py"], package)
 
 
 def test_cpu_between_two_moments_reads_the_last_look_before_each():

@@ -410,8 +410,10 @@ def test_a_training_stage_runs_across_two_ray_nodes(repo, params_file, mlflow_se
 
 
 def watch(cmd: list[str], repo: Path, log: Path, env: dict | None = None) -> subprocess.Popen:
-    """Start `cmd` in its own process group, its output going to `log`."""
-    return subprocess.Popen(cmd, cwd=repo, env={**repo_env(repo), **(env or {})}, stdout=open(log, "w"),
+    """Start `cmd` in its own process group, its output going to `log` as soon as it is printed
+    (unbuffered: a test acts on lines as they appear)."""
+    return subprocess.Popen(cmd, cwd=repo, env={**repo_env(repo), "PYTHONUNBUFFERED": "1", **(env or {})},
+                            stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -427,9 +429,11 @@ CHECKPOINTED = "Reporting training result"  # Ray Train's line once an epoch's c
 
 
 def longer_teacher(params_file: Path, **extra) -> None:
-    """A teacher long enough to be interrupted between checkpoints."""
+    """A teacher long enough to be interrupted between checkpoints: after the second of six
+    epochs, four (~1 s each here) are left for the test to see it and act, even when Ray
+    forwards the worker's lines late."""
     params = yaml.safe_load(params_file.read_text())
-    params["teacher"] |= {"epochs": 6, "steps_per_epoch": 10, **extra}
+    params["teacher"] |= {"epochs": 6, "steps_per_epoch": 30, **extra}
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
