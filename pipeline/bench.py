@@ -316,7 +316,6 @@ def process_timeline(command: list[str], env: dict | None = None, interval: floa
 
     ray_package = os.path.join(importlib.util.find_spec("ray").submodule_search_locations[0], "")
     before = {proc.pid for proc in psutil.process_iter()}
-    sampler = {"name": "the looks (this benchmark)", "started_s": None, "samples": []}
     seen: dict[int, dict] = {}
     skipped: set[int] = set()
     with tempfile.TemporaryFile("w+") as output:
@@ -325,9 +324,8 @@ def process_timeline(command: list[str], env: dict | None = None, interval: floa
             origin = psutil.Process(child.pid).create_time()
         except psutil.Error:  # already gone
             origin = time.time()
+        looks = [(time.time() - origin, time.process_time())]
         while child.poll() is None:
-            sampler["cpu_s"] = time.process_time()
-            sampler["samples"].append((time.time() - origin, sampler["cpu_s"]))
             for proc in psutil.process_iter():
                 if proc.pid in skipped:
                     continue
@@ -348,12 +346,14 @@ def process_timeline(command: list[str], env: dict | None = None, interval: floa
                     row["name"] = _process_name(argv, name)
                 row["cpu_s"] = cpu.user + cpu.system
                 row["samples"].append((time.time() - origin, row["cpu_s"]))
+            looks.append((time.time() - origin, time.process_time()))
             time.sleep(interval)
         output.seek(0)
         text = output.read()
     if child.returncode:
         sys.exit(f"error: {' '.join(command)} failed with exit code {child.returncode}:\n{text[-3000:]}")
-    rows = [sampler, *seen.values()]
+    rows = [{"name": "the looks (this benchmark)", "started_s": None, "samples": looks, "cpu_s": looks[-1][1]},
+            *seen.values()]
     return sorted(rows, key=lambda row: (row["started_s"] is not None, row["started_s"] or 0.0)), text
 
 
