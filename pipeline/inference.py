@@ -97,12 +97,12 @@ def ray_predictions(states: dict[str, dict], model: ModelConfig, num_classes: in
                     batch_size: int, flip_tta: bool, ray_cfg: RayConfig) -> Iterator[Batch]:
     """`predict_batch` over a split as a Ray Data pipeline with `ray.inference_actors` model
     replicas (one GPU each when `use_gpu`), batches returned in the split's order."""
-    import ray
-    import ray.data
-
     from pipeline.raytrain import init_ray
 
     init_ray(ray_cfg)
+    import ray
+    import ray.data
+
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.use_datasource_v2 = False  # see raytrain.launch

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.cluster import start_local_ray
+from pipeline.cluster import execution_ray_address, local_cpus, start_local_ray
 from pipeline.config import ModelConfig, RayConfig, TrainConfig
 from pipeline.data import columns_to_tensors, parquet_files
 from pipeline.stage import peak_rss_mb
@@ -49,18 +50,19 @@ def run_name(stage: str, loop_config: dict, inputs: list[Path]) -> str:
 
 
 def init_ray(ray_cfg: RayConfig) -> None:
-    """Connect to `RAY_ADDRESS` / `ray.address` if given, else start Ray locally."""
+    """Connect to `RAY_ADDRESS` / `ray.address` if given, else to the local Ray of this
+    `dvc repro` (`execution_ray_address`), else start one. Call it before importing Ray."""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return
+    address = ray_cfg.resolved_address() or execution_ray_address(ray_cfg)
     import ray
 
-    if ray.is_initialized():
-        return
     job_options = {"logging_config": ray.LoggingConfig(log_level="WARNING"),
                    "runtime_env": {"worker_process_setup_hook": "pipeline.ray_logging.quiet_worker_logs"}}
-    address = ray_cfg.resolved_address()
     if address:
         ray.init(address=address, **job_options)
     else:
-        start_local_ray(ray_cfg, **job_options)
+        start_local_ray(local_cpus(ray_cfg), **job_options)
 
 
 @dataclass
@@ -96,11 +98,11 @@ def launch(stage: str, builder: str, job: JobConfig, datasets: dict[str, tuple[l
     """
     for key, value in _TRAIN_ENV_DEFAULTS.items():  # the trainer reads them and passes them to its controller
         os.environ.setdefault(key, value)
+    init_ray(ray_cfg)
     import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    init_ray(ray_cfg)
     ray_connected_at = time.time()
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = False

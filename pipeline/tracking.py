@@ -1,10 +1,5 @@
 """MLflow tracking: one run per stage execution, grouped under one parent run per pipeline
-execution, tagged with the DVC stage, git commit and data manifest hash.
-
-A `dvc repro` runs every stage as a child process of itself, so the stages of one execution
-share the DVC process as an ancestor; its pid and start time name the execution
-(`PIPELINE_EXECUTION_ID` overrides, e.g. for a driver script that runs stages itself).
-"""
+execution (`execution_id`), tagged with the DVC stage, git commit and data manifest hash."""
 
 from __future__ import annotations
 
@@ -17,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.config import MlflowConfig, Params, section_dict
+from pipeline.execution import dvc_process
 
 EXECUTION_TAG = "pipeline.execution"
 PARENT_TAG = "pipeline.parent"
@@ -28,26 +24,14 @@ def resolve_tracking_uri(cfg: MlflowConfig, root: Path) -> str:
             or f"sqlite:///{(root / 'mlflow.db').resolve()}")
 
 
-def _proc_stat(pid: int) -> tuple[int, str]:
-    """(parent pid, start time in clock ticks) of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[1]), fields[19]
-
-
 def execution_id() -> str:
-    """Names the pipeline execution this stage belongs to (see the module docstring)."""
+    """Names the pipeline execution this stage belongs to: its `dvc repro` process (see
+    `pipeline.execution`), unless `PIPELINE_EXECUTION_ID` says otherwise (e.g. for a driver
+    script that runs stages itself)."""
     if os.environ.get("PIPELINE_EXECUTION_ID"):
         return os.environ["PIPELINE_EXECUTION_ID"]
-    pid = os.getpid()
-    try:
-        for _ in range(4):
-            pid, _ = _proc_stat(pid)
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-            if b"dvc" in cmdline and b"repro" in cmdline or b"dvc exp" in cmdline:
-                return f"{socket.gethostname()}-{pid}-{_proc_stat(pid)[1]}"
-    except (OSError, IndexError, ValueError):
-        pass
-    return f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+    dvc = dvc_process()
+    return f"{socket.gethostname()}-{dvc or f'{os.getpid()}-{time.time_ns()}'}"
 
 
 def git_commit(root: Path) -> str:

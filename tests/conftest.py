@@ -1,5 +1,6 @@
 import os
 import socket
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -12,6 +13,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until(condition, timeout: float, every: float = 0.2) -> bool:
+    """Whether `condition()` came true within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every)
+    return True
 
 
 @dataclass

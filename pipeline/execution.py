@@ -1,0 +1,61 @@
+"""Which pipeline execution a stage belongs to, read from /proc.
+
+`dvc repro` (or `dvc exp run`) runs every stage as a child process of itself, so the stages of
+one execution share that DVC process as an ancestor. It keys the execution's MLflow parent run
+and the local Ray its stages share. A pid alone can be reused once its process is gone; with
+the process's start time it names one process for good.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _stat(pid: int) -> tuple[int, str, str]:
+    """(parent pid, state letter, start time in clock ticks since boot) of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[1]), fields[0], fields[19]
+
+
+@dataclass(frozen=True)
+class ProcessRef:
+    pid: int
+    started: str
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessRef:
+        return cls(pid, _stat(pid)[2])
+
+    @classmethod
+    def parse(cls, text: str) -> ProcessRef:
+        pid, started = text.split("-", 1)
+        return cls(int(pid), started)
+
+    def __str__(self) -> str:
+        return f"{self.pid}-{self.started}"
+
+    def running(self) -> bool:
+        """Still running: not exited, not a zombie waiting for its parent to read its status,
+        and not another process that was given the same pid since."""
+        try:
+            _, state, started = _stat(self.pid)
+        except (OSError, IndexError):
+            return False
+        return state != "Z" and started == self.started
+
+
+def dvc_process(levels: int = 4) -> ProcessRef | None:
+    """The `dvc repro` / `dvc exp` process this one runs under (DVC starts a stage through a
+    shell, so it is a parent or a grandparent), or None for a stage run by hand."""
+    pid = os.getpid()
+    try:
+        for _ in range(levels):
+            pid = _stat(pid)[0]
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            if b"dvc" in cmdline and b"repro" in cmdline or b"dvc exp" in cmdline:
+                return ProcessRef.of(pid)
+    except (OSError, IndexError, ValueError):
+        pass
+    return None

@@ -1,0 +1,23 @@
+"""Telling the `dvc repro` a stage runs under, and whether a process still runs (the stand-in
+DVC of tests/test_cluster.py checks a stage finds its DVC process)."""
+
+import os
+import subprocess
+
+from conftest import wait_until
+
+from pipeline.execution import ProcessRef, dvc_process
+
+
+def test_a_stage_run_by_hand_has_no_dvc_process():
+    assert dvc_process() is None
+
+
+def test_a_process_ref_tells_a_running_process_from_an_exited_one():
+    child = subprocess.Popen(["sleep", "30"])
+    ref = ProcessRef.of(child.pid)
+    assert ProcessRef.parse(str(ref)) == ref and ref.running()
+    child.kill()
+    assert wait_until(lambda: not ref.running(), 10)  # a zombie until waited for: already not running
+    child.wait()
+    assert not ref.running() and not ProcessRef(os.getpid(), "0").running()
