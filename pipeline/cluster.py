@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -37,9 +38,9 @@ from pipeline.execution import ProcessRef, dvc_process
 # while the worker imports torch) and a poller beside the training loop. A cluster keeps it.
 # A stage's driver passes them on to Ray Train's controller and workers.
 LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# What a stage takes from the environment of the Ray it connects to: Ray reads it on import.
+SHARED_ENV = ("RAY_AUTH_MODE",)
 
-# Where the local Ray of each `dvc repro` is announced to its stages: one file per execution.
-SHARED_DIR = Path(tempfile.gettempdir()) / "pipeline-ray"
 SERVER_START_TIMEOUT_S = 120
 SERVER_POLL_S = 0.5  # how soon after `dvc repro` ends its Ray starts stopping
 
@@ -69,10 +70,16 @@ def execution_ray_address(ray_cfg: RayConfig) -> str | None:
     started by its first Ray stage (`execution_ray`) and connected to by the rest, each saving
     the seconds of starting and stopping its own; this process's environment gets what Ray
     must know to connect. None (the stage starts its own) when run by hand, when asking for
-    more CPUs than that Ray has, or once Ray is imported: Ray reads its token-authentication
-    mode from the environment on import, so call this before."""
+    more CPUs than that Ray has, when it cannot be started, or once Ray is imported: Ray
+    reads its token-authentication mode from the environment on import, so call this before."""
     dvc = dvc_process()
-    shared = execution_ray(dvc, local_cpus(ray_cfg)) if dvc and "ray" not in sys.modules else None
+    if dvc is None or "ray" in sys.modules:
+        return None
+    try:
+        shared = execution_ray(dvc, local_cpus(ray_cfg))
+    except (OSError, RuntimeError) as err:
+        print(f"warning: {err}; this stage starts a Ray of its own", file=sys.stderr, flush=True)
+        return None
     if shared is None:
         return None
     for key, value in {**LOCAL_TRAIN_ENV, **shared["env"]}.items():
@@ -80,26 +87,38 @@ def execution_ray_address(ray_cfg: RayConfig) -> str | None:
     return shared["address"]
 
 
-def _state_file(dvc: ProcessRef) -> Path:
-    return SHARED_DIR / f"{dvc}.json"
+def shared_dir() -> Path:
+    """This user's folder of announcements, one file per execution: private (0700, owned by
+    this user), since a stage connects to the Ray a file names and takes settings from it."""
+    path = Path(tempfile.gettempdir()) / f"pipeline-ray-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    found = os.lstat(path)
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o077:
+        raise RuntimeError(f"{path} is not a folder of this user's alone (owner uid {found.st_uid}, "
+                           f"mode {stat.S_IMODE(found.st_mode):o}); expected one made with mode 700")
+    return path
 
 
 def _live_state(state: Path) -> dict | None:
-    """What a running server wrote about its Ray, or None (no server, or one that died)."""
+    """What a running server wrote about its Ray, or None (no server, one that died, or a file
+    that is not a server's)."""
     try:
         info = json.loads(state.read_text())
-    except (OSError, ValueError):
+        server = ProcessRef.parse(info["server"])
+        info = {"address": str(info["address"]), "num_cpus": int(info["num_cpus"]),
+                "session_dir": str(info["session_dir"]),
+                "env": {key: str(value) for key, value in info["env"].items() if key in SHARED_ENV}}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return info if ProcessRef.parse(info["server"]).running() else None
+    return info if server.running() else None
 
 
 def execution_ray(dvc: ProcessRef, cpus: int) -> dict | None:
-    """The local Ray serving `dvc`'s execution ({address, num_cpus, env, ...}), started now by
-    a server process of its own (`serve`) when there is none; None when it has fewer than
-    `cpus` CPUs. The server outlives the stage that started it and stops Ray once `dvc` exits,
-    however it exits."""
-    SHARED_DIR.mkdir(exist_ok=True)
-    state = _state_file(dvc)
+    """The local Ray serving `dvc`'s execution ({address, num_cpus, session_dir, env}), started
+    now by a server process of its own (`serve`) when there is none; None when it has fewer
+    than `cpus` CPUs. The server outlives the stage that started it and stops Ray once `dvc`
+    exits, however it exits."""
+    state = shared_dir() / f"{dvc}.json"
     with open(state.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one server, should two stages ever look at once
         info = _live_state(state)
@@ -121,31 +140,47 @@ def _start_server(dvc: ProcessRef, cpus: int, state: Path) -> dict:
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while (info := _live_state(state)) is None:
         if server.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the local Ray for this execution did not start within "
-                               f"{SERVER_START_TIMEOUT_S} s; its log, {log}:\n{log.read_text()[-3000:]}")
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGTERM)
+            why = f"exited with {server.returncode}" if server.returncode is not None else \
+                f"did not start within {SERVER_START_TIMEOUT_S} s"
+            raise RuntimeError(f"the local Ray for this execution {why}; its log ({log}):\n{_tail(log)}")
         time.sleep(0.05)
     return info
 
 
+def _tail(path: Path) -> str:
+    try:
+        return path.read_text()[-3000:]
+    except OSError as err:
+        return f"(unreadable: {err})"
+
+
 def serve(dvc: ProcessRef, num_cpus: int) -> int:
-    """Start a local Ray, publish its address for `dvc`'s stages, and stop it once `dvc` has exited."""
+    """Start a local Ray, publish its address for `dvc`'s stages, and stop it once `dvc` has
+    exited, or once one of Ray's own processes has died (the next stage then starts another)."""
+    import psutil
     import ray
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    state = _state_file(dvc)
-    context = start_local_ray(num_cpus, log_to_driver=False)
+    state = shared_dir() / f"{dvc}.json"
+    published = False
     try:
+        context = start_local_ray(num_cpus, log_to_driver=False)
+        ray_processes = psutil.Process().children()
         info = {"address": context.address_info["gcs_address"], "num_cpus": num_cpus,
                 "session_dir": context.address_info["session_dir"], "server": str(ProcessRef.of(os.getpid())),
                 # Ray's token authentication mode, as it chose for this instance.
-                "env": {key: os.environ[key] for key in ("RAY_AUTH_MODE",) if key in os.environ}}
+                "env": {key: os.environ[key] for key in SHARED_ENV if key in os.environ}}
         written = state.with_suffix(".tmp")
         written.write_text(json.dumps(info))
         written.replace(state)
-        while dvc.running():
+        published = True
+        while dvc.running() and all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ray_processes):
             time.sleep(SERVER_POLL_S)
     finally:
-        for suffix in (".json", ".lock", ".log"):
+        # Before it is published, a stage waits on this server and shows its log.
+        for suffix in (".json", ".tmp", ".lock") + ((".log",) if published else ()):
             state.with_suffix(suffix).unlink(missing_ok=True)
         ray.shutdown()
     return 0

@@ -46,6 +46,14 @@ class ProcessRef:
         return state != "Z" and started == self.started
 
 
+def is_dvc_command(argv: list[str]) -> bool:
+    """`dvc repro …` or `dvc exp …`: DVC's script run directly or by an interpreter, or `python -m dvc`."""
+    for i, arg in enumerate(argv[:-1]):
+        if Path(arg).name == "dvc" and (i <= 1 or argv[i - 1] == "-m"):
+            return argv[i + 1] in ("repro", "exp")
+    return False
+
+
 def dvc_process(levels: int = 4) -> ProcessRef | None:
     """The `dvc repro` / `dvc exp` process this one runs under (DVC starts a stage through a
     shell, so it is a parent or a grandparent), or None for a stage run by hand."""
@@ -53,8 +61,8 @@ def dvc_process(levels: int = 4) -> ProcessRef | None:
     try:
         for _ in range(levels):
             pid = _stat(pid)[0]
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-            if b"dvc" in cmdline and b"repro" in cmdline or b"dvc exp" in cmdline:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            if is_dvc_command(argv):
                 return ProcessRef.of(pid)
     except (OSError, IndexError, ValueError):
         pass

@@ -1,12 +1,14 @@
 """The local Ray one `dvc repro` shares among its stages: started by the first, reused by the
 next, stopped once DVC has exited, however it exits. A stand-in for DVC (a script named `dvc`
-run as `dvc repro`) runs two stand-in stages that connect and run a task."""
+run as `dvc repro`) runs stand-in stages that connect and run a task."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -14,41 +16,53 @@ import psutil
 import pytest
 from conftest import wait_until
 
-from pipeline.cluster import SHARED_DIR, local_cpus
+from pipeline.cluster import local_cpus, shared_dir
 from pipeline.config import RayConfig
-from pipeline.execution import ProcessRef, dvc_process
+from pipeline.execution import ProcessRef
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# A stage: `python stage.py NUM_WORKERS`, its Ray config asking for that many 1-CPU workers.
 STAGE = textwrap.dedent("""
-    import json
+    import json, sys
     from pipeline.config import RayConfig
     from pipeline.execution import dvc_process
     from pipeline.raytrain import init_ray
 
-    init_ray(RayConfig())
+    init_ray(RayConfig(num_workers=int(sys.argv[1]), cpus_per_worker=1))
     import ray
 
     print(json.dumps({"address": ray.get_runtime_context().gcs_address, "dvc": str(dvc_process()),
                       "answer": ray.get(ray.remote(lambda: 42).remote())}), flush=True)
 """)
+BIG = os.cpu_count() + 4  # more workers than the shared Ray, sized by the first stage, has CPUs for
 
-def fake_dvc(tmp_path: Path, hold_s: float) -> Path:
-    """A `dvc` that runs two stages one after the other, as `dvc repro` would, through a shell;
-    then holds on for `hold_s` seconds."""
+
+def fake_dvc(tmp_path: Path, workers: list[int], hold_s: float) -> Path:
+    """A `dvc` that runs one stage per entry of `workers`, one after the other, through a shell
+    as `dvc repro` does; then holds on for `hold_s` seconds."""
     (tmp_path / "stage.py").write_text(STAGE)
     dvc = tmp_path / "dvc"
-    stage = f"{sys.executable} {tmp_path / 'stage.py'}"
-    dvc.write_text(f"#!/bin/bash\necho dvc $$\nsh -c '{stage}'\nsh -c '{stage}'\nsleep {hold_s}\n")
+    stages = "".join(f"sh -c '{sys.executable} {tmp_path / 'stage.py'} {n}'\n" for n in workers)
+    dvc.write_text(f"#!/bin/bash\necho dvc $$\n{stages}sleep {hold_s}\n")
     dvc.chmod(0o755)
     return dvc
 
 
-def start(dvc: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+@pytest.fixture
+def temp_dir():
+    """A TMPDIR of the test's own, short: Ray keeps its sockets under it, and a socket's path
+    may not be longer than 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="pr-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def start(dvc: Path, temp_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "TMPDIR": str(temp_dir)}
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen([str(dvc), "repro"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
 
 
 def session_processes(session_dir: str) -> list[psutil.Process]:
@@ -65,23 +79,42 @@ def test_the_local_ray_is_sized_for_the_workers_or_the_actors_plus_a_reader():
     assert local_cpus(RayConfig(inference_actors=3, cpus_per_worker=1)) == max(os.cpu_count(), 3) + 1
 
 
+def test_the_announcements_folder_must_be_this_users_alone(monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folder = shared_dir()
+    assert folder.parent == tmp_path and folder.stat().st_mode & 0o777 == 0o700
+    folder.chmod(0o777)  # as if someone else had made it for everyone
+    with pytest.raises(RuntimeError, match=f"{folder}.*mode 777"):
+        shared_dir()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("ending", ["exit", "sigkill"])
-def test_the_stages_of_one_repro_share_one_local_ray_that_stops_when_dvc_ends(tmp_path, ending):
-    dvc = start(fake_dvc(tmp_path, hold_s=0 if ending == "exit" else 60))
+def test_the_stages_of_one_repro_share_one_local_ray_that_stops_when_dvc_exits(tmp_path, temp_dir):
+    """The third stage asks for more CPUs than the shared Ray has and starts its own."""
+    dvc = start(fake_dvc(tmp_path, [1, 1, BIG], hold_s=0), temp_dir)
+    out, _ = dvc.communicate(timeout=300)  # ends with DVC: the server holds none of its pipes
+    assert dvc.returncode == 0, out
+    dvc_pid, *stages = out.splitlines()
+    first, second, big = map(json.loads, stages)
+    assert first["answer"] == second["answer"] == big["answer"] == 42
+    assert first["address"] == second["address"] != big["address"]
+    assert first["dvc"] == second["dvc"] and first["dvc"].startswith(f"{dvc_pid.split()[1]}-")
+    folder = temp_dir / f"pipeline-ray-{os.getuid()}"
+    assert wait_until(lambda: not list(folder.iterdir()), 60), list(folder.iterdir())
+
+
+@pytest.mark.slow
+def test_a_killed_repro_leaves_no_ray_behind(tmp_path, temp_dir):
+    dvc = start(fake_dvc(tmp_path, [1], hold_s=120), temp_dir)
     dvc_pid = int(dvc.stdout.readline().split()[1])
-    first, second = (json.loads(dvc.stdout.readline()) for _ in range(2))
-    assert first["answer"] == second["answer"] == 42
-    assert first["address"] == second["address"]
-    assert first["dvc"] == str(ProcessRef.of(dvc_pid))
-    state = SHARED_DIR / f"{first['dvc']}.json"
+    stage = json.loads(dvc.stdout.readline())
+    state = temp_dir / f"pipeline-ray-{os.getuid()}" / f"{ProcessRef.of(dvc_pid)}.json"
     info = json.loads(state.read_text())
-    assert info["address"] == first["address"] and info["num_cpus"] == local_cpus(RayConfig())
+    assert info["address"] == stage["address"] and info["num_cpus"] == local_cpus(RayConfig(cpus_per_worker=1))
     server = ProcessRef.parse(info["server"])
     assert server.running() and session_processes(info["session_dir"])
-    if ending == "sigkill":  # what a killed terminal does to DVC and its stages
-        os.killpg(dvc.pid, signal.SIGKILL)
-    assert dvc.wait(60) == (0 if ending == "exit" else -signal.SIGKILL), dvc.stderr.read()[-2000:]
+    os.killpg(dvc.pid, signal.SIGKILL)  # what a closed terminal or a scheduler does to DVC and its stages
+    assert dvc.wait(60) == -signal.SIGKILL
     assert wait_until(lambda: not server.running(), 60)
     assert wait_until(lambda: not session_processes(info["session_dir"]), 30)
-    assert not state.exists() and not state.with_suffix(".lock").exists()
+    assert not list(state.parent.iterdir())

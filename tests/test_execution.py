@@ -6,7 +6,7 @@ import subprocess
 
 from conftest import wait_until
 
-from pipeline.execution import ProcessRef, dvc_process
+from pipeline.execution import ProcessRef, dvc_process, is_dvc_command
 
 
 def test_a_stage_run_by_hand_has_no_dvc_process():
@@ -21,3 +21,13 @@ def test_a_process_ref_tells_a_running_process_from_an_exited_one():
     assert wait_until(lambda: not ref.running(), 10)  # a zombie until waited for: already not running
     child.wait()
     assert not ref.running() and not ProcessRef(os.getpid(), "0").running()
+
+
+def test_only_dvc_repro_and_dvc_exp_count_as_dvc():
+    assert is_dvc_command(["/venv/bin/python", "/venv/bin/dvc", "repro", "--force"])
+    assert is_dvc_command(["dvc", "exp", "run", "-S", "student.lr=0.01"])
+    assert is_dvc_command(["python3", "-m", "dvc", "repro"])
+    assert not is_dvc_command(["dvc", "status"])
+    assert not is_dvc_command(["tmux", "new", "-s", "dvc-repro"])
+    assert not is_dvc_command(["bash", "/home/me/dvc-repro/run.sh", "dvc", "repro"])
+    assert not is_dvc_command([""])

@@ -262,8 +262,9 @@ def test_a_second_repro_is_refused_while_one_runs(repo):
 
 @pytest.mark.parametrize("seconds", [4, 15, 30])
 def test_a_repro_killed_at_any_moment_reruns_to_a_correct_result(repo, seconds):
-    """SIGKILL to the whole process tree (dvc, the stage, its Ray) part-way through the last
-    three stages; the next `dvc repro` reruns what did not finish and nothing else."""
+    """SIGKILL to DVC's process group (dvc, the stage) part-way through the last three stages
+    (the execution's Ray then stops by itself); the next `dvc repro` reruns what did not finish
+    and nothing else."""
     killed = start(["dvc", "repro", "--force", "--downstream", "pseudo_label@round1"], repo)
     time.sleep(seconds)
     os.killpg(killed.pid, 9)
