@@ -139,13 +139,15 @@ def _start_server(dvc: ProcessRef, cpus: int, state: Path) -> dict:
                                   start_new_session=True)
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while (info := _live_state(state)) is None:
-        if server.poll() is not None or time.monotonic() > deadline:
-            if server.poll() is None:
-                os.killpg(server.pid, signal.SIGTERM)
-            why = f"exited with {server.returncode}" if server.returncode is not None else \
-                f"did not start within {SERVER_START_TIMEOUT_S} s"
-            raise RuntimeError(f"the local Ray for this execution {why}; its log ({log}):\n{_tail(log)}")
-        time.sleep(0.05)
+        if server.poll() is not None:
+            why = f"exited with {server.returncode}"
+        elif time.monotonic() > deadline:
+            os.killpg(server.pid, signal.SIGTERM)
+            why = f"did not start within {SERVER_START_TIMEOUT_S} s"
+        else:
+            time.sleep(0.05)
+            continue
+        raise RuntimeError(f"the local Ray for this execution {why}; its log ({log}):\n{_tail(log)}")
     return info
 
 
