@@ -417,9 +417,12 @@ def markdown(fig: dict) -> str:
         peak = max(m.get("peak_rss_mb", 0.0), m.get("worker_peak_rss_mb", 0.0))
         lines.append(f"| {stage} | {cells} | {peak:.0f} |")
     overheads = [m["overhead_s"] for m in fig["pipeline"]["stages"].values() if "overhead_s" in m]
+    outside = fig["pipeline"]["pipeline_s"] - sum(m.get("wall_s", 0.0) for m in fig["pipeline"]["stages"].values())
     lines += ["", "| figure | measured | target | |", "|---|---:|---:|---|",
               f"| whole default pipeline (`pipeline.run --force`) | {fig['pipeline']['pipeline_s']:.0f} s | "
               f"≤ {t['pipeline_s']:.0f} s | {ok(fig['pipeline']['pipeline_s'] <= t['pipeline_s'])} |",
+              f"| of it, outside every stage's own wall time (DVC, `pipeline.run` starting and stopping Ray and closing "
+              f"the MLflow parent run, each stage process's exit) | {outside:.0f} s | | |",
               f"| no-op `dvc repro` | {fig['pipeline']['noop_repro_s']:.1f} s | ≤ {t['noop_repro_s']:.0f} s | "
               f"{ok(fig['pipeline']['noop_repro_s'] <= t['noop_repro_s'])} |",
               f"| overhead per training stage (max) | {max(overheads, default=0):.1f} s | ≤ {t['overhead_s']:.0f} s | "

@@ -3,10 +3,11 @@ DVC of tests/test_cluster.py checks a stage finds its DVC process)."""
 
 import os
 import subprocess
+import time
 
 from conftest import wait_until
 
-from pipeline.execution import ProcessRef, dvc_process, is_dvc_command
+from pipeline.execution import ProcessRef, dvc_process, is_dvc_command, seconds_since_start
 
 
 def test_a_stage_run_by_hand_has_no_dvc_process():
@@ -31,3 +32,18 @@ def test_only_dvc_repro_and_dvc_exp_count_as_dvc():
     assert not is_dvc_command(["tmux", "new", "-s", "dvc-repro"])
     assert not is_dvc_command(["bash", "/home/me/dvc-repro/run.sh", "dvc", "repro"])
     assert not is_dvc_command([""])
+
+
+def test_a_process_age_is_exact_to_a_clock_tick():
+    """A stage's wall time counts from its process's start, so its age must not be rounded to
+    the second, nor come out longer than the time since the process was launched."""
+    launched = time.time()
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        time.sleep(0.3)
+        age = seconds_since_start(proc.pid)
+        since_launch = time.time() - launched
+        assert -0.02 <= since_launch - age < 0.25
+    finally:
+        proc.kill()
+        proc.wait()
