@@ -12,7 +12,8 @@ For a command that runs several `dvc repro`s, or stages itself, wrap it:
 
 The instance then lives exactly as long as the command: it stops when the command ends, fails
 or is interrupted. When `RAY_ADDRESS` (or `ray.address`) names a cluster, stages and commands
-simply run against that. `python -m pipeline.run` (what `make run` does) wraps `dvc repro` so.
+simply run against that. `python -m pipeline.run` (what `make run` does) starts its `dvc repro`'s
+Ray as soon as it has launched DVC (`prestart_execution_ray`), so that Ray starts while DVC does.
 """
 
 from __future__ import annotations
@@ -87,6 +88,26 @@ def execution_ray_address(ray_cfg: RayConfig) -> str | None:
     return shared["address"]
 
 
+def prestart_execution_ray(dvc_pid: int, ray_cfg: RayConfig | None) -> None:
+    """Start the local Ray of the `dvc repro` just launched as `dvc_pid` now, while DVC starts
+    and runs the stages before the first that needs Ray, instead of when that stage asks for it.
+    Nothing when a cluster is named; on a failure the stages start it, as under a bare `dvc repro`."""
+    if _cluster_named(ray_cfg):
+        return
+    try:
+        dvc = ProcessRef.of(dvc_pid)
+    except OSError:  # DVC has already exited: nothing to serve
+        return
+    try:
+        execution_ray(dvc, local_cpus(ray_cfg))
+    except (OSError, RuntimeError) as err:
+        print(f"warning: {err}; its first Ray stage starts it", file=sys.stderr, flush=True)
+
+
+def _cluster_named(ray_cfg: RayConfig | None) -> bool:
+    return bool(ray_cfg.resolved_address() if ray_cfg is not None else os.environ.get("RAY_ADDRESS"))
+
+
 def shared_dir() -> Path:
     """This user's folder of announcements, one file per execution: private (0700, owned by
     this user), since a stage connects to the Ray a file names and takes settings from it."""
@@ -116,18 +137,18 @@ def _live_state(state: Path) -> dict | None:
 def execution_ray(dvc: ProcessRef, cpus: int) -> dict | None:
     """The local Ray serving `dvc`'s execution ({address, num_cpus, session_dir, env}), started
     now by a server process of its own (`serve`) when there is none; None when it has fewer
-    than `cpus` CPUs. The server outlives the stage that started it and stops Ray once `dvc`
-    exits, however it exits."""
+    than `cpus` CPUs, or when `dvc` ended before it was up. The server outlives the stage that
+    started it and stops Ray once `dvc` exits, however it exits."""
     state = shared_dir() / f"{dvc}.json"
     with open(state.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one server, should two stages ever look at once
         info = _live_state(state)
         if info is None:
             info = _start_server(dvc, cpus, state)
-    return info if info["num_cpus"] >= cpus else None
+    return info if info is not None and info["num_cpus"] >= cpus else None
 
 
-def _start_server(dvc: ProcessRef, cpus: int, state: Path) -> dict:
+def _start_server(dvc: ProcessRef, cpus: int, state: Path) -> dict | None:
     log = state.with_suffix(".log")
     print(f"starting a local Ray for this execution (pid {dvc.pid}); it stops when the execution ends",
           file=sys.stderr, flush=True)
@@ -139,6 +160,8 @@ def _start_server(dvc: ProcessRef, cpus: int, state: Path) -> dict:
                                   start_new_session=True)
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while (info := _live_state(state)) is None:
+        if server.poll() == 0 and not dvc.running():  # DVC ended first; its Ray is already gone
+            return None
         if server.poll() is not None:
             why = f"exited with {server.returncode}"
         elif time.monotonic() > deadline:
@@ -192,7 +215,7 @@ def serve(dvc: ProcessRef, num_cpus: int) -> int:
 def shared_ray(ray_cfg: RayConfig | None) -> Iterator[dict]:
     """The environment for child processes that should all use one Ray: the running cluster's
     when one is named, else a local instance started here and stopped on exit."""
-    if os.environ.get("RAY_ADDRESS") or (ray_cfg is not None and ray_cfg.address):
+    if _cluster_named(ray_cfg):
         yield dict(os.environ)
         return
     import ray

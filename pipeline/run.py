@@ -1,10 +1,11 @@
 """Run the pipeline: `python -m pipeline.run [dvc repro options]` (what `make run` does).
 
-`dvc repro` with, around it, one local Ray for all its stages (unless `RAY_ADDRESS` names a
-cluster) and one MLflow parent run for the execution: its stages are the child runs, and at
-the end the parent is closed with the stages DVC reused from its cache tagged `cached`, the
-pipeline's metrics, and FINISHED or FAILED. A bare `dvc repro` works too; its parent run is
-just never closed.
+`dvc repro` with one MLflow parent run for the execution: its stages are the child runs, and
+at the end the parent is closed with the stages DVC reused from its cache tagged `cached`, the
+pipeline's metrics, and FINISHED or FAILED. Its stages share one local Ray (unless
+`RAY_ADDRESS` names a cluster), started as soon as DVC is (`pipeline.cluster`). A bare
+`dvc repro` works too; its Ray starts with its first Ray stage, and its parent run is just
+never closed.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import yaml
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.cluster import params_ray_config, shared_ray
+    from pipeline.cluster import params_ray_config, prestart_execution_ray
     from pipeline.config import ConfigError, load_params
+    from pipeline.stage import collect_nothing_at_exit
     from pipeline.tracking import finish_execution
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__,
@@ -36,10 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         sys.exit(f"error: {err}")
     execution = os.environ.get("PIPELINE_EXECUTION_ID") or f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+    collect_nothing_at_exit()
     code = 130  # interrupted, unless dvc returns
     try:
-        with shared_ray(ray_cfg) as env:
-            code = subprocess.call(["dvc", "repro", *args], env={**env, "PIPELINE_EXECUTION_ID": execution})
+        with subprocess.Popen(["dvc", "repro", *args], env={**os.environ, "PIPELINE_EXECUTION_ID": execution}) as dvc:
+            try:
+                prestart_execution_ray(dvc.pid, ray_cfg)
+                code = dvc.wait()
+            except BaseException:
+                dvc.kill()
+                raise
     finally:
         dvc_file = yaml.safe_load((root / "dvc.yaml").read_text())
         metrics = root / dvc_file["vars"][0]["paths"]["metrics"]

@@ -25,6 +25,14 @@ def process_started_at() -> float:
     return time.time() - seconds_since_start(os.getpid())
 
 
+def collect_nothing_at_exit() -> None:
+    """A stage's process exits once its work is done, and Python's exit would then run full
+    garbage-collection passes over the ~500,000 objects torch, timm, Ray and MLflow made: 1.5-2 s
+    of a core per process on 2 cores, for nothing anyone needs. Frozen objects are skipped by
+    those passes; the exit's threads, atexit hooks and flushes run as always."""
+    atexit.register(gc.freeze)
+
+
 @dataclass
 class StageContext:
     name: str
@@ -144,11 +152,7 @@ def stage(name: str, sections: list[str], prepared: Path | None = None,
           curves: Path | None = None, plain: bool = False) -> Iterator[StageContext]:
     """Run a stage body inside its MLflow run; logs wall time and prints the summary line."""
     name = dvc_stage_name(name)
-    # A stage's process exits once its work is done, and Python's exit then runs full
-    # garbage-collection passes over the ~500,000 objects torch, timm, Ray and MLflow made:
-    # 1.5-2 s of a core per stage on 2 cores, for nothing the stage needs. Frozen objects are
-    # skipped by those passes; the exit's threads, atexit hooks and flushes run as always.
-    atexit.register(gc.freeze)
+    collect_nothing_at_exit()
     try:
         params = load_params(params_file, overrides)
         ctx = StageContext(name, params, Path.cwd(), curves=curves, plain=plain)

@@ -16,7 +16,7 @@ import psutil
 import pytest
 from conftest import wait_until
 
-from pipeline.cluster import local_cpus, shared_dir
+from pipeline.cluster import local_cpus, prestart_execution_ray, shared_dir
 from pipeline.config import RayConfig
 from pipeline.execution import ProcessRef
 
@@ -38,13 +38,14 @@ STAGE = textwrap.dedent("""
 BIG = os.cpu_count() + 4  # more workers than the shared Ray, sized by the first stage, has CPUs for
 
 
-def fake_dvc(tmp_path: Path, workers: list[int], hold_s: float) -> Path:
-    """A `dvc` that runs one stage per entry of `workers`, one after the other, through a shell
-    as `dvc repro` does; then holds on for `hold_s` seconds."""
+def fake_dvc(tmp_path: Path, workers: list[int], hold_s: float, before_s: float = 0) -> Path:
+    """A `dvc` that, after `before_s` seconds (stages without Ray), runs one stage per entry of
+    `workers`, one after the other, through a shell as `dvc repro` does; then holds on for
+    `hold_s` seconds."""
     (tmp_path / "stage.py").write_text(STAGE)
     dvc = tmp_path / "dvc"
     stages = "".join(f"sh -c '{sys.executable} {tmp_path / 'stage.py'} {n}'\n" for n in workers)
-    dvc.write_text(f"#!/bin/bash\necho dvc $$\n{stages}sleep {hold_s}\n")
+    dvc.write_text(f"#!/bin/bash\necho dvc $$\nsleep {before_s}\n{stages}sleep {hold_s}\n")
     dvc.chmod(0o755)
     return dvc
 
@@ -118,3 +119,35 @@ def test_a_killed_repro_leaves_no_ray_behind(tmp_path, temp_dir):
     assert wait_until(lambda: not server.running(), 60)
     assert wait_until(lambda: not session_processes(info["session_dir"]), 30)
     assert not list(state.parent.iterdir())
+
+
+@pytest.mark.slow
+def test_pipeline_run_starts_the_ray_of_its_repro_while_dvc_starts(tmp_path, temp_dir, monkeypatch):
+    """What `python -m pipeline.run` does once it has launched DVC: the stage finds that Ray
+    running and connects, without starting another."""
+    monkeypatch.setattr(tempfile, "tempdir", str(temp_dir))
+    for key, value in {"TMPDIR": str(temp_dir), "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}.items():
+        monkeypatch.setenv(key, value)  # the server's
+    dvc = start(fake_dvc(tmp_path, [1], hold_s=0, before_s=5), temp_dir)
+    prestart_execution_ray(dvc.pid, RayConfig(cpus_per_worker=1))
+    info = json.loads((shared_dir() / f"{ProcessRef.of(dvc.pid)}.json").read_text())
+    assert psutil.Process(ProcessRef.parse(info["server"]).pid).ppid() == os.getpid()
+    out, _ = dvc.communicate(timeout=300)
+    assert dvc.returncode == 0, out
+    assert json.loads(out.splitlines()[1])["address"] == info["address"]
+    assert wait_until(lambda: not session_processes(info["session_dir"]), 60)
+    assert not list(shared_dir().iterdir())
+
+
+def test_pipeline_run_starts_no_ray_for_a_dvc_already_gone_or_a_named_cluster(temp_dir, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(temp_dir))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    prestart_execution_ray(gone.pid, RayConfig())
+    running = subprocess.Popen(["sleep", "30"])
+    try:
+        prestart_execution_ray(running.pid, RayConfig(address="127.0.0.1:1"))
+    finally:
+        running.kill()
+        running.wait()
+    assert not list(shared_dir().iterdir())
