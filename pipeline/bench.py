@@ -421,8 +421,8 @@ def markdown(fig: dict) -> str:
     lines += ["", "| figure | measured | target | |", "|---|---:|---:|---|",
               f"| whole default pipeline (`pipeline.run --force`) | {fig['pipeline']['pipeline_s']:.0f} s | "
               f"≤ {t['pipeline_s']:.0f} s | {ok(fig['pipeline']['pipeline_s'] <= t['pipeline_s'])} |",
-              f"| of it, outside every stage's own wall time (DVC, `pipeline.run` starting and stopping Ray and closing "
-              f"the MLflow parent run, each stage process's exit) | {outside:.0f} s | | |",
+              f"| of it, outside every stage's own wall time (DVC, `pipeline.run`'s `dvc stage list` and MLflow "
+              f"parent run, each stage process's exit) | {outside:.0f} s | | |",
               f"| no-op `dvc repro` | {fig['pipeline']['noop_repro_s']:.1f} s | ≤ {t['noop_repro_s']:.0f} s | "
               f"{ok(fig['pipeline']['noop_repro_s'] <= t['noop_repro_s'])} |",
               f"| overhead per training stage (max) | {max(overheads, default=0):.1f} s | ≤ {t['overhead_s']:.0f} s | "
