@@ -4,6 +4,7 @@
     python -m pipeline.bench --report   # only the per-stage table of the latest pipeline run (MLflow)
     python -m pipeline.bench readme     # the table of reports/bench.json into README.md
     python -m pipeline.bench processes  # the processes one teacher stage starts, their CPU, their share beside its loop
+    python -m pipeline.bench empty-job  # the seconds of one Ray Train job that trains nothing
 
 One invocation measures, on this machine and the params in params.yaml:
 1. the whole default pipeline (`python -m pipeline.run --force`) and a no-op `dvc repro`;
@@ -19,7 +20,9 @@ One invocation measures, on this machine and the params in params.yaml:
    oversubscribing the cores);
 4. batch inference (pseudo_label's unlabeled split, evaluate's val split): a plain
    `torch.no_grad()` loop against the Ray Data pipeline with 1 actor × 2 threads and
-   2 actors × 1 thread, start-up included, and how long the first row took (the start-up).
+   2 actors × 1 thread, start-up included, and how long the first row took (the start-up);
+5. the floor under every training stage's overhead: a Ray Train job with the stages' settings
+   whose workers train nothing, from its process's start to its result.
 It prints a table, writes `reports/bench.json` and logs both to MLflow (run `bench`).
 """
 
@@ -284,7 +287,39 @@ def inference_figures(params) -> dict:
     return result
 
 
-# ------------------------------------------------- 5. the processes behind a stage's overhead
+# ------------------------------- 5. a stage's overhead: the floor under it, the processes behind it
+
+def _train_nothing(config: dict) -> None:
+    """The train function of the empty job: what a stage's job costs before its own work."""
+
+
+def empty_job(ray_cfg) -> None:
+    """One Ray Train job with a training stage's settings (`raytrain.connect`, `job_configs`)
+    whose workers train nothing; prints its seconds from this process's start to the result,
+    as a stage prints its summary."""
+    from pipeline.raytrain import connect, job_configs
+    from pipeline.stage import process_started_at
+
+    started_at = process_started_at()
+    connect(ray_cfg)
+    from ray.train.torch import TorchTrainer
+
+    result = TorchTrainer(_train_nothing, **job_configs(ray_cfg, f"empty-job-{os.getpid()}-{time.time_ns()}")).fit()
+    wall_s = time.time() - started_at
+    result.filesystem.delete_dir(result.path)
+    print(f"[empty_job] done: wall_s={wall_s:.2f}", flush=True)
+
+
+def empty_job_figures(repeats: int, env: dict) -> list[float]:
+    """`empty_job`'s seconds in `repeats` fresh processes on the Ray of `env`, as a stage's."""
+    seconds = []
+    for _ in range(repeats):
+        out = subprocess.run([sys.executable, "-m", "pipeline.bench", "empty-job"], capture_output=True, text=True, env=env)
+        if out.returncode:
+            sys.exit(f"error: python -m pipeline.bench empty-job failed:\n{out.stderr[-3000:]}")
+        seconds.append(stage_summary("empty_job", out.stdout)["wall_s"])
+    return seconds
+
 
 def _process_name(argv: list[str], name: str) -> str:
     """`ray::TrainController` for Ray's processes (their title), else the program, and for Python
@@ -406,8 +441,9 @@ def markdown(fig: dict) -> str:
     """The README's performance table, every figure from `fig` (reports/bench.json)."""
     t = TARGETS
     ok = lambda good: "met" if good else "**missed**"  # noqa: E731
-    lines = [f"Measured {fig['date']} at commit `{fig['commit'][:10]}` on {fig['machine']} by "
-             "`make bench` (`reports/bench.json`).", "",
+    commit, dirty = fig["commit"].removesuffix("-dirty"), fig["commit"].endswith("-dirty")
+    lines = [f"Measured {fig['date']} at commit `{commit[:10]}`{' with uncommitted changes' if dirty else ''} on "
+             f"{fig['machine']} by `make bench` (`reports/bench.json`).", "",
              "| stage | wall s | " + " | ".join(STAGE_COLUMNS.values()) + " | peak MiB |",
              "|---|" + "---:|" * (len(STAGE_COLUMNS) + 2)]
     for stage in STAGES:
@@ -426,7 +462,10 @@ def markdown(fig: dict) -> str:
               f"| no-op `dvc repro` | {fig['pipeline']['noop_repro_s']:.1f} s | ≤ {t['noop_repro_s']:.0f} s | "
               f"{ok(fig['pipeline']['noop_repro_s'] <= t['noop_repro_s'])} |",
               f"| overhead per training stage (max) | {max(overheads, default=0):.1f} s | ≤ {t['overhead_s']:.0f} s | "
-              f"{ok(max(overheads, default=0) <= t['overhead_s'])} |"]
+              f"{ok(max(overheads, default=0) <= t['overhead_s'])} |",
+              f"| under it, a Ray Train job that trains nothing, with the stages' settings (process start to its "
+              f"result; median of {len(fig['empty_job_s'])} runs) | {statistics.median(fig['empty_job_s']):.1f} s "
+              f"({min(fig['empty_job_s']):.1f}–{max(fig['empty_job_s']):.1f}) | | |"]
     runs = f"{fig['training_steps']} steps, {fig['training_repeats']} alternated pairs, " if "training_steps" in fig else ""
     for stage, f in fig["training"].items():
         pairs = f.get("pair_ratios", [])
@@ -480,7 +519,8 @@ def log_to_mlflow(params, fig: dict, path: Path) -> None:
 
     mlflow.set_tracking_uri(resolve_tracking_uri(params.mlflow, Path.cwd()))
     mlflow.set_experiment(params.mlflow.experiment)
-    flat = {"pipeline_s": fig["pipeline"]["pipeline_s"], "noop_repro_s": fig["pipeline"]["noop_repro_s"]}
+    flat = {"pipeline_s": fig["pipeline"]["pipeline_s"], "noop_repro_s": fig["pipeline"]["noop_repro_s"],
+            "empty_job_s": statistics.median(fig["empty_job_s"])}
     flat |= {f"{stage}.train_ratio": f["ratio"] for stage, f in fig["training"].items()}
     flat |= {f"{stage}.inference_ratio": f["ratio"] for stage, f in fig["inference"].items()}
     with mlflow.start_run(run_name="bench", tags={"git.commit": fig["commit"], "bench": "true"}):
@@ -496,10 +536,12 @@ def main(argv: list[str] | None = None) -> None:
         gpu_bench.main(argv[1:])
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", choices=["readme", "processes"],
+    parser.add_argument("command", nargs="?", choices=["readme", "processes", "empty-job"],
                         help="readme: write reports/bench.json's (and reports/gpu_bench.json's) table into README.md; "
                              "processes: list the processes one short teacher stage starts (Ray's workers and actors) "
-                             "and their CPU seconds, and each Ray process's share of a core during its loop. "
+                             "and their CPU seconds, and each Ray process's share of a core during its loop; "
+                             "empty-job: the seconds of one Ray Train job with the stages' settings that trains "
+                             "nothing (on RAY_ADDRESS's Ray, else a new local one). "
                              "`python -m pipeline.bench gpu …` is the GPU mode (`gpu --help`), with options of its own")
     parser.add_argument("--report", action="store_true", help="only print the latest execution's per-stage table")
     parser.add_argument("--steps", type=int, default=200, help="training steps per side-by-side run (default 200)")
@@ -518,6 +560,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "processes":
         print(process_figures(params, args.steps))
         return
+    if args.command == "empty-job":
+        empty_job(params.ray)
+        return
     if args.report:
         print(stage_table(latest_stage_runs(resolve_tracking_uri(params.mlflow, Path.cwd()), params.mlflow.experiment)))
         return
@@ -533,6 +578,8 @@ def main(argv: list[str] | None = None) -> None:
         fig["training_steps"], fig["training_repeats"] = args.steps, args.repeats
         fig["training"] = training_figures(params, args.steps, args.repeats, env)
         fig["threads"] = thread_figures(params, args.steps, env)
+        print("a Ray Train job that trains nothing", flush=True)
+        fig["empty_job_s"] = empty_job_figures(args.repeats, env)
     print("batch inference: plain loop vs Ray Data", flush=True)
     fig["inference"] = inference_figures(params)
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,25 @@ def init_ray(ray_cfg: RayConfig) -> None:
         start_local_ray(local_cpus(ray_cfg), **job_options)
 
 
+def connect(ray_cfg: RayConfig) -> None:
+    """Ray Train's settings for a stage's job, then Ray (`init_ray`)."""
+    for key, value in _TRAIN_ENV_DEFAULTS.items():  # the trainer reads them and passes them to its controller
+        os.environ.setdefault(key, value)
+    init_ray(ray_cfg)
+
+
+def job_configs(ray_cfg: RayConfig, name: str) -> dict:
+    """The `TorchTrainer` arguments every training stage's job shares: its workers, and its run
+    `name` under `ray.storage_path` (the latest checkpoint kept, relaunched on failures)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
+    storage = ray_cfg.storage_path if "://" in ray_cfg.storage_path else str(Path(ray_cfg.storage_path).resolve())
+    return {"scaling_config": ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
+                                            resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
+            "run_config": RunConfig(name=name, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=1),
+                                    failure_config=FailureConfig(max_failures=ray_cfg.max_failures))}
+
+
 @dataclass
 class JobConfig:
     """Everything a worker loop needs, typed: the stage's section, the model, and runtime
@@ -96,11 +115,9 @@ def launch(stage: str, builder: str, job: JobConfig, datasets: dict[str, tuple[l
     The builder goes by name so that the driver never imports the models (timm and
     torchvision cost seconds per stage); only the workers do.
     """
-    for key, value in _TRAIN_ENV_DEFAULTS.items():  # the trainer reads them and passes them to its controller
-        os.environ.setdefault(key, value)
-    init_ray(ray_cfg)
+    connect(ray_cfg)
     import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig
     from ray.train.torch import TorchTrainer
 
     ray_connected_at = time.time()
@@ -109,15 +126,10 @@ def launch(stage: str, builder: str, job: JobConfig, datasets: dict[str, tuple[l
     # Ray Data's V2 Parquet reader lists files in a task and provisions footer-reader actors:
     # ~10 s per training stage on a small node, for shards that are a few MB. V1 reads them directly.
     data_context.use_datasource_v2 = False
-    storage = ray_cfg.storage_path if "://" in ray_cfg.storage_path else str(Path(ray_cfg.storage_path).resolve())
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"job": job, "builder": builder, "datasets": list(datasets)},
-        scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
-                                     resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
-        run_config=RunConfig(name=run_name(stage, job.identity(), inputs), storage_path=storage,
-                             checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             failure_config=FailureConfig(max_failures=ray_cfg.max_failures)),
+        **job_configs(ray_cfg, run_name(stage, job.identity(), inputs)),
         datasets={key: ray.data.read_parquet(worker_uris([f for p in paths for f in parquet_files(Path(p))],
                                                          ray_cfg.data_uri), columns=columns)
                   for key, (paths, columns) in datasets.items()},
