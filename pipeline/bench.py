@@ -271,9 +271,10 @@ def inference_figures(params) -> dict:
             ray_cfg = replace(params.ray, cpus_per_worker=actor_threads, inference_actors=actors)
             init_ray(ray_cfg)
             started = time.perf_counter()
-            first_row_s = _drain(pseudo_label_rows(ray_predictions(
-                {name: net.state_dict() for name, net in models.items()}, params.model, manifest["num_classes"],
-                prepared / split, columns, batch, params.pseudo.flip_tta, ray_cfg), names[0], confusion))
+            with ray_predictions({name: net.state_dict() for name, net in models.items()}, params.model,
+                                 manifest["num_classes"], prepared / split, columns, batch, params.pseudo.flip_tta,
+                                 ray_cfg) as predictions:
+                first_row_s = _drain(pseudo_label_rows(predictions, names[0], confusion))
             elapsed = time.perf_counter() - started
             figures[label], figures[f"{label}_first_row_s"] = images / elapsed, first_row_s
             # Once running: the rows after the first batch over the time after it (start-up left out;

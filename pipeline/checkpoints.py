@@ -7,6 +7,7 @@ cannot run code, and a mismatch gives an error that names the file.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +34,21 @@ def save_weights(path: Path, state: dict, kind: str, model: ModelConfig, classes
         torch.save({"kind": kind, "model": asdict(model), "classes": classes, "state_dict": state}, tmp)
 
 
+# torch's advice to retry with weights_only=False or to allowlist the file's globals (either
+# would run code the file holds), and its pointers to docs and its issue tracker.
+_TORCH_ADVICE = re.compile(r"weights_only|trust|file an issue|documentation|can still be loaded|alternatively|"
+                           r"^Weights only load failed|^\(\d\)", re.IGNORECASE)
+
+
+def load_failure(err: Exception) -> str:
+    """What torch or safetensors says is wrong with a file, in one sentence, without the advice
+    to load it unsafely."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).split("WeightsUnpickler error:")[-1]
+    sentences = [s.strip() for s in re.split(r"(?<=\.)\s+|\n", text) if s.strip()]
+    useful = [s for s in sentences if not _TORCH_ADVICE.search(s)]
+    return (useful or ["it holds more than tensors and plain data"])[0].rstrip(".")
+
+
 def read_payload(path: Path) -> dict:
     """The contents of a weights file written by `save_weights`, checked for its shape only."""
     if not path.is_file():
@@ -40,7 +56,7 @@ def read_payload(path: Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
-        raise CheckpointError(f"{path}: not a readable weights file ({err})") from None
+        raise CheckpointError(f"{path}: not a readable weights file ({load_failure(err)})") from None
     if not isinstance(payload, dict) or "state_dict" not in payload:
         raise CheckpointError(f"{path}: expected a file written by this pipeline (with a state_dict)")
     return payload
@@ -90,15 +106,35 @@ def load_exported_segmenter(path: Path) -> tuple[SegmentationNet, list[str]]:
     if payload.get("kind") != SEGMENTER or not payload.get("classes"):
         raise CheckpointError(f"{path}: holds a {payload.get('kind')!r} network; expected a fine-tuned "
                               "segmenter (a teacher or student output)")
+    classes = payload["classes"]
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or len(classes) > 256:
+        raise CheckpointError(f"{path}: classes {classes!r}: expected a list of at most 256 names (8-bit masks)")
+    if not isinstance(payload.get("model"), dict):
+        raise CheckpointError(f"{path}: has no model config (a 'model' entry); expected a file written by this pipeline")
     try:
         model = ModelConfig(**payload["model"])
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: its model config does not fit this version ({err})") from None
     from pipeline.models import build_network
 
-    net = build_network(model, len(payload["classes"]))
-    net.load_state_dict(payload["state_dict"])
-    return net.eval(), payload["classes"]
+    net = build_network(model, len(classes))
+    load_fitting(net, payload["state_dict"], path)
+    return net.eval(), classes
+
+
+def load_fitting(net: torch.nn.Module, state: dict, path: Path) -> None:
+    """`net.load_state_dict(state)`, with a mismatch named in one line: torch's message is
+    many lines of every key."""
+    expected = net.state_dict()
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: its state_dict is not a mapping of names to tensors")
+    problems = {"wrong shape": sorted(k for k in expected if k in state and state[k].shape != expected[k].shape),
+                "missing": sorted(set(expected) - set(state)), "unexpected": sorted(set(state) - set(expected))}
+    if any(problems.values()):
+        named = [f"{what} {keys[:3]}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
+                 for what, keys in problems.items() if keys]
+        raise CheckpointError(f"{path}: does not fit its own model config: {', '.join(named)}")
+    net.load_state_dict(state)
 
 
 def load_external_encoder(path: Path, preset: str) -> dict:
@@ -118,7 +154,7 @@ def load_external_encoder(path: Path, preset: str) -> dict:
         else:
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch/safetensors raise many types for a bad file
-        raise CheckpointError(f"{path}: not a readable weights file ({err})") from None
+        raise CheckpointError(f"{path}: not a readable weights file ({load_failure(err)})") from None
     raw = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
     vit = {k.removeprefix("module.").removeprefix("vit."): v for k, v in raw.items() if not k.startswith("head.")}
     encoder = HybridEncoder(ENCODER_PRESETS[preset])

@@ -39,6 +39,15 @@ from pipeline.execution import ProcessRef, dvc_process
 # while the worker imports torch) and a poller beside the training loop. A cluster keeps it.
 # A stage's driver passes them on to Ray Train's controller and workers.
 LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# A Ray this pipeline starts serves this machine's stages alone, so every server of it (GCS, the
+# raylet's node and object managers, each driver's and worker's gRPC server, the runtime-env agent)
+# listens on loopback only. Ray binds them there only when its node IP is loopback, and on Linux it
+# keeps a loopback node IP only with this setting, which Ray reads on import (its default on macOS
+# and Windows, where it makes single-node Rays: `ray start --address` is refused). Without it, Ray
+# turns 127.0.0.1, whether given as `_node_ip_address`, `ray start --node-ip-address` or in an
+# address to connect to, into the machine's routable IP and binds all interfaces. A driver that
+# connects to such a Ray at 127.0.0.1 needs it too. A cluster named by `RAY_ADDRESS` never gets it.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 # What a stage takes from the environment of the Ray it connects to: Ray reads it on import.
 SHARED_ENV = ("RAY_AUTH_MODE",)
 
@@ -56,14 +65,41 @@ def local_cpus(ray_cfg: RayConfig | None) -> int:
 
 def start_local_ray(num_cpus: int, **init_options):
     """Start a new local Ray (never attach to one already running on the machine, whose
-    resources we do not know), with this process's environment (and so its stages' and Ray's
-    workers') given the Ray Train settings for one machine, values already set winning;
-    returns `ray.init`'s context."""
-    import ray
-
+    resources we do not know) whose servers all listen on loopback only (`LOOPBACK_ENV`), with
+    this process's environment (and so its stages' and Ray's workers') given that setting and
+    the Ray Train settings for one machine, values already set winning for the latter; returns
+    `ray.init`'s context. Best called before Ray is imported."""
     for key, value in LOCAL_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
-    return ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **init_options)
+    _use_loopback()
+    import ray
+
+    context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **init_options)
+    node_ip = context.address_info["node_ip_address"]
+    if not _is_loopback(node_ip):
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray took {node_ip} for its node IP, not loopback, and so listened "
+                           f"on every interface; it was stopped")
+    return context
+
+
+def _use_loopback() -> None:
+    """`LOOPBACK_ENV` for this process and its children. Ray reads it on import: where Ray was
+    imported before, its reading is set to what it would have read (the first `ray.init` reads it,
+    when it resolves the node IP)."""
+    os.environ.update(LOOPBACK_ENV)
+    if "ray" in sys.modules:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _is_loopback(ip: str) -> bool:
+    """127.0.0.0/8 or ::1, IPv4-mapped (::ffff:127.0.0.1, how Ray's gRPC servers bind 127.0.0.1) included."""
+    import ipaddress
+
+    address = ipaddress.ip_address(ip.strip("[]").split("%")[0])
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
 
 def execution_ray_address(ray_cfg: RayConfig) -> str | None:
@@ -85,6 +121,7 @@ def execution_ray_address(ray_cfg: RayConfig) -> str | None:
         return None
     for key, value in {**LOCAL_TRAIN_ENV, **shared["env"]}.items():
         os.environ.setdefault(key, value)
+    os.environ.update(LOOPBACK_ENV)  # or Ray would not look for it at 127.0.0.1, where it listens
     return shared["address"]
 
 
@@ -185,7 +222,6 @@ def serve(dvc: ProcessRef, num_cpus: int) -> int:
     """Start a local Ray, publish its address for `dvc`'s stages, and stop it once `dvc` has
     exited, or once one of Ray's own processes has died (the next stage then starts another)."""
     import psutil
-    import ray
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     state = shared_dir() / f"{dvc}.json"
@@ -207,6 +243,8 @@ def serve(dvc: ProcessRef, num_cpus: int) -> int:
         # Before it is published, a stage waits on this server and shows its log.
         for suffix in (".json", ".tmp", ".lock") + ((".log",) if published else ()):
             state.with_suffix(suffix).unlink(missing_ok=True)
+        import ray  # here, after `start_local_ray` has set what Ray reads on import
+
         ray.shutdown()
     return 0
 
@@ -218,9 +256,9 @@ def shared_ray(ray_cfg: RayConfig | None) -> Iterator[dict]:
     if _cluster_named(ray_cfg):
         yield dict(os.environ)
         return
+    context = start_local_ray(local_cpus(ray_cfg), log_to_driver=False)
     import ray
 
-    context = start_local_ray(local_cpus(ray_cfg), log_to_driver=False)
     try:
         yield {**os.environ, "RAY_ADDRESS": context.address_info["gcs_address"]}
     finally:

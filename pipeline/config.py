@@ -7,6 +7,7 @@ against the dataclasses (an unknown key or a wrong type names the key); each dat
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,8 @@ class DigitScenesConfig:
 DATA_FORMATS = ("digits", "folder", "cityscapes", "ade20k", "voc", "pascal_context")  # pipeline.formats
 EXTRA_IMAGES_FORMATS = ("cityscapes", "voc")
 FITS = ("crop", "tiles")
+MAX_IMAGE_SIZE = 8192  # one 8192² RGB image is 200 MB before any copy; the paper's crops are 512-1024
+SEED_LIMIT = 2**32  # numpy's and torch's seeds: whole numbers in [0, 2**32)
 
 
 @dataclass
@@ -102,6 +105,11 @@ class DataConfig:
         _positive("data", image_size=self.image_size, shard_rows=self.shard_rows)
         _require(self.image_size % 16 == 0, "data.image_size",
                  f"expected a multiple of 16 (the encoder's stride), got {self.image_size}")
+        _require(self.image_size <= MAX_IMAGE_SIZE, "data.image_size",
+                 f"expected at most {MAX_IMAGE_SIZE} px (the shorter side images are resized to), "
+                 f"got {self.image_size}")
+        _require(0 <= self.seed < SEED_LIMIT, "data.seed",
+                 f"expected a whole number in [0, 2**32), got {self.seed}")
         _require(self.format != "digits" or self.digits.min_digit_px <= self.image_size, "data.digits.min_digit_px",
                  f"digits of {self.digits.min_digit_px} px do not fit scenes of {self.image_size} px")
 
@@ -502,6 +510,7 @@ def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
         for key in WHOLE_MAPPINGS:  # as written, not merged into the default (which DVC never sees)
             if (value := OmegaConf.select(OmegaConf.create(raw), key, default=None)) is not None:
                 OmegaConf.update(merged, key, value, merge=False)
+        _refuse_non_finite(OmegaConf.to_container(merged), "")  # before the range checks, which nan slips
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
@@ -511,6 +520,58 @@ def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
         raise ConfigError(f"{source}: {err}") from None
 
 
+def _refuse_non_finite(value: Any, key: str) -> None:
+    """Every float in the params, in any section, list or mapping, is finite: `.inf` passes a
+    `> 0` range check and `.nan` fails every comparison, so neither is left to them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value}")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        _refuse_non_finite(v, f"{key}[{k}]" if isinstance(value, list) else f"{key}.{k}" if key else str(k))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key written twice in one mapping is an error
+    rather than silently the last value. Only our reading of params files uses it; DVC and
+    compose.py read and write params.yaml with their own loaders."""
+
+    def __init__(self, stream, source: str) -> None:
+        super().__init__(stream)
+        self.source = source
+        self.checked: set[int] = set()
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._check_keys(node, "", ())
+        return super().construct_document(node)
+
+    def _check_keys(self, node: yaml.Node, path: str, ancestors: tuple[int, ...]) -> None:
+        if id(node) in ancestors:
+            raise ConfigError(f"{self.source}: {path or 'the document'} contains itself (a recursive YAML alias); "
+                              "expected plain values")
+        if id(node) in self.checked:  # an alias of an anchor checked already
+            return
+        self.checked.add(id(node))
+        ancestors = (*ancestors, id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for k, item in enumerate(node.value):
+                self._check_keys(item, f"{path}[{k}]", ancestors)
+        elif isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    self._check_keys(value_node, path, ancestors)
+                    continue
+                name = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.start_mark)
+                key = f"{path}.{name}" if path else name
+                line = key_node.start_mark.line + 1
+                if name in first:
+                    where = f"lines {first[name]} and {line}" if first[name] != line else f"both on line {line}"
+                    raise ConfigError(f"{self.source}: {key} is written twice ({where}); "
+                                      "expected each key once (YAML would silently keep the last value)")
+                first[name] = line
+                self._check_keys(value_node, key, ancestors)
+
+
 def load_params(path: str | Path = PARAMS_FILE, overrides: list[str] = ()) -> Params:
     """Read and validate `params.yaml` (or another file of the same shape), with `key=value`
     overrides (e.g. `decoder_pretrain.sigma=0.4`) applied on top."""
@@ -518,10 +579,17 @@ def load_params(path: str | Path = PARAMS_FILE, overrides: list[str] = ()) -> Pa
     if not path.is_file():
         raise ConfigError(f"{path}: no such params file")
     try:
-        with path.open() as f:
-            raw = yaml.safe_load(f) or {}
+        with path.open("rb") as f:
+            loader = _UniqueKeyLoader(f, str(path))
+            try:
+                raw = loader.get_single_data()
+            finally:
+                loader.dispose()
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if raw is None:
+        raise ConfigError(f"{path}: empty (no params in it); expected the params mapping, e.g. as "
+                          "`python -m pipeline.compose` writes it")
     if overrides:
         raw = _apply_overrides(raw, overrides)
     return parse_params(raw, source=str(path) + (f" with {' '.join(overrides)}" if overrides else ""))

@@ -4,9 +4,11 @@ A format lists its examples (split, id, image file, mask file) from its official
 names its classes and their colours, and maps raw mask values to class ids through a
 256-entry table: a class id, 255 (ignore), or INVALID for a value the format never writes,
 which is an error naming the file (e.g. a Cityscapes trainId mask given where labelIds are
-expected). Images and masks are then resized so the shorter side is `data.image_size` and
-either centre-cropped to a square (`data.fit: crop`) or cut into squares that cover the
-whole image (`data.fit: tiles`, ids `<id>_t<k>`), so every val pixel is scored.
+expected). Images are turned as displayed (their EXIF orientation applied; masks are PNGs
+drawn over the displayed image and have none). Images and masks are then resized so the
+shorter side is `data.image_size` and either centre-cropped to a square (`data.fit: crop`)
+or cut into squares that cover the whole image (`data.fit: tiles`, ids `<id>_t<k>`), so
+every val pixel is scored.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.config import DataConfig
 from pipeline.data import IGNORE_INDEX, DataError
@@ -113,10 +115,13 @@ def fixed_palette(colours: list[tuple[int, int, int]]) -> Callable[[int], np.nda
 # ---- reading files -------------------------------------------------------------------------
 
 def read_image(path: Path) -> Image.Image:
-    """An image file as RGB (grayscale and RGBA are converted; alpha is dropped)."""
+    """An image file as RGB (grayscale and RGBA are converted; alpha is dropped), turned as
+    it is displayed: a photo stored sideways with an EXIF Orientation tag (phones do this) is
+    rotated/flipped upright, so its mask, drawn over the displayed image, lines up."""
     try:
         with Image.open(path) as im:
             im.load()
+            im = ImageOps.exif_transpose(im)
             if im.mode in ("I", "I;16", "F"):  # 16-bit / float photos: scale to 8 bits
                 array = np.asarray(im, dtype=np.float64)
                 span = max(float(array.max() - array.min()), 1e-12)
@@ -134,7 +139,8 @@ def read_mask(path: Path, image_size: tuple[int, int], table: np.ndarray, fmt: D
                 raise DataError(f"{path}: mask mode {im.mode}; expected a single-channel PNG of "
                                 f"{fmt.name} label indices ({fmt.ignore})")
             if im.size != image_size:
-                raise DataError(f"{path}: mask size {im.size} differs from its image's {image_size}")
+                raise DataError(f"{path}: mask size {im.size} differs from its image's {image_size} "
+                                "(width, height as displayed, after the image's EXIF orientation)")
             raw = np.asarray(im)
     except DataError:
         raise
@@ -206,12 +212,22 @@ def locate(root: Path, marker: str, *parents: str) -> Path:
     raise DataError(f"{root}: data.root does not hold the expected layout (looked for {tried})")
 
 
+def read_text_lines(path: Path, expected: str) -> list[str]:
+    """The lines of a small text file the user wrote: UTF-8, a byte-order mark (Windows
+    editors write one) dropped so it does not become part of the first name."""
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                        f"expected {expected}, saved as UTF-8") from None
+
+
 def read_id_list(path: Path) -> list[str]:
     """Ids from a split file: one per line, the first token; a path token gives its stem
     (so `JPEGImages/2007_000032.jpg SegmentationClass/...` lines work too)."""
     if not path.is_file():
         raise DataError(f"{path}: missing; expected one image id per line")
-    tokens = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    tokens = [line.split()[0] for line in read_text_lines(path, "one image id per line") if line.strip()]
     ids = [Path(t).stem if "/" in t or Path(t).suffix.lower() in IMAGE_SUFFIXES else t for t in tokens]
     seen: set[str] = set()
     for eid in ids:
@@ -242,7 +258,15 @@ def read_folder_classes(root: Path) -> list[str]:
     path = root / "classes.txt"
     if not path.is_file():
         raise DataError(f"{path}: missing; expected one class name per line")
-    classes = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    numbered = [(n, line.strip()) for n, line in enumerate(read_text_lines(path, "one class name per line"), 1)
+                if line.strip()]
+    first_line: dict[str, int] = {}
+    for n, name in numbered:
+        if name in first_line:
+            raise DataError(f"{path}: class {name!r} is listed twice (lines {first_line[name]} and {n}); "
+                            "expected each class name once")
+        first_line[name] = n
+    classes = [name for _, name in numbered]
     if not 2 <= len(classes) < IGNORE_INDEX:
         raise DataError(f"{path}: expected 2 to {IGNORE_INDEX - 1} class names (masks are 8-bit, "
                         f"{IGNORE_INDEX} = ignore), found {len(classes)}")

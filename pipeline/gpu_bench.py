@@ -145,7 +145,7 @@ def run(device: str = "cuda", preset: str = "r50_vit_b16", image_size: int = 512
     target = torch.device(device)
     model_cfg = ModelConfig(**yaml.safe_load((MODEL_PRESETS / f"{preset}.yaml").read_text())["model"])
     job = JobConfig(train=FinetuneConfig(batch_size=batch_size, crop_scale_min=0.25, hflip=True), model=model_cfg,
-                    num_classes=classes, cpus_per_worker=torch.get_num_threads(), init_out_channels=classes,
+                    num_classes=classes, cpus_per_worker=torch.get_num_threads(),
                     init_state=build_network(model_cfg, classes).state_dict())
     setup = replace(WorkerSetup.plain(job), device=target)
     generator = torch.Generator().manual_seed(0)

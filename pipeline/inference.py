@@ -12,6 +12,7 @@ teacher's own val score and the benchmark's baseline use the plain loop.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from pipeline import augment
 from pipeline.config import ModelConfig, RayConfig
-from pipeline.data import decode_png, encode_png, parquet_files, stack_decoded
+from pipeline.data import DataError, decode_png, encode_png, parquet_files, stack_decoded
 from pipeline.metrics import confusion_matrix
 from pipeline.storage import worker_uris
 
@@ -50,6 +51,10 @@ def predict_batch(models: dict[str, SegmentationNet], batch: Batch, flip_tta: bo
     `<name>_confidence` (uint8 N×H×W; confidence ×255)."""
     images = stack_decoded([decode_png(v) for v in batch["image"]])
     out = dict(batch)
+    if "mask" in out:
+        # Missing masks as empty bytes, not None: Ray Data turns a column of only None into
+        # float NaNs on its way back to the stage.
+        out["mask"] = np.array([v if has_png(v) else b"" for v in out["mask"]], dtype=object)
     for name, model in models.items():
         confidence, label = probabilities(model, images, flip_tta).max(1)
         out[f"{name}_label"] = label.to(torch.uint8).cpu().numpy()
@@ -93,10 +98,15 @@ def local_predictions(models: dict[str, SegmentationNet], split: Path, columns: 
                 yield predict_batch(models, batch, flip_tta)
 
 
+@contextmanager
 def ray_predictions(states: dict[str, dict], model: ModelConfig, num_classes: int, split: Path, columns: list[str],
-                    batch_size: int, flip_tta: bool, ray_cfg: RayConfig) -> Iterator[Batch]:
+                    batch_size: int, flip_tta: bool, ray_cfg: RayConfig) -> Iterator[Iterator[Batch]]:
     """`predict_batch` over a split as a Ray Data pipeline with `ray.inference_actors` model
-    replicas (one GPU each when `use_gpu`), batches returned in the split's order."""
+    replicas (one GPU each when `use_gpu`), batches returned in the split's order.
+
+    A context manager: leaving it, however it is left, stops the pipeline and its actors while
+    Ray is still up. A pipeline left to Python's exit would be stopped after Ray's own exit
+    hook, and Ray Data's clean-up then starts a new Ray and waits on it forever."""
     from pipeline.raytrain import init_ray
 
     init_ray(ray_cfg)
@@ -114,7 +124,11 @@ def ray_predictions(states: dict[str, dict], model: ModelConfig, num_classes: in
                                "threads": ray_cfg.cpus_per_worker, "use_gpu": ray_cfg.use_gpu},
         compute=ray.data.ActorPoolStrategy(size=ray_cfg.inference_actors),
         num_cpus=1 if ray_cfg.use_gpu else ray_cfg.cpus_per_worker, num_gpus=1 if ray_cfg.use_gpu else 0)
-    yield from predicted.iter_batches(batch_size=None, batch_format="numpy")
+    batches = iter(predicted.iter_batches(batch_size=None, batch_format="numpy"))
+    try:
+        yield batches
+    finally:
+        batches.close()
 
 
 def iter_split(path: Path, batch_size: int, columns: list[str], desc: str) -> Iterator[dict]:
@@ -143,11 +157,16 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.require(array, requirements=["C", "W"]))
 
 
-def _masks(batch: Batch) -> torch.Tensor | None:
-    """The batch's held-aside / ground-truth masks, or None when any is missing."""
-    if "mask" not in batch or any(v is None for v in batch["mask"]):
-        return None
-    return stack_decoded([decode_png(v) for v in batch["mask"]])
+def has_png(value) -> bool:
+    """Whether a PNG column's value is there: stored nulls arrive as None (or, through Ray
+    Data, as NaN or empty bytes)."""
+    return isinstance(value, bytes) and len(value) > 0
+
+
+def held_masks(batch: Batch) -> tuple[list[int], torch.Tensor | None]:
+    """The rows of the batch that have a mask, and those masks decoded (None when no row has one)."""
+    rows = [i for i, v in enumerate(batch.get("mask", ())) if has_png(v)]
+    return rows, stack_decoded([decode_png(batch["mask"][i]) for i in rows]) if rows else None
 
 
 def pseudo_label_rows(batches: Iterator[Batch], name: str, confusion: torch.Tensor) -> Iterator[dict]:
@@ -158,8 +177,9 @@ def pseudo_label_rows(batches: Iterator[Batch], name: str, confusion: torch.Tens
     """
     for batch in batches:
         labels, confidences = batch[f"{name}_label"], batch[f"{name}_confidence"]
-        if (masks := _masks(batch)) is not None:
-            confusion += confusion_matrix(_tensor(labels), masks, confusion.shape[0])
+        rows, masks = held_masks(batch)
+        if rows:
+            confusion += confusion_matrix(_tensor(labels[rows]), masks, confusion.shape[0])
         for i, eid in enumerate(batch["id"]):
             yield {"id": eid, "image": batch["image"][i], "pseudo_label": encode_png(labels[i]),
                    "confidence": encode_png(confidences[i])}
@@ -173,7 +193,11 @@ def confusion_and_samples(batches: Iterator[Batch], names: list[str], num_classe
     samples: dict[str, list] = {"image": [], "mask": [], **{name: [] for name in names}}
     taken = 0
     for batch in batches:
-        masks, room = _masks(batch), max(0, keep - taken)
+        rows, masks = held_masks(batch)
+        if len(rows) < len(batch["id"]):
+            missing = [eid for i, eid in enumerate(batch["id"]) if i not in rows]
+            raise DataError(f"image {missing[0]!r} has no mask; every image scored needs its ground truth")
+        room = max(0, keep - taken)
         preds = {name: _tensor(batch[f"{name}_label"]).long() for name in names}
         for name, pred in preds.items():
             confusion[name] += confusion_matrix(pred, masks, num_classes)

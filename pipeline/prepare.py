@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,8 @@ from pipeline import digit_scenes, formats
 from pipeline.config import DataConfig
 from pipeline.data import (
     IGNORE_INDEX,
+    MANIFEST,
+    SEGMENTATION_SPLITS,
     DataError,
     SplitWriter,
     encode_png,
@@ -86,8 +89,51 @@ def prepare_files(cfg: DataConfig, out_dir: Path) -> dict:
         return write_prepared(writer, classify_rows, classes, cfg, tmp)
 
 
+# What an earlier output of `prepare` holds, and the keys its manifest has (`write_prepared`).
+OUTPUT_ENTRIES = {MANIFEST, "classify", *SEGMENTATION_SPLITS}
+MANIFEST_KEYS = {"classes", "num_classes", "counts", "ids"}
+REPLACED = "it would be replaced whole"
+
+
+def check_output(cfg: DataConfig, out_dir: Path) -> None:
+    """Refuse an output whose replacement would destroy anything but an earlier output of
+    `prepare`: the dataset itself, a folder inside it or holding it (symlinks resolved), an
+    existing file, or a folder of other files. A new path, an empty folder and an earlier
+    output (its manifest.json with the manifest's keys, nothing beside it but the splits) are
+    fine."""
+    out = Path(out_dir).resolve()
+    named = str(out_dir) if out == Path(out_dir).absolute() else f"{out_dir} (= {out})"
+    if cfg.root:
+        root = Path(cfg.root).resolve()
+        where = ("is data.root itself" if out == root else "lies inside data.root" if root in out.parents
+                 else "holds data.root" if out in root.parents else None)
+        if where:
+            raise DataError(f"{named}: prepare's output {where} ({cfg.root}); {REPLACED}, so expected a "
+                            "folder outside the dataset, e.g. data/prepared")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(f"{named}: exists and is not a folder; {REPLACED}, so expected a new path, an empty "
+                        "folder or an earlier output of prepare")
+    entries = {p.name for p in out.iterdir()}
+    if not entries:
+        return
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        manifest = None
+    others = sorted(entries - OUTPUT_ENTRIES)
+    if not isinstance(manifest, dict) or not MANIFEST_KEYS <= manifest.keys() or others:
+        found = (f"it holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}" if others
+                 else f"its {MANIFEST} is not one prepare writes" if (out / MANIFEST).exists()
+                 else f"no {MANIFEST}")
+        raise DataError(f"{named}: exists and is not an earlier output of prepare ({found}); {REPLACED}, so "
+                        "expected a new path, an empty folder or an earlier output of prepare")
+
+
 def prepare(cfg: DataConfig, out_dir: Path) -> dict:
     """Write the prepared splits for `cfg.format` to `out_dir`; return the manifest."""
+    check_output(cfg, out_dir)
     if cfg.format == "digits":
         return prepare_digit_scenes(cfg, out_dir)
     return prepare_files(cfg, out_dir)

@@ -95,13 +95,13 @@ class JobConfig:
     classes: tuple[str, ...] = ()
     cpus_per_worker: int = 1
     init_state: dict | None = None
-    init_out_channels: int = 0
+    init_from_denoiser: bool = False  # init_state's head predicts noise (DENOISE_CHANNELS), not classes
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
 
     def identity(self) -> dict:
         return {"train": asdict(self.train), "model": asdict(self.model), "num_classes": self.num_classes,
-                "init_out_channels": self.init_out_channels}
+                "init_from_denoiser": self.init_from_denoiser}
 
 
 def launch(stage: str, builder: str, job: JobConfig, datasets: dict[str, tuple[list[Path], list[str]]],

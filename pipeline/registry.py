@@ -1,17 +1,31 @@
 """The student as an MLflow model: a pyfunc that wraps the preprocessing and the network,
-registered under a name, with the `champion` alias kept on the best val mIoU so far."""
+registered under a name, with the `champion` alias kept on the best val mIoU so far.
+
+The pyfunc is for `mlflow models serve`. `pipeline.predict` reads a logged model with
+`load_logged_segmenter` instead: loading the pyfunc unpickles its python_model.pkl, which runs
+whatever code the model's author put in it."""
 
 from __future__ import annotations
 
+import re
+import tempfile
 from importlib.metadata import version
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlparse
 
 import mlflow
 import numpy as np
 
+from pipeline.checkpoints import CheckpointError
+
+if TYPE_CHECKING:
+    from pipeline.models import SegmentationNet
+
 CHAMPION = "champion"
 MIOU_TAG = "val_miou"
 CLASSES_TAG = "classes"
+WEIGHTS = "weights"  # the artifact key of the exported weights in the logged pyfunc
 
 
 class SegmentationModel(mlflow.pyfunc.PythonModel):
@@ -22,7 +36,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         from pipeline.checkpoints import load_exported_segmenter
         from pipeline.predict import Predictor
 
-        net, classes = load_exported_segmenter(Path(context.artifacts["weights"]))
+        net, classes = load_exported_segmenter(Path(context.artifacts[WEIGHTS]))
         self.predictor = Predictor(net, classes, int(context.model_config["image_size"]),
                                    data_format=context.model_config.get("format", ""))
 
@@ -48,7 +62,7 @@ def register_segmenter(weights: Path, image_size: int, classes: list[str], name:
     from mlflow.exceptions import MlflowException
 
     info = mlflow.pyfunc.log_model(
-        name="student", python_model=SegmentationModel(), artifacts={"weights": str(weights)},
+        name="student", python_model=SegmentationModel(), artifacts={WEIGHTS: str(weights)},
         model_config={"image_size": image_size, "classes": classes, "format": data_format}, signature=_signature(),
         code_paths=[str(Path(__file__).resolve().parent)], registered_model_name=name,
         pip_requirements=[f"{pkg}=={version(pkg)}" for pkg in ("torch", "torchvision", "timm", "numpy", "pillow",
@@ -67,3 +81,63 @@ def register_segmenter(weights: Path, image_size: int, classes: list[str], name:
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, number)
     return number, promoted
+
+
+def load_logged_segmenter(uri: str) -> tuple[SegmentationNet, list[str], int, str]:
+    """(network, classes, image size, data format) of a model that `register_segmenter` logged,
+    from its MLmodel file (parsed with yaml.safe_load) and its weights artifact (read with
+    weights_only=True) only: nothing of the model is unpickled or imported."""
+    import yaml
+
+    from pipeline.checkpoints import load_exported_segmenter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            spec = yaml.safe_load(_artifact(uri, "MLmodel", tmp).read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{uri}: MLmodel is not valid YAML ({str(err).splitlines()[0]})") from None
+        except OSError as err:
+            raise CheckpointError(f"{uri}: MLmodel cannot be read ({err.strerror or err})") from None
+        try:
+            flavor = spec["flavors"]["python_function"]
+            weights, config = flavor["artifacts"][WEIGHTS]["path"], dict(flavor["config"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{uri}: MLmodel has no python_function weights artifact and config; "
+                                  "expected a model logged by pipeline.registry") from None
+        relative = PurePosixPath(weights) if isinstance(weights, str) else None
+        if relative is None or relative.is_absolute() or ".." in relative.parts or not relative.parts:
+            raise CheckpointError(f"{uri}: MLmodel weights path {weights!r}: expected a path inside the model")
+        size, data_format = config.get("image_size"), config.get("format", "")
+        if type(size) is not int or size <= 0 or size % 16:
+            raise CheckpointError(f"{uri}: MLmodel config image_size {size!r}: expected a positive multiple of 16")
+        if not isinstance(data_format, str):
+            raise CheckpointError(f"{uri}: MLmodel config format {data_format!r}: expected a format name")
+        local = _artifact(uri, str(relative), tmp)
+        try:
+            net, classes = load_exported_segmenter(local)
+        except CheckpointError as err:  # name the artifact, not its temp copy
+            raise CheckpointError(str(err).replace(str(local), f"{uri}/{relative}")) from None
+    if config.get("classes", classes) != classes:
+        raise CheckpointError(f"{uri}: MLmodel config classes {config.get('classes')!r} differ from its "
+                              f"weights' {classes}")
+    return net, classes, size, data_format
+
+
+def _artifact(uri: str, relative: str, tmp: str) -> Path:
+    """A file of the model at `uri`: read in place when local, else downloaded into `tmp`."""
+    parsed = urlparse(uri)
+    folder = Path(unquote(parsed.path)) if parsed.scheme == "file" and parsed.netloc in ("", "localhost") \
+        else None if parsed.scheme else Path(uri)
+    if folder is not None:
+        if not (folder / "MLmodel").is_file():
+            raise CheckpointError(f"{uri}: not an MLflow model (it has no MLmodel file)")
+        return folder / relative
+    from mlflow.artifacts import download_artifacts
+
+    try:
+        return Path(download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{relative}", dst_path=tmp))
+    except Exception as err:  # noqa: BLE001 - each artifact store and the registry raise their own types
+        # MLflow's message may list each failed file under a '##### File …' header: keep the reason.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.startswith("#####")]
+        reason = re.split(r"(?<=\.)\s", lines[-1])[0].rstrip(".") if lines else type(err).__name__
+        raise CheckpointError(f"{uri}: {reason}") from None

@@ -115,6 +115,23 @@ def peak_rss_mb() -> float:
 
 
 UNWRITABLE = (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM)
+EXIT_GRACE_S = 20
+
+
+def exit_within(seconds: float) -> None:
+    """A failing stage must end, never wait. Once its interpreter starts to exit, whatever clean-up
+    Python, Ray or MLflow then run gets `seconds`; a process still there after them prints every
+    thread's stack to stderr and exits with 1. faulthandler's watchdog is a C thread: it fires even
+    when the hang holds the GIL or sits in the interpreter's last teardown."""
+    import faulthandler
+
+    atexit.register(faulthandler.dump_traceback_later, seconds, exit=True)
+
+
+def fail(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+    exit_within(EXIT_GRACE_S)
+    sys.exit(1)
 
 
 def known_errors() -> tuple[type[Exception], ...]:
@@ -179,13 +196,15 @@ def stage(name: str, sections: list[str], prepared: Path | None = None,
             log_metrics(None, run_id, {k: v for k, v in ctx.summary.items() if k != "loss"
                                        and isinstance(v, (int, float)) and not isinstance(v, bool)}, 0)
     except known_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        fail(f"error: {err}")
     except OSError as err:
         if err.errno not in UNWRITABLE:
+            exit_within(EXIT_GRACE_S)
             raise
-        print(f"error: cannot write {err.filename or 'an output'}: {err.strerror}", file=sys.stderr)
-        sys.exit(1)
+        fail(f"error: cannot write {err.filename or 'an output'}: {err.strerror}")
+    except BaseException:  # a bug, a failure inside Ray, Ctrl-C: Python shows the traceback
+        exit_within(EXIT_GRACE_S)
+        raise
     parts = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in ctx.summary.items())
     print(f"[{name}] done: {parts}", flush=True)
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():

@@ -245,10 +245,11 @@ def decoder_pretrain(job: JobConfig, data: dict, setup: WorkerSetup) -> Trainabl
 
 
 def _segmenter_from(job: JobConfig) -> SegmentationNet:
-    """The previous stage's network with a K-class head (a denoising head is dropped)."""
-    model = build_network(job.model, job.init_out_channels)
+    """The previous stage's network with a K-class head: a denoising head is always replaced,
+    even when its channels happen to equal the class count."""
+    model = build_network(job.model, DENOISE_CHANNELS if job.init_from_denoiser else job.num_classes)
     model.load_state_dict(job.init_state)
-    if job.init_out_channels != job.num_classes:
+    if job.init_from_denoiser:
         model.replace_head(job.num_classes)
     return model.to(memory_format=torch.channels_last)
 

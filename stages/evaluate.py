@@ -47,9 +47,9 @@ def main() -> None:
         files = {name: args.rounds / f"{name}.pt" for name in [ROUND_TEACHER, *ctx.params.self_training.rounds]}
         models = {("student" if name == last else name): load_weights(path, SEGMENTER, model, classes)
                   for name, path in files.items()}
-        predictions = ray_predictions(models, model, len(classes), args.prepared / "val", ["id", "image", "mask"],
-                                      cfg.batch_size, False, ctx.params.ray)
-        confusion, samples = confusion_and_samples(predictions, list(models), len(classes), cfg.grid_images)
+        with ray_predictions(models, model, len(classes), args.prepared / "val", ["id", "image", "mask"],
+                             cfg.batch_size, False, ctx.params.ray) as predictions:
+            confusion, samples = confusion_and_samples(predictions, list(models), len(classes), cfg.grid_images)
         scores = {name: segmentation_scores(c.numpy(), classes) for name, c in confusion.items()}
         write_text_atomic(args.metrics, json.dumps(scores, indent=2) + "\n")
         write_text_atomic(args.per_class, per_class_csv(scores, classes))

@@ -42,10 +42,10 @@ def main() -> None:
         manifest = read_manifest(args.prepared)
         teacher = load_weights(args.teacher, SEGMENTER, ctx.params.model, manifest["classes"])
         confusion = torch.zeros(manifest["num_classes"], manifest["num_classes"], dtype=torch.long)
-        predictions = ray_predictions({"teacher": teacher}, ctx.params.model, manifest["num_classes"], unlabeled,
-                                      ["id", "image", "mask"], cfg.batch_size, cfg.flip_tta, ctx.params.ray)
-        rows = pseudo_label_rows(predictions, "teacher", confusion)
-        with staged(args.out) as tmp:
+        with ray_predictions({"teacher": teacher}, ctx.params.model, manifest["num_classes"], unlabeled,
+                             ["id", "image", "mask"], cfg.batch_size, cfg.flip_tta, ctx.params.ray) as predictions, \
+                staged(args.out) as tmp:
+            rows = pseudo_label_rows(predictions, "teacher", confusion)
             ctx.summary["images"] = write_shards(rows, PSEUDO_SCHEMA, tmp, ctx.params.data.shard_rows)
         if confusion.sum() > 0:
             quality = segmentation_scores(confusion.numpy(), manifest["classes"])

@@ -4,7 +4,6 @@ from pathlib import Path
 
 from pipeline.checkpoints import DENOISER, SEGMENTER, load_weights, save_weights, segmenter_state
 from pipeline.data import read_manifest
-from pipeline.denoising import DENOISE_CHANNELS
 from pipeline.dsbn import main_bn_state
 from pipeline.raytrain import JobConfig
 from pipeline.stage import stage, stage_parser
@@ -26,12 +25,11 @@ def main() -> None:
         cfg, model = ctx.params.student, ctx.params.model
         manifest = read_manifest(args.prepared)
         classes = manifest["classes"]
-        if cfg.init == "teacher":
-            init, init_channels = load_weights(args.teacher, SEGMENTER, model, classes), len(classes)
-        else:
-            init, init_channels = load_weights(args.pretrained, DENOISER, model), DENOISE_CHANNELS
+        from_denoiser = cfg.init != "teacher"
+        init = (load_weights(args.pretrained, DENOISER, model) if from_denoiser
+                else load_weights(args.teacher, SEGMENTER, model, classes))
         job = JobConfig(train=cfg, model=model, num_classes=len(classes), classes=tuple(classes), init_state=init,
-                        init_out_channels=init_channels)
+                        init_from_denoiser=from_denoiser)
         datasets = {"labeled": ([labeled], ["image", "mask"]),
                     "pseudo": ([args.pseudo], ["image", "pseudo_label", "confidence"])}
         state = ctx.train("student", job, datasets, inputs=[args.prepared, labeled, args.pseudo, args.teacher, args.pretrained])

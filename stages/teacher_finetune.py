@@ -4,7 +4,6 @@ from pathlib import Path
 
 from pipeline.checkpoints import DENOISER, SEGMENTER, load_weights, save_weights
 from pipeline.data import read_manifest
-from pipeline.denoising import DENOISE_CHANNELS
 from pipeline.raytrain import JobConfig
 from pipeline.stage import stage, stage_parser
 
@@ -24,7 +23,7 @@ def main() -> None:
         manifest = read_manifest(args.prepared)
         job = JobConfig(train=cfg, model=model, num_classes=manifest["num_classes"],
                         init_state=load_weights(args.pretrained, DENOISER, model),
-                        init_out_channels=DENOISE_CHANNELS)
+                        init_from_denoiser=True)
         state = ctx.train("teacher", job, {"labeled": ([labeled], ["image", "mask"])},
                           inputs=[args.prepared, labeled, args.pretrained])
         save_weights(args.out, state["model"], SEGMENTER, model, manifest["classes"])

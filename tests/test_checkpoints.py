@@ -8,6 +8,7 @@ from pipeline.checkpoints import (
     ENCODER,
     SEGMENTER,
     CheckpointError,
+    load_exported_segmenter,
     load_external_encoder,
     load_segmenter,
     load_weights,
@@ -81,3 +82,44 @@ def test_a_failed_write_leaves_neither_the_file_nor_a_temp(tmp_path, monkeypatch
     with pytest.raises(OSError, match="No space left"):
         save_weights(tmp_path / "m.pt", {}, SEGMENTER, MODEL, CLASSES)
     assert list(tmp_path.iterdir()) == []
+
+
+class _Armed:
+    """Unpickling this creates `marker`: stands for any code a crafted file could run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_a_file_that_would_run_code_is_refused_without_torchs_unsafe_hint(tmp_path):
+    """torch's message says re-running with weights_only=False "will likely succeed": the one
+    thing not to do with a file from elsewhere. The error keeps what is wrong, in one line."""
+    path = tmp_path / "armed.pt"
+    torch.save({"state_dict": _Armed(tmp_path / "ran")}, path)
+    for load in (lambda: load_weights(path, SEGMENTER, MODEL), lambda: load_external_encoder(path, "tiny")):
+        with pytest.raises(CheckpointError, match="armed.pt: not a readable weights file") as info:
+            load()
+        message = str(info.value)
+        assert "weights_only" not in message and "likely succeed" not in message and "\n" not in message
+        assert "GLOBAL" in message  # the meaningful part: what the file tried to load
+    assert not (tmp_path / "ran").exists()
+
+
+def test_an_exported_segmenter_without_its_config_or_with_another_networks_weights_is_refused(tmp_path):
+    net = build_model(MODEL.preset, MODEL.decoder_in_channels, MODEL.decoder_channels, len(CLASSES))
+    no_config = tmp_path / "no_config.pt"
+    torch.save({"kind": SEGMENTER, "classes": CLASSES, "state_dict": net.state_dict()}, no_config)
+    with pytest.raises(CheckpointError, match="no_config.pt: .*model config"):
+        load_exported_segmenter(no_config)
+    other = tmp_path / "other.pt"  # 3 classes' weights, saved as a 2-class segmenter
+    save_weights(other, net.state_dict(), SEGMENTER, MODEL, ["bg", "a"])
+    with pytest.raises(CheckpointError, match="other.pt: .*wrong shape") as info:
+        load_exported_segmenter(other)
+    assert "\n" not in str(info.value)
+    missing = tmp_path / "missing.pt"
+    save_weights(missing, {k: v for k, v in net.state_dict().items() if "decoder" not in k}, SEGMENTER, MODEL, CLASSES)
+    with pytest.raises(CheckpointError, match="missing.pt: .*missing"):
+        load_exported_segmenter(missing)

@@ -2,6 +2,7 @@
 next, stopped once DVC has exited, however it exits. A stand-in for DVC (a script named `dvc`
 run as `dvc repro`) runs stand-in stages that connect and run a task."""
 
+import ipaddress
 import json
 import os
 import shutil
@@ -36,6 +37,56 @@ STAGE = textwrap.dedent("""
                       "answer": ray.get(ray.remote(lambda: 42).remote())}), flush=True)
 """)
 BIG = os.cpu_count() + 4  # more workers than the shared Ray, sized by the first stage, has CPUs for
+
+# A stage's driver on a running Ray: connects by `init_ray` (to the `RAY_ADDRESS` it is given), runs a
+# task and an actor, prints the answer and the address it connected to, then holds on until told.
+DRIVER = textwrap.dedent("""
+    import sys
+    from pipeline.config import RayConfig
+    from pipeline.raytrain import init_ray
+
+    init_ray(RayConfig(cpus_per_worker=1))
+    import ray
+
+    @ray.remote
+    class Echo:
+        def echo(self, value):
+            return value
+
+    answer = ray.get(Echo.remote().echo.remote(ray.get(ray.remote(lambda: 42).remote())))
+    print(answer, ray.get_runtime_context().gcs_address, flush=True)
+    sys.stdin.readline()
+""")
+# `python -m pipeline.cluster -- driver.py`, and then some: the local Ray `shared_ray` starts (by
+# `start_local_ray`) with the driver connected to it, and, while they run, the listening TCP sockets
+# of this process and of every process under it (Ray's and the driver's), as JSON.
+SHARED = textwrap.dedent("""
+    import json, subprocess, sys
+    import psutil
+    from pipeline.cluster import shared_ray
+
+    with shared_ray(None) as env:
+        driver = subprocess.Popen([sys.executable, sys.argv[1]], env=env, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        answer, address = driver.stdout.readline().split()
+        listening = []
+        for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+            try:
+                listening += [[proc.name(), conn.laddr.ip, conn.laddr.port]
+                              for conn in proc.net_connections("tcp") if conn.status == psutil.CONN_LISTEN]
+            except psutil.Error:  # one that ended meanwhile
+                pass
+        driver.communicate("\\n")
+    print(json.dumps({"answer": int(answer), "address": address, "published": env["RAY_ADDRESS"],
+                      "listening": listening, "driver": driver.returncode}))
+""")
+
+
+def loopback(ip: str) -> bool:
+    """127.0.0.0/8 or ::1, also as IPv4-mapped IPv6 (::ffff:127.0.0.1: a dual-stack socket that takes
+    connections to 127.0.0.1 only)."""
+    address = ipaddress.ip_address(ip.split("%")[0])
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
 
 def fake_dvc(tmp_path: Path, workers: list[int], hold_s: float, before_s: float = 0) -> Path:
@@ -80,6 +131,26 @@ def test_the_local_ray_is_sized_for_the_workers_or_the_actors_plus_a_reader():
     assert local_cpus(RayConfig(inference_actors=3, cpus_per_worker=1)) == max(os.cpu_count(), 3) + 1
 
 
+@pytest.mark.slow
+def test_the_local_ray_and_its_drivers_listen_on_loopback_only(tmp_path, temp_dir):
+    """A Ray this pipeline starts serves this machine alone: none of its servers (GCS, raylet,
+    object manager, agents, workers, actors, the drivers' own) listens on another interface, and a
+    stage's driver connects to it at the loopback address it is given."""
+    (tmp_path / "driver.py").write_text(DRIVER)
+    (tmp_path / "shared.py").write_text(SHARED)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "TMPDIR": str(temp_dir)}
+    env.pop("RAY_ADDRESS", None)
+    run = subprocess.run([sys.executable, str(tmp_path / "shared.py"), str(tmp_path / "driver.py")], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.splitlines()[-1])
+    assert found["answer"] == 42 and found["driver"] == 0
+    names = {name for name, _, _ in found["listening"]}
+    assert {"gcs_server", "raylet"} <= names and len(names) >= 4, found["listening"]  # drivers, workers, agents
+    assert [socket for socket in found["listening"] if not loopback(socket[1])] == []
+    assert found["address"] == found["published"] and loopback(found["published"].rsplit(":", 1)[0])
+
+
 def test_the_announcements_folder_must_be_this_users_alone(monkeypatch, tmp_path):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     folder = shared_dir()
@@ -112,6 +183,7 @@ def test_a_killed_repro_leaves_no_ray_behind(tmp_path, temp_dir):
     state = temp_dir / f"pipeline-ray-{os.getuid()}" / f"{ProcessRef.of(dvc_pid)}.json"
     info = json.loads(state.read_text())
     assert info["address"] == stage["address"] and info["num_cpus"] == local_cpus(RayConfig(cpus_per_worker=1))
+    assert loopback(info["address"].rsplit(":", 1)[0])  # where the execution's Ray listens, and alone
     server = ProcessRef.parse(info["server"])
     assert server.running() and session_processes(info["session_dir"])
     os.killpg(dvc.pid, signal.SIGKILL)  # what a closed terminal or a scheduler does to DVC and its stages

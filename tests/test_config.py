@@ -53,10 +53,68 @@ def test_wrong_type_is_named():
     ({"data": {"image_size": 100}}, "data.image_size"),
     ({"teacher": {"encoder_lr_scale": -1.0}}, "teacher.encoder_lr_scale"),
     ({"student": {"conf_threshold": 1.5}}, "student.conf_threshold"),
+    ({"data": {"seed": -1}}, r"data.seed: expected a whole number in \[0, 2\*\*32\), got -1"),
+    ({"data": {"seed": 2**32}}, r"data.seed: expected a whole number in \[0, 2\*\*32\), got 4294967296"),
+    ({"data": {"image_size": 1048576}}, "data.image_size: expected at most 8192 px"),
 ])
 def test_out_of_range_values_are_named(raw, key):
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=key if "\\" in key else key.replace(".", r"\.")):
         parse_params(raw)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("teacher:\n  lr: .inf\n", "teacher.lr: expected a finite number, got inf"),
+    ("teacher:\n  lr: .nan\n", "teacher.lr: expected a finite number, got nan"),
+    ("decoder_pretrain:\n  sigma_max: .inf\n", "decoder_pretrain.sigma_max: expected a finite number, got inf"),
+    ("student:\n  pseudo_weight: .inf\n", "student.pseudo_weight: expected a finite number, got inf"),
+    ("study:\n  sigmas: [0.1, .inf]\n", r"study.sigmas\[1\]: expected a finite number, got inf"),
+    ("encoder:\n  densecl:\n    temperature: .inf\n", "encoder.densecl.temperature: expected a finite number"),
+])
+def test_a_non_finite_number_is_refused_anywhere(tmp_path, text, message):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"{path}: {message}"):
+        load_params(path)
+
+
+def test_a_non_finite_override_is_refused(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("teacher:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"with teacher.lr=inf: teacher.lr: expected a finite number, got inf"):
+        load_params(path, ["teacher.lr=inf"])
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# every value commented out\n# teacher:\n#   lr: 0.1\n"])
+def test_an_empty_params_file_is_refused(tmp_path, text):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"{path}: empty \\(no params in it\\); expected the params mapping"):
+        load_params(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("teacher:\n  lr: 0.1\n  epochs: 3\n  lr: 0.2\n", r"teacher.lr is written twice \(lines 2 and 4\)"),
+    ("teacher:\n  lr: 0.1\nstudent:\n  lr: 0.1\nteacher:\n  epochs: 3\n", r"teacher is written twice \(lines 1 and 5\)"),
+    ("encoder:\n  densecl:\n    momentum: 0.9\n    momentum: 0.99\n", r"encoder.densecl.momentum is written twice \(lines 3 and 4\)"),
+    ("self_training:\n  rounds: {round1: teacher, round1: teacher}\n", r"self_training.rounds.round1 is written twice \(both on line 2\)"),
+])
+def test_a_key_written_twice_is_named(tmp_path, text, message):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"{path}: {message}; expected each key once"):
+        load_params(path)
+
+
+def test_yaml_merge_keys_and_aliases_are_not_duplicates(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("teacher: &base\n  lr: 0.1\n  epochs: 3\nstudent:\n  <<: *base\n  lr: 0.2\n")
+    params = load_params(path)
+    assert (params.teacher.lr, params.student.lr, params.student.epochs) == (0.1, 0.2, 3)
+    assert yaml.safe_load(path.read_text())["student"]["lr"] == 0.2  # other readers (DVC) keep their loader
+
+
+def test_the_committed_params_load():
+    assert load_params(ROOT / "params.yaml").data.format == "digits"
 
 
 def test_load_params_names_the_file(tmp_path):

@@ -181,6 +181,78 @@ def test_folder_errors_name_the_file(tmp_path, breakage, message):
     assert not (tmp_path / "prepared").exists()
 
 
+def _tree(root) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("out, message", [
+    ("work/raw", r"work/raw: prepare's output is data.root itself"),
+    ("work/raw/prepared", r"raw/prepared: prepare's output lies inside data.root"),
+    ("work/raw/masks", r"raw/masks: prepare's output lies inside data.root"),
+    ("work", r"work: prepare's output holds data.root"),
+    ("link", r"link \(= .*work/raw\): prepare's output is data.root itself"),
+    ("link/prepared", r"link/prepared \(= .*work/raw/prepared\): prepare's output lies inside data.root"),
+])
+def test_an_output_at_or_around_the_dataset_is_refused_and_the_data_kept(tmp_path, out, message):
+    root = tmp_path / "work" / "raw"
+    _folder_dataset(root)
+    (tmp_path / "link").symlink_to(root, target_is_directory=True)
+    before = _tree(tmp_path / "work")
+    cfg = DataConfig(format="folder", root=str(root), image_size=16, labeled_fraction=0.5)
+    with pytest.raises(DataError, match=message + r" \(.*work/raw\); it would be replaced whole"):
+        prepare(cfg, tmp_path / out)
+    assert _tree(tmp_path / "work") == before
+
+
+@pytest.mark.parametrize("existing, message", [
+    ({"notes.txt": b"my notes"}, r"notes.txt: exists and is not a folder"),
+    ({"mine/a.txt": b"mine", "mine/labeled/x": b""}, r"mine: exists and is not an earlier output of prepare "
+                                                      r"\(it holds a.txt\)"),
+    ({"mine/labeled/x": b""}, r"mine: exists and is not an earlier output of prepare \(no manifest.json\)"),
+    ({"mine/manifest.json": b"{}"}, r"mine: .*\(its manifest.json is not one prepare writes\)"),
+    ({"mine/manifest.json": b"not json"}, r"mine: .*\(its manifest.json is not one prepare writes\)"),
+])
+def test_an_existing_output_that_prepare_did_not_write_is_refused(tmp_path, existing, message):
+    for name, content in existing.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    out = tmp_path / next(iter(existing)).split("/")[0]
+    before = _tree(tmp_path)
+    for cfg in (_smoke_cfg(), DataConfig(format="folder", root=str(tmp_path / "nowhere"), image_size=16)):
+        with pytest.raises(DataError, match=message + ".*expected a new path, an empty folder or an earlier output"):
+            prepare(cfg, out)
+    assert _tree(tmp_path) == before
+
+
+def test_an_empty_folder_or_an_earlier_output_is_replaced(tmp_path):
+    _folder_dataset(tmp_path / "raw")
+    (tmp_path / "prepared").mkdir()
+    cfg = DataConfig(format="folder", root=str(tmp_path / "raw"), image_size=16, labeled_fraction=0.5)
+    first = prepare(cfg, tmp_path / "prepared")
+    (tmp_path / "link").symlink_to(tmp_path / "prepared", target_is_directory=True)
+    again = prepare(DataConfig(**{**cfg.__dict__, "labeled_fraction": 1.0}), tmp_path / "link")
+    assert first["counts"]["labeled"] < again["counts"]["labeled"] == json.loads(
+        (tmp_path / "link" / MANIFEST).read_text())["counts"]["labeled"]
+
+
+def test_prepare_into_the_dataset_is_one_error_line_and_exit_1(tmp_path):
+    from pathlib import Path
+
+    _folder_dataset(tmp_path / "raw")
+    (tmp_path / "params.yaml").write_text("data:\n  format: folder\n  root: raw\n  image_size: 16\n"
+                                          "  labeled_fraction: 0.5\n")
+    before = _tree(tmp_path / "raw")
+    repo = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, str(repo / "stages" / "prepare.py"), "--out", "raw"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120,
+                            env={"PATH": str(Path(sys.executable).parent), "PYTHONPATH": str(repo),
+                                 "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.splitlines()[-1].startswith("error: raw: prepare's output is data.root itself (raw)"), \
+        result.stderr
+    assert _tree(tmp_path / "raw") == before
+
+
 def test_labeled_subsets_for_a_study_are_nested_and_keep_masks(tmp_path):
     from pipeline.prepare import labeled_subset
 

@@ -245,6 +245,74 @@ def test_images_that_are_not_8_bit_rgb_are_converted(tmp_path):
     assert deep.min() == 0 and deep.max() == 255  # 16-bit range stretched, not clipped
 
 
+def _upright_scene(size: tuple[int, int]) -> tuple[Image.Image, np.ndarray]:
+    """A displayed image (width, height) bright above its middle and dark below, and its mask
+    as drawn over it: class 0 ('bright') above, class 1 ('dark') below."""
+    w, h = size
+    mask = np.zeros((h, w), np.uint8)
+    mask[h // 2:] = 1
+    return Image.fromarray(np.where(mask[..., None] == 0, 230, 20).astype(np.uint8).repeat(3, axis=2)), mask
+
+
+# EXIF orientation → how the stored pixels are turned from the displayed ones (6: the camera
+# was turned clockwise, the viewer rotates 90° clockwise; 8: the other way).
+STORED_SIDEWAYS = {6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+
+
+def _save_sideways_jpeg(path: Path, displayed: Image.Image, orientation: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    displayed.transpose(STORED_SIDEWAYS[orientation]).save(path, exif=exif, quality=95)
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+@pytest.mark.parametrize("size", [(16, 32), (32, 32)], ids=["portrait", "square"])
+def test_a_photo_stored_sideways_is_read_as_displayed_and_its_mask_aligns(tmp_path, orientation, size):
+    root = tmp_path / "photos"
+    (root / "classes.txt").parent.mkdir(parents=True)
+    (root / "classes.txt").write_text("bright\ndark\n")
+    displayed, mask = _upright_scene(size)
+    for folder, eid in (("", "a"), ("", "b"), ("val", "c")):
+        _save_sideways_jpeg(root / folder / "images" / f"{eid}.jpg", displayed, orientation)
+        _save_mask(root / folder / "masks" / f"{eid}.png", mask)
+    with Image.open(root / "images" / "a.jpg") as stored:
+        assert stored.size == size[::-1] or size[0] == size[1]  # the pixels really lie sideways
+    assert formats.read_image(root / "images" / "a.jpg").size == size  # as displayed (also what predict reads)
+    prepare(DataConfig(format="folder", root=str(root), image_size=16, labeled_fraction=1.0), tmp_path / "prepared")
+    for split in ("labeled", "val"):
+        table = read_split(tmp_path / "prepared" / split)
+        for image_png, mask_png in zip(table.column("image").to_pylist(), table.column("mask").to_pylist()):
+            image, ids = decode_png(image_png)[..., 0].astype(int), decode_png(mask_png)
+            assert set(np.unique(ids)) == {0, 1}
+            assert image[ids == 0].mean() > 200 and image[ids == 1].mean() < 50  # bright pixels are the bright class
+
+
+@pytest.mark.parametrize("content, message", [
+    ("sky\nroad\nsky\n".encode(), r"classes.txt: class 'sky' is listed twice \(lines 1 and 3\)"),
+    ("sky\n\nroad\n  road  \n".encode(), r"classes.txt: class 'road' is listed twice \(lines 3 and 4\)"),
+    ("café\nroad\n".encode("latin-1"), r"classes.txt: not UTF-8 text \(byte 0xe9 at offset 3\); "
+                                        "expected one class name per line, saved as UTF-8"),
+])
+def test_a_bad_classes_file_is_named(tmp_path, content, message):
+    (tmp_path / "classes.txt").write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        formats.read_folder_classes(tmp_path)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_name(tmp_path):
+    (tmp_path / "classes.txt").write_text("\ufeffbackground\r\nroad\r\n", encoding="utf-8")
+    assert formats.read_folder_classes(tmp_path) == ["background", "road"]
+    (tmp_path / "labeled.txt").write_text("\ufeff2007_000032\n2007_000039\n", encoding="utf-8")
+    assert formats.read_id_list(tmp_path / "labeled.txt") == ["2007_000032", "2007_000039"]
+
+
+def test_an_id_list_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "labeled.txt").write_bytes("2007_000032\nbild_ä\n".encode("utf-16"))
+    with pytest.raises(DataError, match=r"labeled.txt: not UTF-8 text .*expected one image id per line"):
+        formats.read_id_list(tmp_path / "labeled.txt")
+
+
 def test_every_format_has_a_palette_and_a_config_name():
     from pipeline.config import DATA_FORMATS
 

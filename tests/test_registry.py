@@ -6,6 +6,7 @@ import sys
 
 import mlflow
 import numpy as np
+import pytest
 import torch
 from mlflow import MlflowClient
 
@@ -50,3 +51,11 @@ def test_champion_moves_only_to_a_better_model_and_loads_in_a_fresh_process(tmp_
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, )
     expected = np.stack([p.labels for p in load_predictor(str(weights), 32, "cpu", 16).predict(list(images))])
     assert np.array_equal(np.load(tmp_path / "pyfunc.npy"), expected)
+
+    # predict reads the registered model's weights and MLmodel only: its pickle is never loaded.
+    monkeypatch.setattr(mlflow.pyfunc, "load_model", lambda *a, **k: pytest.fail("predict unpickled the model"))
+    run_id = MlflowClient(uri).get_model_version("seg", "5").run_id
+    for model_uri in ("models:/seg@champion", "models:/seg/5", f"runs:/{run_id}/student"):
+        predictor = load_predictor(model_uri, None, "cpu", 16)
+        assert (predictor.classes, predictor.image_size) == (CLASSES, 32)
+        assert np.array_equal(np.stack([p.labels for p in predictor.predict(list(images))]), expected)

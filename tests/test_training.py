@@ -30,7 +30,7 @@ def _builder_parts(builder: str, device: torch.device):
             "decoder_pretrain": (DecoderPretrainConfig(batch_size=2), {"images": {"image": images}},
                                  {"init_state": {k[len("encoder."):]: v for k, v in denoiser.items() if k.startswith("encoder.")}}),
             "teacher": (FinetuneConfig(batch_size=2), {"labeled": {"image": images, "mask": masks}},
-                        {"init_state": denoiser, "init_out_channels": 3})}
+                        {"init_state": denoiser, "init_from_denoiser": True})}
     train, data, init = jobs[builder]
     job = JobConfig(train=train, model=MODEL, num_classes=4, **init)
     setup = WorkerSetup.plain(job)
@@ -138,7 +138,7 @@ def test_the_plain_baseline_trains_exactly_what_the_ray_train_job_trains(labeled
 
     torch.manual_seed(0)
     job = JobConfig(train=TeacherConfig(epochs=2, steps_per_epoch=2, batch_size=2), model=MODEL, num_classes=4,
-                    init_state=build_network(MODEL, 4).state_dict(), init_out_channels=4, cpus_per_worker=1)
+                    init_state=build_network(MODEL, 4).state_dict(), cpus_per_worker=1)
     datasets = {"labeled": ([labeled_split], ["image", "mask"])}
     plain_state, plain_metrics = plain_train("teacher", job, datasets)
     try:
@@ -180,3 +180,18 @@ def test_a_stage_driver_never_imports_the_models():
             "print(sorted(m for m in ('timm', 'torchvision') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("classes", [3, 5])
+def test_a_denoisers_head_never_becomes_the_class_head_even_with_three_classes(classes):
+    """The denoising head predicts noise for 3 image channels; a 3-class teacher must not keep it."""
+    from pipeline.training import _segmenter_from
+
+    denoiser = build_network(MODEL, 3).state_dict()
+    job = JobConfig(train=FinetuneConfig(), model=MODEL, num_classes=classes, init_state=denoiser,
+                    init_from_denoiser=True)
+    net = _segmenter_from(job).state_dict()
+    assert net["head.weight"].shape[0] == classes
+    assert not (net["head.weight"].shape == denoiser["head.weight"].shape
+                and torch.equal(net["head.weight"], denoiser["head.weight"]))
+    assert torch.equal(net["decoder.conv_more.0.weight"], denoiser["decoder.conv_more.0.weight"])  # the rest is kept
