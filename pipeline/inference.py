@@ -49,7 +49,7 @@ def probabilities(model: SegmentationNet, images: torch.Tensor, flip_tta: bool) 
 def predict_batch(models: dict[str, SegmentationNet], batch: Batch, flip_tta: bool) -> Batch:
     """The batch (PNG columns as stored) plus, per model, `<name>_label` and
     `<name>_confidence` (uint8 N×H×W; confidence ×255)."""
-    images = stack_decoded([decode_png(v) for v in batch["image"]])
+    images = stack_decoded([stored_png(eid, v) for eid, v in zip(batch["id"], batch["image"])])
     out = dict(batch)
     if "mask" in out:
         # Missing masks as empty bytes, not None: Ray Data turns a column of only None into
@@ -60,6 +60,15 @@ def predict_batch(models: dict[str, SegmentationNet], batch: Batch, flip_tta: bo
         out[f"{name}_label"] = label.to(torch.uint8).cpu().numpy()
         out[f"{name}_confidence"] = (confidence * 255).round().to(torch.uint8).cpu().numpy()
     return out
+
+
+def stored_png(example_id: str, value) -> np.ndarray:
+    """A PNG of a prepared split, decoded; bytes that do not decode are our error, naming the image."""
+    try:
+        return decode_png(value)
+    except Exception as err:  # noqa: BLE001 - Pillow raises many types for broken bytes
+        raise DataError(f"image {example_id!r}: its stored bytes are not a PNG ({type(err).__name__}); "
+                        "rerun the stage that wrote the split") from None
 
 
 class SegmenterReplica:
@@ -117,6 +126,7 @@ def ray_predictions(states: dict[str, dict], model: ModelConfig, num_classes: in
     context.enable_progress_bars = False
     context.use_datasource_v2 = False  # see raytrain.launch
     context.execution_options.preserve_order = True  # shards in the split's order, as the plain loop writes them
+    context.raise_original_map_exception = True  # our DataError reaches the stage, not a UserCodeException
     dataset = ray.data.read_parquet(worker_uris(parquet_files(split), ray_cfg.data_uri), columns=columns)
     predicted = dataset.map_batches(
         SegmenterReplica, batch_size=batch_size, batch_format="numpy",

@@ -141,6 +141,26 @@ def known_errors() -> tuple[type[Exception], ...]:
     return (ConfigError, DataError, CheckpointError)
 
 
+def known_cause(err: BaseException) -> Exception | None:
+    """One of our known errors behind `err`: Ray hands the driver a worker's or an actor's
+    exception wrapped (a task error's `cause`, Ray Train's per-rank `worker_failures`, chained
+    exceptions), so the one-line message would otherwise drown in Ray's traceback."""
+    todo, seen = [err], set()
+    while todo:
+        current = todo.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        cause = getattr(current, "cause", None)
+        if isinstance(cause, known_errors()):
+            return cause
+        if isinstance(current, known_errors()):
+            return current
+        todo += [cause, current.__cause__, getattr(current, "controller_failure", None),
+                 *getattr(current, "worker_failures", {}).values()]
+    return None
+
+
 def stage_parser(description: str | None, training: bool = False) -> argparse.ArgumentParser:
     """A stage script's argument parser, with `--set key=value` params overrides (how a study
     runs the same stage at other settings) and, for training stages, `--curves`."""
@@ -195,15 +215,12 @@ def stage(name: str, sections: list[str], prepared: Path | None = None,
             # The per-epoch loss is already logged by the workers.
             log_metrics(None, run_id, {k: v for k, v in ctx.summary.items() if k != "loss"
                                        and isinstance(v, (int, float)) and not isinstance(v, bool)}, 0)
-    except known_errors() as err:
-        fail(f"error: {err}")
-    except OSError as err:
-        if err.errno not in UNWRITABLE:
-            exit_within(EXIT_GRACE_S)
-            raise
-        fail(f"error: cannot write {err.filename or 'an output'}: {err.strerror}")
-    except BaseException:  # a bug, a failure inside Ray, Ctrl-C: Python shows the traceback
-        exit_within(EXIT_GRACE_S)
+    except BaseException as err:
+        if (ours := known_cause(err)) is not None:  # ours, raised here or on a Ray worker or actor
+            fail(f"error: {str(ours).splitlines()[0]}")  # Ray Data appends its retry advice on lines of its own
+        if isinstance(err, OSError) and err.errno in UNWRITABLE:
+            fail(f"error: cannot write {err.filename or 'an output'}: {err.strerror}")
+        exit_within(EXIT_GRACE_S)  # a bug, another failure inside Ray, Ctrl-C: Python shows the traceback
         raise
     parts = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in ctx.summary.items())
     print(f"[{name}] done: {parts}", flush=True)

@@ -4,6 +4,7 @@ format's fixture tree through `prepare`, `pseudo_label` and `evaluate`; and a fa
 Ray Data batch or a training step, which must end the stage at once with exit 1."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -115,11 +116,17 @@ def _corrupt_copy(split: Path, out: Path, column: str, value) -> Path:
     return out
 
 
-def _assert_failed_promptly(result: subprocess.CompletedProcess, seconds: float, out: Path) -> None:
+def _assert_failed_promptly(result: subprocess.CompletedProcess, seconds: float, out: Path,
+                            last_line: re.Pattern | None = None) -> None:
     assert result.returncode == 1, result.stderr[-3000:]
+    if last_line is not None:  # our error, raised inside a Ray actor, still one line at the end
+        assert last_line.match(result.stderr.splitlines()[-1]), result.stderr[-3000:]
     assert seconds < EXIT_WITHIN_S, f"took {seconds:.0f} s:\n{result.stderr[-3000:]}"
     assert "Timeout (" not in result.stderr  # ended by its own error path, not by the exit watchdog
     assert not out.exists()  # nothing half-written
+
+
+NOT_A_PNG = re.compile(r"^error: image '\w+': its stored bytes are not a PNG \(\w+\); rerun the stage that wrote the split$")
 
 
 def test_a_failure_inside_a_pseudo_label_batch_ends_the_stage(own_data_repo, tmp_path):
@@ -127,7 +134,7 @@ def test_a_failure_inside_a_pseudo_label_batch_ends_the_stage(own_data_repo, tmp
     broken = _corrupt_copy(repo / "data/prepared/unlabeled", tmp_path / "unlabeled", "image", b"not a png")
     result, seconds = _stage(repo, "pseudo_label", "--prepared", "data/prepared", "--teacher",
                              "models/rounds/teacher.pt", "--unlabeled", str(broken), "--out", str(tmp_path / "pseudo"))
-    _assert_failed_promptly(result, seconds, tmp_path / "pseudo")
+    _assert_failed_promptly(result, seconds, tmp_path / "pseudo", NOT_A_PNG)
 
 
 def test_a_failure_inside_an_evaluate_batch_ends_the_stage(own_data_repo, tmp_path):
@@ -138,7 +145,7 @@ def test_a_failure_inside_an_evaluate_batch_ends_the_stage(own_data_repo, tmp_pa
     result, seconds = _stage(repo, "evaluate", "--prepared", str(prepared), "--rounds", "models/rounds",
                              "--student", str(tmp_path / "student.pt"), "--metrics", str(tmp_path / "metrics.json"),
                              "--per-class", str(tmp_path / "per_class.csv"), "--figures", str(tmp_path / "figures"))
-    _assert_failed_promptly(result, seconds, tmp_path / "metrics.json")
+    _assert_failed_promptly(result, seconds, tmp_path / "metrics.json", NOT_A_PNG)
 
 
 def test_a_failure_inside_a_training_step_ends_the_stage(own_data_repo, tmp_path):

@@ -58,3 +58,29 @@ def test_each_round_is_an_mlflow_run_of_its_own_name(project, monkeypatch, runni
     assert run.info.run_name == expected and run.data.tags["dvc.stage"] == expected
     parent = MlflowClient().get_run(run.data.tags["mlflow.parentRunId"])
     assert parent.data.tags[f"stage.{expected.replace('@', '/')}"] == "ran"
+
+
+def _raised_on_ray(error: Exception) -> list[Exception]:
+    """`error` as a stage's driver gets it back from an actor, a task or a Ray Train worker."""
+    from ray.exceptions import RayTaskError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    task_error = RayTaskError("predict_batch", "Traceback (most recent call last): ...", error)
+    wrapped = RuntimeError("the dataset failed")
+    wrapped.__cause__ = task_error.as_instanceof_cause()
+    return [task_error, task_error.as_instanceof_cause(), wrapped, WorkerGroupError("training failed", {0: error})]
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_our_error_raised_on_a_ray_worker_is_still_one_line_and_exit_1(project, capsys, case):
+    from pipeline.data import DataError
+
+    with pytest.raises(SystemExit) as exit_info, stage("pseudo_label", ["pseudo"]):
+        raise _raised_on_ray(DataError("image 'x': its stored bytes are not a PNG"))[case]
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.splitlines()[-1] == "error: image 'x': its stored bytes are not a PNG"
+
+
+def test_a_bug_keeps_its_traceback(project):
+    with pytest.raises(ZeroDivisionError), stage("prepare", ["data"]):
+        1 / 0
