@@ -71,6 +71,11 @@ def test_out_of_range_values_are_named(raw, key):
     ("encoder:\n  densecl:\n    temperature: .inf\n", "encoder.densecl.temperature: expected a finite number"),
 ])
 def test_a_non_finite_number_is_refused_anywhere(tmp_path, text, message):
+    refused(tmp_path, text, message)
+
+
+def refused(tmp_path, text: str, message: str) -> None:
+    """A params file of `text` is refused with `message` (a regex), after the file's name."""
     path = tmp_path / "p.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=f"{path}: {message}"):
@@ -86,10 +91,7 @@ def test_a_non_finite_override_is_refused(tmp_path):
 
 @pytest.mark.parametrize("text", ["", "\n", "# every value commented out\n# teacher:\n#   lr: 0.1\n"])
 def test_an_empty_params_file_is_refused(tmp_path, text):
-    path = tmp_path / "p.yaml"
-    path.write_text(text)
-    with pytest.raises(ConfigError, match=f"{path}: empty \\(no params in it\\); expected the params mapping"):
-        load_params(path)
+    refused(tmp_path, text, r"empty \(no params in it\); expected the params mapping")
 
 
 @pytest.mark.parametrize("text, message", [
@@ -99,10 +101,7 @@ def test_an_empty_params_file_is_refused(tmp_path, text):
     ("self_training:\n  rounds: {round1: teacher, round1: teacher}\n", r"self_training.rounds.round1 is written twice \(both on line 2\)"),
 ])
 def test_a_key_written_twice_is_named(tmp_path, text, message):
-    path = tmp_path / "p.yaml"
-    path.write_text(text)
-    with pytest.raises(ConfigError, match=f"{path}: {message}; expected each key once"):
-        load_params(path)
+    refused(tmp_path, text, f"{message}; expected each key once")
 
 
 def test_yaml_merge_keys_and_aliases_are_not_duplicates(tmp_path):

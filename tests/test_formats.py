@@ -217,8 +217,8 @@ def test_an_id_list_naming_unknown_images_is_refused(tmp_path):
 
 # ---- Pascal Context (59 classes) -----------------------------------------------------------
 
-def test_pascal_context_59_ignores_background(tmp_path):
-    base = tmp_path / "VOCdevkit" / "VOC2010"
+def _pascal_context(root: Path) -> None:
+    base = root / "VOCdevkit" / "VOC2010"
     sets = base / "ImageSets" / "SegmentationContext"
     sets.mkdir(parents=True)
     (sets / "train.txt").write_text("2008_000002\n2008_000003\n")
@@ -226,6 +226,10 @@ def test_pascal_context_59_ignores_background(tmp_path):
     for k, eid in enumerate(("2008_000002", "2008_000003", "2008_000004")):
         _image(base / "JPEGImages" / f"{eid}.jpg", k, size=(H, H))
         _save_mask(base / "SegmentationClassContext" / f"{eid}.png", _quadrant_mask((0, 1, 37, 59))[:, :H])
+
+
+def test_pascal_context_59_ignores_background(tmp_path):
+    _pascal_context(tmp_path)
     manifest = prepare(DataConfig(format="pascal_context", root=str(tmp_path / "VOCdevkit"), image_size=H,
                                   labeled_fraction=0.5), tmp_path / "prepared")
     assert manifest["num_classes"] == 59 and manifest["classes"][36] == "person"

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_formats import _ade20k, _cityscapes, _voc
+from test_formats import _ade20k, _cityscapes, _pascal_context, _voc
 from test_pipeline_e2e import COPY_IGNORE, ROOT, repo_env, run
 
 pytestmark = pytest.mark.slow
@@ -167,19 +167,6 @@ def test_a_failure_inside_a_training_step_ends_the_stage(own_data_repo, tmp_path
 
 
 # ---- the benchmark formats -------------------------------------------------------------------
-
-def _pascal_context(root: Path) -> None:
-    from test_formats import H, _image, _quadrant_mask, _save_mask
-
-    base = root / "VOCdevkit" / "VOC2010"
-    sets = base / "ImageSets" / "SegmentationContext"
-    sets.mkdir(parents=True)
-    (sets / "train.txt").write_text("2008_000002\n2008_000003\n")
-    (sets / "val.txt").write_text("2008_000004\n")
-    for k, eid in enumerate(("2008_000002", "2008_000003", "2008_000004")):
-        _image(base / "JPEGImages" / f"{eid}.jpg", k, size=(H, H))
-        _save_mask(base / "SegmentationClassContext" / f"{eid}.png", _quadrant_mask((0, 1, 37, 59))[:, :H])
-
 
 FORMATS = {"cityscapes": _cityscapes, "ade20k": _ade20k, "voc": _voc, "pascal_context": _pascal_context}
 
