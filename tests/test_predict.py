@@ -221,3 +221,18 @@ def test_a_full_disk_is_one_line_naming_what_was_written_and_leaves_no_half_file
     assert message.startswith("error: ") and "\n" not in message
     assert "No space left on device; the outputs of 1 of 2 images were written before it" in message
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.png", "0_overlay.jpg"]
+
+
+def test_a_sideways_phone_photo_is_predicted_as_displayed(tmp_path, exported, capsys):
+    """Stored 48 wide and 32 high with EXIF orientation 6 (turn 90° clockwise to display): the
+    mask must have the displayed size and the prediction of the displayed picture."""
+    rng = np.random.default_rng(1)
+    displayed = rng.integers(0, 256, (48, 32, 3), dtype=np.uint8)  # 48 high, 32 wide as shown
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(displayed).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.png", exif=exif)
+    _save(tmp_path / "upright" / "phone.png", np.asarray(Image.open(tmp_path / "phone.png").rotate(-90, expand=True)))
+    for source, out in ((tmp_path / "phone.png", "out"), (tmp_path / "upright" / "phone.png", "ref")):
+        main([str(source), "--model", str(exported[0]), "--out", str(tmp_path / out), "--image-size", str(SIZE)])
+    with Image.open(tmp_path / "out" / "phone.png") as mask, Image.open(tmp_path / "ref" / "phone.png") as reference:
+        assert mask.size == (32, 48) and np.array_equal(np.asarray(mask), np.asarray(reference))
