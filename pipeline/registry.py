@@ -30,11 +30,11 @@ WEIGHTS = "weights"  # the artifact key of the exported weights in the logged py
 
 class SegmentationModel(mlflow.pyfunc.PythonModel):
     """Input: a batch of H×W×3 uint8 images (one size per call); output: N×H×W uint8 class ids.
-    `unwrap_python_model().predictor` gives `pipeline.predict`'s Predictor, for any sizes."""
+    `unwrap_python_model().predictor` gives its `pipeline.predictor.Predictor`, for any sizes."""
 
     def load_context(self, context) -> None:
         from pipeline.checkpoints import load_exported_segmenter
-        from pipeline.predict import Predictor
+        from pipeline.predictor import Predictor
 
         net, classes = load_exported_segmenter(Path(context.artifacts[WEIGHTS]))
         self.predictor = Predictor(net, classes, int(context.model_config["image_size"]),

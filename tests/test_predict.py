@@ -16,7 +16,8 @@ from PIL import Image
 from pipeline.checkpoints import ENCODER, SEGMENTER, save_weights
 from pipeline.config import ModelConfig
 from pipeline.models import build_network
-from pipeline.predict import Predictor, load_predictor, main
+from pipeline.predict import load_predictor, main
+from pipeline.predictor import Predictor
 
 CLASSES = ["background", "disc", "bar"]
 SIZE = 32
