@@ -168,8 +168,8 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def has_png(value) -> bool:
-    """Whether a PNG column's value is there: stored nulls arrive as None (or, through Ray
-    Data, as NaN or empty bytes)."""
+    """Whether a PNG column's value is there: a stored null arrives as None from Parquet and as
+    empty bytes from a replica (`predict_batch`)."""
     return isinstance(value, bytes) and len(value) > 0
 
 
@@ -203,6 +203,8 @@ def confusion_and_samples(batches: Iterator[Batch], names: list[str], num_classe
     samples: dict[str, list] = {"image": [], "mask": [], **{name: [] for name in names}}
     taken = 0
     for batch in batches:
+        if not len(batch["id"]):
+            continue
         rows, masks = held_masks(batch)
         if len(rows) < len(batch["id"]):
             missing = [eid for i, eid in enumerate(batch["id"]) if i not in rows]

@@ -227,8 +227,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def is_mlflow_uri(model: str) -> bool:
-    """A URI (`models:/…`, `runs:/…`, `file://…`, `s3://…`) or a folder: an MLflow model."""
-    return bool(re.match(r"[A-Za-z][\w+.-]*:/", model)) or Path(model).is_dir()
+    """A folder, or a URI (`models:/…`, `runs:/…`, `file://…`, `s3://…`) that is not a local
+    file: an MLflow model. A path that exists is taken as a path, whatever its characters."""
+    if Path(model).exists():
+        return Path(model).is_dir()
+    return bool(re.match(r"[A-Za-z][\w+.-]+:/", model))
 
 
 def default_image_size_for(model: str) -> int | None:

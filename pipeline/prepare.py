@@ -115,7 +115,7 @@ def check_output(cfg: DataConfig, out_dir: Path) -> None:
     if not out.is_dir():
         raise DataError(f"{named}: exists and is not a folder; {REPLACED}, so expected a new path, an empty "
                         "folder or an earlier output of prepare")
-    entries = {p.name for p in out.iterdir()}
+    entries = {p.name for p in out.iterdir() if not p.name.startswith(".")}  # .DS_Store and the like
     if not entries:
         return
     try:

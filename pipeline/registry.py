@@ -126,16 +126,16 @@ def load_logged_segmenter(uri: str) -> tuple[SegmentationNet, list[str], int, st
 def _artifact(uri: str, relative: str, tmp: str) -> Path:
     """A file of the model at `uri`: read in place when local, else downloaded into `tmp`."""
     parsed = urlparse(uri)
-    folder = Path(unquote(parsed.path)) if parsed.scheme == "file" and parsed.netloc in ("", "localhost") \
-        else None if parsed.scheme else Path(uri)
+    folder = Path(uri) if Path(uri).is_dir() else Path(unquote(parsed.path)) \
+        if parsed.scheme == "file" and parsed.netloc in ("", "localhost") else None if parsed.scheme else Path(uri)
     if folder is not None:
         if not (folder / "MLmodel").is_file():
             raise CheckpointError(f"{uri}: not an MLflow model (it has no MLmodel file)")
         return folder / relative
-    from mlflow.artifacts import download_artifacts
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    try:
-        return Path(download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{relative}", dst_path=tmp))
+    try:  # the model's own repository: `models:/m-<id>` (MLflow 3's logged models) has no path to append to
+        return Path(get_artifact_repository(uri.rstrip("/")).download_artifacts(relative, dst_path=tmp))
     except Exception as err:  # noqa: BLE001 - each artifact store and the registry raise their own types
         # MLflow's message may list each failed file under a '##### File …' header: keep the reason.
         lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.startswith("#####")]

@@ -119,13 +119,15 @@ EXIT_GRACE_S = 20
 
 
 def exit_within(seconds: float) -> None:
-    """A failing stage must end, never wait. Once its interpreter starts to exit, whatever clean-up
-    Python, Ray or MLflow then run gets `seconds`; a process still there after them prints every
-    thread's stack to stderr and exits with 1. faulthandler's watchdog is a C thread: it fires even
-    when the hang holds the GIL or sits in the interpreter's last teardown."""
+    """A failing stage must end, never wait: from now on, whatever unwinding and exit clean-up
+    Python, Ray and MLflow run (thread joins, exit hooks, the interpreter's teardown) gets
+    `seconds`; a process still there after them prints every thread's stack to stderr and exits
+    with 1. faulthandler's watchdog is a C thread, so it fires even when the hang holds the GIL
+    or sits in the interpreter's last teardown. (Tests that run a stage in their own process
+    cancel it: `faulthandler.cancel_dump_traceback_later`.)"""
     import faulthandler
 
-    atexit.register(faulthandler.dump_traceback_later, seconds, exit=True)
+    faulthandler.dump_traceback_later(seconds, exit=True, file=sys.__stderr__)  # fd 2, whatever replaced sys.stderr
 
 
 def fail(message: str) -> None:
@@ -156,8 +158,10 @@ def known_cause(err: BaseException) -> Exception | None:
             return cause
         if isinstance(current, known_errors()):
             return current
-        todo += [cause, current.__cause__, getattr(current, "controller_failure", None),
-                 *getattr(current, "worker_failures", {}).values()]
+        todo += [e for e in (cause, current.__cause__, getattr(current, "controller_failure", None),
+                             *getattr(current, "worker_failures", {}).values(),
+                             *getattr(current, "exceptions", ()))  # an ExceptionGroup's
+                 if isinstance(e, BaseException)]
     return None
 
 
@@ -217,7 +221,8 @@ def stage(name: str, sections: list[str], prepared: Path | None = None,
                                        and isinstance(v, (int, float)) and not isinstance(v, bool)}, 0)
     except BaseException as err:
         if (ours := known_cause(err)) is not None:  # ours, raised here or on a Ray worker or actor
-            fail(f"error: {str(ours).splitlines()[0]}")  # Ray Data appends its retry advice on lines of its own
+            # Ray Data appends its retry advice to an error from an actor, on lines of its own.
+            fail(f"error: {ours}" if ours is err else f"error: {(str(ours).splitlines() or [repr(ours)])[0]}")
         if isinstance(err, OSError) and err.errno in UNWRITABLE:
             fail(f"error: cannot write {err.filename or 'an output'}: {err.strerror}")
         exit_within(EXIT_GRACE_S)  # a bug, another failure inside Ray, Ctrl-C: Python shows the traceback

@@ -229,6 +229,7 @@ def test_an_empty_folder_or_an_earlier_output_is_replaced(tmp_path):
     (tmp_path / "prepared").mkdir()
     cfg = DataConfig(format="folder", root=str(tmp_path / "raw"), image_size=16, labeled_fraction=0.5)
     first = prepare(cfg, tmp_path / "prepared")
+    (tmp_path / "prepared" / ".DS_Store").write_bytes(b"a file manager's")  # hidden files do not count
     (tmp_path / "link").symlink_to(tmp_path / "prepared", target_is_directory=True)
     again = prepare(DataConfig(**{**cfg.__dict__, "labeled_fraction": 1.0}), tmp_path / "link")
     assert first["counts"]["labeled"] < again["counts"]["labeled"] == json.loads(

@@ -237,3 +237,14 @@ def test_a_sideways_phone_photo_is_predicted_as_displayed(tmp_path, exported, ca
         main([str(source), "--model", str(exported[0]), "--out", str(tmp_path / out), "--image-size", str(SIZE)])
     with Image.open(tmp_path / "out" / "phone.png") as mask, Image.open(tmp_path / "ref" / "phone.png") as reference:
         assert mask.size == (32, 48) and np.array_equal(np.asarray(mask), np.asarray(reference))
+
+
+def test_a_path_that_exists_is_a_path_even_with_a_colon(tmp_path, monkeypatch):
+    from pipeline.predict import is_mlflow_uri
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model:v2.pt").write_bytes(b"")
+    (tmp_path / "run:7").mkdir()
+    assert not is_mlflow_uri("model:v2.pt") and is_mlflow_uri("run:7")
+    assert is_mlflow_uri("models:/seg@champion") and is_mlflow_uri("runs:/abc/student")
+    assert not is_mlflow_uri("C:/no/such/student.pt")

@@ -54,8 +54,10 @@ def test_champion_moves_only_to_a_better_model_and_loads_in_a_fresh_process(tmp_
 
     # predict reads the registered model's weights and MLmodel only: its pickle is never loaded.
     monkeypatch.setattr(mlflow.pyfunc, "load_model", lambda *a, **k: pytest.fail("predict unpickled the model"))
-    run_id = MlflowClient(uri).get_model_version("seg", "5").run_id
-    for model_uri in ("models:/seg@champion", "models:/seg/5", f"runs:/{run_id}/student"):
+    version = MlflowClient(uri).get_model_version("seg", "5")
+    assert version.source.startswith("models:/m-")
+    for model_uri in ("models:/seg@champion", "models:/seg/5", f"runs:/{version.run_id}/student",
+                      version.source):  # MLflow 3's logged-model URI (models:/m-<id>), as log_model returns it
         predictor = load_predictor(model_uri, None, "cpu", 16)
         assert (predictor.classes, predictor.image_size) == (CLASSES, 32)
         assert np.array_equal(np.stack([p.labels for p in predictor.predict(list(images))]), expected)

@@ -84,3 +84,12 @@ def test_our_error_raised_on_a_ray_worker_is_still_one_line_and_exit_1(project, 
 def test_a_bug_keeps_its_traceback(project):
     with pytest.raises(ZeroDivisionError), stage("prepare", ["data"]):
         1 / 0
+
+
+def test_our_own_error_keeps_every_line_of_its_message(project, capsys):
+    """Only an error unwrapped from Ray is cut to its first line; a YAML error's position stays."""
+    (project / "params.yaml").write_text("teacher:\n  lr: [0.1\n")
+    with pytest.raises(SystemExit), stage("prepare", ["data"]):
+        pass
+    err = capsys.readouterr().err
+    assert "error: params.yaml: not valid YAML" in err and "line 3" in err
