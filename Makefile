@@ -33,8 +33,8 @@ run: install
 
 # The label-efficiency study (about 2 hours on 2 CPU cores), then its table into README.md.
 study: install
-	$(PY) -m pipeline.cluster -- $(PY) -m pipeline.study
-	$(PY) -m pipeline.study readme
+	$(PY) -m pipeline.runtime.local_ray -- $(PY) -m pipeline.tools.study
+	$(PY) -m pipeline.tools.study readme
 
 test: install
 	$(PY) -m pytest -q
@@ -44,13 +44,13 @@ test-fast: install
 
 # The performance benchmark (about 25 minutes here), then its table into README.md.
 bench: install
-	$(PY) -m pipeline.bench
-	$(PY) -m pipeline.bench readme
+	$(PY) -m pipeline.tools.bench
+	$(PY) -m pipeline.tools.bench readme
 
 # The benchmark's GPU mode (r50_vit_b16 at 512×512, bf16; needs a CUDA device), then its table.
 bench-gpu: install
-	$(PY) -m pipeline.bench gpu $(ARGS)
-	$(PY) -m pipeline.bench readme
+	$(PY) -m pipeline.tools.bench gpu $(ARGS)
+	$(PY) -m pipeline.tools.bench readme
 
 ui: install
 	mlflow ui --backend-store-uri "sqlite:///$(abspath mlflow.db)" --host 127.0.0.1 --port 5000

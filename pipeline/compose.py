@@ -13,12 +13,12 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import PARAMS_FILE, ConfigError, Params, parse_params, section_dict
-from pipeline.data import write_text_atomic
+from pipeline.config.params import PARAMS_FILE, ConfigError, Params, parse_params, section_dict
+from pipeline.data.atomic import write_text_atomic
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 HEADER = ("# Written by `python -m pipeline.compose{args}` from conf/ (Hydra presets) and the typed\n"
-          "# defaults in pipeline/config.py. Edit values here and `dvc repro`, or recompose.\n")
+          "# defaults in pipeline/config/params.py. Edit values here and `dvc repro`, or recompose.\n")
 
 
 def compose(overrides: list[str], conf_dir: Path = CONF_DIR) -> Params:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.data import IGNORE_INDEX
+from pipeline.data.shards import IGNORE_INDEX
 
 
 def segmentation_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

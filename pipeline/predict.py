@@ -23,17 +23,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.config import ConfigError
-from pipeline.data import DataError, staged
-from pipeline.formats import IMAGE_SUFFIXES, read_image
-from pipeline.predictor import Prediction, Predictor
+from pipeline.config.params import ConfigError
+from pipeline.data.atomic import staged
+from pipeline.data.formats import IMAGE_SUFFIXES, read_image
+from pipeline.data.shards import DataError
+from pipeline.infer.predictor import Prediction, Predictor
 
 
 def load_predictor(model: str, image_size: int | None, device: str, batch_size: int) -> Predictor:
     """A predictor from an exported weights file (a stage output such as models/student.pt)
     or an MLflow model (`models:/<name>@champion`, `runs:/<id>/student`, a model folder). Of an
     MLflow model only the weights and the MLmodel metadata are read: see `registry`."""
-    from pipeline.checkpoints import load_exported_segmenter
+    from pipeline.models.checkpoints import load_exported_segmenter
 
     if not is_mlflow_uri(model):
         net, classes = load_exported_segmenter(Path(model))
@@ -43,11 +44,11 @@ def load_predictor(model: str, image_size: int | None, device: str, batch_size: 
         return Predictor(net, classes, image_size, device, batch_size)
     import mlflow
 
-    from pipeline.registry import load_logged_segmenter
+    from pipeline.infer.registry import load_logged_segmenter
 
     if Path("params.yaml").is_file():  # the project's own tracking store, as its stages use it
-        from pipeline.config import load_params
-        from pipeline.tracking import resolve_tracking_uri
+        from pipeline.config.params import load_params
+        from pipeline.runtime.tracking import resolve_tracking_uri
 
         mlflow.set_tracking_uri(resolve_tracking_uri(load_params("params.yaml").mlflow, Path.cwd()))
     net, classes, logged_size, data_format = load_logged_segmenter(model)
@@ -166,7 +167,7 @@ def check_out(out: Path) -> None:
 def default_image_size() -> int | None:
     if not Path("params.yaml").is_file():
         return None
-    from pipeline.config import load_params
+    from pipeline.config.params import load_params
 
     return load_params("params.yaml").data.image_size
 
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from tqdm import tqdm
 
-    from pipeline.checkpoints import CheckpointError
+    from pipeline.models.checkpoints import CheckpointError
 
     written = 0
     try:

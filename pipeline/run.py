@@ -3,7 +3,7 @@
 `dvc repro` with one MLflow parent run for the execution: its stages are the child runs, and
 at the end the parent is closed with the stages DVC reused from its cache tagged `cached`, the
 pipeline's metrics, and FINISHED or FAILED. Its stages share one local Ray (unless
-`RAY_ADDRESS` names a cluster), started as soon as DVC is (`pipeline.cluster`). A bare
+`RAY_ADDRESS` names a cluster), started as soon as DVC is (`pipeline.runtime.local_ray`). A bare
 `dvc repro` works too; its Ray starts with its first Ray stage, and its parent run is just
 never closed.
 """
@@ -22,10 +22,10 @@ import yaml
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.cluster import params_ray_config, prestart_execution_ray
-    from pipeline.config import ConfigError, load_params
-    from pipeline.stage import collect_nothing_at_exit
-    from pipeline.tracking import finish_execution
+    from pipeline.config.params import ConfigError, load_params
+    from pipeline.orchestrate.stage_run import collect_nothing_at_exit
+    from pipeline.runtime.local_ray import params_ray_config, prestart_execution_ray
+    from pipeline.runtime.tracking import finish_execution
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,

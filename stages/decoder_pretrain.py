@@ -6,20 +6,22 @@ from pathlib import Path
 import mlflow
 import torch
 
-from pipeline.checkpoints import DENOISER, ENCODER, load_weights, save_weights
-from pipeline.config import DecoderPretrainConfig
-from pipeline.data import pretraining_images, read_manifest
-from pipeline.denoising import DENOISE_CHANNELS, corrupt
-from pipeline.figures import denoising_triplets
-from pipeline.raytrain import JobConfig
-from pipeline.stage import stage, stage_parser
+from pipeline.config.params import DecoderPretrainConfig
+from pipeline.data.manifest import pretraining_images, read_manifest
+from pipeline.infer.figures import denoising_triplets
+from pipeline.models.checkpoints import DENOISER, ENCODER, load_weights, save_weights
+from pipeline.models.denoising import DENOISE_CHANNELS, corrupt
+from pipeline.orchestrate.stage_run import stage, stage_parser
+from pipeline.orchestrate.training import train
+from pipeline.train.loop import JobConfig
+from pipeline.train.recipes import DecoderPretrain
 
 TRIPLETS = 4
 
 
 def log_triplets(net, prepared: Path, cfg: DecoderPretrainConfig, path: Path) -> None:
-    from pipeline import augment
-    from pipeline.inference import iter_split
+    from pipeline.data import augment
+    from pipeline.infer.batch import iter_split
 
     images = next(iter_split(prepared / "labeled", TRIPLETS, ["id", "image"], "triplets"))["image"]
     clean = augment.to_model_range(augment.to_unit_float(images))
@@ -38,16 +40,15 @@ def main() -> None:
     parser.add_argument("--figures", type=Path, required=True)
     args = parser.parse_args()
     with stage("decoder_pretrain", ["decoder_pretrain", "model"], args.prepared,
-               overrides=args.overrides, curves=args.curves, plain=args.plain) as ctx:
+               overrides=args.overrides, curves=args.curves) as ctx:
         cfg, model = ctx.params.decoder_pretrain, ctx.params.model
         manifest = read_manifest(args.prepared)
         encoder = load_weights(args.encoder, ENCODER, model)
         if cfg.mode != "none":
             job = JobConfig(train=cfg, model=model, num_classes=manifest["num_classes"], init_state=encoder)
-            state = ctx.train("decoder_pretrain", job,
-                              {"images": (pretraining_images(args.prepared, manifest), ["image"])},
+            state = train(ctx, DecoderPretrain(images=tuple(pretraining_images(args.prepared, manifest))), job,
                               inputs=[args.prepared, args.encoder])
-        from pipeline.models import build_network  # after training: the driver waits for no import
+        from pipeline.models.transunet import build_network  # after training: the driver waits for no import
 
         torch.manual_seed(cfg.seed)  # mode none: this is the decoder the teacher starts from
         net = build_network(model, DENOISE_CHANNELS, cfg.sigma_conditioning)

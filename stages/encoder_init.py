@@ -5,10 +5,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoints import ENCODER, encoder_weights, load_external_encoder, save_weights
-from pipeline.data import pretraining_images, read_manifest
-from pipeline.raytrain import JobConfig
-from pipeline.stage import stage, stage_parser
+from pipeline.data.manifest import pretraining_images, read_manifest
+from pipeline.models.checkpoints import ENCODER, encoder_weights, load_external_encoder, save_weights
+from pipeline.orchestrate.stage_run import stage, stage_parser
+from pipeline.orchestrate.training import train
+from pipeline.train.loop import JobConfig
+from pipeline.train.recipes import EncoderClassify, EncoderDenseCL
 
 
 def main() -> None:
@@ -17,23 +19,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="encoder weights file")
     args = parser.parse_args()
     with stage("encoder_init", ["encoder", "model"], args.prepared,
-               overrides=args.overrides, curves=args.curves, plain=args.plain) as ctx:
+               overrides=args.overrides, curves=args.curves) as ctx:
         cfg, model = ctx.params.encoder, ctx.params.model
         manifest = read_manifest(args.prepared)
         if cfg.init == "supervised":
             job = JobConfig(train=cfg, model=model, num_classes=manifest["classify_num_classes"])
-            state = ctx.train("encoder_classify", job, {"classify": ([args.prepared / "classify"], ["image", "label"])},
-                              inputs=[args.prepared])
+            state = train(ctx, EncoderClassify(classify=(args.prepared / "classify",)), job, inputs=[args.prepared])
             weights = encoder_weights(state["model"])
         elif cfg.init == "densecl":
             job = JobConfig(train=cfg, model=model, num_classes=manifest["num_classes"])
-            state = ctx.train("encoder_densecl", job, {"images": (pretraining_images(args.prepared, manifest), ["image"])},
+            state = train(ctx, EncoderDenseCL(images=tuple(pretraining_images(args.prepared, manifest))), job,
                               inputs=[args.prepared])
             weights = encoder_weights(state["model"])
         elif cfg.init == "file":
             weights = load_external_encoder(Path(cfg.weights_path), model.preset)
         else:
-            from pipeline.models import ENCODER_PRESETS, HybridEncoder
+            from pipeline.models.transunet import ENCODER_PRESETS, HybridEncoder
 
             torch.manual_seed(cfg.seed)
             weights = HybridEncoder(ENCODER_PRESETS[model.preset]).state_dict()

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import mlflow
 
-from pipeline.checkpoints import SEGMENTER, load_weights
-from pipeline.config import ROUND_TEACHER
-from pipeline.data import read_manifest, staged, write_text_atomic
-from pipeline.figures import confusion_figure, per_class_bars, prediction_grid
-from pipeline.formats import palette_for
-from pipeline.inference import confusion_and_samples, ray_predictions
-from pipeline.metrics import segmentation_scores
-from pipeline.stage import stage, stage_parser
+from pipeline.config.params import ROUND_TEACHER
+from pipeline.data.atomic import staged, write_text_atomic
+from pipeline.data.formats import palette_for
+from pipeline.data.manifest import read_manifest
+from pipeline.infer.batch import confusion_and_samples, ray_predictions
+from pipeline.infer.figures import confusion_figure, per_class_bars, prediction_grid
+from pipeline.infer.metrics import segmentation_scores
+from pipeline.models.checkpoints import SEGMENTER, load_weights
+from pipeline.orchestrate.stage_run import stage, stage_parser
 
 
 def per_class_csv(scores: dict, classes: list[str]) -> str:
@@ -68,7 +69,7 @@ def main() -> None:
         with staged(args.student) as tmp:
             shutil.copyfile(files[last], tmp)
         if cfg.registered_model:
-            from pipeline.registry import register_segmenter
+            from pipeline.infer.registry import register_segmenter
 
             version, champion = register_segmenter(args.student, manifest["image_size"], classes,
                                                    cfg.registered_model, scores["student"]["miou"],

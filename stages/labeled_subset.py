@@ -3,8 +3,8 @@ the train images, drawn by a seed from every prepared image that has a mask."""
 
 from pathlib import Path
 
-from pipeline.prepare import labeled_subset
-from pipeline.stage import stage, stage_parser
+from pipeline.data.prepare import labeled_subset
+from pipeline.orchestrate.stage_run import stage, stage_parser
 
 
 def main() -> None:

@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from pipeline.prepare import prepare
-from pipeline.stage import stage, stage_parser
-from pipeline.storage import worker_uris
+from pipeline.data.prepare import prepare
+from pipeline.orchestrate.stage_run import stage, stage_parser
+from pipeline.runtime.storage import worker_uris
 
 
 def main() -> None:

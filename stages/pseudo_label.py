@@ -7,22 +7,16 @@ from pathlib import Path
 import mlflow
 import torch
 
-from pipeline.checkpoints import SEGMENTER, load_weights
-from pipeline.data import (
-    PSEUDO_SCHEMA,
-    DataError,
-    decode_png,
-    read_manifest,
-    read_split,
-    staged,
-    write_shards,
-    write_text_atomic,
-)
-from pipeline.figures import pseudo_label_grid
-from pipeline.formats import palette_for
-from pipeline.inference import pseudo_label_rows, ray_predictions
-from pipeline.metrics import segmentation_scores
-from pipeline.stage import stage, stage_parser
+from pipeline.data.atomic import staged, write_text_atomic
+from pipeline.data.formats import palette_for
+from pipeline.data.manifest import read_manifest
+from pipeline.data.png import decode_png
+from pipeline.data.shards import PSEUDO_SCHEMA, DataError, read_split, write_shards
+from pipeline.infer.batch import pseudo_label_rows, ray_predictions
+from pipeline.infer.figures import pseudo_label_grid
+from pipeline.infer.metrics import segmentation_scores
+from pipeline.models.checkpoints import SEGMENTER, load_weights
+from pipeline.orchestrate.stage_run import stage, stage_parser
 
 EXAMPLES = 6  # images in the pseudo-label figure
 

@@ -2,11 +2,13 @@
 
 from pathlib import Path
 
-from pipeline.checkpoints import DENOISER, SEGMENTER, load_weights, save_weights, segmenter_state
-from pipeline.data import read_manifest
-from pipeline.dsbn import main_bn_state
-from pipeline.raytrain import JobConfig
-from pipeline.stage import stage, stage_parser
+from pipeline.data.manifest import read_manifest
+from pipeline.models.checkpoints import DENOISER, SEGMENTER, load_weights, save_weights, segmenter_state
+from pipeline.models.dsbn import main_bn_state
+from pipeline.orchestrate.stage_run import stage, stage_parser
+from pipeline.orchestrate.training import train, write_val_metrics
+from pipeline.train.loop import JobConfig
+from pipeline.train.recipes import Student
 
 
 def main() -> None:
@@ -21,7 +23,7 @@ def main() -> None:
     args = parser.parse_args()
     labeled = args.labeled or args.prepared / "labeled"
     with stage("student_train", ["student", "model"], args.prepared,
-               overrides=args.overrides, curves=args.curves, plain=args.plain) as ctx:
+               overrides=args.overrides, curves=args.curves) as ctx:
         cfg, model = ctx.params.student, ctx.params.model
         manifest = read_manifest(args.prepared)
         classes = manifest["classes"]
@@ -30,14 +32,13 @@ def main() -> None:
                 else load_weights(args.teacher, SEGMENTER, model, classes))
         job = JobConfig(train=cfg, model=model, num_classes=len(classes), classes=tuple(classes), init_state=init,
                         init_from_denoiser=from_denoiser)
-        datasets = {"labeled": ([labeled], ["image", "mask"]),
-                    "pseudo": ([args.pseudo], ["image", "pseudo_label", "confidence"])}
-        state = ctx.train("student", job, datasets, inputs=[args.prepared, labeled, args.pseudo, args.teacher, args.pretrained])
+        state = train(ctx, Student(labeled=(labeled,), pseudo=(args.pseudo,)), job,
+                          inputs=[args.prepared, labeled, args.pseudo, args.teacher, args.pretrained])
         weights = main_bn_state(segmenter_state(state["model"]))
         save_weights(args.out, weights, SEGMENTER, model, classes)
         ctx.summary["out"] = str(args.out)
         if args.metrics:
-            ctx.write_val_metrics(weights, args.prepared, args.metrics)
+            write_val_metrics(ctx, weights, args.prepared, args.metrics)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,21 @@ from pathlib import Path
 import mlflow
 import yaml
 
-from pipeline.data import write_text_atomic
-from pipeline.stage import stage, stage_parser
-from pipeline.study import (ablation_table, collect, figure2, markdown, measured_points, per_class_table,
-                            planned_points, pretrain_length_table, sigma_sweep, write_outputs)
-from pipeline.tracking import git_commit
+from pipeline.data.atomic import write_text_atomic
+from pipeline.orchestrate.stage_run import stage, stage_parser
+from pipeline.runtime.tracking import git_commit
+from pipeline.tools.study import (
+    ablation_table,
+    collect,
+    figure2,
+    markdown,
+    measured_points,
+    per_class_table,
+    planned_points,
+    pretrain_length_table,
+    sigma_sweep,
+    write_outputs,
+)
 
 
 def main() -> None:

@@ -2,10 +2,12 @@
 
 from pathlib import Path
 
-from pipeline.checkpoints import DENOISER, SEGMENTER, load_weights, save_weights
-from pipeline.data import read_manifest
-from pipeline.raytrain import JobConfig
-from pipeline.stage import stage, stage_parser
+from pipeline.data.manifest import read_manifest
+from pipeline.models.checkpoints import DENOISER, SEGMENTER, load_weights, save_weights
+from pipeline.orchestrate.stage_run import stage, stage_parser
+from pipeline.orchestrate.training import train, write_val_metrics
+from pipeline.train.loop import JobConfig
+from pipeline.train.recipes import Teacher
 
 
 def main() -> None:
@@ -18,18 +20,17 @@ def main() -> None:
     args = parser.parse_args()
     labeled = args.labeled or args.prepared / "labeled"
     with stage("teacher_finetune", ["teacher", "model"], args.prepared,
-               overrides=args.overrides, curves=args.curves, plain=args.plain) as ctx:
+               overrides=args.overrides, curves=args.curves) as ctx:
         cfg, model = ctx.params.teacher, ctx.params.model
         manifest = read_manifest(args.prepared)
         job = JobConfig(train=cfg, model=model, num_classes=manifest["num_classes"],
                         init_state=load_weights(args.pretrained, DENOISER, model),
                         init_from_denoiser=True)
-        state = ctx.train("teacher", job, {"labeled": ([labeled], ["image", "mask"])},
-                          inputs=[args.prepared, labeled, args.pretrained])
+        state = train(ctx, Teacher(labeled=(labeled,)), job, inputs=[args.prepared, labeled, args.pretrained])
         save_weights(args.out, state["model"], SEGMENTER, model, manifest["classes"])
         ctx.summary["out"] = str(args.out)
         if args.metrics:
-            ctx.write_val_metrics(state["model"], args.prepared, args.metrics)
+            write_val_metrics(ctx, state["model"], args.prepared, args.metrics)
 
 if __name__ == "__main__":
     main()

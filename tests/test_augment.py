@@ -1,7 +1,7 @@
 import torch
 
-from pipeline import augment
-from pipeline.data import IGNORE_INDEX
+from pipeline.data import augment
+from pipeline.data.shards import IGNORE_INDEX
 
 
 def _image_from_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -65,7 +65,7 @@ def test_several_label_maps_move_together_and_pad_with_ignore():
 
 
 def test_config_knows_how_many_strong_ops_there_are():
-    from pipeline.config import STRONG_OP_COUNT
+    from pipeline.config.params import STRONG_OP_COUNT
 
     assert len(augment.STRONG_OPS) == STRONG_OP_COUNT
 
@@ -91,8 +91,8 @@ def test_rand_augment_applies_the_asked_number_of_ops_per_image():
 def test_strong_view_moves_labels_only_by_geometry():
     """Intensity ops never touch the labels: the label a strong view returns is the one the
     geometric view alone gives for the same draws."""
-    from pipeline.config import StudentConfig
-    from pipeline.training import strong_view
+    from pipeline.config.params import StudentConfig
+    from pipeline.train.steps import strong_view
 
     labels = torch.randint(0, 10, (4, 16, 16), generator=torch.Generator().manual_seed(1))
     maps = torch.stack([labels, labels], 1)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.bench import (README_BEGIN, README_END, _is_ray, cpu_between, markdown, process_timeline,
+from pipeline.tools.bench import (README_BEGIN, README_END, _is_ray, cpu_between, markdown, process_timeline,
                             side_by_side, stage_summary, write_readme)
 
 
@@ -93,7 +93,7 @@ def test_a_readme_without_the_block_is_refused(tmp_path):
 
 
 def test_the_process_timeline_lists_each_process_the_command_started_with_its_cpu(tmp_path):
-    """`python -m pipeline.bench processes` rests on this: a child that burns CPU shows up."""
+    """`python -m pipeline.tools.bench processes` rests on this: a child that burns CPU shows up."""
     import sys
 
     child = "import time; t = time.process_time(); exec('while time.process_time() - t < 0.6: pass')"
@@ -138,14 +138,14 @@ def test_the_process_timeline_stops_on_a_failed_command():
 
 @pytest.mark.slow
 def test_the_empty_job_is_a_ray_train_job_timed_from_its_process_start_and_leaves_no_run_behind(tmp_path):
-    """`make bench`'s floor under a stage's overhead: `python -m pipeline.bench empty-job` as a
+    """`make bench`'s floor under a stage's overhead: `python -m pipeline.tools.bench empty-job` as a
     fresh process, on a Ray of its own here (a stage's settings otherwise)."""
     import subprocess
     import sys
     import time
 
     storage = tmp_path / "ray_results"
-    code = ("from pipeline.bench import empty_job; from pipeline.config import RayConfig; "
+    code = ("from pipeline.tools.bench import empty_job; from pipeline.config.params import RayConfig; "
             f"empty_job(RayConfig(cpus_per_worker=1, storage_path={str(storage)!r}))")
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"} | {"PYTHONPATH": str(Path.cwd())}
     started = time.time()

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoints import (
+from pipeline.models.checkpoints import (
     DENOISER,
     ENCODER,
     SEGMENTER,
@@ -14,8 +14,8 @@ from pipeline.checkpoints import (
     load_weights,
     save_weights,
 )
-from pipeline.config import ModelConfig
-from pipeline.models import ENCODER_PRESETS, build_model, build_vit
+from pipeline.config.params import ModelConfig
+from pipeline.models.transunet import ENCODER_PRESETS, build_model, build_vit
 
 MODEL = ModelConfig()
 CLASSES = ["bg", "a", "b"]

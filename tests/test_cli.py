@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ENTRY_POINTS = [["-m", f"pipeline.{name}"] for name in ("run", "cluster", "compose", "predict", "study", "bench")] + \
+ENTRY_POINTS = [["-m", f"pipeline.{name}"] for name in ("run", "runtime.local_ray", "compose", "predict", "tools.study",
+                                                      "tools.bench", "tools.plain")] + \
     [[str(p.relative_to(ROOT))] for p in sorted((ROOT / "stages").glob("*.py"))]
 
 

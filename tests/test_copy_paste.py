@@ -1,6 +1,6 @@
 import torch
 
-from pipeline.copy_paste import InstanceBank
+from pipeline.data.copy_paste import InstanceBank
 
 
 def _labeled():

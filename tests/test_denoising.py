@@ -2,8 +2,8 @@ import math
 
 import torch
 
-from pipeline.config import DecoderPretrainConfig
-from pipeline.denoising import corrupt, noisy_input, sample_sigma
+from pipeline.config.params import DecoderPretrainConfig
+from pipeline.models.denoising import corrupt, noisy_input, sample_sigma
 
 
 def test_matches_both_forms_of_the_formula():

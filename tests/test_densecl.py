@@ -1,9 +1,9 @@
 import torch
 
-from pipeline.checkpoints import encoder_weights
-from pipeline.config import DenseCLConfig
-from pipeline.densecl import DenseCL, dense_correspondence
-from pipeline.models import ENCODER_PRESETS
+from pipeline.models.checkpoints import encoder_weights
+from pipeline.config.params import DenseCLConfig
+from pipeline.models.densecl import DenseCL, dense_correspondence
+from pipeline.models.transunet import ENCODER_PRESETS
 
 
 def test_correspondence_finds_the_same_feature_wherever_it_moved():

@@ -1,8 +1,8 @@
 import torch
 
-from pipeline.config import ModelConfig
-from pipeline.dsbn import DualBatchNorm2d, add_auxiliary_bn, main_bn_state, main_samples_first
-from pipeline.models import build_network
+from pipeline.config.params import ModelConfig
+from pipeline.models.dsbn import DualBatchNorm2d, add_auxiliary_bn, main_bn_state, main_samples_first
+from pipeline.models.transunet import build_network
 
 MODEL = ModelConfig(preset="tiny", decoder_in_channels=32, decoder_channels=[16, 8, 8, 8])
 

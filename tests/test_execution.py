@@ -1,5 +1,5 @@
 """Telling the `dvc repro` a stage runs under, and whether a process still runs (the stand-in
-DVC of tests/test_cluster.py checks a stage finds its DVC process)."""
+DVC of tests/test_local_ray.py checks a stage finds its DVC process)."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ import time
 
 from conftest import wait_until
 
-from pipeline.execution import ProcessRef, dvc_process, is_dvc_command, seconds_since_start
+from pipeline.runtime.execution import ProcessRef, dvc_process, is_dvc_command, seconds_since_start
 
 
 def test_a_stage_run_by_hand_has_no_dvc_process():

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import formats
-from pipeline.config import DataConfig
-from pipeline.data import DataError, decode_png, read_split
-from pipeline.prepare import prepare
+from pipeline.data import formats
+from pipeline.config.params import DataConfig
+from pipeline.data.shards import DataError, read_split
+from pipeline.data.png import decode_png
+from pipeline.data.prepare import prepare
 
 H, W = 16, 32  # 1:2 like Cityscapes; image_size=16 keeps every pixel (no resampling)
 
@@ -318,7 +319,7 @@ def test_an_id_list_that_is_not_utf8_is_named(tmp_path):
 
 
 def test_every_format_has_a_palette_and_a_config_name():
-    from pipeline.config import DATA_FORMATS
+    from pipeline.config.params import DATA_FORMATS
 
     assert set(DATA_FORMATS) == {"digits", *formats.FORMATS}
     assert formats.palette_for({"format": "cityscapes", "num_classes": 19})[0].tolist() == [128, 64, 128]

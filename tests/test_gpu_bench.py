@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import gpu_bench
-from pipeline.bench import GPU_README_BEGIN, GPU_README_END, README_BEGIN, README_END, write_readme
+from pipeline.tools import gpu_bench
+from pipeline.tools.bench import GPU_README_BEGIN, GPU_README_END, README_BEGIN, README_END, write_readme
 
 
 def test_the_flop_count_holds_the_forward_and_the_backward_pass():
@@ -72,7 +72,7 @@ def test_the_gpu_mode_runs_on_the_cpu_and_its_mfu_follows_from_its_figures(tmp_p
 
 def test_without_a_gpu_the_cuda_mode_stops_before_any_work(tmp_path):
     hidden = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, also on a machine that has one
-    result = subprocess.run([sys.executable, "-m", "pipeline.bench", "gpu", "--json", str(tmp_path / "g.json")],
+    result = subprocess.run([sys.executable, "-m", "pipeline.tools.bench", "gpu", "--json", str(tmp_path / "g.json")],
                             capture_output=True, text=True, env=hidden)
     assert result.returncode == 1 and "sees no CUDA device" in result.stderr
     assert not (tmp_path / "g.json").exists()

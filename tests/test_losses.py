@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from pipeline.data import IGNORE_INDEX
+from pipeline.data.shards import IGNORE_INDEX
 from pipeline.losses import (
     denoising_loss,
     pixel_contrastive_loss,

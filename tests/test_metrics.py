@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
-from pipeline.data import IGNORE_INDEX
-from pipeline.metrics import confusion_matrix, segmentation_scores
+from pipeline.data.shards import IGNORE_INDEX
+from pipeline.infer.metrics import confusion_matrix, segmentation_scores
 
 
 def test_confusion_matrix_counts_and_ignores():

@@ -153,7 +153,7 @@ def test_a_failure_inside_a_training_step_ends_the_stage(own_data_repo, tmp_path
     the worker's first step."""
     import pyarrow.parquet as pq
 
-    from pipeline.data import decode_png, encode_png
+    from pipeline.data.png import decode_png, encode_png
 
     repo, _ = own_data_repo
     first = pq.read_table(repo / "data/prepared/labeled").column("mask")[0].as_py()
@@ -174,8 +174,8 @@ FORMATS = {"cityscapes": _cityscapes, "ade20k": _ade20k, "voc": _voc, "pascal_co
 @pytest.fixture(scope="module")
 def formats_repo(tmp_path_factory):
     """A fresh copy of the project and one local Ray that its stages connect to."""
-    from pipeline.cluster import shared_ray
-    from pipeline.config import RayConfig
+    from pipeline.runtime.local_ray import shared_ray
+    from pipeline.config.params import RayConfig
 
     repo = fresh_copy(tmp_path_factory.mktemp("formats"))
     with shared_ray(RayConfig(cpus_per_worker=1)) as env:
@@ -197,8 +197,8 @@ def test_each_benchmark_format_goes_through_pseudo_label_and_evaluate(formats_re
     result, _ = _stage(repo, "prepare", "--out", str(prepared))
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((prepared / "manifest.json").read_text())
-    run([sys.executable, "-c", "import sys, torch; from pipeline.checkpoints import SEGMENTER, save_weights; "
-         "from pipeline.config import load_params; from pipeline.models import build_network; "
+    run([sys.executable, "-c", "import sys, torch; from pipeline.models.checkpoints import SEGMENTER, save_weights; "
+         "from pipeline.config.params import load_params; from pipeline.models.transunet import build_network; "
          "p = load_params(); torch.manual_seed(0); classes = sys.argv[2:]; "
          "[save_weights(__import__('pathlib').Path(sys.argv[1]) / f'{n}.pt', build_network(p.model, len(classes)).state_dict(), "
          "SEGMENTER, p.model, classes) for n in ('teacher', 'round1')]", str(rounds), *manifest["classes"]], repo)

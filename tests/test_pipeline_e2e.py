@@ -17,9 +17,9 @@ import torch
 import yaml
 from conftest import S3Server, free_port
 
-from pipeline.bench import PHASES
-from pipeline.study import ABLATION, README_BEGIN, README_END
-from pipeline.tracking import stage_tag
+from pipeline.tools.bench import PHASES
+from pipeline.tools.study import ABLATION, README_BEGIN, README_END
+from pipeline.runtime.tracking import stage_tag
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -539,7 +539,7 @@ def test_a_one_seed_study_runs_the_pipelines_stages_reports_and_resumes_from_its
                        "ablation_fractions": [0.5], "pretrain_fractions": [0.5],
                        "pretrain_epochs": [params["decoder_pretrain"]["epochs"] + 1]}
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    out = run([sys.executable, "-m", "pipeline.cluster", "--", sys.executable, "-m", "pipeline.study"], repo,
+    out = run([sys.executable, "-m", "pipeline.runtime.local_ray", "--", sys.executable, "-m", "pipeline.tools.study"], repo,
               timeout=1800).stdout
     ran = ran_stages(out)
     assert len([s for s in ran if "teacher@" in s]) == 4 + 1  # the four initialisations, a longer DDeP
@@ -560,11 +560,11 @@ def test_a_one_seed_study_runs_the_pipelines_stages_reports_and_resumes_from_its
     assert (repo / "study/report/figure2.png").is_file() and (repo / "study/report/sigma_sweep.png").is_file()
     plots = run(["dvc", "plots", "show", "--json"], repo).stdout
     assert "label_efficiency" in plots and "sigma_sweep" in plots
-    run([sys.executable, "-m", "pipeline.study", "readme"], repo)
+    run([sys.executable, "-m", "pipeline.tools.study", "readme"], repo)
     readme = (repo / "README.md").read_text()
     assert readme.split(README_BEGIN)[1].split(README_END)[0].strip() == report.strip()
     # The models of finished points gone (a fresh clone has only the lock and metrics): nothing reruns.
     for model in (repo / "study/models").glob("teacher-*.pt"):
         model.unlink()
-    again = run([sys.executable, "-m", "pipeline.study"], repo, timeout=600).stdout
+    again = run([sys.executable, "-m", "pipeline.tools.study"], repo, timeout=600).stdout
     assert "Running stage" not in again

@@ -13,11 +13,11 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline.checkpoints import ENCODER, SEGMENTER, save_weights
-from pipeline.config import ModelConfig
-from pipeline.models import build_network
+from pipeline.models.checkpoints import ENCODER, SEGMENTER, save_weights
+from pipeline.config.params import ModelConfig
+from pipeline.models.transunet import build_network
 from pipeline.predict import load_predictor, main
-from pipeline.predictor import Predictor
+from pipeline.infer.predictor import Predictor
 
 CLASSES = ["background", "disc", "bar"]
 SIZE = 32

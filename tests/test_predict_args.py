@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from test_predict import CLASSES, mlflow_folder
 
-from pipeline.checkpoints import ENCODER, SEGMENTER, save_weights
-from pipeline.config import ModelConfig
-from pipeline.data import DataError
-from pipeline.formats import read_image
-from pipeline.models import build_network
+from pipeline.models.checkpoints import ENCODER, SEGMENTER, save_weights
+from pipeline.config.params import ModelConfig
+from pipeline.data.shards import DataError
+from pipeline.data.formats import read_image
+from pipeline.models.transunet import build_network
 from pipeline.predict import main
 
 FIELDS = ["batch", "size", "device", "out", "model", "images"]

@@ -10,11 +10,11 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipeline.checkpoints import SEGMENTER, save_weights
-from pipeline.config import ModelConfig
-from pipeline.models import build_network
+from pipeline.models.checkpoints import SEGMENTER, save_weights
+from pipeline.config.params import ModelConfig
+from pipeline.models.transunet import build_network
 from pipeline.predict import load_predictor
-from pipeline.registry import register_segmenter
+from pipeline.infer.registry import register_segmenter
 
 CLASSES = ["background", "disc", "bar"]
 

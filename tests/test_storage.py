@@ -4,8 +4,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data import SEGMENTATION_SCHEMA, parquet_files, write_shards
-from pipeline.storage import content_digest, worker_uris
+from pipeline.data.shards import SEGMENTATION_SCHEMA, parquet_files, write_shards
+from pipeline.runtime.storage import content_digest, worker_uris
 
 BUCKET = "shards"
 

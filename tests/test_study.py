@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, StudyConfig
-from pipeline.study import (
+from pipeline.config.params import ConfigError, StudyConfig
+from pipeline.tools.study import (
     ABLATION,
     README_BEGIN,
     README_END,
@@ -117,7 +117,7 @@ def test_ablation_table_is_empty_until_a_student_is_trained(tmp_path):
 
 
 def test_committed_plan_is_the_plan_of_the_committed_params():
-    from pipeline.config import load_params
+    from pipeline.config.params import load_params
 
     committed = yaml.safe_load((ROOT / "study" / "plan.yaml").read_text())
     params = load_params(ROOT / "params.yaml")
@@ -125,7 +125,7 @@ def test_committed_plan_is_the_plan_of_the_committed_params():
 
 
 def test_longer_pretrainings_get_their_own_teachers_and_the_default_length_only_its_loss_curve():
-    from pipeline.config import DecoderPretrainConfig
+    from pipeline.config.params import DecoderPretrainConfig
 
     cfg = StudyConfig(pretrain_epochs=[30, 60], pretrain_fractions=[0.01])
     study = plan(cfg, DecoderPretrainConfig(epochs=6, steps_per_epoch=50))
@@ -144,8 +144,8 @@ def test_longer_pretrainings_get_their_own_teachers_and_the_default_length_only_
 
 
 def test_pretrain_length_table_reads_each_lengths_loss_and_keeps_its_teachers_out_of_figure2(tmp_path):
-    from pipeline.config import DecoderPretrainConfig
-    from pipeline.study import pretrain_length_table
+    from pipeline.config.params import DecoderPretrainConfig
+    from pipeline.tools.study import pretrain_length_table
 
     cfg = StudyConfig(fractions=[0.05, 1.0], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.05, teacher_steps=[10, 10],
                       ablation_fractions=[], pretrain_epochs=[30], pretrain_fractions=[0.05])
@@ -284,8 +284,8 @@ def test_a_recorded_point_is_skipped_without_its_models_and_rerun_when_anything_
 
 
 def test_per_class_table_averages_figure2_teachers_at_the_sweep_fraction_by_class(tmp_path):
-    from pipeline.config import DecoderPretrainConfig
-    from pipeline.study import per_class_table
+    from pipeline.config.params import DecoderPretrainConfig
+    from pipeline.tools.study import per_class_table
 
     cfg = StudyConfig(fractions=[0.05, 1.0], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.05, teacher_steps=[10, 10],
                       ablation_fractions=[], pretrain_epochs=[30], pretrain_fractions=[0.05])

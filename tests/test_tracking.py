@@ -1,8 +1,8 @@
 import subprocess
 from pathlib import Path
 
-from pipeline.config import MlflowConfig
-from pipeline.tracking import execution_id, flatten, git_commit, resolve_tracking_uri
+from pipeline.config.params import MlflowConfig
+from pipeline.runtime.tracking import execution_id, flatten, git_commit, resolve_tracking_uri
 
 
 def test_tracking_uri_precedence(monkeypatch, tmp_path):

@@ -1,0 +1,113 @@
+"""A prepared dataset: its splits, the labeled subset, and the manifest that describes them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config.params import DataConfig
+from pipeline.data.png import encode_png
+from pipeline.data.shards import (
+    CLASSIFY_SCHEMA,
+    IGNORE_INDEX,
+    SEGMENTATION_SCHEMA,
+    DataError,
+    ShardWriter,
+    write_shards,
+)
+
+SEGMENTATION_SPLITS = ("labeled", "unlabeled", "val")
+MANIFEST = "manifest.json"
+
+
+def nested_labeled_ids(train_ids: list[str], fraction: float, seed: int) -> list[str]:
+    """The first round(fraction * n) ids of one seeded permutation, so the labeled subset at
+    fraction f is contained in the subset at any larger f with the same seed."""
+    order = np.random.default_rng(seed).permutation(len(train_ids))
+    count = int(round(fraction * len(train_ids)))
+    if count < 1:
+        raise DataError(f"data.labeled_fraction={fraction} selects no image out of {len(train_ids)}")
+    return sorted(train_ids[i] for i in order[:count])
+
+
+class SplitWriter:
+    """Streams segmentation examples into the three splits' shards under `out_dir` and tallies
+    the labeled split's class pixels."""
+
+    def __init__(self, num_classes: int, out_dir: Path, shard_rows: int):
+        self.num_classes = num_classes
+        self.shards = {s: ShardWriter(out_dir / s, SEGMENTATION_SCHEMA, shard_rows) for s in SEGMENTATION_SPLITS}
+        self.ids: dict[str, list[str]] = {s: [] for s in SEGMENTATION_SPLITS}
+        self.seen: set[str] = set()
+        self.pixel_counts = np.zeros(num_classes, dtype=np.int64)
+
+    def add(self, split: str, example_id: str, image: np.ndarray, mask: np.ndarray | None) -> None:
+        if mask is not None and split == "labeled":
+            self.pixel_counts += np.bincount(mask[mask != IGNORE_INDEX].ravel(),
+                                             minlength=self.num_classes)[: self.num_classes]
+        if example_id in self.seen:
+            raise DataError(f"id {example_id!r} occurs twice in the dataset (e.g. a.png and a.jpg, or an image "
+                            "named like another's tile <id>_t<k>); ids must be unique")
+        self.seen.add(example_id)
+        self.ids[split].append(example_id)
+        self.shards[split].add({
+            "id": example_id, "height": image.shape[0], "width": image.shape[1],
+            "image": encode_png(image), "mask": None if mask is None else encode_png(mask),
+        })
+
+
+def write_prepared(writer: SplitWriter, classify_rows: list[dict], classes: list[str],
+                   cfg: DataConfig, tmp: Path) -> dict:
+    """Close the splits `writer` streamed into `tmp`, add the classify split and the manifest."""
+    counts = {split: shards.close() for split, shards in writer.shards.items()}
+    for split, count in counts.items():
+        if count == 0 and split != "unlabeled":
+            raise DataError(f"split '{split}' is empty: check data.root and data.labeled_fraction")
+    counts["classify"] = write_shards(classify_rows, CLASSIFY_SCHEMA, tmp / "classify", cfg.shard_rows)
+    total = max(int(writer.pixel_counts.sum()), 1)
+    manifest = {
+        "format": cfg.format,
+        "classes": list(classes),
+        "num_classes": len(classes),
+        "classify_num_classes": max((r["label"] for r in classify_rows), default=-1) + 1,
+        "image_size": cfg.image_size,
+        "labeled_fraction": cfg.labeled_fraction,
+        "seed": cfg.seed,
+        "counts": counts,
+        "labeled_pixel_frequency": {c: round(int(n) / total, 6) for c, n in zip(classes, writer.pixel_counts)},
+        "ids": writer.ids,
+        "content_sha256": _content_hash(tmp),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _content_hash(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.parquet")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def read_manifest(prepared_dir: Path) -> dict:
+    path = Path(prepared_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run the prepare stage first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err}); rerun the prepare stage") from None
+
+
+def manifest_hash(prepared_dir: Path) -> str:
+    return hashlib.sha256((Path(prepared_dir) / MANIFEST).read_bytes()).hexdigest()[:16]
+
+
+def pretraining_images(prepared: Path, manifest: dict) -> list[Path]:
+    """The Parquet folders whose images (not masks) self-supervised pretraining may use:
+    the labeled split and, when there is one, the unlabeled split."""
+    return [prepared / "labeled"] + ([prepared / "unlabeled"] if manifest["counts"]["unlabeled"] else [])

@@ -1,0 +1,163 @@
+"""The `prepare` stage's work: turn a raw dataset into the prepared splits and manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config.params import DataConfig
+from pipeline.data import digit_scenes, formats
+from pipeline.data.atomic import staged
+from pipeline.data.manifest import (
+    MANIFEST,
+    SEGMENTATION_SPLITS,
+    SplitWriter,
+    nested_labeled_ids,
+    write_prepared,
+)
+from pipeline.data.png import encode_png
+from pipeline.data.shards import IGNORE_INDEX, DataError
+
+
+def prepare_digit_scenes(cfg: DataConfig, out_dir: Path) -> dict:
+    classes = digit_scenes.CLASSES
+    examples = list(digit_scenes.generate(cfg.seed, cfg.image_size, cfg.digits))
+    train_ids = [eid for split, eid, _, _ in examples if split == "train"]
+    labeled = set(nested_labeled_ids(train_ids, cfg.labeled_fraction, cfg.seed))
+    with staged(out_dir) as tmp:
+        writer, classify_rows = SplitWriter(len(classes), tmp, cfg.shard_rows), []
+        for split, eid, image, target in examples:
+            if split == "classify":
+                classify_rows.append({"id": eid, "image": encode_png(image), "label": target})
+            else:
+                writer.add("val" if split == "val" else ("labeled" if eid in labeled else "unlabeled"),
+                           eid, image, target)
+        return write_prepared(writer, classify_rows, classes, cfg, tmp)
+
+
+def classify_crops_from_masks(image: np.ndarray, mask: np.ndarray, eid: str) -> list[dict]:
+    """Image-level examples for encoder pretraining on file data: the four quadrants of a
+    labeled image, each labelled with its most frequent class."""
+    h, w = mask.shape
+    rows = []
+    for q, (top, left) in enumerate(((0, 0), (0, w // 2), (h // 2, 0), (h // 2, w // 2))):
+        crop_mask = mask[top:top + h // 2, left:left + w // 2]
+        valid = crop_mask[crop_mask != IGNORE_INDEX]
+        if valid.size:
+            rows.append({"id": f"{eid}-q{q}", "image": encode_png(image[top:top + h // 2, left:left + w // 2]),
+                         "label": int(np.bincount(valid).argmax())})
+    return rows
+
+
+def choose_labeled(train: list[formats.Example], cfg: DataConfig) -> set[str]:
+    """Ids of the train images that keep their masks: those listed in `data.labeled_ids`
+    (an id, or an image path whose stem names the image, per line), else a nested seeded
+    `data.labeled_fraction`."""
+    if not cfg.labeled_ids:
+        return set(nested_labeled_ids([ex.id for ex in train], cfg.labeled_fraction, cfg.seed))
+    path = Path(cfg.labeled_ids)
+    by_name = {name: ex.id for ex in train for name in (ex.id, ex.image.stem)}
+    listed = formats.read_id_list(path)
+    unknown = [name for name in listed if name not in by_name]
+    if unknown:
+        raise DataError(f"{path}: {len(unknown)} listed ids are not train images of data.root "
+                        f"(first: {', '.join(unknown[:3])})")
+    if not listed:
+        raise DataError(f"{path}: lists no image; expected the labeled image ids, one per line")
+    return {by_name[name] for name in listed}
+
+
+def prepare_files(cfg: DataConfig, out_dir: Path) -> dict:
+    """A dataset on disk in one of the `pipeline.data.formats` layouts."""
+    fmt = formats.get_format(cfg.format)
+    root = Path(cfg.root)
+    classes = list(fmt.classes(root))
+    table = fmt.label_table(len(classes))
+    examples = fmt.list_examples(root, cfg)
+    labeled = choose_labeled([ex for ex in examples if ex.split == "train"], cfg)
+    with staged(out_dir) as tmp:
+        writer, classify_rows = SplitWriter(len(classes), tmp, cfg.shard_rows), []
+        for example in examples:
+            split = {"train": "labeled" if example.id in labeled else "unlabeled"}.get(example.split, example.split)
+            for eid, image, mask in formats.load_example(example, fmt, table, cfg):
+                writer.add(split, eid, image, mask)
+                if split == "labeled":
+                    classify_rows += classify_crops_from_masks(image, mask, eid)
+        return write_prepared(writer, classify_rows, classes, cfg, tmp)
+
+
+# What an earlier output of `prepare` holds, and the keys its manifest has (`write_prepared`).
+OUTPUT_ENTRIES = {MANIFEST, "classify", *SEGMENTATION_SPLITS}
+MANIFEST_KEYS = {"classes", "num_classes", "counts", "ids"}
+REPLACED = "it would be replaced whole"
+
+
+def check_output(cfg: DataConfig, out_dir: Path) -> None:
+    """Refuse an output whose replacement would destroy anything but an earlier output of
+    `prepare`: the dataset itself, a folder inside it or holding it (symlinks resolved), an
+    existing file, or a folder of other files. A new path, an empty folder and an earlier
+    output (its manifest.json with the manifest's keys, nothing beside it but the splits) are
+    fine."""
+    out = Path(out_dir).resolve()
+    named = str(out_dir) if out == Path(out_dir).absolute() else f"{out_dir} (= {out})"
+    if cfg.root:
+        root = Path(cfg.root).resolve()
+        where = ("is data.root itself" if out == root else "lies inside data.root" if root in out.parents
+                 else "holds data.root" if out in root.parents else None)
+        if where:
+            raise DataError(f"{named}: prepare's output {where} ({cfg.root}); {REPLACED}, so expected a "
+                            "folder outside the dataset, e.g. data/prepared")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(f"{named}: exists and is not a folder; {REPLACED}, so expected a new path, an empty "
+                        "folder or an earlier output of prepare")
+    entries = {p.name for p in out.iterdir() if not p.name.startswith(".")}  # .DS_Store and the like
+    if not entries:
+        return
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        manifest = None
+    others = sorted(entries - OUTPUT_ENTRIES)
+    if not isinstance(manifest, dict) or not MANIFEST_KEYS <= manifest.keys() or others:
+        found = (f"it holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}" if others
+                 else f"its {MANIFEST} is not one prepare writes" if (out / MANIFEST).exists()
+                 else f"no {MANIFEST}")
+        raise DataError(f"{named}: exists and is not an earlier output of prepare ({found}); {REPLACED}, so "
+                        "expected a new path, an empty folder or an earlier output of prepare")
+
+
+def prepare(cfg: DataConfig, out_dir: Path) -> dict:
+    """Write the prepared splits for `cfg.format` to `out_dir`; return the manifest."""
+    check_output(cfg, out_dir)
+    if cfg.format == "digits":
+        return prepare_digit_scenes(cfg, out_dir)
+    return prepare_files(cfg, out_dir)
+
+
+def labeled_subset(prepared: Path, fraction: float, seed: int, out_dir: Path, shard_rows: int,
+                   unlabeled_dir: Path | None = None) -> tuple[int, int]:
+    """Write a labeled split of `fraction` of the train images that have masks (labeled and
+    unlabeled splits together), chosen by `seed`; nested across fractions for one seed. With
+    `unlabeled_dir`, also write the other train images there, masks kept aside (pseudo-labels
+    are scored against them, never trained on). Returns (labeled, unlabeled) image counts.
+    Label-efficiency studies train on these."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline.data.shards import SEGMENTATION_SCHEMA, read_split, write_shards
+
+    pool = pa.concat_tables([read_split(prepared / split) for split in ("labeled", "unlabeled")
+                             if any((prepared / split).glob("*.parquet"))])
+    pool = pool.filter(pc.is_valid(pool.column("mask"))).sort_by("id")
+    chosen = pc.is_in(pool.column("id"), pa.array(sorted(nested_labeled_ids(pool.column("id").to_pylist(), fraction, seed))))
+    counts = []
+    for table, split_dir in ((pool.filter(chosen), out_dir), (pool.filter(pc.invert(chosen)), unlabeled_dir)):
+        if split_dir is None:
+            continue
+        with staged(split_dir) as tmp:
+            counts.append(write_shards(table.cast(SEGMENTATION_SCHEMA).to_pylist(), SEGMENTATION_SCHEMA, tmp, shard_rows))
+    return counts[0], counts[1] if len(counts) > 1 else 0

@@ -1,0 +1,82 @@
+"""Prepared data's tables: Parquet shards of PNG-encoded images and masks, their schemas,
+writers and readers.
+
+Segmentation splits (`labeled`, `unlabeled`, `val`) share one schema; on `unlabeled` the mask
+column holds the held-aside ground truth (only used to score pseudo-labels, never to train)
+or null when there is none. `classify` holds image-level labels for encoder pretraining."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+IGNORE_INDEX = 255
+SEGMENTATION_SCHEMA = pa.schema([
+    ("id", pa.string()), ("height", pa.int32()), ("width", pa.int32()),
+    ("image", pa.binary()), ("mask", pa.binary()),
+])
+
+
+CLASSIFY_SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("label", pa.int32())])
+PSEUDO_SCHEMA = pa.schema([
+    ("id", pa.string()), ("image", pa.binary()), ("pseudo_label", pa.binary()), ("confidence", pa.binary()),
+])
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file and what was expected."""
+
+
+class ShardWriter:
+    """Writes rows as `part-NNNNN.parquet` files of at most `shard_rows` rows as they come, so a
+    large dataset never has to fit in memory. Always writes at least one (maybe empty) part."""
+
+    def __init__(self, out_dir: Path, schema: pa.Schema, shard_rows: int):
+        self.out_dir, self.schema, self.shard_rows = out_dir, schema, shard_rows
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.batch: list[dict] = []
+        self.count = self.parts = 0
+
+    def add(self, row: dict) -> None:
+        self.batch.append(row)
+        if len(self.batch) == self.shard_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        pq.write_table(pa.Table.from_pylist(self.batch, self.schema), self.out_dir / f"part-{self.parts:05d}.parquet")
+        self.count, self.parts, self.batch = self.count + len(self.batch), self.parts + 1, []
+
+    def close(self) -> int:
+        if self.batch or self.parts == 0:
+            self._flush()
+        return self.count
+
+
+def write_shards(rows: Iterable[dict], schema: pa.Schema, out_dir: Path, shard_rows: int) -> int:
+    """Write rows as `part-NNNNN.parquet` files of at most `shard_rows` rows; return the count."""
+    writer = ShardWriter(out_dir, schema, shard_rows)
+    for row in rows:
+        writer.add(row)
+    return writer.close()
+
+
+def read_split(path: Path, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
+    """Read one split directory in full, or the rows matching pyarrow `filters`."""
+    return pq.read_table(path, columns=columns, filters=filters)
+
+
+def parquet_files(path: Path) -> list[Path]:
+    """A split's shards in their order: the `*.parquet` files of a folder, or the one file."""
+    return [path] if path.is_file() else sorted(path.glob("*.parquet"))
+
+
+def check_rows(name: str, paths: list[Path], workers: int) -> int:
+    """Count the rows of a dataset's Parquet folders; each of `workers` must get at least one."""
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for p in paths for f in parquet_files(Path(p)))
+    if rows < workers:
+        raise DataError(f"dataset '{name}' ({', '.join(map(str, paths))}) has {rows} rows, fewer than the "
+                        f"{workers} Ray workers (ray.num_workers); add data or use fewer workers")
+    return rows

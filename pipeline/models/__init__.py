@@ -1,0 +1,1 @@
+"""The networks (TransUNet, DSBN, DenseCL, the denoising corruption) and their weights files."""

@@ -1,0 +1,1 @@
+"""What every stage script does around its work: params, the MLflow run, timing, errors."""

@@ -1,0 +1,65 @@
+"""What a training stage does around its Ray Train job: checks its data, launches it, writes its
+curves and summary, and scores the weights on val when asked."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pipeline.orchestrate.stage_run import StageContext
+from pipeline.train.loop import JobConfig
+from pipeline.train.recipes import Recipe
+
+
+def train(ctx: StageContext, recipe: Recipe, job: JobConfig, inputs: list[Path]) -> dict:
+    """Train `recipe` as the stage's Ray Train job; return the final state dict."""
+    from pipeline.data.shards import check_rows
+    from pipeline.runtime.tracking import resolve_tracking_uri
+    from pipeline.train.launch import job_phases, launch
+
+    for name, (folders, _) in recipe.datasets().items():
+        check_rows(name, list(folders), ctx.params.ray.num_workers)
+    job.mlflow_run_id = ctx.run_id
+    job.tracking_uri = resolve_tracking_uri(ctx.params.mlflow, ctx.root)
+    job.cpus_per_worker = ctx.params.ray.cpus_per_worker
+    launched_at = time.time()
+    ctx.summary["startup_s"] = launched_at - ctx.started_at
+    state, metrics = launch(ctx.name, recipe, job, ctx.params.ray, inputs)
+    ctx.trained_at = time.time()
+    ctx.summary |= job_phases(launched_at, metrics, ctx.trained_at)
+    if ctx.curves is not None:
+        from pipeline.data.atomic import write_text_atomic
+        from pipeline.runtime.tracking import metric_history_csv
+
+        write_text_atomic(ctx.curves, metric_history_csv(job.tracking_uri, ctx.run_id))
+    ctx.summary["loss"] = float(metrics.get("loss", float("nan")))
+    ctx.summary["loop_s"] = float(metrics.get("loop_seconds", 0.0))
+    ctx.summary["world_size"] = int(metrics.get("world_size", 1))
+    ctx.summary["data_s"] = float(metrics.get("data_seconds", 0.0))
+    ctx.summary["worker_peak_rss_mb"] = float(metrics.get("worker_peak_rss_mb", 0.0))
+    return state
+
+
+def write_val_metrics(ctx: StageContext, state: dict, prepared: Path, path: Path) -> float:
+    """Score a trained segmenter's weights on the val split; write the scores as JSON to
+    `path`, log them to the stage's MLflow run, and return val mIoU."""
+    import json
+
+    import mlflow
+
+    from pipeline.data.atomic import write_text_atomic
+    from pipeline.data.manifest import read_manifest
+    from pipeline.infer.batch import evaluate_split
+    from pipeline.infer.metrics import segmentation_scores
+    from pipeline.models.transunet import build_network
+
+    manifest = read_manifest(prepared)
+    net = build_network(ctx.params.model, manifest["num_classes"])
+    net.load_state_dict(state)
+    confusion, _ = evaluate_split({"model": net.eval()}, prepared / "val", ctx.params.evaluate.batch_size,
+                                  manifest["num_classes"], 0)
+    scores = segmentation_scores(confusion["model"].numpy(), manifest["classes"])
+    write_text_atomic(path, json.dumps(scores, indent=2) + "\n")
+    mlflow.log_metrics({"val_miou": scores["miou"], "val_pixel_accuracy": scores["pixel_accuracy"]})
+    ctx.summary["val_miou"] = scores["miou"]
+    return scores["miou"]

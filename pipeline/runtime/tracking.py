@@ -1,0 +1,214 @@
+"""MLflow tracking: one run per stage execution, grouped under one parent run per pipeline
+execution (`execution_id`), tagged with the DVC stage, git commit and data manifest hash."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline.config.params import MlflowConfig, Params, section_dict
+from pipeline.runtime.execution import dvc_process
+
+EXECUTION_TAG = "pipeline.runtime.execution"
+PARENT_TAG = "pipeline.parent"
+
+
+def resolve_tracking_uri(cfg: MlflowConfig, root: Path) -> str:
+    """`MLFLOW_TRACKING_URI` > `mlflow.tracking_uri` > SQLite at an absolute path in `root`."""
+    return (os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+            or f"sqlite:///{(root / 'mlflow.db').resolve()}")
+
+
+def execution_id() -> str:
+    """Names the pipeline execution this stage belongs to: its `dvc repro` process (see
+    `pipeline.runtime.execution`), unless `PIPELINE_EXECUTION_ID` says otherwise (e.g. for a driver
+    script that runs stages itself)."""
+    if os.environ.get("PIPELINE_EXECUTION_ID"):
+        return os.environ["PIPELINE_EXECUTION_ID"]
+    dvc = dvc_process()
+    return f"{socket.gethostname()}-{dvc or f'{os.getpid()}-{time.time_ns()}'}"
+
+
+def git_commit(root: Path) -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        # DVC's lock files and the study plan change as the pipeline runs; only other edits
+        # mean the code differs from the commit.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude,glob)**/dvc.lock", ":(exclude)study/plan.yaml"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def flatten(prefix: str, value) -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out |= flatten(f"{prefix}.{key}", item)
+        return out
+    return {prefix: value}
+
+
+def _experiment_id(client, name: str, root: Path, uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    # A local store's default artifact root is relative to the cwd; pin it inside the repo.
+    location = (root / "mlartifacts").resolve().as_uri() if uri.startswith(("sqlite:", "file:")) else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def _find_parent(client, experiment_id: str, execution: str):
+    found = client.search_runs([experiment_id], filter_string=(
+        f"tags.`{EXECUTION_TAG}` = '{execution}' and tags.`{PARENT_TAG}` = 'true'"), max_results=1)
+    return found[0] if found else None
+
+
+def log_params(client, run_id: str, flat: dict) -> None:
+    """Log many params (MLflow takes at most 100 per request)."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)) for k, v in flat.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start:start + 100])
+
+
+def _parent_run(client, experiment_id: str, execution: str, commit: str, root: Path) -> str:
+    """The execution's parent run, created by its first stage with the whole pipeline's
+    params (params.yaml, flattened by section), so two executions compare param by param."""
+    from pipeline.config.params import PARAMS_FILE, load_params
+
+    found = _find_parent(client, experiment_id, execution)
+    if found:
+        return found.info.run_id
+    run = client.create_run(experiment_id, run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                            tags={EXECUTION_TAG: execution, PARENT_TAG: "true", "git.commit": commit})
+    params = load_params(root / PARAMS_FILE)
+    flat = {}
+    for section in Params.__dataclass_fields__:
+        flat |= flatten(section, section_dict(params, section))
+    log_params(client, run.info.run_id, flat)
+    return run.info.run_id
+
+
+def stage_tag(stage: str) -> str:
+    """The parent run's tag for a stage: `stage.student_train/round1` for DVC's
+    `student_train@round1` (MLflow keys may not hold `@`)."""
+    return f"stage.{stage.replace('@', '/')}"
+
+
+def finish_execution(params: Params, root: Path, execution: str, stages: list[str], metrics_file: Path,
+                     returncode: int) -> str | None:
+    """Close an execution's parent run: tag the stages that did not run as `cached` (or `not
+    run` when the execution failed), copy the
+    pipeline's metrics (e.g. student mIoU) onto it, and end it FINISHED or FAILED. Returns a
+    one-line summary, or None when no stage ran (DVC had nothing to do: no parent exists)."""
+    import json
+
+    from mlflow import MlflowClient
+
+    uri = resolve_tracking_uri(params.mlflow, root)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(params.mlflow.experiment)
+    parent = experiment and _find_parent(client, experiment.experiment_id, execution)
+    if not parent:
+        return None
+    tags = parent.data.tags
+    ran = [s for s in stages if tags.get(stage_tag(s)) == "ran"]
+    for name in stages:  # after a failure, DVC may never have reached them
+        if name not in ran:
+            client.set_tag(parent.info.run_id, stage_tag(name), "cached" if returncode == 0 else "not run")
+    if returncode == 0 and metrics_file.is_file():
+        scores = json.loads(metrics_file.read_text())
+        stamp = int(time.time() * 1000)
+        from mlflow.entities import Metric
+
+        client.log_batch(parent.info.run_id, metrics=[
+            Metric(f"{role}_{key}", float(value), stamp, 0) for role, values in scores.items()
+            for key, value in values.items() if isinstance(value, (int, float))])
+    client.set_terminated(parent.info.run_id, "FINISHED" if returncode == 0 else "FAILED")
+    return (f"MLflow run {parent.info.run_id}: ran {', '.join(ran) or 'nothing'}; "
+            f"cached {', '.join(s for s in stages if s not in ran) or 'nothing'}")
+
+
+@contextmanager
+def stage_run(stage: str, params: Params, sections: list[str], root: Path) -> Iterator[str]:
+    """Open the MLflow run of one stage execution and yield its id.
+
+    Logs the stage's params sections flattened (`teacher.lr`), tags it (the caller adds the
+    data manifest hash once the manifest exists), and marks it FAILED
+    if the stage raises. The parent run collects the stages of one pipeline execution.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = resolve_tracking_uri(params.mlflow, root)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    experiment_id = _experiment_id(client, params.mlflow.experiment, root, uri)
+    execution, commit = execution_id(), git_commit(root)
+    parent = _parent_run(client, experiment_id, execution, commit, root)
+    tags = {"mlflow.parentRunId": parent, EXECUTION_TAG: execution, "dvc.stage": stage, "git.commit": commit}
+    run = client.create_run(experiment_id, run_name=stage, tags=tags)
+    run_id = run.info.run_id
+    flat = {}
+    for section in sections:
+        flat |= flatten(section, section_dict(params, section))
+    log_params(client, run_id, flat)
+    client.set_tag(parent, stage_tag(stage), "ran")
+    try:
+        with mlflow.start_run(run_id=run_id):
+            yield run_id
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+
+
+def metric_history_csv(tracking_uri: str | None, run_id: str) -> str:
+    """A run's metrics by step (epoch), one column each, as CSV."""
+    import csv
+    import io
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    keys = sorted(k for k in client.get_run(run_id).data.metrics if k != "epoch")  # the step is the epoch
+    rows: dict[int, dict] = {}
+    for key in keys:
+        for metric in client.get_metric_history(run_id, key):
+            rows.setdefault(metric.step, {})[key] = metric.value
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=["epoch", *keys], lineterminator="\n")
+    writer.writeheader()
+    for step in sorted(rows):
+        writer.writerow({"epoch": step, **rows[step]})
+    return out.getvalue()
+
+
+def tag_with_parent(key: str, value: str) -> None:
+    """Tag the active stage run and its pipeline's parent run."""
+    import mlflow
+
+    run = mlflow.active_run()
+    mlflow.set_tag(key, value)
+    parent = run.data.tags.get("mlflow.parentRunId") if run else None
+    if parent:
+        mlflow.MlflowClient().set_tag(parent, key, value)
+
+
+def log_metrics(tracking_uri: str | None, run_id: str, metrics: dict, step: int) -> None:
+    """Log scalar metrics to a run from anywhere (a Ray worker included)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    MlflowClient(tracking_uri).log_batch(run_id, metrics=[
+        Metric(key, float(value), stamp, step) for key, value in metrics.items()])

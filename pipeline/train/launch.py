@@ -1,0 +1,129 @@
+"""A training stage's Ray Train job: launched from the stage's process (`launch`: its name,
+workers, datasets, run), entered on each worker (`worker_entry`: the recipe's shards and parts,
+then `loop.run_epochs`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.config.params import RayConfig
+from pipeline.data.shards import parquet_files
+from pipeline.runtime.ray_session import init_ray
+from pipeline.runtime.storage import worker_uris
+from pipeline.train.loop import STATE_FILE, JobConfig, WorkerSetup, load_shard, run_epochs
+from pipeline.train.recipes import Recipe, rows_of
+
+# Ray Train V2 polls its workers every 2 s and exports Prometheus metrics by default; a stage
+# waits for the poll at every state change, and the metrics need a dashboard we do not start.
+# Environment variables of the same name win.
+_TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_METRICS_ENABLED": "0"}
+
+
+def run_name(stage: str, loop_config: dict, inputs: list[Path]) -> str:
+    """A name that is stable for the same config and inputs, so relaunching a failed stage
+    resumes its checkpoints, and different inputs never resume a stale run."""
+    digest = hashlib.sha256(json.dumps(loop_config, sort_keys=True, default=str).encode())
+    for root in inputs:
+        for path in sorted(Path(root).rglob("*")) if Path(root).is_dir() else [Path(root)]:
+            stat = path.stat()
+            digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return f"{stage}-{digest.hexdigest()[:12]}"
+
+
+def connect(ray_cfg: RayConfig) -> None:
+    """Ray Train's settings for a stage's job, then Ray (`init_ray`)."""
+    for key, value in _TRAIN_ENV_DEFAULTS.items():  # the trainer reads them and passes them to its controller
+        os.environ.setdefault(key, value)
+    init_ray(ray_cfg)
+
+
+def job_configs(ray_cfg: RayConfig, name: str) -> dict:
+    """The `TorchTrainer` arguments every training stage's job shares: its workers, and its run
+    `name` under `ray.storage_path` (the latest checkpoint kept, relaunched on failures)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
+    storage = ray_cfg.storage_path if "://" in ray_cfg.storage_path else str(Path(ray_cfg.storage_path).resolve())
+    return {"scaling_config": ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
+                                            resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
+            "run_config": RunConfig(name=name, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=1),
+                                    failure_config=FailureConfig(max_failures=ray_cfg.max_failures))}
+
+
+def launch(stage: str, recipe: Recipe, job: JobConfig, ray_cfg: RayConfig, inputs: list[Path]) -> tuple[dict, dict]:
+    """Train `recipe` as a Ray Train job; return (final state dict, final reported metrics).
+
+    The recipe's datasets are read with Ray Data and sharded across workers. Checkpoints live
+    under `ray.storage_path` while the job runs and are removed once the final state is back,
+    since the stage exports it as its DVC output. The driver never imports the models (timm
+    and torchvision cost seconds per stage); only the workers do, in `recipe.build`.
+    """
+    connect(ray_cfg)
+    import ray.data
+    from ray.train import DataConfig
+    from ray.train.torch import TorchTrainer
+
+    ray_connected_at = time.time()
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = False
+    # Ray Data's V2 Parquet reader lists files in a task and provisions footer-reader actors:
+    # ~10 s per training stage on a small node, for shards that are a few MB. V1 reads them directly.
+    data_context.use_datasource_v2 = False
+    trainer = TorchTrainer(
+        worker_entry,
+        train_loop_config={"job": job, "recipe": recipe},
+        **job_configs(ray_cfg, run_name(stage, job.identity(), inputs)),
+        datasets={name: ray.data.read_parquet(worker_uris([f for p in folders for f in parquet_files(Path(p))],
+                                                          ray_cfg.data_uri), columns=list(rows._fields))
+                  for name, (folders, rows) in recipe.datasets().items()},
+        # One worker reads the whole dataset: splitting it would only add a coordinator actor (~3 s).
+        dataset_config=DataConfig(datasets_to_split="all" if ray_cfg.num_workers > 1 else []),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as ckpt_dir:
+        state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+    result.filesystem.delete_dir(result.path)
+    return state, {**(result.metrics or {}), "ray_connected_at": ray_connected_at}
+
+
+def job_phases(launched_at: float, metrics: dict, returned_at: float) -> dict[str, float]:
+    """Where a Ray Train job's seconds outside the training loop go, from the wall-clock marks
+    of the driver (`launch` called, Ray connected, result back) and of rank 0 (its function
+    entered, first epoch started, last report done; the same clock on one machine). Empty when
+    the job trained nothing itself (relaunched after its last epoch's checkpoint): its marks,
+    if any, are an earlier launch's."""
+    if metrics.get("worker_started_at", 0.0) < launched_at:
+        return {}
+    return {"ray_connect_s": metrics["ray_connected_at"] - launched_at,
+            "job_start_s": metrics["worker_started_at"] - metrics["ray_connected_at"],
+            "worker_setup_s": metrics["loop_started_at"] - metrics["worker_started_at"],
+            "report_s": metrics["report_seconds"],
+            "job_end_s": returned_at - metrics["loop_ended_at"]}
+
+
+def worker_entry(config: dict) -> None:
+    """A worker of the job: load its shards while the recipes' imports (seconds of timm and
+    torchvision) run on this thread, each dataset in a thread of its own, since most of a small
+    dataset's load is Ray Data starting its execution and the read tasks run in other processes;
+    then the recipe's parts through the epochs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    started_at = time.time()
+    recipe: Recipe = config["recipe"]
+    datasets = recipe.datasets()
+    with ThreadPoolExecutor(len(datasets)) as pool:
+        loading = {name: pool.submit(load_shard, name) for name in datasets}
+        import pipeline.models.transunet  # noqa: F401
+        import pipeline.train.steps  # noqa: F401
+
+        rows = {name: rows_of(rows_type, future.result()) for (name, (_, rows_type)), future
+                in zip(datasets.items(), loading.values())}
+    setup = WorkerSetup.from_job(config["job"])
+    setup.started_at, setup.data_seconds = started_at, time.time() - started_at
+    parts = recipe.build(config["job"], setup, **rows)
+    run_epochs(parts.model, parts.optimizer, parts.step, config["job"].train, setup)

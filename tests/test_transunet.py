@@ -1,0 +1,96 @@
+import pytest
+import timm
+import torch
+
+from pipeline.models.checkpoints import segmenter_state
+from pipeline.models.transunet import (
+    ENCODER_PRESETS,
+    EncoderClassifier,
+    HybridEncoder,
+    ProjectedSegmenter,
+    build_model,
+    build_vit,
+    mixed_precision,
+)
+
+
+@pytest.mark.parametrize("preset, size, widths, din", [
+    ("tiny", 64, [64, 32, 16, 16], 128),
+    ("r50_vit_b16", 32, [256, 128, 64, 16], 512),
+])
+def test_shapes_for_every_preset(preset, size, widths, din):
+    spec = ENCODER_PRESETS[preset]
+    model = build_model(preset, din, widths, 5).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        s2, s4, s8, s16 = model.encoder(x)
+        out = model(x)
+    assert s2.shape == (2, spec.skip_channels[0], size // 2, size // 2)
+    assert s4.shape == (2, spec.skip_channels[1], size // 4, size // 4)
+    assert s8.shape == (2, spec.skip_channels[2], size // 8, size // 8)
+    assert s16.shape == (2, spec.embed_dim, size // 16, size // 16)
+    assert out.shape == (2, 5, size, size)
+
+
+def test_r50_preset_is_exactly_timms_vit_base_r50_s16_224():
+    """Same keys and shapes, so a locally saved timm checkpoint loads into the encoder."""
+    reference = timm.create_model("vit_base_r50_s16_224", pretrained=False, num_classes=0)
+    ours = build_vit(ENCODER_PRESETS["r50_vit_b16"])
+    assert {k: v.shape for k, v in ours.state_dict().items()} == \
+           {k: v.shape for k, v in reference.state_dict().items()}
+
+
+def test_encoder_has_no_batchnorm_and_decoder_does():
+    model = build_model("tiny", 128, [64, 32, 16, 16], 3)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.encoder.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.decoder.modules())
+
+
+def test_replace_head_keeps_encoder_and_decoder():
+    model = build_model("tiny", 128, [64, 32, 16, 16], 3)
+    before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
+    model.replace_head(11)
+    assert model.head.out_channels == 11
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_classifier_encoder_state_loads_into_a_plain_encoder():
+    clf = EncoderClassifier(ENCODER_PRESETS["tiny"], 10)
+    assert clf(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    HybridEncoder(ENCODER_PRESETS["tiny"]).load_state_dict(clf.encoder_state())
+
+
+def test_sigma_conditioning_feeds_the_noise_level_and_is_left_out_of_the_segmenter_weights():
+    torch.manual_seed(0)
+    model = build_model("tiny", 128, [64, 32, 16, 16], 3, sigma_conditioning=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        low, high = model(x, torch.tensor([0.1, 0.1])), model(x, torch.tensor([0.8, 0.8]))
+    assert not torch.allclose(low, high)
+    plain = build_model("tiny", 128, [64, 32, 16, 16], 3)
+    plain.load_state_dict(model.without_noise_level())  # strict: exactly the unconditioned network
+
+
+def test_projected_segmenter_adds_unit_embeddings_and_exports_the_plain_network():
+    torch.manual_seed(0)
+    net = build_model("tiny", 32, [16, 8, 8, 8], 5)
+    wrapped = ProjectedSegmenter(net, 12).eval()
+    x = torch.rand(2, 3, 32, 32)
+    logits, embeddings = wrapped(x)
+    assert logits.shape == (2, 5, 32, 32) and embeddings.shape == (2, 12, 32, 32)
+    torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(2, 32, 32))
+    plain = build_model("tiny", 32, [16, 8, 8, 8], 5).eval()
+    plain.load_state_dict(segmenter_state(wrapped.state_dict()))  # strict: no projection weights left
+    torch.testing.assert_close(plain(x), logits)
+    assert segmenter_state(plain.state_dict()).keys() == plain.state_dict().keys()
+
+
+def test_mixed_precision_leaves_cpu_runs_in_float32_and_bit_identical():
+    model = build_model("tiny", 128, [64, 32, 16, 16], 5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = model(x)
+        with mixed_precision(torch.device("cpu")):
+            mixed = model(x)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, plain)
