@@ -11,7 +11,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 @pytest.fixture(autouse=True)
 def no_exit_watchdog_left_behind():
-    """A stage that fails arms a watchdog that ends its process 20 s later (`stage.exit_within`);
+    """A stage that fails arms a watchdog that ends its process 20 s later (`stage_run.exit_within`);
     a test that ran the stage in pytest's own process carries on, so it is cancelled."""
     import faulthandler
 

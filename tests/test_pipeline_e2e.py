@@ -246,6 +246,18 @@ def test_a_forced_rerun_reproduces_every_weight_and_metric(repo):
     assert (repo / "reports/metrics.json").read_text() == metrics
 
 
+def test_the_benchmarks_plain_baseline_trains_the_teachers_very_weights(repo, tmp_path):
+    """`python -m pipeline.tools.plain` runs a stage's script with its Ray Train job replaced by a
+    loop in that one process: the same recipe, data, seeds and steps give the same teacher."""
+    out = run([sys.executable, "-m", "pipeline.tools.plain", "stages/teacher_finetune.py", "--prepared",
+               "data/prepared", "--pretrained", "models/pretrained.pt", "--out", str(tmp_path / "teacher.pt")], repo,
+              env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}).stdout
+    summary = next(line for line in out.splitlines() if line.startswith("[teacher_finetune] done:"))
+    assert "loop_s=" in summary and "job_start_s" not in summary  # trained here, no Ray Train job
+    assert same_weights(torch.load(tmp_path / "teacher.pt", weights_only=True)["state_dict"],
+                        torch.load(repo / "models/rounds/teacher.pt", weights_only=True)["state_dict"])
+
+
 def start(cmd: list[str], repo: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=repo, env=repo_env(repo), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

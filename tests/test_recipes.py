@@ -188,7 +188,7 @@ def test_a_stage_driver_never_imports_the_models():
             "        runpy.run_path(f'stages/{name}.py', run_name='__main__')\n"
             "    except SystemExit:\n"
             "        pass\n"
-            "import pipeline.orchestrate.training, pipeline.train.recipes, pipeline.models.checkpoints\n"
+            "import pipeline.orchestrate.training, pipeline.train.launch, pipeline.train.recipes, pipeline.models.checkpoints\n"
             "print(sorted(m for m in ('timm', 'torchvision') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"

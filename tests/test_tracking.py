@@ -2,7 +2,19 @@ import subprocess
 from pathlib import Path
 
 from pipeline.config.params import MlflowConfig
-from pipeline.runtime.tracking import execution_id, flatten, git_commit, resolve_tracking_uri
+from pipeline.runtime.tracking import (
+    EXECUTION_TAG,
+    PARENT_TAG,
+    execution_id,
+    flatten,
+    git_commit,
+    resolve_tracking_uri,
+)
+
+
+def test_the_run_tags_keep_their_names():
+    """Tags recorded in users' MLflow stores: a rename would orphan every earlier execution."""
+    assert (EXECUTION_TAG, PARENT_TAG) == ("pipeline.execution", "pipeline.parent")
 
 
 def test_tracking_uri_precedence(monkeypatch, tmp_path):

@@ -15,6 +15,7 @@ def train(ctx: StageContext, recipe: Recipe, job: JobConfig, inputs: list[Path])
     """Train `recipe` as the stage's Ray Train job; return the final state dict."""
     from pipeline.data.shards import check_rows
     from pipeline.runtime.tracking import resolve_tracking_uri
+    # Imported here, not at the top: the benchmark's baseline (`pipeline.tools.plain`) replaces `launch`.
     from pipeline.train.launch import job_phases, launch
 
     for name, (folders, _) in recipe.datasets().items():

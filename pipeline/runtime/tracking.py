@@ -14,7 +14,7 @@ from pathlib import Path
 from pipeline.config.params import MlflowConfig, Params, section_dict
 from pipeline.runtime.execution import dvc_process
 
-EXECUTION_TAG = "pipeline.runtime.execution"
+EXECUTION_TAG = "pipeline.execution"
 PARENT_TAG = "pipeline.parent"
 
 

@@ -14,13 +14,23 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 
 from pipeline.config.params import RayConfig
-from pipeline.data.tensors import read_tensors
+from pipeline.data.shards import parquet_files
+from pipeline.data.tensors import columns_to_tensors
 from pipeline.runtime.execution import peak_rss_mb
 from pipeline.train.loop import JobConfig, WorkerSetup, threads_and_seed, train_steps, warmup_cosine
 from pipeline.train.recipes import Recipe, rows_of
+
+
+def read_tensors(folders: list[Path], columns: list[str]) -> dict:
+    """A dataset's columns as in-memory tensors straight from its Parquet shards (no Ray): what a
+    training worker holds after loading its Ray Data shard, for the benchmark's plain loop."""
+    files = [f for folder in folders for f in parquet_files(Path(folder))]
+    return columns_to_tensors({name: column.to_numpy(zero_copy_only=False) for name, column in
+                               zip(columns, pq.read_table(f, columns=columns).columns)} for f in files)
 
 
 def plain_setup(job: JobConfig, device: torch.device = torch.device("cpu")) -> WorkerSetup:

@@ -123,7 +123,8 @@ def worker_entry(config: dict) -> None:
 
         rows = {name: rows_of(rows_type, future.result()) for (name, (_, rows_type)), future
                 in zip(datasets.items(), loading.values())}
+    data_seconds = time.time() - started_at
     setup = WorkerSetup.from_job(config["job"])
-    setup.started_at, setup.data_seconds = started_at, time.time() - started_at
+    setup.started_at, setup.data_seconds = started_at, data_seconds
     parts = recipe.build(config["job"], setup, **rows)
     run_epochs(parts.model, parts.optimizer, parts.step, config["job"].train, setup)
