@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from pipeline.compose import CONF_DIR, compose, render
-from pipeline.config.params import ConfigError, load_params, parse_params
+from pipeline.config.params import BUILT_IN_FORMATS, ConfigError, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -167,8 +167,8 @@ def test_every_experiment_preset_composes_and_validates(experiment):
 
 @pytest.mark.parametrize("dataset", sorted(p.stem for p in CONF_DIR.glob("dataset/*.yaml")))
 def test_every_dataset_preset_composes_and_names_what_it_needs(dataset):
-    if dataset == "digits":
-        assert compose([f"dataset={dataset}"]).data.format == "digits"
+    if dataset in BUILT_IN_FORMATS:
+        assert compose([f"dataset={dataset}"]).data.format == dataset
         return
     with pytest.raises(ConfigError, match="data.root"):
         compose([f"dataset={dataset}"])

@@ -62,7 +62,37 @@ class DigitScenesConfig:
                  f"expected a value in (0, 1), got {self.val_digit_fraction}")
 
 
-DATA_FORMATS = ("digits", "folder", "cityscapes", "ade20k", "voc", "pascal_context")  # pipeline.data.formats
+@dataclass
+class ShapeScenesConfig:
+    """Sizes and looks of the built-in "shape scenes" dataset (`pipeline.data.shape_scenes`), and
+    of its supervised encoder's labeled source, letters on photos (`pipeline.data.glyphs`)."""
+
+    train_scenes: int = 2000
+    val_scenes: int = 300
+    min_objects: int = 2
+    max_objects: int = 5
+    min_radius_fraction: float = 0.08  # of the scene's side
+    max_radius_fraction: float = 0.22
+    min_wire_px: float = 1.5
+    max_wire_px: float = 3.0
+    classify_images: int = 12000
+    classify_size: int = 32
+
+    def __post_init__(self) -> None:
+        _positive("data.shapes", train_scenes=self.train_scenes, val_scenes=self.val_scenes,
+                  min_objects=self.min_objects, min_radius_fraction=self.min_radius_fraction,
+                  min_wire_px=self.min_wire_px, classify_images=self.classify_images,
+                  classify_size=self.classify_size)
+        _require(self.min_objects <= self.max_objects, "data.shapes.max_objects",
+                 f"must be >= min_objects ({self.min_objects}), got {self.max_objects}")
+        _require(self.min_radius_fraction <= self.max_radius_fraction <= 0.5, "data.shapes.max_radius_fraction",
+                 f"expected a value in [min_radius_fraction, 0.5], got {self.max_radius_fraction}")
+        _require(self.min_wire_px <= self.max_wire_px, "data.shapes.max_wire_px",
+                 f"must be >= min_wire_px ({self.min_wire_px}), got {self.max_wire_px}")
+
+
+BUILT_IN_FORMATS = ("digits", "shapes")  # generated here, no data.root
+DATA_FORMATS = (*BUILT_IN_FORMATS, "folder", "cityscapes", "ade20k", "voc", "pascal_context")  # pipeline.data.formats
 EXTRA_IMAGES_FORMATS = ("cityscapes", "voc")
 FITS = ("crop", "tiles")
 MAX_IMAGE_SIZE = 8192  # one 8192² RGB image is 200 MB before any copy; the paper's crops are 512-1024
@@ -87,17 +117,18 @@ class DataConfig:
     val_fraction: float = 0.15
     shard_rows: int = 1000
     digits: DigitScenesConfig = field(default_factory=DigitScenesConfig)
+    shapes: ShapeScenesConfig = field(default_factory=ShapeScenesConfig)
 
     def __post_init__(self) -> None:
         _require(self.format in DATA_FORMATS, "data.format",
                  f"expected one of {', '.join(map(repr, DATA_FORMATS))}, got {self.format!r}")
-        _require(self.format == "digits" or bool(self.root), "data.root",
+        _require(self.format in BUILT_IN_FORMATS or bool(self.root), "data.root",
                  f"data.format {self.format!r} needs data.root, the dataset's folder")
         _require(self.fit in FITS, "data.fit", f"expected 'crop' or 'tiles', got {self.fit!r}")
         _require(not self.extra_images or self.format in EXTRA_IMAGES_FORMATS, "data.extra_images",
                  f"only {' and '.join(EXTRA_IMAGES_FORMATS)} have extra images; data.format is {self.format!r}")
-        _require(not self.labeled_ids or self.format != "digits", "data.labeled_ids",
-                 "an id list selects images of a dataset on disk; the built-in digits use labeled_fraction")
+        _require(not self.labeled_ids or self.format not in BUILT_IN_FORMATS, "data.labeled_ids",
+                 f"an id list selects images of a dataset on disk; the built-in {self.format} use labeled_fraction")
         _require(0 < self.labeled_fraction <= 1, "data.labeled_fraction",
                  f"expected a value in (0, 1], got {self.labeled_fraction}")
         _require(0 < self.val_fraction < 1, "data.val_fraction",

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config.params import DigitScenesConfig
+from pipeline.data.photos import legible_colour, load_photos, photo_crop
 
 CLASSES = ["background"] + [str(d) for d in range(10)]
 _SPLIT_CODES = {"train": 1, "val": 2, "classify": 3}
@@ -45,48 +46,20 @@ def load_digit_pools(seed: int, val_fraction: float) -> tuple[DigitPool, DigitPo
     return pool(order[n_val:]), pool(order[:n_val])
 
 
-def load_backgrounds() -> list[np.ndarray]:
-    """The real photos bundled with scikit-image and scikit-learn, as uint8 RGB arrays."""
-    from skimage import data as skdata
-    from sklearn.datasets import load_sample_images
-
-    photos = [getattr(skdata, name)() for name in
-              ("astronaut", "coffee", "chelsea", "rocket", "brick", "grass", "gravel")]
-    photos += list(load_sample_images().images)
-    return [np.ascontiguousarray(np.repeat(p[..., None], 3, axis=2) if p.ndim == 2 else p[..., :3])
-            for p in photos]
-
-
-def _background(rng: np.random.Generator, photos: list[np.ndarray], size: int) -> np.ndarray:
-    photo = photos[rng.integers(len(photos))]
-    h, w = photo.shape[:2]
-    crop = int(rng.integers(size, max(size, min(h, w) // 2) + 1))
-    top, left = rng.integers(h - crop + 1), rng.integers(w - crop + 1)
-    patch = Image.fromarray(photo[top:top + crop, left:left + crop]).resize((size, size), Image.BILINEAR)
-    brightness = rng.uniform(0.6, 1.4)
-    return np.clip(np.asarray(patch, dtype=np.float32) * brightness, 0, 255)
+# Every photo for both splits (val's digits are held out instead: the handwriting, not the photos).
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "brick", "grass", "gravel", "sklearn:china.jpg",
+          "sklearn:flower.jpg")
 
 
 def _digit_alpha(alpha8: np.ndarray, px: int) -> np.ndarray:
     return np.clip(np.asarray(Image.fromarray(alpha8, mode="F").resize((px, px), Image.BILINEAR)), 0, 1)
 
 
-def _legible_colour(rng: np.random.Generator, region: np.ndarray) -> np.ndarray:
-    """A random colour, redrawn (a few times at most) until it stands out from the photo under
-    the digit: handwriting nobody could see would only be label noise."""
-    mean = region.reshape(-1, 3).mean(0)
-    for _ in range(20):
-        colour = rng.uniform(0, 255, 3)
-        if np.linalg.norm(colour - mean) >= _MIN_CONTRAST:
-            break
-    return colour
-
-
 def _paste(rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray | None, alpha: np.ndarray,
            top: int, left: int, label: int) -> None:
     px = alpha.shape[0]
     region = canvas[top:top + px, left:left + px]
-    colour = _legible_colour(rng, region)
+    colour = legible_colour(rng, region, _MIN_CONTRAST)
     region[:] = region * (1 - alpha[..., None]) + colour * alpha[..., None]
     if mask is not None:
         mask[top:top + px, left:left + px][alpha >= _STROKE_ALPHA] = label
@@ -95,7 +68,7 @@ def _paste(rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray | None
 def make_scene(rng: np.random.Generator, pool: DigitPool, photos: list[np.ndarray], size: int,
                cfg: DigitScenesConfig) -> tuple[np.ndarray, np.ndarray]:
     """One scene: a photo crop with 2-4 digits on it, and its mask (0 = background, d+1 = digit d)."""
-    canvas = _background(rng, photos, size)
+    canvas = photo_crop(rng, photos, size)
     mask = np.zeros((size, size), dtype=np.uint8)
     for _ in range(rng.integers(cfg.min_digits, cfg.max_digits + 1)):
         k = rng.integers(len(pool.classes))
@@ -109,7 +82,7 @@ def make_classify_crop(rng: np.random.Generator, pool: DigitPool, photos: list[n
                        cfg: DigitScenesConfig) -> tuple[np.ndarray, int]:
     """One image-level example for encoder pretraining: a single digit on a photo crop."""
     size = cfg.classify_size
-    canvas = _background(rng, photos, size)
+    canvas = photo_crop(rng, photos, size)
     k = rng.integers(len(pool.classes))
     px = int(rng.integers(min(cfg.min_digit_px, size), min(cfg.max_digit_px, size) + 1))
     top, left = rng.integers(size - px + 1), rng.integers(size - px + 1)
@@ -124,7 +97,7 @@ def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
 def generate(seed: int, size: int, cfg: DigitScenesConfig):
     """Yield (split, id, image, mask_or_class) for every train, val and classify example."""
     train_pool, val_pool = load_digit_pools(seed, cfg.val_digit_fraction)
-    photos = load_backgrounds()
+    photos = load_photos(PHOTOS)
     for split, pool, count in (("train", train_pool, cfg.train_scenes), ("val", val_pool, cfg.val_scenes)):
         for i in range(count):
             image, mask = make_scene(scene_rng(seed, split, i), pool, photos, size, cfg)

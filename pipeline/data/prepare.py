@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.config.params import DataConfig
-from pipeline.data import digit_scenes, formats
+from pipeline.config.params import BUILT_IN_FORMATS, DataConfig
+from pipeline.data import digit_scenes, formats, glyphs, shape_scenes
 from pipeline.data.atomic import staged
 from pipeline.data.manifest import (
     MANIFEST,
@@ -21,9 +23,10 @@ from pipeline.data.png import encode_png
 from pipeline.data.shards import IGNORE_INDEX, DataError
 
 
-def prepare_digit_scenes(cfg: DataConfig, out_dir: Path) -> dict:
-    classes = digit_scenes.CLASSES
-    examples = list(digit_scenes.generate(cfg.seed, cfg.image_size, cfg.digits))
+def prepare_generated(cfg: DataConfig, out_dir: Path, classes: list[str], examples) -> dict:
+    """A built-in dataset from its generator's (split, id, image, mask or class) examples:
+    train scenes split into labeled and unlabeled, val scenes, classify images."""
+    examples = list(examples)
     train_ids = [eid for split, eid, _, _ in examples if split == "train"]
     labeled = set(nested_labeled_ids(train_ids, cfg.labeled_fraction, cfg.seed))
     with staged(out_dir) as tmp:
@@ -35,6 +38,17 @@ def prepare_digit_scenes(cfg: DataConfig, out_dir: Path) -> dict:
                 writer.add("val" if split == "val" else ("labeled" if eid in labeled else "unlabeled"),
                            eid, image, target)
         return write_prepared(writer, classify_rows, classes, cfg, tmp)
+
+
+def generated_examples(cfg: DataConfig) -> tuple[list[str], Iterator]:
+    """The classes and examples of a built-in dataset. The shape scenes' supervised encoder
+    learns from another labeled source (letters), as the paper's from ImageNet."""
+    if cfg.format == "digits":
+        return digit_scenes.CLASSES, digit_scenes.generate(cfg.seed, cfg.image_size, cfg.digits)
+    shapes = cfg.shapes
+    letters = (("classify", eid, image, label) for eid, image, label
+               in glyphs.generate(cfg.seed, shapes.classify_size, shapes.classify_images))
+    return shape_scenes.CLASSES, chain(shape_scenes.generate(cfg.seed, cfg.image_size, shapes), letters)
 
 
 def classify_crops_from_masks(image: np.ndarray, mask: np.ndarray, eid: str) -> list[dict]:
@@ -133,8 +147,8 @@ def check_output(cfg: DataConfig, out_dir: Path) -> None:
 def prepare(cfg: DataConfig, out_dir: Path) -> dict:
     """Write the prepared splits for `cfg.format` to `out_dir`; return the manifest."""
     check_output(cfg, out_dir)
-    if cfg.format == "digits":
-        return prepare_digit_scenes(cfg, out_dir)
+    if cfg.format in BUILT_IN_FORMATS:
+        return prepare_generated(cfg, out_dir, *generated_examples(cfg))
     return prepare_files(cfg, out_dir)
 
 

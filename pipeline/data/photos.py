@@ -1,0 +1,49 @@
+"""Real photographs that installed packages ship (scikit-image's and scikit-learn's samples),
+the backgrounds of the built-in datasets: no download, the same pixels on every machine."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+# Held apart by source: a built-in dataset's val scenes are drawn on photos its train scenes never use.
+TRAIN_PHOTOS = ("astronaut", "coffee", "chelsea", "brick", "grass", "immunohistochemistry", "stereo_motorcycle",
+                "sklearn:china.jpg")
+VAL_PHOTOS = ("rocket", "gravel", "hubble_deep_field", "sklearn:flower.jpg")
+
+
+def load_photos(names: tuple[str, ...]) -> list[np.ndarray]:
+    """The named photos as uint8 RGB arrays (grey ones repeated over the three channels)."""
+    from skimage import data as skdata
+    from sklearn.datasets import load_sample_images
+
+    sklearn_photos = dict(zip((p.rsplit("/", 1)[-1] for p in load_sample_images().filenames),
+                              load_sample_images().images))
+    photos = []
+    for name in names:
+        photo = sklearn_photos[name.split(":", 1)[1]] if name.startswith("sklearn:") else getattr(skdata, name)()
+        photo = photo[0] if isinstance(photo, tuple) else photo  # stereo pairs: the left view
+        photos.append(np.ascontiguousarray(np.repeat(photo[..., None], 3, axis=2) if photo.ndim == 2 else photo[..., :3]))
+    return photos
+
+
+def photo_crop(rng: np.random.Generator, photos: list[np.ndarray], size: int) -> np.ndarray:
+    """A random square crop of a random photo, resized to `size` and brightened or dimmed: float32 RGB."""
+    photo = photos[rng.integers(len(photos))]
+    h, w = photo.shape[:2]
+    crop = int(rng.integers(size, max(size, min(h, w) // 2) + 1))
+    top, left = rng.integers(h - crop + 1), rng.integers(w - crop + 1)
+    patch = Image.fromarray(photo[top:top + crop, left:left + crop]).resize((size, size), Image.BILINEAR)
+    return np.clip(np.asarray(patch, dtype=np.float32) * rng.uniform(0.6, 1.4), 0, 255)
+
+
+def legible_colour(rng: np.random.Generator, region: np.ndarray, min_contrast: float = 140.0) -> np.ndarray:
+    """A random colour, redrawn (a few times at most) until it stands out from the mean of the
+    photo under it by `min_contrast` (RGB distance): a drawing nobody could see would only be
+    label noise."""
+    mean = region.reshape(-1, 3).mean(0)
+    for _ in range(20):
+        colour = rng.uniform(0, 255, 3)
+        if np.linalg.norm(colour - mean) >= min_contrast:
+            break
+    return colour
