@@ -319,9 +319,9 @@ def test_an_id_list_that_is_not_utf8_is_named(tmp_path):
 
 
 def test_every_format_has_a_palette_and_a_config_name():
-    from pipeline.config.params import DATA_FORMATS
+    from pipeline.config.params import BUILT_IN_FORMATS, DATA_FORMATS
 
-    assert set(DATA_FORMATS) == {"digits", *formats.FORMATS}
+    assert set(DATA_FORMATS) == {*BUILT_IN_FORMATS, *formats.FORMATS}
     assert formats.palette_for({"format": "cityscapes", "num_classes": 19})[0].tolist() == [128, 64, 128]
     assert formats.palette_for({"format": "digits", "num_classes": 11})[255].tolist() == [255, 255, 255]
 
