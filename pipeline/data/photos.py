@@ -3,6 +3,8 @@ the backgrounds of the built-in datasets: no download, the same pixels on every 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -17,8 +19,8 @@ def load_photos(names: tuple[str, ...]) -> list[np.ndarray]:
     from skimage import data as skdata
     from sklearn.datasets import load_sample_images
 
-    sklearn_photos = dict(zip((p.rsplit("/", 1)[-1] for p in load_sample_images().filenames),
-                              load_sample_images().images))
+    samples = load_sample_images()  # reads and decodes every sample photo: once
+    sklearn_photos = dict(zip((Path(p).name for p in samples.filenames), samples.images))
     photos = []
     for name in names:
         photo = sklearn_photos[name.split(":", 1)[1]] if name.startswith("sklearn:") else getattr(skdata, name)()

@@ -96,13 +96,13 @@ def _draw_object(rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray,
         alpha = _coverage(lambda d, s: d.polygon([(x * s, y * s) for x, y in polygon], fill=255), size)
     else:
         polygon = _outline(rng, centre, radius)
-        scaled = lambda s: [(x * s, y * s) for x, y in polygon]  # noqa: E731
         if name == "ring":
             width = rng.uniform(0.15, 0.3) * radius
-            alpha = _coverage(lambda d, s: d.line(scaled(s) + scaled(s)[:1], fill=255, width=round(width * s),
-                                                  joint="curve"), size)
+            closed = polygon + polygon[:1]
+            alpha = _coverage(lambda d, s: d.line([(x * s, y * s) for x, y in closed], fill=255,
+                                                  width=round(width * s), joint="curve"), size)
         else:
-            alpha = _coverage(lambda d, s: d.polygon(scaled(s), fill=255), size)
+            alpha = _coverage(lambda d, s: d.polygon([(x * s, y * s) for x, y in polygon], fill=255), size)
     covered = alpha >= _COVERED
     if not covered.any():
         return

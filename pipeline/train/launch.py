@@ -121,8 +121,7 @@ def worker_entry(config: dict) -> None:
         import pipeline.models.transunet  # noqa: F401
         import pipeline.train.steps  # noqa: F401
 
-        rows = {name: rows_of(rows_type, future.result()) for (name, (_, rows_type)), future
-                in zip(datasets.items(), loading.values())}
+        rows = {name: rows_of(datasets[name][1], future.result()) for name, future in loading.items()}
     data_seconds = time.time() - started_at
     setup = WorkerSetup.from_job(config["job"])
     setup.started_at, setup.data_seconds = started_at, data_seconds
