@@ -22,7 +22,7 @@ import yaml
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.config.params import ConfigError, load_params
+    from pipeline.config.params import ConfigError, load_params, standin_encoder
     from pipeline.orchestrate.stage_run import collect_nothing_at_exit
     from pipeline.runtime.local_ray import params_ray_config, prestart_execution_ray
     from pipeline.runtime.tracking import finish_execution
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     root = Path.cwd()
     try:
         params = load_params()
+        if params.encoder.init == "supervised":
+            standin_encoder(params.model.preset, root)
         ray_cfg = params_ray_config()
     except ConfigError as err:
         sys.exit(f"error: {err}")

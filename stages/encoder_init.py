@@ -1,16 +1,23 @@
-"""DVC stage `encoder_init`: encoder weights by supervised classification, DenseCL on the
-unlabeled images, from a file, or random."""
+"""DVC stage `encoder_init`: the encoder's starting weights — the shipped stand-in encoder
+(supervised on letters, as the paper's on ImageNet), DenseCL on the train images, a file, or random."""
 
 from pathlib import Path
 
 import torch
 
+from pipeline.config.params import standin_encoder
 from pipeline.data.manifest import pretraining_images, read_manifest
-from pipeline.models.checkpoints import ENCODER, encoder_weights, load_external_encoder, save_weights
+from pipeline.models.checkpoints import (
+    ENCODER,
+    encoder_weights,
+    load_external_encoder,
+    load_weights,
+    save_weights,
+)
 from pipeline.orchestrate.stage_run import stage, stage_parser
 from pipeline.orchestrate.training import train
 from pipeline.train.loop import JobConfig
-from pipeline.train.recipes import EncoderClassify, EncoderDenseCL
+from pipeline.train.recipes import EncoderDenseCL
 
 
 def main() -> None:
@@ -21,12 +28,12 @@ def main() -> None:
     with stage("encoder_init", ["encoder", "model"], args.prepared,
                overrides=args.overrides, curves=args.curves) as ctx:
         cfg, model = ctx.params.encoder, ctx.params.model
-        manifest = read_manifest(args.prepared)
         if cfg.init == "supervised":
-            job = JobConfig(train=cfg, model=model, num_classes=manifest["classify_num_classes"])
-            state = train(ctx, EncoderClassify(classify=(args.prepared / "classify",)), job, inputs=[args.prepared])
-            weights = encoder_weights(state["model"])
+            source = standin_encoder(model.preset)
+            weights = load_weights(source, ENCODER, model)
+            ctx.summary["from"] = str(source)
         elif cfg.init == "densecl":
+            manifest = read_manifest(args.prepared)
             job = JobConfig(train=cfg, model=model, num_classes=manifest["num_classes"])
             state = train(ctx, EncoderDenseCL(images=tuple(pretraining_images(args.prepared, manifest))), job,
                               inputs=[args.prepared])

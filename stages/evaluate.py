@@ -14,9 +14,8 @@ from pipeline.config.params import ROUND_TEACHER
 from pipeline.data.atomic import staged, write_text_atomic
 from pipeline.data.formats import palette_for
 from pipeline.data.manifest import read_manifest
-from pipeline.infer.batch import confusion_and_samples, ray_predictions
+from pipeline.infer.batch import counts_and_samples, ray_predictions
 from pipeline.infer.figures import confusion_figure, per_class_bars, prediction_grid
-from pipeline.infer.metrics import segmentation_scores
 from pipeline.models.checkpoints import SEGMENTER, load_weights
 from pipeline.orchestrate.stage_run import stage, stage_parser
 
@@ -50,12 +49,12 @@ def main() -> None:
                   for name, path in files.items()}
         with ray_predictions(models, model, len(classes), args.prepared / "val", ["id", "image", "mask"],
                              cfg.batch_size, False, ctx.params.ray) as predictions:
-            confusion, samples = confusion_and_samples(predictions, list(models), len(classes), cfg.grid_images)
-        scores = {name: segmentation_scores(c.numpy(), classes) for name, c in confusion.items()}
+            counts, samples = counts_and_samples(predictions, list(models), len(classes), cfg.grid_images)
+        scores = {name: c.scores(classes) for name, c in counts.items()}
         write_text_atomic(args.metrics, json.dumps(scores, indent=2) + "\n")
         write_text_atomic(args.per_class, per_class_csv(scores, classes))
-        for name, c in confusion.items():
-            confusion_figure(c.numpy(), classes, f"{name} (val mIoU {scores[name]['miou']:.3f})",
+        for name, c in counts.items():
+            confusion_figure(c.confusion.numpy(), classes, f"{name} (val mIoU {scores[name]['miou']:.3f})",
                              args.figures / f"confusion_{name}.png")
         per_class_bars(scores, classes, args.figures / "per_class_iou.png")
         prediction_grid(samples["image"], {"truth": samples["mask"], **{n: samples[n] for n in models}},
@@ -63,7 +62,8 @@ def main() -> None:
         mlflow.log_artifacts(str(args.figures), "figures")
         mlflow.log_artifact(str(args.per_class))
         for name, s in scores.items():
-            mlflow.log_metrics({f"{name}_miou": s["miou"], f"{name}_pixel_accuracy": s["pixel_accuracy"]})
+            mlflow.log_metrics({f"{name}_miou": s["miou"], f"{name}_pixel_accuracy": s["pixel_accuracy"],
+                                f"{name}_boundary_f1": s["boundary_f1"]})
             mlflow.log_metrics({f"{name}_iou.{c}": v for c, v in s["per_class_iou"].items()})
             ctx.summary[f"{name}_miou"] = s["miou"]
         with staged(args.student) as tmp:

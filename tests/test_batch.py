@@ -9,7 +9,7 @@ from pipeline.config.params import ModelConfig, RayConfig
 from pipeline.data.shards import SEGMENTATION_SCHEMA, write_shards
 from pipeline.data.png import decode_png, encode_png
 from pipeline.infer.batch import (
-    confusion_and_samples,
+    counts_and_samples,
     local_predictions,
     pseudo_label_rows,
     ray_predictions,
@@ -69,13 +69,14 @@ def test_ray_data_pseudo_labels_and_scores_equal_the_plain_loop(split, states, r
     assert torch.equal(confusion_ray, confusion_plain) and confusion_plain.sum() == 23 * SIZE * SIZE
     assert len({decode_png(r["confidence"]).tobytes() for r in rows_ray}) == 23  # real, per-image outputs
 
-    scores_plain = confusion_and_samples(iter(plain), ["teacher", "student"], CLASSES, 10)
-    scores_ray = confusion_and_samples(iter(on_ray), ["teacher", "student"], CLASSES, 10)
+    scores_plain = counts_and_samples(iter(plain), ["teacher", "student"], CLASSES, 10)
+    scores_ray = counts_and_samples(iter(on_ray), ["teacher", "student"], CLASSES, 10)
     for name in ("teacher", "student"):
-        assert torch.equal(scores_ray[0][name], scores_plain[0][name])
+        assert torch.equal(scores_ray[0][name].confusion, scores_plain[0][name].confusion)
+        assert torch.equal(scores_ray[0][name].boundary, scores_plain[0][name].boundary)
     assert all(torch.equal(scores_ray[1][k], scores_plain[1][k]) for k in scores_plain[1])
     assert scores_ray[1]["image"].shape == (10, 3, SIZE, SIZE) and scores_ray[1]["mask"].shape == (10, SIZE, SIZE)
-    assert not torch.equal(scores_plain[0]["teacher"], scores_plain[0]["student"])
+    assert not torch.equal(scores_plain[0]["teacher"].confusion, scores_plain[0]["student"].confusion)
 
 
 def test_flip_tta_changes_the_predictions(split, states):
@@ -117,7 +118,7 @@ def test_scoring_an_image_without_its_mask_is_our_error_naming_it(mixed_split, s
 
     batches = local_predictions(_models({"teacher": states["teacher"]}), mixed_split, COLUMNS, 4, False, "plain")
     with pytest.raises(DataError, match="'u000' has no mask"):
-        confusion_and_samples(batches, ["teacher"], CLASSES, 2)
+        counts_and_samples(batches, ["teacher"], CLASSES, 2)
 
 
 FAILS_INSIDE_THE_PIPELINE = """

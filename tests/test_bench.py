@@ -43,7 +43,12 @@ def test_the_table_shows_each_figure_and_judges_it_against_its_target():
     assert "| stage | wall s | in the loop s | overhead s | start-up | Ray connect | job start | worker setup |" in table
     assert "| teacher_finetune | 30.0 | 20.0 | 10.0 | 3.0 | 0.5 | 2.5 | 2.0 | 0.5 | 0.5 | 1.0 | 1.5 | 1200 |" in table
     assert "| prepare | 9.0 | – | – | – | – | – | – | – | – | – | – | 300 |" in table
-    assert "| 420 s | ≤ 300 s | **missed** |" in table  # the whole pipeline
+    assert "| 420 s | ≤ 360 s | **missed** |" in table  # the whole pipeline
+    assert "right after" not in table  # no other revision timed
+    against = _figures(pipeline_s=300.0, ratio_ray=0.97)
+    against["pipeline"]["against"] = {"revision": "5973b07", "pipeline_s": 600.0}
+    assert ("| the default pipeline of `5973b07` the same way, right after (a worktree of that commit) | 600 s; "
+            "this one takes 0.50× its time | | |") in markdown(against)
     # What no stage's clock saw: 420 s less the stages' 30 s and 9 s.
     assert "each stage process's exit) | 381 s | | |" in table
     assert ("teacher_finetune: Ray Train / plain loop (60 steps, 3 alternated pairs, images/s; ratio: median over the "
@@ -157,3 +162,10 @@ def test_the_empty_job_is_a_ray_train_job_timed_from_its_process_start_and_leave
     assert 1.0 < wall_s <= elapsed
     # Ray Train made the storage folder for its run; the run's own folder is gone once its time is taken.
     assert list(storage.iterdir()) == []
+
+
+def test_timing_against_a_revision_that_is_not_a_commit_is_an_error():
+    from pipeline.tools.bench import other_revision_pipeline_s
+
+    with pytest.raises(SystemExit, match="--against no-such-revision: not a commit of this repository"):
+        other_revision_pipeline_s("no-such-revision", dict(os.environ))

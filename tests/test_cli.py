@@ -33,7 +33,8 @@ def test_every_entry_point_has_help(entry):
 
 STAGE_OPTIONS = {"--prepared": "p", "--out": "o", "--teacher": "t.pt", "--student": "s.pt", "--encoder": "e.pt",
                  "--pretrained": "w.pt", "--pseudo": "q", "--metrics": "m.json", "--per-class": "c.csv",
-                 "--figures": "f", "--fraction": "0.5", "--seed": "0", "--plan": "plan.yaml", "--rounds": "r"}
+                 "--figures": "f", "--fraction": "0.5", "--seed": "0", "--plan": "plan.yaml", "--rounds": "r",
+                 "--params": "params.yaml", "--letters": "8", "--size": "32"}
 
 
 @pytest.mark.parametrize("script", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "stages").glob("*.py")))
@@ -45,3 +46,11 @@ def test_a_stage_with_a_params_typo_fails_with_one_line(script, tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.strip().count("\n") == 0, result.stderr
     assert "studnet" in result.stderr
+
+
+def test_a_supervised_encoder_without_a_shipped_stand_in_fails_before_any_stage(tmp_path):
+    (tmp_path / "params.yaml").write_text("model:\n  preset: r50_vit_b16\n")
+    result = run(["-m", "pipeline.run"], cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: encoder.init: 'supervised' starts from the stand-in encoder "
+                                    "encoders/weights/r50_vit_b16.pt"), result.stderr

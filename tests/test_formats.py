@@ -76,7 +76,7 @@ def test_cityscapes_label_ids_become_train_ids_and_tiles_cover_the_image(tmp_pat
     manifest = prepare(cfg, tmp_path / "prepared")
     assert manifest["classes"][0] == "road" and manifest["classes"][13] == "car" and manifest["num_classes"] == 19
     # 4 train images (2 labeled), 2 val images, 3 train_extra; two 16×16 tiles each
-    assert manifest["counts"] == {"labeled": 4, "unlabeled": 4 + 6, "val": 4, "classify": manifest["counts"]["classify"]}
+    assert manifest["counts"] == {"labeled": 4, "unlabeled": 4 + 6, "val": 4}
     expected = _tiles(np.array(CITYSCAPES_TRAIN_IDS, np.uint8)[_band_index()])
     for split in ("labeled", "val"):
         masks = _decoded(tmp_path / "prepared", split)

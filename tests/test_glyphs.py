@@ -25,3 +25,15 @@ def test_letters_are_deterministic_and_each_is_drawn():
     again = list(glyphs.generate(0, 32, 24))
     assert all(a[2] == b[2] and np.array_equal(a[1], b[1]) for a, b in zip(first, again))
     assert all(image.shape == (32, 32, 3) and 0 <= label < 24 for _, image, label in first)
+
+
+def test_letters_are_written_as_image_level_labeled_shards(tmp_path):
+    from pipeline.data.png import decode_png
+    from pipeline.data.shards import CLASSIFY_SCHEMA, read_split
+
+    assert glyphs.write_letters(tmp_path, 0, 32, 30, shard_rows=16) == 30
+    table = read_split(tmp_path)
+    assert table.schema.equals(CLASSIFY_SCHEMA) and len(list(tmp_path.glob("*.parquet"))) == 2
+    expected = list(glyphs.generate(0, 32, 30))
+    assert table.column("label").to_pylist() == [label for _, _, label in expected]
+    assert np.array_equal(decode_png(table.column("image")[7].as_py()), expected[7][1])

@@ -35,6 +35,7 @@ def test_wrong_type_is_named():
     ({"decoder_pretrain": {"sigma": 0.3, "sigma_max": 0.2}}, "decoder_pretrain.sigma_max"),
     ({"decoder_pretrain": {"target": "clean"}}, "decoder_pretrain.target"),
     ({"encoder": {"init": "imagenet"}}, "encoder.init"),
+    ({"data": {"format": "folder", "root": "/data/x", "tuning": True}}, "data.tuning"),
     ({"encoder": {"densecl": {"momentum": 1.0}}}, "encoder.densecl.momentum"),
     ({"study": {"fractions": [0.05, 2.0]}}, "study.fractions"),
     ({"study": {"seeds": []}}, "study.seeds"),
@@ -113,7 +114,7 @@ def test_yaml_merge_keys_and_aliases_are_not_duplicates(tmp_path):
 
 
 def test_the_committed_params_load():
-    assert load_params(ROOT / "params.yaml").data.format == "digits"
+    assert load_params(ROOT / "params.yaml").data.format == "shapes"
 
 
 def test_load_params_names_the_file(tmp_path):

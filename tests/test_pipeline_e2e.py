@@ -25,9 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 STAGES = ["prepare", "encoder_init", "decoder_pretrain", "teacher_finetune", "pseudo_label@round1",
           "student_train@round1", "evaluate"]
-TRAINING = ["encoder_init", "decoder_pretrain", "teacher_finetune", "student_train@round1"]
-CURVES = {"encoder_init": "encoder_init", "decoder_pretrain": "decoder_pretrain",
-          "teacher_finetune": "teacher_finetune", "student_train@round1": "student_train-round1"}
+# encoder_init trains nothing by default: `encoder.init: supervised` is the shipped stand-in.
+TRAINING = ["decoder_pretrain", "teacher_finetune", "student_train@round1"]
+CURVES = {"decoder_pretrain": "decoder_pretrain", "teacher_finetune": "teacher_finetune",
+          "student_train@round1": "student_train-round1"}
 TEACHER = "models/rounds/teacher.pt"
 # What a fresh clone lacks, by folder: outputs and caches, never the code (`pipeline/data`,
 # `pipeline/models` share their names with the top's outputs).
@@ -367,6 +368,25 @@ def test_dep_trains_the_encoder_and_none_trains_nothing(repo, params_file, mode,
     assert ("Started training worker group" in out.stdout + out.stderr) == encoder_trains
     encoder = encoder_of(repo / "models/encoder.pt")
     assert same_weights(encoder_of(repo / "models/pretrained.pt"), encoder) != encoder_trains
+
+
+def test_the_supervised_encoder_is_the_shipped_stand_in(repo):
+    """`encoder.init: supervised` starts every dataset from the letters classifier in
+    encoders/weights/ (as the paper's from ImageNet), never from the task's own labels."""
+    assert same_weights(encoder_of(repo / "models/encoder.pt"), encoder_of(repo / "encoders/weights/tiny.pt"))
+    assert not (repo / "data/prepared/classify").exists()
+
+
+def test_the_stand_in_stage_trains_a_letters_classifier_into_an_encoder(repo, tmp_path):
+    out = tmp_path / "standin" / "tiny.pt"
+    result = run([sys.executable, "stages/standin_encoder.py", "--set", "encoder.epochs=2",
+                  "--set", "encoder.steps_per_epoch=2", "--set", "encoder.batch_size=8", "--letters", "40",
+                  "--size", "32", "--out", str(out), "--curves", str(tmp_path / "curves.csv")], repo, timeout=600)
+    assert "letters=40" in result.stdout and "loop_s=" in result.stdout
+    trained, shipped = encoder_of(out), encoder_of(repo / "encoders/weights/tiny.pt")
+    assert trained.keys() == shipped.keys() and not same_weights(trained, shipped)
+    assert len((tmp_path / "curves.csv").read_text().splitlines()) == 3  # a header and two epochs
+    assert [p.name for p in out.parent.iterdir()] == ["tiny.pt"]  # its letters' shards are gone
 
 
 def test_densecl_pretrains_the_encoder_on_the_train_images(repo, params_file):

@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -15,20 +14,19 @@ from pipeline.data.shards import DataError, read_split
 
 
 def _smoke_cfg(**kw) -> DataConfig:
-    return DataConfig(digits=DigitScenesConfig(train_scenes=20, val_scenes=4, classify_images=6), **kw)
+    return DataConfig(format="digits", digits=DigitScenesConfig(train_scenes=20, val_scenes=4), **kw)
 
 
 def test_digit_scenes_prepare(tmp_path):
     manifest = prepare(_smoke_cfg(labeled_fraction=0.25), tmp_path / "prepared")
-    assert manifest["counts"] == {"labeled": 5, "unlabeled": 15, "val": 4, "classify": 6}
+    assert manifest["counts"] == {"labeled": 5, "unlabeled": 15, "val": 4}
     assert manifest["classes"][0] == "background" and manifest["num_classes"] == 11
     on_disk = json.loads((tmp_path / "prepared" / MANIFEST).read_text())
     assert on_disk["ids"]["labeled"] == manifest["ids"]["labeled"]
     masks = read_split(tmp_path / "prepared" / "labeled").column("mask").to_pylist()
     values = np.unique(np.concatenate([decode_png(m).ravel() for m in masks]))
     assert values[0] == 0 and values.max() <= 10 and len(values) > 2
-    labels = pq.read_table(tmp_path / "prepared" / "classify").column("label").to_pylist()
-    assert all(0 <= v <= 9 for v in labels)
+    assert sorted(p.name for p in (tmp_path / "prepared").iterdir()) == ["labeled", MANIFEST, "unlabeled", "val"]
 
 
 def test_digit_scenes_are_deterministic(tmp_path):
@@ -68,7 +66,7 @@ def test_folder_format_ingestion(tmp_path):
     image = decode_png(labeled.column("image")[0].as_py())
     assert mask.shape == (16, 16) and image.shape == (16, 16, 3)
     assert set(np.unique(mask)) <= {0, 1, 2, 255}
-    assert manifest["classify_num_classes"] >= 2
+    assert not (tmp_path / "prepared" / "classify").exists()  # no image-level labels made from the task's own
 
 
 @pytest.mark.parametrize("breakage, message", [

@@ -1,10 +1,9 @@
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from scipy import ndimage
 
 from pipeline.config.params import DataConfig, ShapeScenesConfig
-from pipeline.data import glyphs, shape_scenes
+from pipeline.data import shape_scenes
 from pipeline.data.photos import TRAIN_PHOTOS, VAL_PHOTOS
 from pipeline.data.png import decode_png
 from pipeline.data.prepare import prepare
@@ -15,18 +14,16 @@ GREY = 128.0
 
 def _cfg(**kw) -> DataConfig:
     return DataConfig(format="shapes", labeled_fraction=0.25,
-                      shapes=ShapeScenesConfig(train_scenes=40, val_scenes=8, classify_images=48, **kw))
+                      shapes=ShapeScenesConfig(train_scenes=40, val_scenes=8, **kw))
 
 
-def test_shape_scenes_prepare_every_class_and_letters_for_the_encoder(tmp_path):
+def test_shape_scenes_prepare_every_class(tmp_path):
     manifest = prepare(_cfg(), tmp_path / "prepared")
-    assert manifest["counts"] == {"labeled": 10, "unlabeled": 30, "val": 8, "classify": 48}
+    assert manifest["counts"] == {"labeled": 10, "unlabeled": 30, "val": 8}
     assert manifest["classes"] == ["background", "wire", "blob", "ring", "star", "stripes", "dots"]
     masks = [decode_png(m) for split in ("labeled", "unlabeled")
              for m in read_split(tmp_path / "prepared" / split).column("mask").to_pylist()]
     assert set(np.unique(np.concatenate([m.ravel() for m in masks]))) == set(range(7))
-    labels = pq.read_table(tmp_path / "prepared" / "classify").column("label").to_pylist()
-    assert set(labels) <= set(range(len(glyphs.LETTERS))) and len(set(labels)) > 12
 
 
 def test_shape_scenes_are_deterministic(tmp_path):
@@ -67,3 +64,23 @@ def test_wires_are_thin_and_blobs_are_not():
             left += ndimage.binary_erosion(mask == label, iterations=2).sum()
         kept[shape_scenes.CLASSES[label]] = left / total
     assert kept["wire"] < 0.05 and kept["blob"] > 0.4, kept
+
+
+def test_a_tuning_val_split_is_more_train_scenes(tmp_path):
+    """`data.tuning`: hyperparameters are chosen on scenes drawn as train scenes are (on the train
+    photos) that the train split does not hold; the train split is the same as without it."""
+    def images(out: str, splits: tuple[str, ...]) -> dict[str, np.ndarray]:
+        tables = [read_split(tmp_path / out / name) for name in splits]
+        return {i: decode_png(b) for t in tables for i, b in zip(t.column("id").to_pylist(),
+                                                                 t.column("image").to_pylist())}
+
+    prepare(_cfg(), tmp_path / "plain")
+    prepare(DataConfig(format="shapes", labeled_fraction=0.25, tuning=True,
+                       shapes=ShapeScenesConfig(train_scenes=40, val_scenes=8)), tmp_path / "tuning")
+    prepare(DataConfig(format="shapes", labeled_fraction=0.25, shapes=ShapeScenesConfig(train_scenes=48, val_scenes=8)),
+            tmp_path / "more")
+    train, more = images("tuning", ("labeled", "unlabeled")), images("more", ("labeled", "unlabeled"))
+    assert train.keys() == images("plain", ("labeled", "unlabeled")).keys()
+    held_out = images("tuning", ("val",))
+    assert all(np.array_equal(image, more[f"train-{40 + int(i[-5:]):05d}"]) for i, image in held_out.items())
+    assert not any(np.array_equal(a, b) for a in held_out.values() for b in images("plain", ("val",)).values())

@@ -17,7 +17,7 @@ from pipeline.config.params import DigitScenesConfig
 from pipeline.data.photos import legible_colour, load_photos, photo_crop
 
 CLASSES = ["background"] + [str(d) for d in range(10)]
-_SPLIT_CODES = {"train": 1, "val": 2, "classify": 3}
+_SPLIT_CODES = {"train": 1, "val": 2}
 _STROKE_ALPHA = 0.5  # a pixel belongs to a digit where the digit covers at least half of it
 _MIN_CONTRAST = 140.0  # RGB distance between a digit's colour and the photo under it
 
@@ -78,30 +78,18 @@ def make_scene(rng: np.random.Generator, pool: DigitPool, photos: list[np.ndarra
     return canvas.round().astype(np.uint8), mask
 
 
-def make_classify_crop(rng: np.random.Generator, pool: DigitPool, photos: list[np.ndarray],
-                       cfg: DigitScenesConfig) -> tuple[np.ndarray, int]:
-    """One image-level example for encoder pretraining: a single digit on a photo crop."""
-    size = cfg.classify_size
-    canvas = photo_crop(rng, photos, size)
-    k = rng.integers(len(pool.classes))
-    px = int(rng.integers(min(cfg.min_digit_px, size), min(cfg.max_digit_px, size) + 1))
-    top, left = rng.integers(size - px + 1), rng.integers(size - px + 1)
-    _paste(rng, canvas, None, _digit_alpha(pool.alphas[k], px), top, left, 0)
-    return canvas.round().astype(np.uint8), int(pool.classes[k])
-
-
 def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, _SPLIT_CODES[split], index])
 
 
-def generate(seed: int, size: int, cfg: DigitScenesConfig):
-    """Yield (split, id, image, mask_or_class) for every train, val and classify example."""
+def generate(seed: int, size: int, cfg: DigitScenesConfig, tuning: bool = False):
+    """Yield (split, id, image, mask) for every train and val scene. `tuning`: the val scenes
+    are more train scenes (the train digits, draws the train split does not have)."""
     train_pool, val_pool = load_digit_pools(seed, cfg.val_digit_fraction)
     photos = load_photos(PHOTOS)
-    for split, pool, count in (("train", train_pool, cfg.train_scenes), ("val", val_pool, cfg.val_scenes)):
+    val_from, val_digits, val_first = ("train", train_pool, cfg.train_scenes) if tuning else ("val", val_pool, 0)
+    for split, source, pool, first, count in (("train", "train", train_pool, 0, cfg.train_scenes),
+                                              ("val", val_from, val_digits, val_first, cfg.val_scenes)):
         for i in range(count):
-            image, mask = make_scene(scene_rng(seed, split, i), pool, photos, size, cfg)
+            image, mask = make_scene(scene_rng(seed, source, first + i), pool, photos, size, cfg)
             yield split, f"{split}-{i:05d}", image, mask
-    for i in range(cfg.classify_images):
-        image, label = make_classify_crop(scene_rng(seed, "classify", i), train_pool, photos, cfg)
-        yield "classify", f"classify-{i:05d}", image, label

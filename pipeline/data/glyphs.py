@@ -1,9 +1,10 @@
 """The supervised encoder's labeled source, an ImageNet stand-in: letters in the fonts that
 matplotlib ships, on crops of real photographs, one letter per image, labelled by letter.
 
-As ImageNet is for the paper's encoder, it is another labeled source than the segmentation
+As ImageNet is for the paper's encoder, it is another labeled source than any segmentation
 task: its classes (24 capital letters; I and O are left out, being a bar and a ring) are none of
-any built-in task's, so an encoder trained on it has seen no label of the task. Twenty fonts
+any built-in task's, and no user's images are in it, so an encoder trained on it
+(`stages/standin_encoder.py`, shipped in `encoders/weights/`) has seen no label of the task. Twenty fonts
 (sans, serif, mono, regular, bold, italic), random size, rotation, placement and colour make
 its features transfer beyond one typeface. Deterministic from (seed, index); no download.
 """
@@ -17,13 +18,15 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.data.photos import TRAIN_PHOTOS, legible_colour, load_photos, photo_crop
+from pipeline.data.png import encode_png
+from pipeline.data.shards import CLASSIFY_SCHEMA, write_shards
 
 LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
 FONTS = ("DejaVuSans", "DejaVuSans-Bold", "DejaVuSans-Oblique", "DejaVuSans-BoldOblique", "DejaVuSerif",
          "DejaVuSerif-Bold", "DejaVuSerif-Italic", "DejaVuSerif-BoldItalic", "DejaVuSansMono", "DejaVuSansMono-Bold",
          "DejaVuSansMono-Oblique", "STIXGeneral", "STIXGeneralBol", "STIXGeneralItalic", "STIXGeneralBolIta",
          "cmr10", "cmb10", "cmss10", "cmtt10", "cmti10")
-_SPLIT_CODE = 3  # `classify`, beside a scene dataset's train (1) and val (2)
+_SPLIT_CODE = 3  # beside a scene dataset's train (1) and val (2): other draws from the same seed
 
 
 def font_files() -> list[Path]:
@@ -62,4 +65,10 @@ def generate(seed: int, size: int, count: int):
     photos, fonts = load_photos(TRAIN_PHOTOS), font_files()
     for i in range(count):
         image, label = make_glyph(np.random.default_rng([seed, _SPLIT_CODE, i]), photos, fonts, size)
-        yield f"classify-{i:05d}", image, label
+        yield f"letter-{i:05d}", image, label
+
+
+def write_letters(out_dir: Path, seed: int, size: int, count: int, shard_rows: int) -> int:
+    """`count` letters as Parquet shards of image-level labels (`CLASSIFY_SCHEMA`)."""
+    rows = ({"id": eid, "image": encode_png(image), "label": label} for eid, image, label in generate(seed, size, count))
+    return write_shards(rows, CLASSIFY_SCHEMA, out_dir, shard_rows)

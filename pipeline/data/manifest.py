@@ -11,12 +11,10 @@ import numpy as np
 from pipeline.config.params import DataConfig
 from pipeline.data.png import encode_png
 from pipeline.data.shards import (
-    CLASSIFY_SCHEMA,
     IGNORE_INDEX,
     SEGMENTATION_SCHEMA,
     DataError,
     ShardWriter,
-    write_shards,
 )
 
 SEGMENTATION_SPLITS = ("labeled", "unlabeled", "val")
@@ -59,20 +57,17 @@ class SplitWriter:
         })
 
 
-def write_prepared(writer: SplitWriter, classify_rows: list[dict], classes: list[str],
-                   cfg: DataConfig, tmp: Path) -> dict:
-    """Close the splits `writer` streamed into `tmp`, add the classify split and the manifest."""
+def write_prepared(writer: SplitWriter, classes: list[str], cfg: DataConfig, tmp: Path) -> dict:
+    """Close the splits `writer` streamed into `tmp` and add the manifest."""
     counts = {split: shards.close() for split, shards in writer.shards.items()}
     for split, count in counts.items():
         if count == 0 and split != "unlabeled":
             raise DataError(f"split '{split}' is empty: check data.root and data.labeled_fraction")
-    counts["classify"] = write_shards(classify_rows, CLASSIFY_SCHEMA, tmp / "classify", cfg.shard_rows)
     total = max(int(writer.pixel_counts.sum()), 1)
     manifest = {
         "format": cfg.format,
         "classes": list(classes),
         "num_classes": len(classes),
-        "classify_num_classes": max((r["label"] for r in classify_rows), default=-1) + 1,
         "image_size": cfg.image_size,
         "labeled_fraction": cfg.labeled_fraction,
         "seed": cfg.seed,

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from itertools import chain
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.config.params import BUILT_IN_FORMATS, DataConfig
-from pipeline.data import digit_scenes, formats, glyphs, shape_scenes
+from pipeline.data import digit_scenes, formats, shape_scenes
 from pipeline.data.atomic import staged
 from pipeline.data.manifest import (
     MANIFEST,
@@ -19,50 +16,27 @@ from pipeline.data.manifest import (
     nested_labeled_ids,
     write_prepared,
 )
-from pipeline.data.png import encode_png
-from pipeline.data.shards import IGNORE_INDEX, DataError
+from pipeline.data.shards import DataError
 
 
 def prepare_generated(cfg: DataConfig, out_dir: Path, classes: list[str], examples) -> dict:
-    """A built-in dataset from its generator's (split, id, image, mask or class) examples:
-    train scenes split into labeled and unlabeled, val scenes, classify images."""
+    """A built-in dataset from its generator's (split, id, image, mask) examples: train scenes
+    split into labeled and unlabeled, and val scenes."""
     examples = list(examples)
     train_ids = [eid for split, eid, _, _ in examples if split == "train"]
     labeled = set(nested_labeled_ids(train_ids, cfg.labeled_fraction, cfg.seed))
     with staged(out_dir) as tmp:
-        writer, classify_rows = SplitWriter(len(classes), tmp, cfg.shard_rows), []
-        for split, eid, image, target in examples:
-            if split == "classify":
-                classify_rows.append({"id": eid, "image": encode_png(image), "label": target})
-            else:
-                writer.add("val" if split == "val" else ("labeled" if eid in labeled else "unlabeled"),
-                           eid, image, target)
-        return write_prepared(writer, classify_rows, classes, cfg, tmp)
+        writer = SplitWriter(len(classes), tmp, cfg.shard_rows)
+        for split, eid, image, mask in examples:
+            writer.add("val" if split == "val" else ("labeled" if eid in labeled else "unlabeled"), eid, image, mask)
+        return write_prepared(writer, classes, cfg, tmp)
 
 
 def generated_examples(cfg: DataConfig) -> tuple[list[str], Iterator]:
-    """The classes and examples of a built-in dataset. The shape scenes' supervised encoder
-    learns from another labeled source (letters), as the paper's from ImageNet."""
+    """The classes and examples of a built-in dataset."""
     if cfg.format == "digits":
-        return digit_scenes.CLASSES, digit_scenes.generate(cfg.seed, cfg.image_size, cfg.digits)
-    shapes = cfg.shapes
-    letters = (("classify", eid, image, label) for eid, image, label
-               in glyphs.generate(cfg.seed, shapes.classify_size, shapes.classify_images))
-    return shape_scenes.CLASSES, chain(shape_scenes.generate(cfg.seed, cfg.image_size, shapes), letters)
-
-
-def classify_crops_from_masks(image: np.ndarray, mask: np.ndarray, eid: str) -> list[dict]:
-    """Image-level examples for encoder pretraining on file data: the four quadrants of a
-    labeled image, each labelled with its most frequent class."""
-    h, w = mask.shape
-    rows = []
-    for q, (top, left) in enumerate(((0, 0), (0, w // 2), (h // 2, 0), (h // 2, w // 2))):
-        crop_mask = mask[top:top + h // 2, left:left + w // 2]
-        valid = crop_mask[crop_mask != IGNORE_INDEX]
-        if valid.size:
-            rows.append({"id": f"{eid}-q{q}", "image": encode_png(image[top:top + h // 2, left:left + w // 2]),
-                         "label": int(np.bincount(valid).argmax())})
-    return rows
+        return digit_scenes.CLASSES, digit_scenes.generate(cfg.seed, cfg.image_size, cfg.digits, cfg.tuning)
+    return shape_scenes.CLASSES, shape_scenes.generate(cfg.seed, cfg.image_size, cfg.shapes, cfg.tuning)
 
 
 def choose_labeled(train: list[formats.Example], cfg: DataConfig) -> set[str]:
@@ -92,17 +66,16 @@ def prepare_files(cfg: DataConfig, out_dir: Path) -> dict:
     examples = fmt.list_examples(root, cfg)
     labeled = choose_labeled([ex for ex in examples if ex.split == "train"], cfg)
     with staged(out_dir) as tmp:
-        writer, classify_rows = SplitWriter(len(classes), tmp, cfg.shard_rows), []
+        writer = SplitWriter(len(classes), tmp, cfg.shard_rows)
         for example in examples:
             split = {"train": "labeled" if example.id in labeled else "unlabeled"}.get(example.split, example.split)
             for eid, image, mask in formats.load_example(example, fmt, table, cfg):
                 writer.add(split, eid, image, mask)
-                if split == "labeled":
-                    classify_rows += classify_crops_from_masks(image, mask, eid)
-        return write_prepared(writer, classify_rows, classes, cfg, tmp)
+        return write_prepared(writer, classes, cfg, tmp)
 
 
-# What an earlier output of `prepare` holds, and the keys its manifest has (`write_prepared`).
+# What an earlier output of `prepare` holds (`classify`: of versions that trained the supervised
+# encoder in the pipeline), and the keys its manifest has (`write_prepared`).
 OUTPUT_ENTRIES = {MANIFEST, "classify", *SEGMENTATION_SPLITS}
 MANIFEST_KEYS = {"classes", "num_classes", "counts", "ids"}
 REPLACED = "it would be replaced whole"

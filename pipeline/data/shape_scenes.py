@@ -127,10 +127,13 @@ def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, _SPLIT_CODES[split], index])
 
 
-def generate(seed: int, size: int, cfg: ShapeScenesConfig):
-    """Yield (split, id, image, mask) for every train and val scene."""
-    for split, names, count in (("train", TRAIN_PHOTOS, cfg.train_scenes), ("val", VAL_PHOTOS, cfg.val_scenes)):
+def generate(seed: int, size: int, cfg: ShapeScenesConfig, tuning: bool = False):
+    """Yield (split, id, image, mask) for every train and val scene. `tuning`: the val scenes
+    are more train scenes (on the train photos, draws the train split does not have)."""
+    val_from, val_photos, val_first = ("train", TRAIN_PHOTOS, cfg.train_scenes) if tuning else ("val", VAL_PHOTOS, 0)
+    for split, source, names, first, count in (("train", "train", TRAIN_PHOTOS, 0, cfg.train_scenes),
+                                               ("val", val_from, val_photos, val_first, cfg.val_scenes)):
         photos = load_photos(names)
         for i in range(count):
-            image, mask = make_scene(scene_rng(seed, split, i), photos, size, cfg)
+            image, mask = make_scene(scene_rng(seed, source, first + i), photos, size, cfg)
             yield split, f"{split}-{i:05d}", image, mask

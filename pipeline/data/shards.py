@@ -3,7 +3,8 @@ writers and readers.
 
 Segmentation splits (`labeled`, `unlabeled`, `val`) share one schema; on `unlabeled` the mask
 column holds the held-aside ground truth (only used to score pseudo-labels, never to train)
-or null when there is none. `classify` holds image-level labels for encoder pretraining."""
+or null when there is none. `CLASSIFY_SCHEMA` holds image-level labels: the stand-in encoder's
+letters (`glyphs.write_letters`)."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from pipeline.config.params import ModelConfig, RayConfig
 from pipeline.data import augment
 from pipeline.data.png import decode_png, encode_png, stack_decoded
 from pipeline.data.shards import DataError, parquet_files
-from pipeline.infer.metrics import confusion_matrix
+from pipeline.infer.metrics import ValCounts, confusion_matrix
 from pipeline.runtime.storage import worker_uris
 
 if TYPE_CHECKING:  # the models (timm) are imported where a network is built: not by a stage's driver
@@ -196,11 +196,11 @@ def pseudo_label_rows(batches: Iterator[Batch], name: str, confusion: torch.Tens
                    "confidence": encode_png(confidences[i])}
 
 
-def confusion_and_samples(batches: Iterator[Batch], names: list[str], num_classes: int,
-                          keep: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """One confusion matrix per model over every val pixel; plus the first `keep` images,
-    masks and predictions for the figures."""
-    confusion = {name: torch.zeros(num_classes, num_classes, dtype=torch.long) for name in names}
+def counts_and_samples(batches: Iterator[Batch], names: list[str], num_classes: int,
+                       keep: int) -> tuple[dict[str, ValCounts], dict[str, torch.Tensor]]:
+    """Per model, the val counts (confusion matrix, boundary pixels) over every val pixel; plus
+    the first `keep` images, masks and predictions for the figures."""
+    counts = {name: ValCounts.zeros(num_classes) for name in names}
     samples: dict[str, list] = {"image": [], "mask": [], **{name: [] for name in names}}
     taken = 0
     for batch in batches:
@@ -213,18 +213,18 @@ def confusion_and_samples(batches: Iterator[Batch], names: list[str], num_classe
         room = max(0, keep - taken)
         preds = {name: _tensor(batch[f"{name}_label"]).long() for name in names}
         for name, pred in preds.items():
-            confusion[name] += confusion_matrix(pred, masks, num_classes)
+            counts[name].add(pred, masks)
         if room:
             samples["image"].append(stack_decoded([decode_png(v) for v in batch["image"][:room]]))
             samples["mask"].append(masks[:room])
             for name, pred in preds.items():
                 samples[name].append(pred[:room])
         taken += len(batch["id"])
-    return confusion, {k: torch.cat(v) if v else torch.empty(0) for k, v in samples.items()}
+    return counts, {k: torch.cat(v) if v else torch.empty(0) for k, v in samples.items()}
 
 
 def evaluate_split(models: dict[str, SegmentationNet], val: Path, batch_size: int, num_classes: int,
-                   keep: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """`confusion_and_samples` of the val split, in this process."""
+                   keep: int) -> tuple[dict[str, ValCounts], dict[str, torch.Tensor]]:
+    """`counts_and_samples` of the val split, in this process."""
     batches = local_predictions(models, val, ["id", "image", "mask"], batch_size, False, "evaluate")
-    return confusion_and_samples(batches, list(models), num_classes, keep)
+    return counts_and_samples(batches, list(models), num_classes, keep)

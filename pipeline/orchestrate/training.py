@@ -51,16 +51,16 @@ def write_val_metrics(ctx: StageContext, state: dict, prepared: Path, path: Path
     from pipeline.data.atomic import write_text_atomic
     from pipeline.data.manifest import read_manifest
     from pipeline.infer.batch import evaluate_split
-    from pipeline.infer.metrics import segmentation_scores
     from pipeline.models.transunet import build_network
 
     manifest = read_manifest(prepared)
     net = build_network(ctx.params.model, manifest["num_classes"])
     net.load_state_dict(state)
-    confusion, _ = evaluate_split({"model": net.eval()}, prepared / "val", ctx.params.evaluate.batch_size,
-                                  manifest["num_classes"], 0)
-    scores = segmentation_scores(confusion["model"].numpy(), manifest["classes"])
+    counts, _ = evaluate_split({"model": net.eval()}, prepared / "val", ctx.params.evaluate.batch_size,
+                               manifest["num_classes"], 0)
+    scores = counts["model"].scores(manifest["classes"])
     write_text_atomic(path, json.dumps(scores, indent=2) + "\n")
-    mlflow.log_metrics({"val_miou": scores["miou"], "val_pixel_accuracy": scores["pixel_accuracy"]})
+    mlflow.log_metrics({"val_miou": scores["miou"], "val_pixel_accuracy": scores["pixel_accuracy"],
+                        "val_boundary_f1": scores["boundary_f1"]})
     ctx.summary["val_miou"] = scores["miou"]
     return scores["miou"]
