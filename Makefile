@@ -32,10 +32,11 @@ run: install
 	dvc metrics show
 
 # Remake the shipped stand-in encoder (encoders/dvc.yaml, about 7 minutes on 2 CPU cores). Its
-# stage is frozen so that `make run` never retrains it; it is thawed for this run only.
+# stage is frozen so that `make run` never retrains it; it is thawed for this run only, and
+# frozen again however the run ends (its outputs persist: a failed run keeps the old weights).
+STANDIN := encoders/dvc.yaml:standin_encoder
 standin: install
-	dvc unfreeze encoders/dvc.yaml:standin_encoder
-	dvc repro --force encoders/dvc.yaml:standin_encoder; code=$$?; dvc freeze encoders/dvc.yaml:standin_encoder; exit $$code
+	dvc unfreeze $(STANDIN); trap 'dvc freeze $(STANDIN)' EXIT INT TERM; dvc repro --force $(STANDIN)
 
 # The label-efficiency study (about 2 hours on 2 CPU cores), then its table into README.md.
 study: install

@@ -1,7 +1,7 @@
-"""DVC stage `standin` (encoders/dvc.yaml): the stand-in encoder that `encoder.init: supervised`
+"""DVC stage `standin_encoder` (encoders/dvc.yaml): the stand-in encoder that `encoder.init: supervised`
 starts from on every dataset, as the paper's encoder starts from ImageNet: a classifier of
 letters on photos (`pipeline.data.glyphs`), another labeled source than any segmentation task.
-Trained once and shipped in encoders/weights/; `dvc repro encoders/dvc.yaml` remakes it."""
+Trained once and shipped in encoders/weights/; `make standin` remakes it."""
 
 import tempfile
 from pathlib import Path
@@ -25,9 +25,9 @@ def main() -> None:
     with stage("standin_encoder", ["encoder", "model"], params_file=args.params,
                overrides=args.overrides, curves=args.curves) as ctx:
         cfg, model = ctx.params.encoder, ctx.params.model
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        # Beside the output rather than in /tmp: a cluster's workers read it from the project folder.
-        with tempfile.TemporaryDirectory(prefix=".letters-", dir=args.out.parent) as letters:
+        # In the project folder rather than /tmp, where a cluster's workers read the shards, and
+        # not beside the output, whose folder encoder_init depends on.
+        with tempfile.TemporaryDirectory(prefix=".letters-", dir=Path.cwd()) as letters:
             count = glyphs.write_letters(Path(letters), cfg.seed, args.size, args.letters, ctx.params.data.shard_rows)
             job = JobConfig(train=cfg, model=model, num_classes=len(glyphs.LETTERS))
             state = train(ctx, EncoderClassify(classify=(Path(letters),)), job, inputs=[Path(letters)])

@@ -164,8 +164,11 @@ def test_the_empty_job_is_a_ray_train_job_timed_from_its_process_start_and_leave
     assert list(storage.iterdir()) == []
 
 
-def test_timing_against_a_revision_that_is_not_a_commit_is_an_error():
-    from pipeline.tools.bench import other_revision_pipeline_s
+def test_timing_against_a_revision_that_is_not_a_commit_is_an_error_before_anything_runs(tmp_path, monkeypatch):
+    from pipeline.tools import bench
 
+    monkeypatch.setattr(bench, "pipeline_figures", lambda against: pytest.fail("the pipeline ran"))
     with pytest.raises(SystemExit, match="--against no-such-revision: not a commit of this repository"):
-        other_revision_pipeline_s("no-such-revision", dict(os.environ))
+        bench.main(["--against", "no-such-revision", "--json", str(tmp_path / "bench.json")])
+    assert bench.resolve_commit("HEAD") == bench.subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                                                text=True, check=True).stdout.strip()

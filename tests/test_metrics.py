@@ -58,7 +58,7 @@ def test_boundary_counts_by_hand():
     assert 0.0 < strict["per_class_boundary_f1"]["fg"] < 1.0
 
 
-def test_boundary_f1_punishes_a_missed_thin_structure_that_barely_moves_miou():
+def test_boundary_f1_finds_none_of_a_missed_thin_structure_whose_background_iou_stays_high():
     """A 1 px wire across a 32×32 image: predicting background everywhere costs little mIoU-wise
     on the background, but finds none of the wire's boundary."""
     truth = torch.zeros(1, 32, 32, dtype=torch.long)
@@ -78,4 +78,19 @@ def test_ignored_pixels_add_no_boundary():
     pred[0, 1:4, 8] = 1  # a predicted stub in columns the truth then ignores
     assert boundary_counts(pred, truth, 2, tolerance=0)[1, 1] == 12 + 3
     truth[0, :, 8:] = IGNORE_INDEX
-    assert boundary_counts(pred, truth, 2, tolerance=0)[1, 1] == 12
+    counts = boundary_counts(pred, truth, 2, tolerance=0)
+    assert counts[1].tolist() == [12, 12, 12, 12]  # the stub is in ignored pixels: not scored
+    assert counts[0, 0] == counts[0, 1] == counts[0, 2] == counts[0, 3] == 20 + 4  # + the ignored band's edge, on both sides
+
+
+def test_a_prediction_equal_to_the_truth_outside_an_ignore_band_scores_one():
+    """VOC-style: a 2 px ignored band around the object, predicted as either class: what is
+    predicted in ignored pixels is not scored, as in mIoU."""
+    truth = _square(16, 5, 5, 6)
+    band = _square(16, 3, 3, 10).bool() & ~_square(16, 5, 5, 6).bool()
+    truth[band] = IGNORE_INDEX
+    for inside in (0, 1):
+        pred = _square(16, 5, 5, 6)
+        pred[band] = inside
+        scores = boundary_scores(boundary_counts(pred, truth, 2).numpy(), ["bg", "fg"])
+        assert scores["boundary_f1"] == 1.0, inside

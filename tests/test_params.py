@@ -217,3 +217,15 @@ def test_rounds_that_do_not_chain_name_the_key(rounds):
     # Taken as written: DVC ranges over params.yaml's mapping, never over a merge with the default.
     with pytest.raises(ConfigError, match=r"self_training.rounds: expected round1: teacher, then round2: round1"):
         parse_params({"self_training": {"rounds": rounds}})
+
+
+def test_the_stand_in_encoder_is_found_per_preset_or_named_as_missing(tmp_path):
+    from pipeline.config.params import STANDIN_ENCODERS, standin_encoder
+
+    (tmp_path / STANDIN_ENCODERS).mkdir(parents=True)
+    (tmp_path / STANDIN_ENCODERS / "tiny.pt").write_bytes(b"weights")
+    assert standin_encoder("tiny", tmp_path) == tmp_path / STANDIN_ENCODERS / "tiny.pt"
+    with pytest.raises(ConfigError, match=r"encoder.init: 'supervised' starts from the stand-in encoder "
+                                          r"encoders/weights/r50_vit_b16.pt, which does not exist"):
+        standin_encoder("r50_vit_b16", tmp_path)
+    assert (ROOT / STANDIN_ENCODERS / "tiny.pt").is_file()  # shipped with the project

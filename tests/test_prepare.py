@@ -190,3 +190,20 @@ def test_a_subsets_complement_is_every_other_train_image_with_its_mask_kept_asid
     assert all(m is not None for m in rest.column("mask").to_pylist())
     assert labeled_subset(tmp_path / "prepared", 1.0, 3, tmp_path / "all", 4, tmp_path / "none") == (20, 0)
     assert read_split(tmp_path / "none").num_rows == 0
+
+
+def test_a_digit_scenes_tuning_val_split_is_more_train_scenes(tmp_path):
+    """As for the shape scenes: the val scenes of `data.tuning` are the train scenes that a
+    bigger train split would have next (the train digits), and the train split is unchanged."""
+    def images(out: str, split: str) -> dict[str, np.ndarray]:
+        table = read_split(tmp_path / out / split)
+        return {i: decode_png(b) for i, b in zip(table.column("id").to_pylist(), table.column("image").to_pylist())}
+
+    prepare(_smoke_cfg(tuning=True), tmp_path / "tuning")
+    prepare(_smoke_cfg(), tmp_path / "plain")
+    prepare(DataConfig(format="digits", digits=DigitScenesConfig(train_scenes=24, val_scenes=4)), tmp_path / "more")
+    more = images("more", "labeled") | images("more", "unlabeled")
+    held_out = images("tuning", "val")
+    assert all(np.array_equal(image, more[f"train-{20 + int(i[-5:]):05d}"]) for i, image in held_out.items())
+    assert images("tuning", "unlabeled").keys() == images("plain", "unlabeled").keys()
+    assert json.loads((tmp_path / "tuning" / MANIFEST).read_text())["tuning"] is True

@@ -200,8 +200,8 @@ class DenseCLConfig:
 
 ENCODER_INITS = ("supervised", "file", "random", "densecl")
 # `encoder.init: supervised` starts from the stand-in encoder shipped here for the preset: trained
-# once on another labeled source (letters on photos) by `dvc repro encoders/dvc.yaml`, as the
-# paper's encoder comes from ImageNet, never from the task's own labels.
+# once on another labeled source (letters on photos) by the frozen stage of encoders/dvc.yaml
+# (`make standin`), as the paper's encoder comes from ImageNet, never from the task's own labels.
 STANDIN_ENCODERS = Path("encoders/weights")
 
 
@@ -211,8 +211,9 @@ def standin_encoder(preset: str, root: Path = Path(".")) -> Path:
     path = root / STANDIN_ENCODERS / f"{preset}.pt"
     _require(path.is_file(), "encoder.init",
              f"'supervised' starts from the stand-in encoder {STANDIN_ENCODERS}/{preset}.pt, which does not "
-             f"exist for model.preset {preset!r}; train it (add the preset to encoders/dvc.yaml, then "
-             "`dvc repro encoders/dvc.yaml`) or use encoder.init 'file' with ImageNet weights")
+             f"exist for model.preset {preset!r}; train one (`python stages/standin_encoder.py --letters 48000 "
+             f"--size 32 --set model.preset={preset} --out {STANDIN_ENCODERS}/{preset}.pt`, as encoders/dvc.yaml "
+             "does for tiny) or use encoder.init 'file' with ImageNet weights")
     return path
 
 

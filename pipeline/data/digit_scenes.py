@@ -1,4 +1,5 @@
-"""The built-in dataset: real handwritten digits alpha-blended onto crops of real photographs.
+"""The built-in digit scenes (`dataset=digits`, the recognition-bound control): real
+handwritten digits alpha-blended onto crops of real photographs.
 
 Everything comes from data that installed packages ship (scikit-learn's 8x8 digits, the
 sample photos of scikit-image and scikit-learn), so the pipeline runs with no download.

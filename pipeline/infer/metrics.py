@@ -37,11 +37,13 @@ def boundary_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
                     tolerance: int = BOUNDARY_TOLERANCE_PX) -> torch.Tensor:
     """K×4 counts per class: predicted boundary pixels within `tolerance` of a true one, all
     predicted boundary pixels, true boundary pixels within `tolerance` of a predicted one, all
-    true boundary pixels. Boundary pixels on ignored pixels are left out."""
+    true boundary pixels. Ignored pixels are ignored in the prediction too (as mIoU ignores
+    them): both maps get the same ignored regions, whose edges then count alike on both sides."""
     valid = target != IGNORE_INDEX
+    pred = torch.where(valid, pred, IGNORE_INDEX)
     counts = torch.zeros(num_classes, 4, dtype=torch.long)
-    for c in range(num_classes):
-        predicted, true = _edge(pred == c) & valid, _edge(target == c)
+    for c in torch.unique(torch.cat([pred[valid], target[valid]])).tolist():  # a class absent here adds nothing
+        predicted, true = _edge(pred == c), _edge(target == c)
         counts[c] = torch.stack([(predicted & _dilate(true, tolerance)).sum(), predicted.sum(),
                                  (true & _dilate(predicted, tolerance)).sum(), true.sum()])
     return counts

@@ -113,25 +113,32 @@ def pipeline_figures(against: str | None) -> dict:
     runs = latest_stage_runs(resolve_tracking_uri(params.mlflow, Path.cwd()), params.mlflow.experiment)
     fig = {"pipeline_s": pipeline_s, "noop_repro_s": noop_s, "stages": runs}
     if against:
-        fig["against"] = {"revision": against, "pipeline_s": other_revision_pipeline_s(against, env)}
+        fig["against"] = {"revision": against, "pipeline_s": other_revision_pipeline_s(resolve_commit(against), env)}
     return fig
 
 
-def other_revision_pipeline_s(revision: str, env: dict) -> float:
-    """Seconds of `python -m pipeline.run --force` in a temporary git worktree of `revision`
-    (its code on PYTHONPATH, this environment's packages), as a fresh clone would run it."""
-    commit = subprocess.run(["git", "rev-parse", "--verify", f"{revision}^{{commit}}"], capture_output=True,
-                            text=True, check=False)
-    if commit.returncode != 0:
+def resolve_commit(revision: str) -> str:
+    """The commit `revision` names; an error before anything runs if there is none here (a
+    shallow clone may lack an earlier default's commit)."""
+    found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}"],
+                           capture_output=True, text=True, check=False)
+    if found.returncode != 0:
         sys.exit(f"error: --against {revision}: not a commit of this repository")
+    return found.stdout.strip()
+
+
+def other_revision_pipeline_s(commit: str, env: dict) -> float:
+    """Seconds of `python -m pipeline.run --force` in a temporary git worktree of `commit` (its
+    code on PYTHONPATH, this environment's packages), as a fresh clone would run it; its MLflow
+    runs go to a store of their own, so they never become this project's latest or champion."""
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp) / "tree"
-        subprocess.run(["git", "worktree", "add", "--detach", "--quiet", str(tree), commit.stdout.strip()], check=True)
+        subprocess.run(["git", "worktree", "add", "--detach", "--quiet", str(tree), commit], check=True)
         try:
-            print(f"the default pipeline at {revision} ({tree})", flush=True)
+            print(f"the default pipeline at {commit[:10]} ({tree})", flush=True)
             started = time.perf_counter()
             subprocess.run([sys.executable, "-m", "pipeline.run", "--force"], check=True, cwd=tree,
-                           env={**env, "PYTHONPATH": str(tree)})
+                           env={**env, "PYTHONPATH": str(tree), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"})
             return time.perf_counter() - started
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], check=False)
@@ -602,6 +609,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     from pipeline.runtime.local_ray import shared_ray
 
+    if args.against:
+        resolve_commit(args.against)
     fig = {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(Path.cwd()), "machine": machine()}
     print("the whole pipeline, then a no-op repro", flush=True)
     fig["pipeline"] = pipeline_figures(args.against)

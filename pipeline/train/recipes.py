@@ -93,7 +93,7 @@ def _finetune_optimizer(model: nn.Module, train: FinetuneConfig, device: torch.d
 
 @dataclass(frozen=True)
 class EncoderClassify(Recipe):
-    """Supervised encoder pretraining on the image-level labels of the `classify` split."""
+    """Supervised encoder pretraining on shards of image-level labels (the stand-in's letters)."""
 
     classify: tuple[Path, ...] = shards(Classified)
 
