@@ -38,13 +38,13 @@ STANDIN := encoders/dvc.yaml:standin_encoder
 standin: install
 	dvc unfreeze $(STANDIN); trap 'dvc freeze $(STANDIN)' EXIT INT TERM; dvc repro --force $(STANDIN)
 
-# The label-efficiency study (about 2 hours on 2 CPU cores), then its table into README.md.
+# The label-efficiency study (hours on 2 CPU cores; resumable), then its report into README.md.
 study: install
 	$(PY) -m pipeline.runtime.local_ray -- $(PY) -m pipeline.tools.study
 	$(PY) -m pipeline.tools.study readme
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

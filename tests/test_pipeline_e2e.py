@@ -576,7 +576,8 @@ def test_a_one_seed_study_runs_the_pipelines_stages_reports_and_resumes_from_its
     params["study"] = {**params["study"], "fractions": [0.5], "seeds": [0], "sigmas": [0.2], "dep_sigma": 0.2,
                        "ddep_sigma": 0.2, "sweep_fraction": 0.5, "teacher_steps": [2], "teacher_epochs": 1,
                        "ablation_fractions": [0.5], "pretrain_fractions": [0.5],
-                       "pretrain_epochs": [params["decoder_pretrain"]["epochs"] + 1]}
+                       "pretrain_epochs": [params["decoder_pretrain"]["epochs"] + 1],
+                       "control": None}  # a control's stages are the same ones: test_study checks they resolve
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     out = run([sys.executable, "-m", "pipeline.runtime.local_ray", "--", sys.executable, "-m", "pipeline.tools.study"], repo,
               timeout=1800).stdout

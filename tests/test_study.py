@@ -11,18 +11,26 @@ import yaml
 from pipeline.config.params import ConfigError, StudyConfig
 from pipeline.tools.study import (
     ABLATION,
+    PHASES,
     README_BEGIN,
     README_END,
     SECOND_ROUND,
     Point,
+    ablation_rows,
     ablation_table,
     collect,
+    dataset_plans,
     figure2,
+    figure2_shares,
+    findings,
     markdown,
     measured_points,
+    paired_difference,
+    pipeline_row,
     plan,
     planned_points,
     recorded,
+    result_files,
     sigma_sweep,
     update_readme,
     write_outputs,
@@ -31,15 +39,16 @@ from pipeline.tools.study import (
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_default_plan_covers_figure2_and_the_sweep_once_each():
+def test_default_plan_covers_figure2_and_the_sweep_once_each_on_the_data_and_its_control():
     cfg = StudyConfig()
     study = plan(cfg)
-    # Figure 2: 4 initialisations x 5 fractions x 2 seeds; sweep: 2 modes x 5 σ x 2 seeds at 5%,
+    # Figure 2: 4 initialisations x 5 fractions x 3 seeds; sweep: 2 modes x 4 σ x 3 seeds at 5%,
     # of which DDeP σ=0.2 and DeP σ=0.4 at 5% are already Figure 2 points.
-    # Pretraining length: 2 longer DDeP pretrainings x 2 fractions x 2 seeds.
-    assert len(study["teachers"]) == 40 + 20 - 4 + 8
-    assert len(study["pretrain"]) == 2 + 5 + 5
-    assert len(study["subsets"]) == 5 * 2
+    # Pretraining length: 1 longer DDeP pretraining x 1 fraction x 3 seeds. The control: the same, 2 seeds.
+    per_seed = (60 + 24 - 6 + 3) // 3
+    assert len(study["teachers"]) == per_seed * 3 + per_seed * 2
+    assert len(study["pretrain"]) == (2 + 4 + 4) * 2
+    assert len(study["subsets"]) == 5 * 3 + 5 * 2
     for key in [*study["teachers"], *study["pretrain"], *study["subsets"]]:
         assert "." not in key and "@" not in key, key  # DVC stage-name safe
     sweep = {k: t for k, t in study["teachers"].items()
@@ -47,21 +56,49 @@ def test_default_plan_covers_figure2_and_the_sweep_once_each():
     assert {study["pretrain"][t["pretrain"]]["sigma"] for t in sweep.values()
             if study["pretrain"][t["pretrain"]]["mode"] == "ddep"} == set(cfg.sigmas)
     assert study["pretrain"]["ddep-s0p2"] == {"encoder": "models/encoder.pt", "init": "supervised", "mode": "ddep",
-                                              "sigma": 0.2}
+                                              "sigma": 0.2, "prepared": "data/prepared"}
     assert study["pretrain"]["dep-s0p4"]["init"] == "random"
+    # The control's points: its own prepared data, keys and files, the same encoders, after all the pipeline's.
+    assert study["controls"] == {"digits": {"out": "study/data/prepared-digits"}}
+    digits = study["teachers"]["digits-ddep-s0p2-f5-seed1"]
+    assert digits["subset"] == "digits-f5-seed1" and digits["pretrain"] == "digits-ddep-s0p2"
+    assert digits["prepared"] == study["pretrain"]["digits-ddep-s0p2"]["prepared"] == "study/data/prepared-digits"
+    assert study["pretrain"]["digits-ddep-s0p2"]["encoder"] == "models/encoder.pt"
+    assert "digits-ddep-s0p2-f5-seed2" not in study["teachers"]
+    student = study["students"]["digits-plain-ce-f5-seed0-r1"]
+    assert student["pretrained"] == "study/models/pretrained-digits-ddep-s0p2.pt"
+    assert study["pseudo"]["digits-r1-f5-seed0"]["teacher"] == "study/models/teacher-digits-ddep-s0p2-f5-seed0.pt"
+    order = [stage for stage, _ in result_files(study)]
+    assert max(i for i, s in enumerate(order) if "digits-" not in s) < min(i for i, s in enumerate(order) if "digits-" in s)
+    parts = dataset_plans(study)
+    assert set(parts) == {None, "digits"} and parts["digits"]["prefix"] == "digits-"
+    assert len(parts[None]["teachers"]) == per_seed * 3 and len(parts["digits"]["students"]) == 2 * 7
 
 
-def test_teachers_train_their_fractions_steps_cheapest_first():
-    cfg = StudyConfig(fractions=[0.1, 1.0], sweep_fraction=0.1, teacher_steps=[10, 40], teacher_epochs=2,
-                      ablation_fractions=[0.1], pretrain_fractions=[])
-    teachers = list(plan(cfg)["teachers"].values())
-    assert [t["fraction"] for t in teachers] == sorted(t["fraction"] for t in teachers)
-    assert {(t["fraction"], t["epochs"] * t["steps_per_epoch"]) for t in teachers} == {(0.1, 10), (1.0, 40)}
-    assert all(t["epochs"] == 2 for t in teachers)
+def test_teachers_train_their_fractions_steps_and_the_main_questions_first():
+    cfg = StudyConfig(control=None, fractions=[0.01, 0.1, 1.0], sweep_fraction=0.1, teacher_steps=[6, 10, 40], teacher_epochs=2,
+                      ablation_fractions=[0.1], pretrain_fractions=[0.1])
+    study = plan(cfg)
+    teachers = study["teachers"]
+    assert {(t["fraction"], t["epochs"] * t["steps_per_epoch"]) for t in teachers.values()} == {
+        (0.01, 6), (0.1, 10), (1.0, 40)}
+    assert all(t["epochs"] == 2 for t in teachers.values())
+    order = [stage for stage, _ in result_files(study)]
+    first = [stage for stage in order if stage.startswith("teacher@")][:8]
+    # Figure 2 at the sweep fraction, seed after seed, then DDeP with every label, then the ablation.
+    assert first == [f"teacher@{init}-f10-seed{seed}" for seed in (0, 1)
+                     for init in ("random", "supervised", "dep-s0p4", "ddep-s0p2")]
+    assert order.index("teacher@ddep-s0p2-f100-seed1") < order.index("pseudo@r1-f10-seed0")
+    assert order.index("student@dense-contrast-f10-seed1-r2") < order.index("teacher@random-f100-seed0")
+    assert order.index("pseudo@r2-f10-seed0") > order.index("student@dense-contrast-f10-seed1-r1")
+    assert order.index("teacher@random-f100-seed1") < order.index("teacher@random-f1-seed0")
+    assert order[-1].startswith("teacher@ddep-s0p2-e")  # the longer pretraining's teachers after its curve
+    assert order.index("pretrain_length@ddep-s0p2-e30") < order.index(order[-1])
+    assert teachers["ddep-s0p2-f10-seed0"]["phase"] == PHASES["figure2 at the sweep fraction"]  # not the sweep's
 
 
 def test_ablation_adds_one_piece_per_row_and_a_second_round_from_the_round_one_student():
-    cfg = StudyConfig()
+    cfg = StudyConfig(control=None)
     study = plan(cfg)
     subsets = len(cfg.ablation_fractions) * len(cfg.seeds)
     assert len(study["pseudo"]) == 2 * subsets and len(study["students"]) == (len(ABLATION) + 1) * subsets
@@ -79,7 +116,7 @@ def test_ablation_adds_one_piece_per_row_and_a_second_round_from_the_round_one_s
 
 
 def test_ablation_table_averages_seeds_and_adds_teacher_full_supervision_and_pseudo_label_rows(tmp_path):
-    cfg = StudyConfig(fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.1,
+    cfg = StudyConfig(control=None, fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.1,
                       teacher_steps=[10, 20], ablation_fractions=[0.1], pretrain_fractions=[])
     study = plan(cfg)
     for key in study["teachers"]:
@@ -88,29 +125,36 @@ def test_ablation_table_averages_seeds_and_adds_teacher_full_supervision_and_pse
         (tmp_path / f"pseudo-{key}.json").write_text(json.dumps({"miou": 0.2 + 0.1 * p["round"]}))
     for key, st in study["students"].items():
         (tmp_path / f"student-{key}.json").write_text(json.dumps({"miou": 0.4 + 0.01 * st["seed"]}))
-    table = ablation_table(study, tmp_path, cfg)
+    rows = ablation_rows(study, tmp_path, cfg)
+    table = ablation_table(rows, cfg)
     assert next(iter(table)) == "teacher (DDeP)" and table["teacher (DDeP)"][0.1][:2] == (0.3, 0.0)
     assert table["fully supervised (100% labels)"][0.1][0] == 0.9
     mean, std, n = table["+ self-correction loss"][0.1]
     assert n == 2 and mean == pytest.approx(0.405) and std == pytest.approx(0.005)
     assert table["pseudo-labels, round 2"][0.1][0] == pytest.approx(0.4)
     assert "+ dense contrast, 2 rounds" in table
+    shares = ablation_table(rows, cfg, share=True)  # each seed's student over that seed's 0.9
+    assert shares["+ DSBN"][0.1][0] == pytest.approx(0.405 / 0.9)
+    assert "fully supervised (100% labels)" not in shares and "pseudo-labels, round 1" not in shares
     text = markdown(figure2(collect(study, tmp_path), cfg), sigma_sweep(collect(study, tmp_path), cfg), cfg, "c0ffee",
-                    table)
-    assert "| + DSBN | 0.405 ± 0.005 |" in text
+                    table, ablation_shares=shares)
+    assert "| + DSBN | 0.405 ± 0.005 | 45% ± 1% |" in text
+    assert "| pseudo-labels, round 1 | 0.300 ± 0.000 |  |" in text
     (tmp_path / f"student-{next(iter(study['students']))}.json").unlink()
-    assert ablation_table(study, tmp_path, cfg)["student, plain CE"][0.1][2] == 1  # the other seed's so far
+    assert ablation_table(ablation_rows(study, tmp_path, cfg), cfg)["student, plain CE"][0.1][2] == 1  # the other seed's
     without_full = StudyConfig(**{**cfg.__dict__, "fractions": [0.1], "teacher_steps": [10]})
-    assert "fully supervised (100% labels)" not in ablation_table(plan(without_full), tmp_path, without_full)
+    rows = ablation_rows(plan(without_full), tmp_path, without_full)
+    assert "fully supervised (100% labels)" not in ablation_table(rows, without_full)
+    assert ablation_table(rows, without_full, share=True) == {}
 
 
 def test_ablation_table_is_empty_until_a_student_is_trained(tmp_path):
-    cfg = StudyConfig(fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.1,
+    cfg = StudyConfig(control=None, fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.1,
                       teacher_steps=[10, 20], ablation_fractions=[0.1], pretrain_fractions=[])
     study = plan(cfg)
     for key in study["teachers"]:
         (tmp_path / f"{key}.json").write_text(json.dumps({"miou": 0.3}))
-    assert ablation_table(study, tmp_path, cfg) == {}
+    assert ablation_rows(study, tmp_path, cfg) == {} and ablation_table({}, cfg) == {}
     points = collect(study, tmp_path)
     text = markdown(figure2(points, cfg), sigma_sweep(points, cfg), cfg, "c0ffee", {})
     assert "(not trained yet)" in text.split("Self-training ablation")[1]
@@ -127,7 +171,7 @@ def test_committed_plan_is_the_plan_of_the_committed_params():
 def test_longer_pretrainings_get_their_own_teachers_and_the_default_length_only_its_loss_curve():
     from pipeline.config.params import DecoderPretrainConfig
 
-    cfg = StudyConfig(pretrain_epochs=[30, 60], pretrain_fractions=[0.01])
+    cfg = StudyConfig(control=None, seeds=[0, 1], pretrain_epochs=[30, 60], pretrain_fractions=[0.01])
     study = plan(cfg, DecoderPretrainConfig(epochs=6, steps_per_epoch=50))
     lengths = study["pretrain_length"]
     assert [(p["epochs"], p["steps"], p["default"]) for p in lengths.values()] == [(6, 300, True), (30, 1500, False),
@@ -147,7 +191,7 @@ def test_pretrain_length_table_reads_each_lengths_loss_and_keeps_its_teachers_ou
     from pipeline.config.params import DecoderPretrainConfig
     from pipeline.tools.study import pretrain_length_table
 
-    cfg = StudyConfig(fractions=[0.05, 1.0], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.05, teacher_steps=[10, 10],
+    cfg = StudyConfig(control=None, fractions=[0.05, 1.0], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.05, teacher_steps=[10, 10],
                       ablation_fractions=[], pretrain_epochs=[30], pretrain_fractions=[0.05])
     study = plan(cfg, DecoderPretrainConfig(epochs=6))
     mious = {"supervised-f5": 0.3, "ddep-s0p2-f5": 0.2, "ddep-s0p2-e30-f5": 0.4}
@@ -184,7 +228,7 @@ def _points(cfg: StudyConfig) -> list[Point]:
 
 
 def test_tables_average_over_seeds_and_keep_the_spread():
-    cfg = StudyConfig(fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2, 0.4], sweep_fraction=0.1, teacher_steps=[10, 20],
+    cfg = StudyConfig(control=None, fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2, 0.4], sweep_fraction=0.1, teacher_steps=[10, 20],
                       ablation_fractions=[0.1], pretrain_fractions=[])
     points = _points(cfg)
     fig2 = figure2(points, cfg)
@@ -199,7 +243,7 @@ def test_tables_average_over_seeds_and_keep_the_spread():
 
 
 def test_collect_reads_each_teachers_metrics_and_a_partial_study_reports_what_it_has(tmp_path):
-    cfg = StudyConfig(fractions=[0.5, 1.0], seeds=[0, 1], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=1.0,
+    cfg = StudyConfig(control=None, fractions=[0.5, 1.0], seeds=[0, 1], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=1.0,
                       teacher_steps=[10, 10], ablation_fractions=[], pretrain_fractions=[])
     study = plan(cfg)
     for i, key in enumerate(study["teachers"]):
@@ -227,7 +271,7 @@ def test_collect_reads_each_teachers_metrics_and_a_partial_study_reports_what_it
 
 
 def test_outputs_are_csvs_for_dvc_plots_and_figures(tmp_path):
-    cfg = StudyConfig(fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2, 0.4], sweep_fraction=0.1, teacher_steps=[10, 20],
+    cfg = StudyConfig(control=None, fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2, 0.4], sweep_fraction=0.1, teacher_steps=[10, 20],
                       ablation_fractions=[0.1], pretrain_fractions=[])
     points = _points(cfg)
     write_outputs(figure2(points, cfg), sigma_sweep(points, cfg), tmp_path)
@@ -287,7 +331,7 @@ def test_per_class_table_averages_figure2_teachers_at_the_sweep_fraction_by_clas
     from pipeline.config.params import DecoderPretrainConfig
     from pipeline.tools.study import per_class_table
 
-    cfg = StudyConfig(fractions=[0.05, 1.0], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.05, teacher_steps=[10, 10],
+    cfg = StudyConfig(control=None, fractions=[0.05, 1.0], seeds=[0, 1], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.05, teacher_steps=[10, 10],
                       ablation_fractions=[], pretrain_epochs=[30], pretrain_fractions=[0.05])
     study = plan(cfg, DecoderPretrainConfig(epochs=6))
     for key, teacher in study["teachers"].items():
@@ -308,3 +352,81 @@ def test_per_class_table_averages_figure2_teachers_at_the_sweep_fraction_by_clas
     assert "| class | random init | supervised encoder | DeP | DDeP |" in text
     assert "| digit | n/a | 0.250 ± 0.050 | – | 0.200 (1 of 2 seeds) |" in text
     assert "| background | 0.900 ± 0.000 | 0.900 ± 0.000 | – | 0.900 (1 of 2 seeds) |" in text
+
+
+def test_shares_and_differences_pair_each_seed_with_itself_and_the_findings_say_what_the_tables_show(tmp_path):
+    from pipeline.config.params import StudentConfig
+
+    cfg = StudyConfig(control=None, fractions=[0.05, 1.0], seeds=[0, 1], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.05,
+                      teacher_steps=[10, 20], ablation_fractions=[0.05], pretrain_fractions=[])
+    study = plan(cfg)
+    full = {0: 0.6, 1: 0.8}  # seed 1's subset is the easier one: shares pair seeds, not means
+    for key, t in study["teachers"].items():
+        pre = study["pretrain"][t["pretrain"]]
+        low = {"supervised": 0.3, "ddep": 0.36, "random": 0.1, "dep": 0.12}[pre["mode"] if pre["mode"] != "none"
+                                                                           else pre["init"]]
+        miou = full[t["seed"]] if t["fraction"] == 1.0 else low * full[t["seed"]] / 0.6
+        (tmp_path / f"{key}.json").write_text(json.dumps({"miou": miou, "boundary_f1": miou / 2}))
+    for key, st in study["students"].items():
+        (tmp_path / f"student-{key}.json").write_text(json.dumps({"miou": 0.54 * full[st["seed"]] / 0.6}))
+    points = collect(study, tmp_path)
+    shares = figure2_shares(points, cfg)
+    assert shares["supervised encoder"][0.05][:2] == (pytest.approx(0.5), pytest.approx(0.0))
+    assert 1.0 not in shares["DDeP"]
+    gap = paired_difference(points, cfg, "DDeP", "supervised encoder")[0.05]
+    assert gap[0] == pytest.approx(0.07) and gap[2] == 2
+    assert figure2(points, cfg, "boundary_f1")["DDeP"][1.0][0] == pytest.approx(0.35)
+    assert pipeline_row(StudentConfig()) == "+ self-correction loss"
+    assert pipeline_row(StudentConfig(dsbn=False, strong_augment=True, pseudo_loss="self_correction")) is None
+    said = findings(points, ablation_rows(study, tmp_path, cfg), cfg, "+ self-correction loss")
+    assert said[0].startswith("**Headroom**") and "50% ± 0%" in said[0]
+    assert "5% labels +0.070 ± 0.010, ahead by more than the seeds' spread" in said[1]
+    assert "reaches 90% ± 0% of the fully supervised DDeP teacher" in said[2]
+    assert "minus its teacher's, seed by seed, is +0.210 ± 0.030: ahead by more than the seeds' spread" in said[2]
+    text = markdown(figure2(points, cfg), sigma_sweep(points, cfg), cfg, "c0ffee", findings=said, shares=shares,
+                    boundary=figure2(points, cfg, "boundary_f1"))
+    assert text.startswith("- **Headroom**") and "| supervised encoder | 50% ± 0% |" in text
+    assert "| DDeP | 0.210 ± 0.030 | 0.350 ± 0.050 |" in text.split("boundary F1")[1]
+
+
+def test_the_report_has_a_section_per_dataset_each_from_its_own_points_and_seeds(tmp_path):
+    from pipeline.config.params import StudentConfig
+    from pipeline.tools.study import dataset_report
+
+    cfg = StudyConfig(fractions=[0.05, 1.0], seeds=[0, 1, 2], control_seeds=[0, 1], sigmas=[0.2], dep_sigma=0.2,
+                      sweep_fraction=0.05, teacher_steps=[10, 20], ablation_fractions=[0.05], pretrain_fractions=[])
+    study = plan(cfg)
+    for key in study["teachers"]:
+        (tmp_path / f"{key}.json").write_text(json.dumps({"miou": 0.2 if key.startswith("digits-") else 0.4}))
+    out = tmp_path / "report"
+    parts = dataset_plans(study)
+    shapes = dataset_report(parts[None], tmp_path, cfg, StudentConfig(), out, None, "shapes")
+    digits = dataset_report(parts["digits"], tmp_path, cfg, StudentConfig(), out, "digits", "shapes")
+    assert shapes.startswith("### Shape scenes (the pipeline's own data, `data.format: shapes`), 3 seeds")
+    assert digits.startswith("### Digit scenes (the control, `study.control: digits`), 2 seeds")
+    assert "| DDeP | 0.400 ± 0.000 | 0.400 ± 0.000 |" in shapes and "| DDeP | 0.200 ± 0.000 | 0.200 ± 0.000 |" in digits
+    assert "| DDeP | 100% ± 0% |" in digits  # each a share of its own dataset's 100%
+    assert {f.name for f in out.iterdir()} >= {"figure2.csv", "figure2-digits.csv", "sigma_sweep-digits.png"}
+
+
+def test_the_committed_study_dvc_yaml_resolves_every_point_of_the_default_plan(tmp_path):
+    """DVC's own reading of study/dvc.yaml with the default plan: one stage per plan entry, the
+    control's prepared by its own stage and read by its points (the one-seed end-to-end study
+    runs without a control)."""
+    shutil.copytree(ROOT / "study", tmp_path / "study", ignore=shutil.ignore_patterns("store", "data", "models",
+                                                                                     "metrics", "report", "figures"))
+    (tmp_path / "study" / "dvc.lock").unlink(missing_ok=True)
+    study = plan(StudyConfig())
+    (tmp_path / "study" / "plan.yaml").write_text(yaml.safe_dump(study))
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    dvc = Path(sys.executable).parent / "dvc"
+    subprocess.run([str(dvc), "init", "-q"], cwd=tmp_path, check=True)
+    listed = subprocess.run([str(dvc), "stage", "list", "study/dvc.yaml", "--name-only"], cwd=tmp_path, check=True,
+                            capture_output=True, text=True).stdout.split()
+    for section, stage in (("pretrain", "pretrain"), ("teachers", "teacher"), ("students", "student"),
+                           ("pseudo", "pseudo"), ("subsets", "subset"), ("controls", "prepare_control")):
+        assert {name.split("@", 1)[1] for name in listed if name.startswith(f"study/dvc.yaml:{stage}@")} == set(study[section])
+    dag = subprocess.run([str(dvc), "dag", "--dot", "study/dvc.yaml:student@digits-plain-ce-f5-seed0-r1"], cwd=tmp_path,
+                         check=True, capture_output=True, text=True).stdout
+    assert "prepare_control@digits" in dag and "teacher@digits-ddep-s0p2-f5-seed0" in dag

@@ -23,7 +23,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +73,15 @@ ABLATION = _cumulative()
 SECOND_ROUND = "dense-contrast"  # the row that also gets a second round
 
 
+# The order `run` trains the points in, so that a study stopped part-way (it resumes) already
+# answers the main questions: Figure 2 at the sweep fraction (the pipeline's own 5%), the
+# DDeP teacher with every label (what the students are a share of), the self-training
+# ablation, the other initialisations with every label, Figure 2's other fractions, the σ
+# sweep, the pretraining-length check. Within a phase, cheapest first, seed after seed.
+PHASES = {name: i for i, name in enumerate(["figure2 at the sweep fraction", "ddep with every label", "ablation",
+                                            "with every label", "figure2", "sigma sweep", "pretraining length"])}
+
+
 def _tag(value: float) -> str:
     """A number as DVC stage names allow it (no dots): 0.05 -> 0p05."""
     return f"{value:g}".replace(".", "p")
@@ -86,77 +95,117 @@ def subset_key(fraction: float, seed: int) -> str:
     return f"f{_tag(fraction * 100)}-seed{seed}"
 
 
+SECTIONS = ("pretrain", "pretrain_length", "subsets", "teachers", "pseudo", "students")
+
+
 def plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig | None = None) -> dict:
-    """Every pretraining, labeled subset and teacher the study needs, each once. `pretraining`
-    (params.yaml's decoder_pretrain) is the length every pretraining has but the longer DDeP
-    ones of `pretrain_length`."""
-    pretraining = pretraining or DecoderPretrainConfig()
+    """Every pretraining, labeled subset, teacher, pseudo-labelling and student the study needs,
+    each once, on the pipeline's prepared data; then the same on the control dataset
+    (`cfg.control`, with `cfg.control_seeds`), prepared by the study itself, its keys starting
+    with its name and trained after all of the pipeline's. `pretraining` (params.yaml's
+    decoder_pretrain) is the length every pretraining has but the longer DDeP ones of
+    `pretrain_length`."""
+    study_plan = _dataset_plan(cfg, pretraining or DecoderPretrainConfig(), "", PREPARED, 0)
+    study_plan["controls"] = {}
+    if cfg.control:
+        prepared = f"{STUDY_DIR}/data/prepared-{cfg.control}"
+        control = _dataset_plan(replace(cfg, seeds=cfg.control_seeds), pretraining or DecoderPretrainConfig(),
+                                f"{cfg.control}-", prepared, len(PHASES))
+        for section in SECTIONS:
+            study_plan[section] |= control[section]
+        study_plan["controls"][cfg.control] = {"out": prepared}
+    return study_plan
+
+
+def _dataset_plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig, prefix: str, prepared: str,
+                  first_phase: int) -> dict:
+    """The study's points on one prepared dataset: its keys start with `prefix`, its phases
+    (the order `run` trains them in) with `first_phase`."""
     curve_sigma = {"dep": cfg.dep_sigma, "ddep": cfg.ddep_sigma, "none": 0.0}
     pretrain, pretrain_length, subsets, teachers = {}, {}, {}, {}
 
-    def add_teachers(key: str, fraction: float) -> None:
+    def add_teachers(key: str, fraction: float, phase: str) -> None:
         for seed in cfg.seeds:
-            subsets[subset_key(fraction, seed)] = {"fraction": float(fraction), "seed": int(seed)}
-            teachers[f"{key}-{subset_key(fraction, seed)}"] = {
-                "pretrain": key, "subset": subset_key(fraction, seed), "fraction": float(fraction), "seed": int(seed),
-                "epochs": cfg.teacher_epochs, "steps_per_epoch": cfg.steps_for(fraction) // cfg.teacher_epochs}
+            subset = prefix + subset_key(fraction, seed)
+            subsets[subset] = {"fraction": float(fraction), "seed": int(seed), "prepared": prepared}
+            teachers.setdefault(f"{key}-{subset_key(fraction, seed)}", {  # Figure 2's when also the sweep's
+                "pretrain": key, "subset": subset, "fraction": float(fraction), "seed": int(seed),
+                "epochs": cfg.teacher_epochs, "steps_per_epoch": cfg.steps_for(fraction) // cfg.teacher_epochs,
+                "phase": first_phase + PHASES[phase], "prepared": prepared})
 
-    def add(encoder: str, mode: str, sigma: float, fraction: float) -> None:
-        key = pretrain_key(encoder, mode, sigma)
+    def add(encoder: str, mode: str, sigma: float, fraction: float, phase: str) -> None:
+        key = prefix + pretrain_key(encoder, mode, sigma)
         pretrain[key] = {"encoder": SUPERVISED_ENCODER if encoder == "supervised" else RANDOM_ENCODER,
                          "init": encoder, "mode": mode,
-                         "sigma": float(sigma if mode != "none" else cfg.ddep_sigma)}  # none: σ unused
-        add_teachers(key, fraction)
+                         "sigma": float(sigma if mode != "none" else cfg.ddep_sigma),  # none: σ unused
+                         "prepared": prepared}
+        add_teachers(key, fraction, phase)
 
+    full = max(cfg.fractions)
     for encoder, mode in CURVES.values():
         for fraction in cfg.fractions:
-            add(encoder, mode, curve_sigma[mode], fraction)
+            phase = ("figure2 at the sweep fraction" if fraction == cfg.sweep_fraction else "figure2" if fraction != full
+                     else "ddep with every label" if mode == "ddep" else "with every label")
+            add(encoder, mode, curve_sigma[mode], fraction, phase)
     for mode, encoder in (("ddep", "supervised"), ("dep", "random")):
         for sigma in cfg.sigmas:
-            add(encoder, mode, sigma, cfg.sweep_fraction)
+            add(encoder, mode, sigma, cfg.sweep_fraction, "sigma sweep")
     # The pretraining-length check: Figure 2's DDeP again, only to record its denoising loss
     # curve (its teachers are Figure 2's), then longer, each with teachers of its own.
-    ddep = pretrain_key("supervised", "ddep", cfg.ddep_sigma)
+    ddep = prefix + pretrain_key("supervised", "ddep", cfg.ddep_sigma)
     lengths = sorted({pretraining.epochs, *cfg.pretrain_epochs}) if cfg.pretrain_epochs and cfg.pretrain_fractions else []
     for epochs in lengths:
         key = f"{ddep}-e{epochs}"
         pretrain_length[key] = {**pretrain[ddep], "epochs": int(epochs),
                                 "steps": int(epochs * pretraining.steps_per_epoch),
-                                "default": epochs == pretraining.epochs}
+                                "default": epochs == pretraining.epochs, "phase": first_phase + PHASES["pretraining length"]}
         if epochs != pretraining.epochs:
             for fraction in cfg.pretrain_fractions:
-                add_teachers(key, fraction)
-    # Cheapest first: `run` trains them in this order, so a partial study has whole columns.
-    ordered = sorted(teachers.items(), key=lambda kv: (kv[1]["fraction"], kv[1]["seed"]))
+                add_teachers(key, fraction, "pretraining length")
+    ordered = sorted(teachers.items(), key=lambda kv: (kv[1]["phase"], kv[1]["fraction"], kv[1]["seed"]))
     return {"pretrain": pretrain, "pretrain_length": pretrain_length, "subsets": subsets,
-            "teachers": dict(ordered), **ablation_plan(cfg)}
+            "teachers": dict(ordered), **ablation_plan(cfg, prefix, prepared, first_phase + PHASES["ablation"])}
 
 
 def _overrides(values: dict) -> str:
     return " ".join(f"--set student.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items())
 
 
-def ablation_plan(cfg: StudyConfig) -> dict:
+def ablation_plan(cfg: StudyConfig, prefix: str = "", prepared: str = PREPARED, phase: int = PHASES["ablation"]) -> dict:
     """Pseudo-labels and students of the self-training ablation: the DDeP teacher of each
     ablation subset labels the rest of the train images; one student per ABLATION row; the
     SECOND_ROUND student labels them again for a round-2 student with the same settings."""
-    ddep = pretrain_key("supervised", "ddep", cfg.ddep_sigma)
+    ddep = prefix + pretrain_key("supervised", "ddep", cfg.ddep_sigma)
     pseudo, students = {}, {}
     for fraction in cfg.ablation_fractions:
         for seed in cfg.seeds:
-            subset = subset_key(fraction, seed)
-            point = {"subset": subset, "fraction": float(fraction), "seed": int(seed)}
-            pseudo[f"r1-{subset}"] = {**point, "teacher": f"study/models/teacher-{ddep}-{subset}.pt", "round": 1}
+            bare = subset_key(fraction, seed)
+            point = {"subset": prefix + bare, "fraction": float(fraction), "seed": int(seed), "phase": phase,
+                     "prepared": prepared}
+            trained = {"pretrained": f"{STUDY_DIR}/models/pretrained-{ddep}.pt"}
+            pseudo[f"{prefix}r1-{bare}"] = {**point, "teacher": f"{STUDY_DIR}/models/teacher-{ddep}-{bare}.pt",
+                                           "teacher_metrics": f"{ddep}-{bare}.json", "round": 1}
             for row, (_, values) in ABLATION.items():
-                students[f"{row}-{subset}-r1"] = {**point, "row": row, "round": 1, "pseudo": f"r1-{subset}",
-                                                  "teacher": pseudo[f"r1-{subset}"]["teacher"],
-                                                  "overrides": _overrides(values)}
-            first = f"study/models/student-{SECOND_ROUND}-{subset}-r1.pt"
-            pseudo[f"r2-{subset}"] = {**point, "teacher": first, "round": 2}
-            students[f"{SECOND_ROUND}-{subset}-r2"] = {**point, "row": SECOND_ROUND, "round": 2,
-                                                       "pseudo": f"r2-{subset}", "teacher": first,
-                                                       "overrides": _overrides(ABLATION[SECOND_ROUND][1])}
-    return {"ddep_pretrained": f"study/models/pretrained-{ddep}.pt", "pseudo": pseudo, "students": students}
+                students[f"{prefix}{row}-{bare}-r1"] = {**point, **trained, "row": row, "round": 1,
+                                                        "pseudo": f"{prefix}r1-{bare}",
+                                                        "teacher": pseudo[f"{prefix}r1-{bare}"]["teacher"],
+                                                        "overrides": _overrides(values)}
+            first = f"{STUDY_DIR}/models/student-{prefix}{SECOND_ROUND}-{bare}-r1.pt"
+            pseudo[f"{prefix}r2-{bare}"] = {**point, "teacher": first, "round": 2}
+            students[f"{prefix}{SECOND_ROUND}-{bare}-r2"] = {**point, **trained, "row": SECOND_ROUND, "round": 2,
+                                                             "pseudo": f"{prefix}r2-{bare}", "teacher": first,
+                                                             "overrides": _overrides(ABLATION[SECOND_ROUND][1])}
+    return {"pseudo": pseudo, "students": students}
+
+
+def dataset_plans(study_plan: dict) -> dict[str | None, dict]:
+    """The plan cut by dataset: None (the pipeline's own) and each control's name -> its
+    entries of every section, and its key prefix."""
+    datasets = {None: PREPARED, **{name: c["out"] for name, c in study_plan.get("controls", {}).items()}}
+    return {name: {"prefix": f"{name}-" if name else "",
+                   **{section: {k: v for k, v in study_plan[section].items() if v.get("prepared", PREPARED) == prepared}
+                      for section in SECTIONS}}
+            for name, prepared in datasets.items()}
 
 
 def write_plan(params_file: str = PARAMS_FILE, path: Path = PLAN_FILE) -> dict:
@@ -181,6 +230,7 @@ class Point:
     miou: float
     pretrain_epochs: int | None = None  # a pretraining-length point; None: the pipeline's length
     per_class_iou: dict[str, float] = field(default_factory=dict)
+    boundary_f1: float = float("nan")  # NaN: a point scored before boundary F1 was measured
 
 
 def _metrics(path: Path) -> dict | None:
@@ -202,40 +252,70 @@ def collect(study_plan: dict, metrics_dir: Path) -> list[Point]:
         metrics = _metrics(metrics_dir / f"{key}.json")
         if metrics is not None:
             points.append(Point(pre["mode"], pre["init"], pre["sigma"], teacher["fraction"], teacher["seed"],
-                                metrics["miou"], pre.get("epochs"), metrics.get("per_class_iou", {})))
+                                metrics["miou"], pre.get("epochs"), metrics.get("per_class_iou", {}),
+                                metrics.get("boundary_f1", float("nan"))))
     return points
 
 
-def ablation_table(study_plan: dict, metrics_dir: Path, cfg: StudyConfig) -> dict[str, dict[float, tuple]]:
-    """Row -> ablation fraction -> (mean, std, n) of val mIoU: the DDeP teacher, each student
-    row, the second round, the pseudo-labels of each round (their mIoU on the images they
-    label), and the fully supervised teacher (100% labels) as the upper line. Empty while no
-    student has been trained; a cell of points not trained yet has n = 0."""
-    ddep = pretrain_key("supervised", "ddep", cfg.ddep_sigma)
-    rows: dict[str, dict[float, list[float]]] = {}
+FULLY_SUPERVISED = "fully supervised (100% labels)"
+TEACHER_ROW = "teacher (DDeP)"
 
-    def add(row: str, fraction: float, value: float | None) -> None:
+
+def ablation_rows(study_plan: dict, metrics_dir: Path, cfg: StudyConfig) -> dict[str, dict[float, dict[int, float]]]:
+    """Row -> ablation fraction -> seed -> val mIoU of what is measured so far: the DDeP
+    teacher, each student row, the second round, the pseudo-labels of each round (their mIoU on
+    the images they label) and the fully supervised DDeP teacher (100% labels), in the
+    report's order. Empty while no student has been trained. `study_plan`: one dataset's
+    (dataset_plans)."""
+    ddep = study_plan.get("prefix", "") + pretrain_key("supervised", "ddep", cfg.ddep_sigma)
+    rows: dict[str, dict[float, dict[int, float]]] = {}
+
+    def add(row: str, fraction: float, seed: int, value: float | None) -> None:
         cells = rows.setdefault(row, {})  # a row of the plan, measured or not yet
         if value is not None:
-            cells.setdefault(fraction, []).append(value)
+            cells.setdefault(fraction, {})[seed] = value
 
     for key, p in study_plan["pseudo"].items():
-        add(f"pseudo-labels, round {p['round']}", p["fraction"], _miou(metrics_dir / f"pseudo-{key}.json"))
+        add(f"pseudo-labels, round {p['round']}", p["fraction"], p["seed"], _miou(metrics_dir / f"pseudo-{key}.json"))
         if p["round"] == 1:
-            add("teacher (DDeP)", p["fraction"], _miou(metrics_dir / f"{ddep}-{p['subset']}.json"))
+            add(TEACHER_ROW, p["fraction"], p["seed"], _miou(metrics_dir / p["teacher_metrics"]))
     for key, st in study_plan["students"].items():
-        label = ABLATION[st["row"]][0] if st["round"] == 1 else f"{ABLATION[st['row']][0]}, 2 rounds"
-        add(label, st["fraction"], _miou(metrics_dir / f"student-{key}.json"))
-    if 1.0 in cfg.fractions:
+        add(student_row(st["row"], st["round"]), st["fraction"], st["seed"],
+            _miou(metrics_dir / f"student-{key}.json"))
+    if max(cfg.fractions) == 1.0:
         for seed in cfg.seeds:
             full = _miou(metrics_dir / f"{ddep}-{subset_key(1.0, seed)}.json")
             for fraction in cfg.ablation_fractions:
-                add("fully supervised (100% labels)", fraction, full)
+                add(FULLY_SUPERVISED, fraction, seed, full)
     if not any((metrics_dir / f"student-{key}.json").is_file() for key in study_plan["students"]):
         return {}
-    order = ["teacher (DDeP)", *[label for label, _ in ABLATION.values()], f"{ABLATION[SECOND_ROUND][0]}, 2 rounds",
-             "fully supervised (100% labels)", "pseudo-labels, round 1", "pseudo-labels, round 2"]
-    return {row: {f: _stats(rows[row].get(f, [])) for f in cfg.ablation_fractions} for row in order if row in rows}
+    order = [TEACHER_ROW, *[label for label, _ in ABLATION.values()], student_row(SECOND_ROUND, 2),
+             FULLY_SUPERVISED, "pseudo-labels, round 1", "pseudo-labels, round 2"]
+    return {row: rows[row] for row in order if row in rows}
+
+
+def student_row(row: str, round_: int) -> str:
+    return ABLATION[row][0] if round_ == 1 else f"{ABLATION[row][0]}, 2 rounds"
+
+
+def ablation_table(rows: dict[str, dict[float, dict[int, float]]], cfg: StudyConfig,
+                   share: bool = False) -> dict[str, dict[float, tuple]]:
+    """ablation_rows as row -> fraction -> (mean, std, n) over seeds; a cell of points not
+    trained yet has n = 0. `share`: each seed's teacher or student mIoU as a share of that
+    seed's fully supervised teacher (no pseudo-label rows)."""
+    if share:
+        full = rows.get(FULLY_SUPERVISED)
+        if not full:
+            return {}
+        rows = {row: {f: _shares(cells, full.get(f, {})) for f, cells in rows[row].items()}
+                for row in rows if row != FULLY_SUPERVISED and not row.startswith("pseudo-labels")}
+    return {row: {f: _stats(list(cells.get(f, {}).values())) for f in cfg.ablation_fractions}
+            for row, cells in rows.items()}
+
+
+def _shares(values: dict[int, float], full: dict[int, float]) -> dict[int, float]:
+    """Seed -> value / the same seed's fully supervised value, for the seeds that have both."""
+    return {seed: value / full[seed] for seed, value in values.items() if full.get(seed)}
 
 
 def per_class_table(points: list[Point], cfg: StudyConfig) -> dict[str, dict[str, tuple]]:
@@ -258,11 +338,37 @@ def _stats(values: list[float]) -> tuple[float, float, int]:
     return float(np.mean(values)), float(np.std(values)), len(values)
 
 
-def figure2(points: list[Point], cfg: StudyConfig) -> dict[str, dict[float, tuple[float, float, int]]]:
-    """curve -> fraction -> (mean, std, n) of teacher val mIoU."""
-    return {name: {f: _stats([p.miou for p in points if _on_curve(p, init, mode, cfg) and p.fraction == f])
+def figure2(points: list[Point], cfg: StudyConfig,
+            metric: str = "miou") -> dict[str, dict[float, tuple[float, float, int]]]:
+    """curve -> fraction -> (mean, std, n) of the teachers' val `metric` (a Point field)."""
+    return {name: {f: _stats([getattr(p, metric) for p in points
+                              if _on_curve(p, init, mode, cfg) and p.fraction == f and not np.isnan(getattr(p, metric))])
                    for f in cfg.fractions}
             for name, (init, mode) in CURVES.items()}
+
+
+def figure2_shares(points: list[Point], cfg: StudyConfig) -> dict[str, dict[float, tuple[float, float, int]]]:
+    """curve -> fraction below 100% -> (mean, std, n) over seeds of teacher val mIoU as a share
+    of the same seed's teacher of the same initialisation with every label. Empty when the
+    study has no 100% column."""
+    if max(cfg.fractions) != 1.0:
+        return {}
+    table = {}
+    for name, (init, mode) in CURVES.items():
+        on_curve = [p for p in points if _on_curve(p, init, mode, cfg)]
+        full = {p.seed: p.miou for p in on_curve if p.fraction == 1.0}
+        table[name] = {f: _stats(list(_shares({p.seed: p.miou for p in on_curve if p.fraction == f}, full).values()))
+                       for f in cfg.fractions if f != 1.0}
+    return table
+
+
+def paired_difference(points: list[Point], cfg: StudyConfig, a: str, b: str) -> dict[float, tuple[float, float, int]]:
+    """fraction -> (mean, std, n) over seeds of curve a's teacher mIoU minus curve b's, seed by
+    seed (the same labeled subset and training seed): the comparison the seeds' spread is for."""
+    by_curve = {name: {(p.fraction, p.seed): p.miou for p in points if _on_curve(p, *CURVES[name], cfg)}
+                for name in (a, b)}
+    return {f: _stats([by_curve[a][f, s] - by_curve[b][f, s] for s in cfg.seeds
+                       if (f, s) in by_curve[a] and (f, s) in by_curve[b]]) for f in cfg.fractions}
 
 
 def _on_curve(p: Point, init: str, mode: str, cfg: StudyConfig) -> bool:
@@ -306,61 +412,140 @@ def _final_loss(curve: Path) -> float | None:
     return float(rows[-1].split(",")[header.split(",").index("loss")]) if rows else None
 
 
-def _cell(stat: tuple[float, float, int], seeds: int) -> str:
+def _cell(stat: tuple[float, float, int], seeds: int, percent: bool = False) -> str:
     """mean ± std over the seeds; a point with fewer seeds so far says how many; – for none."""
     mean, std, n = stat
     if n == 0:
         return "–"
-    return f"{mean:.3f} ± {std:.3f}" if n >= seeds else f"{mean:.3f} ({n} of {seeds} seeds)"
+    value = f"{mean:.0%} ± {std:.0%}" if percent else f"{mean:.3f} ± {std:.3f}"
+    return value if n >= seeds else f"{value.split(' ±')[0]} ({n} of {seeds} seeds)"
 
 
 def markdown(fig2: dict, sweep: dict, cfg: StudyConfig, commit: str, ablation: dict | None = None,
              progress: tuple[int, int] | None = None, length: dict | None = None,
-             per_class: dict | None = None) -> str:
-    """The report's tables. `progress` = (points measured, points planned): a study still
-    running says so above its tables."""
+             per_class: dict | None = None, *, boundary: dict | None = None, shares: dict | None = None,
+             ablation_shares: dict | None = None, findings: list[str] | None = None) -> str:
+    """The report: its findings in sentences, then the tables they come from. `progress` =
+    (points measured, points planned): a study still running says so above everything."""
     seeds = len(cfg.seeds)
     fractions = list(next(iter(fig2.values())))
     steps = ", ".join(f"{cfg.steps_for(f)} steps at {f:.0%}" for f in cfg.fractions)
     lines = []
     if progress and progress[0] < progress[1]:
         lines += [f"**Partial: {progress[0]} of {progress[1]} points measured so far** (– = not trained yet).", ""]
+    if findings:
+        lines += [f"- {sentence}" for sentence in findings] + [""]
     lines += [(f"Teacher val mIoU, mean ± std over {seeds} seeds (labeled subset and training seed); "
-               f"teachers trained {steps}; DDeP σ = {cfg.ddep_sigma:g}, DeP σ = {cfg.dep_sigma:g}. "
-               f"Commit `{commit}`."), "",
-              "| initialisation | " + " | ".join(f"{f:.0%} labels" for f in fractions) + " |",
-              "|---|" + "---|" * len(fractions)]
-    lines += [f"| {name} | " + " | ".join(_cell(row[f], seeds) for f in fractions) + " |" for name, row in fig2.items()]
+               f"teachers trained {steps}; DDeP σ = {cfg.ddep_sigma:g}, DeP σ = {cfg.dep_sigma:g}."
+               + (f" Commit `{commit}`." if commit else "")), ""]
+    lines += _table("initialisation", [f"{f:.0%} labels" for f in fractions],
+                    {name: [_cell(row[f], seeds) for f in fractions] for name, row in fig2.items()})
+    if shares:
+        below = list(next(iter(shares.values())))
+        lines += ["", ("The same teachers' mIoU as a share of the teacher of the same initialisation and seed "
+                       "trained with every label:"), ""]
+        lines += _table("initialisation", [f"{f:.0%} labels" for f in below],
+                        {name: [_cell(row[f], seeds, percent=True) for f in below] for name, row in shares.items()})
+    if boundary:
+        lines += ["", ("The same teachers' boundary F1 (predicted and true class boundaries within 2 px of "
+                       "each other, per class, averaged):"), ""]
+        lines += _table("initialisation", [f"{f:.0%} labels" for f in fractions],
+                        {name: [_cell(row[f], seeds) for f in fractions] for name, row in boundary.items()})
     sigmas = list(next(iter(sweep.values())))
-    lines += ["", f"σ sweep at {cfg.sweep_fraction:.0%} labels:", "",
-              "| pretraining | " + " | ".join(f"σ = {s:g}" for s in sigmas) + " |", "|---|" + "---|" * len(sigmas)]
-    lines += [f"| {name} | " + " | ".join(_cell(row[s], seeds) for s in sigmas) + " |" for name, row in sweep.items()]
+    lines += ["", f"σ sweep at {cfg.sweep_fraction:.0%} labels:", ""]
+    lines += _table("pretraining", [f"σ = {s:g}" for s in sigmas],
+                    {name: [_cell(row[s], seeds) for s in sigmas] for name, row in sweep.items()})
     if length:
         lines += ["", (f"Length of the DDeP pretraining (σ = {cfg.ddep_sigma:g}), teacher val mIoU; the loss is the "
-                       "last epoch's denoising loss, 1.0 = predicting no noise at all:"), "",
-                  "| decoder pretraining | final denoising loss | "
-                  + " | ".join(f"{f:.0%} labels" for f in cfg.pretrain_fractions) + " |",
-                  "|---|---|" + "---|" * len(cfg.pretrain_fractions)]
-        lines += [f"| {name} | {_loss_cell(row)} | "
-                  + " | ".join(_cell(row[f], seeds) for f in cfg.pretrain_fractions) + " |"
-                  for name, row in length.items()]
+                       "last epoch's denoising loss, 1.0 = predicting no noise at all:"), ""]
+        lines += _table("decoder pretraining", ["final denoising loss", *(f"{f:.0%} labels" for f in cfg.pretrain_fractions)],
+                        {name: [_loss_cell(row), *(_cell(row[f], seeds) for f in cfg.pretrain_fractions)]
+                         for name, row in length.items()})
     classes = list(dict.fromkeys(c for row in (per_class or {}).values() for c in row))
     if classes:
-        lines += ["", f"Per-class val IoU of the teachers above at {cfg.sweep_fraction:.0%} labels:", "",
-                  "| class | " + " | ".join(per_class) + " |", "|---|" + "---|" * len(per_class)]
+        lines += ["", f"Per-class val IoU of the teachers above at {cfg.sweep_fraction:.0%} labels:", ""]
         # "n/a": a class no teacher of the row predicted and no val pixel holds (it is not in its mIoU).
-        lines += [f"| {c} | " + " | ".join(("–" if not row else _cell(row[c], seeds) if c in row else "n/a")
-                                          for row in per_class.values()) + " |" for c in classes]
+        lines += _table("class", list(per_class),
+                        {c: [("–" if not row else _cell(row[c], seeds) if c in row else "n/a") for row in per_class.values()]
+                         for c in classes})
     lines += ["", ("Self-training ablation (student val mIoU; pseudo-label rows: mIoU of the pseudo-labels "
                    "on the images they label):"), ""]
     if ablation:
         columns = list(next(iter(ablation.values())))
-        lines += ["| | " + " | ".join(f"{f:.0%} labels" for f in columns) + " |", "|---|" + "---|" * len(columns)]
-        lines += [f"| {name} | " + " | ".join(_cell(row[f], seeds) for f in columns) + " |"
-                  for name, row in ablation.items()]
+        share_columns = [f"{f:.0%} labels, share of fully supervised" for f in columns] if ablation_shares else []
+        lines += _table("", [f"{f:.0%} labels" for f in columns] + share_columns,
+                        {name: [_cell(row[f], seeds) for f in columns]
+                         + [_cell(ablation_shares[name][f], seeds, percent=True) if name in ablation_shares else ""
+                            for f in (columns if ablation_shares else [])]
+                         for name, row in ablation.items()})
     else:
         lines += ["(not trained yet)"]
     return "\n".join(lines) + "\n"
+
+
+def _table(corner: str, columns: list[str], rows: dict[str, list[str]]) -> list[str]:
+    return ([f"| {corner} | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+            + [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows.items()])
+
+
+def findings(points: list[Point], rows: dict, cfg: StudyConfig, pipeline_row: str | None) -> list[str]:
+    """The study's answers to the user's questions, each a sentence computed from the tables
+    below it (what README.md says about the method comes from here, never typed by hand)."""
+    seeds, f = len(cfg.seeds), cfg.sweep_fraction
+    said = []
+    supervised = figure2_shares(points, cfg).get("supervised encoder", {}).get(f)
+    if supervised and supervised[2]:
+        said.append(f"**Headroom**: at {f:.0%} labels the teacher from the supervised encoder alone reaches "
+                    f"{_cell(supervised, seeds, percent=True)} of the same teacher with every label "
+                    "(Pascal VOC at 1/16 of its labels: 61%, Cityscapes at 1/16: 83%).")
+    gaps = [(fraction, gap) for fraction, gap in paired_difference(points, cfg, "DDeP", "supervised encoder").items()
+            if fraction <= f and gap[2]]
+    if gaps:
+        said.append("**DDeP against the supervised encoder alone** (teacher mIoU, DDeP minus it, seed by seed): "
+                    + "; ".join(f"{fraction:.0%} labels {_signed(gap, seeds)}, {_verdict(gap)}" for fraction, gap in gaps)
+                    + ". The paper has DDeP ahead at every fraction, most below 5%.")
+    students = {row: cells.get(f, {}) for row, cells in rows.items()
+                if row not in (TEACHER_ROW, FULLY_SUPERVISED) and not row.startswith("pseudo-labels")}
+    full, teacher = rows.get(FULLY_SUPERVISED, {}).get(f, {}), rows.get(TEACHER_ROW, {}).get(f, {})
+    for row in dict.fromkeys([pipeline_row, max(students, key=lambda r: _stats(list(students[r].values()))[0],
+                                                 default=None)]):
+        if row is None or not students.get(row):
+            continue
+        share = _stats(list(_shares(students[row], full).values()))
+        gain = _stats([value - teacher[seed] for seed, value in students[row].items() if seed in teacher])
+        who = "The pipeline's student" if row == pipeline_row else "The best student of the ablation"
+        sentence = f"**{who}** ({row.removeprefix('+ ')}) at {f:.0%} labels"
+        if share[2]:
+            sentence += f" reaches {_cell(share, seeds, percent=True)} of the fully supervised DDeP teacher (target: 90%)"
+        if gain[2]:
+            sentence += (f"{',' if share[2] else ''} and its mIoU minus its teacher's, seed by seed, is "
+                         f"{_signed(gain, seeds)}: {_verdict(gain)}")
+        said.append(sentence + ".")
+    return said
+
+
+def pipeline_row(student) -> str | None:
+    """The ablation row whose switches are the pipeline's own student settings (`student` of
+    params.yaml), if one is."""
+    for label, switches in ABLATION.values():
+        if all(getattr(student, key) == value for key, value in switches.items()):
+            return label
+    return None
+
+
+def _signed(stat: tuple[float, float, int], seeds: int) -> str:
+    mean, std, n = stat
+    return f"{mean:+.3f} ± {std:.3f}" + (f" ({n} of {seeds} seeds)" if n < seeds else "")
+
+
+def _verdict(stat: tuple[float, float, int]) -> str:
+    """Whether a seed-by-seed difference is larger than its spread over the seeds."""
+    mean, std, n = stat
+    if n < 2:
+        return "one seed so far"
+    if abs(mean) <= std:
+        return "within the seeds' spread"
+    return "ahead by more than the seeds' spread" if mean > 0 else "behind by more than the seeds' spread"
 
 
 def _loss_cell(row: dict) -> str:
@@ -371,12 +556,18 @@ def _loss_cell(row: dict) -> str:
 
 def result_files(study_plan: dict) -> list[tuple[str, str]]:
     """(study stage, its metrics file in study/metrics) for every point the plan trains, in the
-    order `run` trains them: the pretraining-length check's pretrainings (a loss curve each),
-    teachers cheapest first, then the ablation."""
-    return ([(f"pretrain_length@{key}", f"pretrain-{key}.csv") for key in study_plan["pretrain_length"]]
-            + [(f"teacher@{key}", f"{key}.json") for key in study_plan["teachers"]]
-            + [(f"pseudo@{key}", f"pseudo-{key}.json") for key in study_plan["pseudo"]]
-            + [(f"student@{key}", f"student-{key}.json") for key in study_plan["students"]])
+    order `run` trains them (PHASES, the control's after the pipeline's): the ablation's rounds
+    one after the other, the pretraining-length check's loss curves before its teachers."""
+    # (phase, step within the phase, stage, result); sorting keeps the plan's order within a step.
+    points = ([(t["phase"], 2 if t["pretrain"] in study_plan["pretrain_length"] else 0, f"teacher@{key}", f"{key}.json")
+               for key, t in study_plan["teachers"].items()]
+              + [(p["phase"], 2 * p["round"] - 2, f"pseudo@{key}", f"pseudo-{key}.json")
+                 for key, p in study_plan["pseudo"].items()]
+              + [(st["phase"], 2 * st["round"] - 1, f"student@{key}", f"student-{key}.json")
+                 for key, st in study_plan["students"].items()]
+              + [(pre["phase"], 1, f"pretrain_length@{key}", f"pretrain-{key}.csv")
+                 for key, pre in study_plan["pretrain_length"].items()])
+    return [(stage, result) for _, _, stage, result in sorted(points, key=lambda p: p[:2])]
 
 
 def planned_points(study_plan: dict) -> int:
@@ -387,11 +578,12 @@ def measured_points(study_plan: dict, metrics_dir: Path) -> int:
     return sum((metrics_dir / name).is_file() for _, name in result_files(study_plan))
 
 
-def write_outputs(fig2: dict, sweep: dict, out_dir: Path) -> None:
-    """CSV tables for `dvc plots` (one column per curve) and the PNG figures."""
+def write_outputs(fig2: dict, sweep: dict, out_dir: Path, suffix: str = "") -> None:
+    """CSV tables for `dvc plots` (one column per curve) and the PNG figures; `suffix` after
+    each file's name (a control dataset's)."""
     from pipeline.infer.figures import mean_curves
 
-    for name, table, x in (("figure2", fig2, "fraction"), ("sigma_sweep", sweep, "sigma")):
+    for name, table, x in ((f"figure2{suffix}", fig2, "fraction"), (f"sigma_sweep{suffix}", sweep, "sigma")):
         xs = list(next(iter(table.values())))
         header = [x] + [f"{c} {part}" for c in table for part in ("mean", "std")]
         # A point not trained yet is an empty cell, which `dvc plots` and a spreadsheet read as missing.
@@ -400,9 +592,34 @@ def write_outputs(fig2: dict, sweep: dict, out_dir: Path) -> None:
         write_text_atomic(out_dir / f"{name}.csv", "\n".join(rows) + "\n")
     mean_curves({c: (list(r), [m for m, _, _ in r.values()], [s for _, s, _ in r.values()]) for c, r in fig2.items()},
                 "labeled fraction of the train scenes", "teacher val mIoU", "Label efficiency (DDeP paper, Fig. 2)",
-                out_dir / "figure2.png", log_x=True)
+                out_dir / f"figure2{suffix}.png", log_x=True)
     mean_curves({c: (list(r), [m for m, _, _ in r.values()], [s for _, s, _ in r.values()]) for c, r in sweep.items()},
-                "σ", "teacher val mIoU", "Noise level of denoising pretraining", out_dir / "sigma_sweep.png", log_x=True)
+                "σ", "teacher val mIoU", "Noise level of denoising pretraining", out_dir / f"sigma_sweep{suffix}.png",
+                log_x=True)
+
+
+DATASET_TITLES = {"shapes": "Shape scenes", "digits": "Digit scenes"}
+
+
+def dataset_report(sub_plan: dict, metrics_dir: Path, cfg: StudyConfig, student, out_dir: Path,
+                   control: str | None, pipeline_format: str) -> str:
+    """One dataset's section of the report, its findings first (a dataset_plans entry; `control`
+    None: the pipeline's own data); writes its CSVs and figures into `out_dir`."""
+    if control:
+        cfg = replace(cfg, seeds=cfg.control_seeds)
+    points = collect(sub_plan, metrics_dir)
+    fig2, sweep = figure2(points, cfg), sigma_sweep(points, cfg)
+    rows = ablation_rows(sub_plan, metrics_dir, cfg)
+    write_outputs(fig2, sweep, out_dir, f"-{control}" if control else "")
+    name = control or pipeline_format
+    role = (f"the control, `study.control: {control}`" if control
+            else f"the pipeline's own data, `data.format: {pipeline_format}`")
+    body = markdown(fig2, sweep, cfg, "", ablation_table(rows, cfg), None,
+                    pretrain_length_table(points, sub_plan, metrics_dir, cfg), per_class_table(points, cfg),
+                    boundary=figure2(points, cfg, "boundary_f1"), shares=figure2_shares(points, cfg),
+                    ablation_shares=ablation_table(rows, cfg, share=True),
+                    findings=findings(points, rows, cfg, pipeline_row(student)))
+    return f"### {DATASET_TITLES.get(name, name)} ({role}), {len(cfg.seeds)} seeds\n\n{body}"
 
 
 def _csv_number(value: float) -> str:
