@@ -66,7 +66,7 @@ def examples_figure(pseudo: Path, unlabeled: Path, manifest: dict, count: int, p
     pseudo_label_grid([decode_png(r["image"]) for r in pseudo_rows], [decode_png(r["pseudo_label"]) for r in pseudo_rows],
                       [decode_png(r["confidence"]) for r in pseudo_rows],
                       [None if masks.get(r["id"]) is None else decode_png(masks[r["id"]]) for r in pseudo_rows],
-                      palette_for(manifest), path)
+                      palette_for(manifest), manifest["classes"], path)
 
 
 if __name__ == "__main__":

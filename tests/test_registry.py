@@ -61,3 +61,19 @@ def test_champion_moves_only_to_a_better_model_and_loads_in_a_fresh_process(tmp_
         predictor = load_predictor(model_uri, None, "cpu", 16)
         assert (predictor.classes, predictor.image_size) == (CLASSES, 32)
         assert np.array_equal(np.stack([p.labels for p in predictor.predict(list(images))]), expected)
+
+
+def test_a_registered_version_points_back_to_its_run_and_commit_and_the_run_lists_the_model(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
+    weights = tmp_path / "student.pt"
+    save_weights(weights, build_network(ModelConfig(), len(CLASSES)).state_dict(), SEGMENTER, ModelConfig(), CLASSES)
+    with mlflow.start_run(experiment_id=experiment, tags={"git.commit": "c0ffee"}) as run:
+        number, _ = register_segmenter(weights, 32, CLASSES, "seg", 0.5)
+    client = MlflowClient(uri)
+    version = client.get_model_version("seg", number)
+    assert version.run_id == run.info.run_id and version.tags["git.commit"] == "c0ffee"
+    logged = client.search_logged_models(experiment_ids=[experiment])
+    assert [m.source_run_id for m in logged] == [run.info.run_id]  # the runs table's Models column

@@ -54,3 +54,64 @@ def test_git_commit_is_dirty_for_code_edits_but_not_for_the_pipelines_own_lock_f
     assert git_commit(tmp_path) == commit
     (tmp_path / "code.py").write_text("b\n")
     assert git_commit(tmp_path) == commit + "-dirty"
+
+
+def test_the_experiment_opens_on_model_training_unless_its_kind_was_chosen(tmp_path):
+    from mlflow import MlflowClient
+
+    from pipeline.runtime.tracking import EXPERIMENT_KIND, _experiment_id
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    made = _experiment_id(client, "new", tmp_path, uri)
+    assert client.get_experiment(made).tags[EXPERIMENT_KIND[0]] == "custom_model_development"
+    older = client.create_experiment("older")  # made before the tag existed
+    chosen = client.create_experiment("chosen", tags={EXPERIMENT_KIND[0]: "genai_development"})
+    assert _experiment_id(client, "older", tmp_path, uri) == older
+    assert client.get_experiment(older).tags[EXPERIMENT_KIND[0]] == "custom_model_development"
+    _experiment_id(client, "chosen", tmp_path, uri)
+    assert client.get_experiment(chosen).tags[EXPERIMENT_KIND[0]] == "genai_development"
+
+
+def test_the_runs_page_link_opens_a_shared_view_with_the_scores_as_columns(tmp_path):
+    import json
+
+    from mlflow import MlflowClient
+
+    from pipeline.runtime.tracking import VIEW_KEY, _experiment_id, runs_page
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    made = _experiment_id(client, "e", tmp_path, uri)
+    client.set_experiment_tag(made, f"mlflow.sharedViewState.{VIEW_KEY}", "{}")  # an older view: replaced
+    _experiment_id(client, "e", tmp_path, uri)
+    view = json.loads(client.get_experiment(made).tags[f"mlflow.sharedViewState.{VIEW_KEY}"])
+    assert {"metrics.`student_miou`", "metrics.`teacher_miou`", "attributes.`Dataset`"} <= set(view["selectedColumns"])
+    assert runs_page(uri, made) == (f"http://127.0.0.1:5000/#/experiments/{made}/runs"
+                                    f"?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning")
+    assert runs_page("https://mlflow.example/", "7").startswith("https://mlflow.example/#/experiments/7/runs?")
+
+
+def test_the_prepared_data_is_a_dataset_input_of_the_stage_and_once_of_its_parent(tmp_path):
+    import mlflow
+
+    from pipeline.runtime.tracking import log_prepared_data
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("e")
+    parent = client.create_run(experiment).info.run_id
+    manifest = {"format": "shapes", "labeled_fraction": 0.05, "counts": {"labeled": 100}}
+    stages = []
+    for digest in ("aaaa", "aaaa", "bbbb"):  # two stages on the same data, then the data changed
+        with mlflow.start_run(experiment_id=experiment, tags={"mlflow.parentRunId": parent}) as run:
+            log_prepared_data(tmp_path / "prepared", manifest, digest)
+        stages.append(run.info.run_id)
+    inputs = client.get_run(stages[0]).inputs.dataset_inputs
+    assert [(d.dataset.name, d.dataset.digest) for d in inputs] == [("shapes (0.05 labeled)", "aaaa")]
+    assert (tmp_path / "prepared").resolve().as_uri() in inputs[0].dataset.source
+    assert [t.value for t in inputs[0].tags] == ["train"]
+    assert sorted(d.dataset.digest for d in client.get_run(parent).inputs.dataset_inputs) == ["aaaa", "bbbb"]
+    log_prepared_data(tmp_path / "prepared", manifest, "cccc")  # no active run: nothing to log to
+    mlflow.set_tracking_uri(None)

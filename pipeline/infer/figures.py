@@ -45,10 +45,22 @@ def confusion_figure(confusion: np.ndarray, classes: list[str], title: str, path
     _save(fig, path)
 
 
+def _class_legend(fig, colours: np.ndarray, classes: list[str]) -> None:
+    """A legend under the figure: each class's colour (`colours[class id]`) beside its name."""
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor=colours[i] / 255, edgecolor="black", linewidth=0.5, label=name)
+               for i, name in enumerate(classes)]
+    # Just below the panels; the saved figure's tight bounding box grows to take it in.
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(classes), 4), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 0.0), bbox_transform=fig.transFigure)
+
+
 def prediction_grid(images: torch.Tensor, columns: dict[str, torch.Tensor], colours: np.ndarray,
-                    path: Path) -> None:
+                    classes: list[str], path: Path) -> None:
     """One row per image: the image, then each label map (truth, teacher, student...) coloured
-    by `colours` (256×3, indexed by class id; see pipeline.data.formats.palette_for)."""
+    by `colours` (256×3, indexed by class id; see pipeline.data.formats.palette_for), with a
+    legend of the classes' colours."""
     plt = _pyplot()
     n, ncols = len(images), 1 + len(columns)
     fig, axes = plt.subplots(n, ncols, figsize=(1.6 * ncols, 1.6 * n), squeeze=False)
@@ -59,13 +71,15 @@ def prediction_grid(images: torch.Tensor, columns: dict[str, torch.Tensor], colo
             axes[i, j].axis("off")
             if i == 0:
                 axes[i, j].set_title(title, fontsize=9)
+    _class_legend(fig, colours, classes)
     _save(fig, path)
 
 
 def pseudo_label_grid(images: list[np.ndarray], labels: list[np.ndarray], confidence: list[np.ndarray],
-                      truth: list[np.ndarray | None], colours: np.ndarray, path: Path) -> None:
+                      truth: list[np.ndarray | None], colours: np.ndarray, classes: list[str], path: Path) -> None:
     """One row per unlabeled image: the image, its pseudo-label, the teacher's confidence
-    (dark = unsure) and, where a held-aside mask exists, the ground truth."""
+    (dark = unsure) and, where a held-aside mask exists, the ground truth; a legend of the
+    classes' colours."""
     plt = _pyplot()
     names = ["image", "pseudo-label", "confidence", "ground truth"]
     ncols = 4 if any(t is not None for t in truth) else 3
@@ -79,6 +93,7 @@ def pseudo_label_grid(images: list[np.ndarray], labels: list[np.ndarray], confid
             ax.axis("off")
             if i == 0:
                 ax.set_title(names[j], fontsize=9)
+    _class_legend(fig, colours, classes)
     _save(fig, path)
 
 

@@ -71,6 +71,9 @@ def register_segmenter(weights: Path, image_size: int, classes: list[str], name:
     number = str(info.registered_model_version)
     client.set_model_version_tag(name, number, MIOU_TAG, f"{miou:.6f}")
     client.set_model_version_tag(name, number, CLASSES_TAG, ",".join(classes))
+    run = mlflow.active_run()
+    if run is not None and "git.commit" in run.data.tags:  # the version's run_id is this run already
+        client.set_model_version_tag(name, number, "git.commit", run.data.tags["git.commit"])
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
         comparable = champion.tags.get(CLASSES_TAG) == ",".join(classes)

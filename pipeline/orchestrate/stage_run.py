@@ -124,14 +124,15 @@ def stage(name: str, sections: list[str], prepared: Path | None = None,
     try:
         params = load_params(params_file, overrides)
         ctx = StageContext(name, params, Path.cwd(), curves=curves)
-        from pipeline.data.manifest import manifest_hash
-        from pipeline.runtime.tracking import log_metrics, stage_run, tag_with_parent
+        from pipeline.data.manifest import manifest_hash, read_manifest
+        from pipeline.runtime.tracking import log_metrics, log_prepared_data, stage_run, tag_with_parent
 
         with stage_run(name, params, sections, ctx.root) as run_id:
             ctx.run_id = run_id
             yield ctx
             if prepared is not None:  # read at the end: `prepare` writes the manifest itself
                 tag_with_parent("data.manifest_hash", manifest_hash(prepared))
+                log_prepared_data(prepared, read_manifest(prepared), manifest_hash(prepared))
             if ctx.curves is not None and "loop_s" not in ctx.summary:  # nothing trained (e.g. weights from a file)
                 from pipeline.data.atomic import write_text_atomic
 

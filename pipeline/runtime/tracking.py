@@ -57,13 +57,38 @@ def flatten(prefix: str, value) -> dict:
     return {prefix: value}
 
 
+# MLflow 3's UI opens an experiment of unknown kind on its GenAI pages; this one trains models.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# A view of the runs table the UI shares by link (`viewStateShareKey`): the pipeline runs with
+# their data and scores as columns, which the UI's own default leaves behind "Columns".
+VIEW_KEY = "pipeline"
+VIEW_STATE = {"selectedColumns": ["attributes.`Dataset`", "attributes.`Duration`", "metrics.`student_miou`",
+                                  "metrics.`teacher_miou`"],
+              "orderByKey": "attributes.start_time", "orderByAsc": False}
+
+
 def _experiment_id(client, name: str, root: Path, uri: str) -> str:
+    import json
+
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    # A local store's default artifact root is relative to the cwd; pin it inside the repo.
-    location = (root / "mlartifacts").resolve().as_uri() if uri.startswith(("sqlite:", "file:")) else None
-    return client.create_experiment(name, artifact_location=location)
+    if experiment is None:
+        # A local store's default artifact root is relative to the cwd; pin it inside the repo.
+        location = (root / "mlartifacts").resolve().as_uri() if uri.startswith(("sqlite:", "file:")) else None
+        experiment = client.get_experiment(client.create_experiment(name, artifact_location=location,
+                                                                    tags=dict([EXPERIMENT_KIND])))
+    tags, view = experiment.tags, json.dumps(VIEW_STATE)
+    if EXPERIMENT_KIND[0] not in tags:  # made before this tag; a kind chosen in the UI stays
+        client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+    if tags.get(f"mlflow.sharedViewState.{VIEW_KEY}") != view:
+        client.set_experiment_tag(experiment.experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", view)
+    return experiment.experiment_id
+
+
+def runs_page(uri: str, experiment_id: str) -> str:
+    """Where the UI shows the experiment's runs with VIEW_STATE's columns, in its model-training
+    pages: the tracking server itself, or for a local store what `make ui` serves."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning"
 
 
 def _find_parent(client, experiment_id: str, execution: str):
@@ -136,7 +161,8 @@ def finish_execution(params: Params, root: Path, execution: str, stages: list[st
             for key, value in values.items() if isinstance(value, (int, float))])
     client.set_terminated(parent.info.run_id, "FINISHED" if returncode == 0 else "FAILED")
     return (f"MLflow run {parent.info.run_id}: ran {', '.join(ran) or 'nothing'}; "
-            f"cached {', '.join(s for s in stages if s not in ran) or 'nothing'}")
+            f"cached {', '.join(s for s in stages if s not in ran) or 'nothing'}; the runs: "
+            f"{runs_page(uri, experiment.experiment_id)}" + (" (`make ui`)" if not uri.startswith("http") else ""))
 
 
 @contextmanager
@@ -191,6 +217,30 @@ def metric_history_csv(tracking_uri: str | None, run_id: str) -> str:
     for step in sorted(rows):
         writer.writerow({"epoch": step, **rows[step]})
     return out.getvalue()
+
+
+def log_prepared_data(prepared: Path, manifest: dict, digest: str) -> None:
+    """The prepared data as an MLflow dataset input of the active stage run and of its
+    pipeline's parent run (the runs table's Dataset column): named by its format and labeled
+    fraction, identified by the manifest's digest, so two runs' data differ exactly when their
+    digests do."""
+    import json
+
+    import mlflow
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    run = mlflow.active_run()
+    if run is None:
+        return
+    dataset = Dataset(name=f"{manifest['format']} ({manifest['labeled_fraction']:g} labeled)", digest=digest,
+                      source_type="local", source=json.dumps({"uri": Path(prepared).resolve().as_uri()}),
+                      profile=json.dumps(manifest.get("counts", {})))
+    used = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train")])]
+    client = mlflow.MlflowClient()
+    client.log_inputs(run.info.run_id, datasets=used)
+    parent = run.data.tags.get("mlflow.parentRunId")
+    if parent and not any(d.dataset.digest == digest for d in client.get_run(parent).inputs.dataset_inputs):
+        client.log_inputs(parent, datasets=used)
 
 
 def tag_with_parent(key: str, value: str) -> None:
