@@ -315,6 +315,11 @@ def test_a_student_change_reruns_two_stages_and_mlflow_compares_the_runs(repo, p
     tags = tags_of(second)
     assert [s for s in STAGES if tags[stage_tag(s)] == "cached"] == STAGES[:5]
     assert f"MLflow run {second['info']['run_id']}: ran student_train@round1, evaluate" in result.stderr
+    assert "viewStateShareKey=pipeline&workflowType=machine_learning" in result.stderr  # the runs page
+    inputs = second["inputs"]["dataset_inputs"]  # the runs table's Dataset column
+    assert [d["dataset"]["digest"] for d in inputs] == [tags["data.manifest_hash"]]
+    for ray_line in ("Checkpoint successfully created", "Reporting training result"):  # PIPELINE_VERBOSE=1 only
+        assert ray_line not in result.stdout + result.stderr
     plots = json.loads(run(["dvc", "plots", "diff", "HEAD", "--json"], repo).stdout)["data"]
     for plot in ("training_loss", "student_iou_per_class"):
         assert {rev for entry in plots[plot] for rev in entry["revisions"]} == {"HEAD", "workspace"}, plot
