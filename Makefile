@@ -29,7 +29,6 @@ install-system:
 # dvc repro with one local Ray for all stages and one MLflow parent run (see pipeline/run.py).
 run: install
 	$(PY) -m pipeline.run
-	dvc metrics show
 
 # Remake the shipped stand-in encoder (encoders/dvc.yaml, about 7 minutes on 2 CPU cores). Its
 # stage is frozen so that `make run` never retrains it; it is thawed for this run only, and

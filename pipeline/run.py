@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         ray_cfg = params_ray_config()
     except ConfigError as err:
         sys.exit(f"error: {err}")
+    started = time.monotonic()
     execution = os.environ.get("PIPELINE_EXECUTION_ID") or f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
     collect_nothing_at_exit()
     code = 130  # interrupted, unless dvc returns
@@ -54,15 +55,36 @@ def main(argv: list[str] | None = None) -> int:
                 dvc.kill()
                 raise
     finally:
-        dvc_file = yaml.safe_load((root / "dvc.yaml").read_text())
-        metrics = root / dvc_file["vars"][0]["paths"]["metrics"]
+        paths = yaml.safe_load((root / "dvc.yaml").read_text())["vars"][0]["paths"]
+        metrics = root / paths["metrics"]
         # DVC's names for the stages, each `foreach` instance (`student_train@round1`) on its own.
         stages = subprocess.run(["dvc", "stage", "list", "--name-only"], capture_output=True, text=True,
                                 check=True).stdout.split()
         summary = finish_execution(params, root, execution, stages, metrics, code)
         if summary:
+            if code == 0 and metrics.is_file():
+                summary = "\n".join([*outcome(metrics, time.monotonic() - started, paths["figures"]), summary])
             print(summary, file=sys.stderr)
     return code
+
+
+def outcome(metrics_file: Path, seconds: float, figures: str) -> list[str]:
+    """What a person reads at the end of a run: the scores, the gain, the time, the pictures."""
+    import json
+
+    scores = json.loads(metrics_file.read_text())
+    lines = []
+    if {"teacher", "student"} <= set(scores):
+        teacher, student = scores["teacher"], scores["student"]
+        line = (f"val mIoU: teacher {teacher['miou']:.3f}, student {student['miou']:.3f} "
+                f"({student['miou'] - teacher['miou']:+.3f})")
+        if "boundary_f1" in teacher and "boundary_f1" in student:
+            line += f"; boundary F1: {teacher['boundary_f1']:.3f} -> {student['boundary_f1']:.3f}"
+        lines.append(line)
+    minutes, rest = divmod(round(seconds), 60)
+    lines.append(f"took {minutes} min {rest} s; figures in {figures}/ (every plot in one page: make report; "
+                 "every score: dvc metrics show)")
+    return lines
 
 
 @contextlib.contextmanager

@@ -316,6 +316,7 @@ def test_a_student_change_reruns_two_stages_and_mlflow_compares_the_runs(repo, p
     assert [s for s in STAGES if tags[stage_tag(s)] == "cached"] == STAGES[:5]
     assert f"MLflow run {second['info']['run_id']}: ran student_train@round1, evaluate" in result.stderr
     assert "viewStateShareKey=pipeline&workflowType=machine_learning" in result.stderr  # the runs page
+    assert re.search(r"val mIoU: teacher \d\.\d{3}, student \d\.\d{3} \([+-]\d\.\d{3}\)", result.stderr)
     inputs = second["inputs"]["dataset_inputs"]  # the runs table's Dataset column
     assert [d["dataset"]["digest"] for d in inputs] == [tags["data.manifest_hash"]]
     for ray_line in ("Checkpoint successfully created", "Reporting training result"):  # PIPELINE_VERBOSE=1 only
