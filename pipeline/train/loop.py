@@ -149,7 +149,8 @@ def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: C
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
         totals = train_steps(model, optimizer, scheduler, step, steps, setup.device)
-        loop_seconds += time.perf_counter() - started
+        epoch_seconds = time.perf_counter() - started
+        loop_seconds += epoch_seconds
         metrics = {k: v / steps for k, v in totals.items()}
         metrics |= {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[-1], "loop_seconds": loop_seconds,
                     "world_size": setup.world_size, "data_seconds": setup.data_seconds,
@@ -158,8 +159,8 @@ def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: C
             metrics["replica_weight_spread"] = replica_weight_spread(model)
         setup.log_metrics(metrics, epoch + 1)
         if setup.rank == 0:
-            losses = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in totals)
-            print(f"epoch {epoch + 1}/{epochs} {losses} ({loop_seconds:.0f}s in the loop)", flush=True)
+            print(epoch_line(epoch + 1, epochs, {k: metrics[k] for k in totals}, steps * train.batch_size,
+                             epoch_seconds, loop_seconds), flush=True)
         state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "epoch": epoch + 1, "loop_seconds": loop_seconds}
         # Everything since the loop started that was not a training step (logging, checkpoints, the
@@ -169,6 +170,16 @@ def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: C
         outside_steps = now - timeline["loop_started_at"] - (loop_seconds - restored_seconds)
         marks = timeline | {"loop_ended_at": now, "report_seconds": outside_steps}
         report(metrics | marks, state if setup.rank == 0 else None)
+
+
+def epoch_line(epoch: int, epochs: int, losses: dict[str, float], images: int, epoch_seconds: float,
+               loop_seconds: float) -> str:
+    """The stage's progress, one line per epoch: its losses, images per second (all workers
+    together) and the time left in the loop at this epoch's pace."""
+    left = round((epochs - epoch) * epoch_seconds)
+    return (f"epoch {epoch}/{epochs} " + " ".join(f"{k}={v:.4f}" for k, v in losses.items())
+            + f" | {images / max(epoch_seconds, 1e-9):.0f} images/s | {loop_seconds:.0f}s in the loop"
+            + (f", about {left // 60} min {left % 60:02d} s to go" if epoch < epochs else ""))
 
 
 def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, step: Callable[[], dict],
