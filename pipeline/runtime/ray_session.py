@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 from pipeline.config.params import RayConfig
@@ -17,11 +16,8 @@ def init_ray(ray_cfg: RayConfig) -> None:
     address = ray_cfg.resolved_address() or execution_ray_address(ray_cfg)
     import ray
 
-    from pipeline.runtime.ray_logging import VERBOSE
-
     job_options = {"logging_config": ray.LoggingConfig(log_level="WARNING"),
-                   "runtime_env": {"worker_process_setup_hook": "pipeline.runtime.ray_logging.quiet_worker_logs",
-                                   "env_vars": {VERBOSE: os.environ.get(VERBOSE, "0")}}}
+                   "runtime_env": {"worker_process_setup_hook": "pipeline.runtime.ray_logging.quiet_worker_logs"}}
     if address:
         ray.init(address=address, **job_options)
     else:

@@ -43,16 +43,24 @@ def connect(ray_cfg: RayConfig) -> None:
     init_ray(ray_cfg)
 
 
+VERBOSE = "PIPELINE_VERBOSE"  # 1: Ray Train's INFO lines on the console too
+
+
 def job_configs(ray_cfg: RayConfig, name: str) -> dict:
     """The `TorchTrainer` arguments every training stage's job shares: its workers, and its run
-    `name` under `ray.storage_path` (the latest checkpoint kept, relaunched on failures)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    `name` under `ray.storage_path` (the latest checkpoint kept, relaunched on failures).
+    Ray Train's INFO lines (each epoch's checkpoint written and result reported, hundreds of
+    characters each; the loop's epoch line says it in one) reach the console only with
+    PIPELINE_VERBOSE=1; its system log file in the Ray session keeps them always."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
     storage = ray_cfg.storage_path if "://" in ray_cfg.storage_path else str(Path(ray_cfg.storage_path).resolve())
     return {"scaling_config": ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
                                             resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
             "run_config": RunConfig(name=name, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=1),
-                                    failure_config=FailureConfig(max_failures=ray_cfg.max_failures))}
+                                    failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
+                                    logging_config=LoggingConfig("INFO" if os.environ.get(VERBOSE) == "1"
+                                                                 else "WARNING"))}
 
 
 def launch(stage: str, recipe: Recipe, job: JobConfig, ray_cfg: RayConfig, inputs: list[Path]) -> tuple[dict, dict]:

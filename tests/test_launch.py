@@ -1,0 +1,9 @@
+from pipeline.config.params import RayConfig
+from pipeline.train.launch import VERBOSE, job_configs
+
+
+def test_ray_trains_console_lines_are_warnings_only_unless_verbose(monkeypatch):
+    monkeypatch.delenv(VERBOSE, raising=False)
+    assert job_configs(RayConfig(), "job")["run_config"].logging_config.log_level == "WARNING"
+    monkeypatch.setenv(VERBOSE, "1")
+    assert job_configs(RayConfig(), "job")["run_config"].logging_config.log_level == "INFO"
