@@ -2,6 +2,7 @@
 worker process of a stage, data-reading tasks included."""
 
 import logging
+import os
 
 
 def quiet_worker_logs() -> None:
@@ -11,3 +12,11 @@ def quiet_worker_logs() -> None:
     worker reads its datasets side by side, as ours do."""
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
     logging.getLogger("ray.data._internal.logging").setLevel(logging.WARNING)
+    if os.environ.get("PIPELINE_VERBOSE") != "1":
+        # Each epoch's "Reporting training result …" line, hundreds of characters, comes from a
+        # logger named after its file rather than under `ray.train`, so the jobs'
+        # `logging_config` (pipeline.train.launch.job_configs) does not reach it.
+        import ray
+
+        reporter = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+        logging.getLogger(reporter).setLevel(logging.WARNING)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from pipeline.config.params import RayConfig
@@ -17,7 +18,8 @@ def init_ray(ray_cfg: RayConfig) -> None:
     import ray
 
     job_options = {"logging_config": ray.LoggingConfig(log_level="WARNING"),
-                   "runtime_env": {"worker_process_setup_hook": "pipeline.runtime.ray_logging.quiet_worker_logs"}}
+                   "runtime_env": {"worker_process_setup_hook": "pipeline.runtime.ray_logging.quiet_worker_logs",
+                                   "env_vars": {"PIPELINE_VERBOSE": os.environ.get("PIPELINE_VERBOSE", "0")}}}
     if address:
         ray.init(address=address, **job_options)
     else:
