@@ -457,8 +457,10 @@ def test_a_training_stage_runs_across_two_ray_nodes(repo, params_file, mlflow_se
 
 def watch(cmd: list[str], repo: Path, log: Path, env: dict | None = None) -> subprocess.Popen:
     """Start `cmd` in its own process group, its output going to `log` as soon as it is printed
-    (unbuffered: a test acts on lines as they appear)."""
-    return subprocess.Popen(cmd, cwd=repo, env={**repo_env(repo), "PYTHONUNBUFFERED": "1", **(env or {})},
+    (unbuffered: a test acts on lines as they appear; verbose: they act on Ray Train's report
+    line, CHECKPOINTED)."""
+    return subprocess.Popen(cmd, cwd=repo, env={**repo_env(repo), "PYTHONUNBUFFERED": "1", "PIPELINE_VERBOSE": "1",
+                                                **(env or {})},
                             stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
