@@ -131,8 +131,9 @@ def stage(name: str, sections: list[str], prepared: Path | None = None,
             ctx.run_id = run_id
             yield ctx
             if prepared is not None:  # read at the end: `prepare` writes the manifest itself
-                tag_with_parent("data.manifest_hash", manifest_hash(prepared))
-                log_prepared_data(prepared, read_manifest(prepared), manifest_hash(prepared))
+                digest = manifest_hash(prepared)
+                tag_with_parent("data.manifest_hash", digest)
+                log_prepared_data(prepared, read_manifest(prepared), digest)
             if ctx.curves is not None and "loop_s" not in ctx.summary:  # nothing trained (e.g. weights from a file)
                 from pipeline.data.atomic import write_text_atomic
 
