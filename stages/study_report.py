@@ -9,7 +9,7 @@ import yaml
 from pipeline.data.atomic import write_text_atomic
 from pipeline.orchestrate.stage_run import stage, stage_parser
 from pipeline.runtime.tracking import git_commit
-from pipeline.tools.study import dataset_plans, dataset_report, measured_points, planned_points
+from pipeline.tools.study import measured_points, planned_points, report
 
 
 def main() -> None:
@@ -21,16 +21,10 @@ def main() -> None:
     with stage("study_report", ["study", "student", "data"], overrides=args.overrides) as ctx:
         cfg = ctx.params.study
         study_plan = yaml.safe_load(args.plan.read_text())
-        progress = measured_points(study_plan, args.metrics), planned_points(study_plan)
-        sections = [dataset_report(sub_plan, args.metrics, cfg, ctx.params.student, args.out, control,
-                                   ctx.params.data.format)
-                    for control, sub_plan in dataset_plans(study_plan).items()]
-        partial = (f"**Partial: {progress[0]} of {progress[1]} points measured so far** (– = not trained yet).\n\n"
-                   if progress[0] < progress[1] else "")
-        write_text_atomic(args.out / "report.md",
-                          f"{partial}Commit `{git_commit(ctx.root)}`.\n\n" + "\n".join(sections))
+        write_text_atomic(args.out / "report.md", report(study_plan, args.metrics, cfg, ctx.params.student, args.out,
+                                                         ctx.params.data.format, git_commit(ctx.root)))
         mlflow.log_artifacts(str(args.out), "study")
-        ctx.summary |= {"points": progress[0], "planned": progress[1]}
+        ctx.summary |= {"points": measured_points(study_plan, args.metrics), "planned": planned_points(study_plan)}
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config.params import ConfigError, StudyConfig
+from pipeline.config.params import ConfigError, StudentConfig, StudyConfig
 from pipeline.tools.study import (
     ABLATION,
     PHASES,
@@ -30,6 +30,7 @@ from pipeline.tools.study import (
     plan,
     planned_points,
     recorded,
+    report,
     result_files,
     sigma_sweep,
     update_readme,
@@ -136,8 +137,8 @@ def test_ablation_table_averages_seeds_and_adds_teacher_full_supervision_and_pse
     shares = ablation_table(rows, cfg, share=True)  # each seed's student over that seed's 0.9
     assert shares["+ DSBN"][0.1][0] == pytest.approx(0.405 / 0.9)
     assert "fully supervised (100% labels)" not in shares and "pseudo-labels, round 1" not in shares
-    text = markdown(figure2(collect(study, tmp_path), cfg), sigma_sweep(collect(study, tmp_path), cfg), cfg, "c0ffee",
-                    table, ablation_shares=shares)
+    text = markdown(figure2(collect(study, tmp_path), cfg), sigma_sweep(collect(study, tmp_path), cfg), cfg, table,
+                    ablation_shares=shares)
     assert "| + DSBN | 0.405 ± 0.005 | 45% ± 1% |" in text
     assert "| pseudo-labels, round 1 | 0.300 ± 0.000 |  |" in text
     (tmp_path / f"student-{next(iter(study['students']))}.json").unlink()
@@ -156,7 +157,7 @@ def test_ablation_table_is_empty_until_a_student_is_trained(tmp_path):
         (tmp_path / f"{key}.json").write_text(json.dumps({"miou": 0.3}))
     assert ablation_rows(study, tmp_path, cfg) == {} and ablation_table({}, cfg) == {}
     points = collect(study, tmp_path)
-    text = markdown(figure2(points, cfg), sigma_sweep(points, cfg), cfg, "c0ffee", {})
+    text = markdown(figure2(points, cfg), sigma_sweep(points, cfg), cfg, {})
     assert "(not trained yet)" in text.split("Self-training ablation")[1]
 
 
@@ -209,7 +210,7 @@ def test_pretrain_length_table_reads_each_lengths_loss_and_keeps_its_teachers_ou
     assert table["DDeP, 300 steps (Figure 2's)"][0.05][0] == pytest.approx(0.2)
     assert table["supervised encoder, no decoder pretraining"][0.05][0] == pytest.approx(0.3)
     assert figure2(points, cfg)["DDeP"][0.05][0] == pytest.approx(0.2)  # the longer pretraining is not Figure 2's
-    text = markdown(figure2(points, cfg), sigma_sweep(points, cfg), cfg, "c0ffee", {}, None, table)
+    text = markdown(figure2(points, cfg), sigma_sweep(points, cfg), cfg, {}, table)
     assert "| DDeP, 1500 steps | 0.500 | 0.400 ± 0.000 |" in text
     assert "| DDeP, 300 steps (Figure 2's) | – | 0.200 ± 0.000 |" in text
     assert "| supervised encoder, no decoder pretraining | n/a | 0.300 ± 0.000 |" in text
@@ -238,8 +239,7 @@ def test_tables_average_over_seeds_and_keep_the_spread():
     sweep = sigma_sweep(points, cfg)
     assert set(sweep) == {"DDeP", "DeP"} and set(sweep["DeP"]) == {0.2, 0.4}
     assert sweep["DeP"][0.2][2] == 2
-    text = markdown(fig2, sweep, cfg, "abc123")
-    assert "| DDeP | 0.230 ± 0.010 | 0.320 ± 0.010 |" in text and "abc123" in text
+    assert "| DDeP | 0.230 ± 0.010 | 0.320 ± 0.010 |" in markdown(fig2, sweep, cfg)
 
 
 def test_collect_reads_each_teachers_metrics_and_a_partial_study_reports_what_it_has(tmp_path):
@@ -251,8 +251,8 @@ def test_collect_reads_each_teachers_metrics_and_a_partial_study_reports_what_it
     points = collect(study, tmp_path)
     assert len(points) == len(study["teachers"]) == 16
     assert measured_points(study, tmp_path) == planned_points(study) == 16
-    full = markdown(figure2(points, cfg), sigma_sweep(points, cfg), cfg, "c0ffee", {}, (16, 16))
-    assert "Partial" not in full and "–" not in full.split("Self-training")[0]
+    full = report(study, tmp_path, cfg, StudentConfig(), tmp_path / "report", "shapes", "c0ffee")
+    assert full.startswith("Commit `c0ffee`.") and "–" not in full.split("boundary F1")[0]
     # The 100% column not trained at all and one seed of DDeP at 50%: "–" and "(1 of 2 seeds)".
     for key, teacher in study["teachers"].items():
         if teacher["fraction"] == 1.0 or (key.startswith("ddep") and teacher["seed"] == 1):
@@ -260,9 +260,8 @@ def test_collect_reads_each_teachers_metrics_and_a_partial_study_reports_what_it
     points = collect(study, tmp_path)
     fig2 = figure2(points, cfg)
     assert len(points) == 7 and fig2["DDeP"][1.0][2] == 0 and fig2["DDeP"][0.5][2] == 1
-    progress = measured_points(study, tmp_path), planned_points(study)
-    text = markdown(fig2, sigma_sweep(points, cfg), cfg, "c0ffee", {}, progress)
-    assert "**Partial: 7 of 16 points measured so far**" in text
+    text = report(study, tmp_path, cfg, StudentConfig(), tmp_path / "report", "shapes", "c0ffee")
+    assert text.startswith("**Partial: 7 of 16 points measured so far**")
     ddep_row = next(line for line in text.splitlines() if line.startswith("| DDeP |"))
     assert ddep_row.endswith("(1 of 2 seeds) | – |")
     write_outputs(fig2, sigma_sweep(points, cfg), tmp_path)
@@ -348,7 +347,7 @@ def test_per_class_table_averages_figure2_teachers_at_the_sweep_fraction_by_clas
     mean, std, n = table["supervised encoder"]["digit"]
     assert (mean, std, n) == (pytest.approx(0.25), pytest.approx(0.05), 2)  # 5% only: not 100%, not the 30-epoch DDeP
     assert table["DDeP"]["digit"] == (pytest.approx(0.2), 0.0, 1)
-    text = markdown(figure2([], cfg), sigma_sweep([], cfg), cfg, "c0ffee", {}, None, None, table)
+    text = markdown(figure2([], cfg), sigma_sweep([], cfg), cfg, {}, None, table)
     assert "| class | random init | supervised encoder | DeP | DDeP |" in text
     assert "| digit | n/a | 0.250 ± 0.050 | – | 0.200 (1 of 2 seeds) |" in text
     assert "| background | 0.900 ± 0.000 | 0.900 ± 0.000 | – | 0.900 (1 of 2 seeds) |" in text
@@ -383,7 +382,7 @@ def test_shares_and_differences_pair_each_seed_with_itself_and_the_findings_say_
     assert "5% labels +0.070 ± 0.010, ahead by more than the seeds' spread" in said[1]
     assert "reaches 90% ± 0% of the fully supervised DDeP teacher" in said[2]
     assert "minus its teacher's, seed by seed, is +0.210 ± 0.030: ahead by more than the seeds' spread" in said[2]
-    text = markdown(figure2(points, cfg), sigma_sweep(points, cfg), cfg, "c0ffee", findings=said, shares=shares,
+    text = markdown(figure2(points, cfg), sigma_sweep(points, cfg), cfg, findings=said, shares=shares,
                     boundary=figure2(points, cfg, "boundary_f1"))
     assert text.startswith("- **Headroom**") and "| supervised encoder | 50% ± 0% |" in text
     assert "| DDeP | 0.210 ± 0.030 | 0.350 ± 0.050 |" in text.split("boundary F1")[1]

@@ -421,23 +421,18 @@ def _cell(stat: tuple[float, float, int], seeds: int, percent: bool = False) -> 
     return value if n >= seeds else f"{value.split(' ±')[0]} ({n} of {seeds} seeds)"
 
 
-def markdown(fig2: dict, sweep: dict, cfg: StudyConfig, commit: str, ablation: dict | None = None,
-             progress: tuple[int, int] | None = None, length: dict | None = None,
+def markdown(fig2: dict, sweep: dict, cfg: StudyConfig, ablation: dict | None = None, length: dict | None = None,
              per_class: dict | None = None, *, boundary: dict | None = None, shares: dict | None = None,
              ablation_shares: dict | None = None, findings: list[str] | None = None) -> str:
-    """The report: its findings in sentences, then the tables they come from. `progress` =
-    (points measured, points planned): a study still running says so above everything."""
+    """One dataset's report: its findings in sentences, then the tables they come from."""
     seeds = len(cfg.seeds)
     fractions = list(next(iter(fig2.values())))
     steps = ", ".join(f"{cfg.steps_for(f)} steps at {f:.0%}" for f in cfg.fractions)
     lines = []
-    if progress and progress[0] < progress[1]:
-        lines += [f"**Partial: {progress[0]} of {progress[1]} points measured so far** (– = not trained yet).", ""]
     if findings:
         lines += [f"- {sentence}" for sentence in findings] + [""]
     lines += [(f"Teacher val mIoU, mean ± std over {seeds} seeds (labeled subset and training seed); "
-               f"teachers trained {steps}; DDeP σ = {cfg.ddep_sigma:g}, DeP σ = {cfg.dep_sigma:g}."
-               + (f" Commit `{commit}`." if commit else "")), ""]
+               f"teachers trained {steps}; DDeP σ = {cfg.ddep_sigma:g}, DeP σ = {cfg.dep_sigma:g}."), ""]
     lines += _table("initialisation", [f"{f:.0%} labels" for f in fractions],
                     {name: [_cell(row[f], seeds) for f in fractions] for name, row in fig2.items()})
     if shares:
@@ -614,12 +609,24 @@ def dataset_report(sub_plan: dict, metrics_dir: Path, cfg: StudyConfig, student,
     name = control or pipeline_format
     role = (f"the control, `study.control: {control}`" if control
             else f"the pipeline's own data, `data.format: {pipeline_format}`")
-    body = markdown(fig2, sweep, cfg, "", ablation_table(rows, cfg), None,
-                    pretrain_length_table(points, sub_plan, metrics_dir, cfg), per_class_table(points, cfg),
+    body = markdown(fig2, sweep, cfg, ablation_table(rows, cfg), pretrain_length_table(points, sub_plan, metrics_dir, cfg),
+                    per_class_table(points, cfg),
                     boundary=figure2(points, cfg, "boundary_f1"), shares=figure2_shares(points, cfg),
                     ablation_shares=ablation_table(rows, cfg, share=True),
                     findings=findings(points, rows, cfg, pipeline_row(student)))
     return f"### {DATASET_TITLES.get(name, name)} ({role}), {len(cfg.seeds)} seeds\n\n{body}"
+
+
+def report(study_plan: dict, metrics_dir: Path, cfg: StudyConfig, student, out_dir: Path, pipeline_format: str,
+           commit: str) -> str:
+    """The whole report: a study still running says so above everything, then the commit it
+    ran at and a section per dataset (the pipeline's own first, then the control)."""
+    measured, planned = measured_points(study_plan, metrics_dir), planned_points(study_plan)
+    partial = (f"**Partial: {measured} of {planned} points measured so far** (– = not trained yet).\n\n"
+               if measured < planned else "")
+    sections = [dataset_report(sub_plan, metrics_dir, cfg, student, out_dir, control, pipeline_format)
+                for control, sub_plan in dataset_plans(study_plan).items()]
+    return f"{partial}Commit `{commit}`.\n\n" + "\n".join(sections)
 
 
 def _csv_number(value: float) -> str:
