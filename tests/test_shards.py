@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from pipeline.data.png import decode_png, encode_png
-from pipeline.data.shards import SEGMENTATION_SCHEMA, DataError, check_rows, read_split, write_shards
+from pipeline.data.shards import SEGMENTATION_SCHEMA, DataError, check_rows, read_rank_columns, read_split, write_shards
 
 
 def test_parquet_shards_round_trip(tmp_path):
@@ -23,3 +23,18 @@ def test_each_ray_worker_needs_a_row(tmp_path):
     assert check_rows("labeled", [tmp_path / "one"], 1) == 1
     with pytest.raises(DataError, match="1 rows, fewer than the 2 Ray workers"):
         check_rows("labeled", [tmp_path / "one"], 2)
+
+
+def test_each_rank_reads_its_contiguous_share_and_the_shares_hold_every_row_once(tmp_path):
+    rows = [{"id": f"x{i}", "height": 2, "width": 2, "image": encode_png(np.full((2, 2, 3), i, np.uint8)),
+             "mask": encode_png(np.full((2, 2), i, np.uint8))} for i in range(11)]
+    write_shards(rows, SEGMENTATION_SCHEMA, tmp_path / "split", shard_rows=4)
+    write_shards([], SEGMENTATION_SCHEMA, tmp_path / "empty", shard_rows=4)  # a part with no rows
+    uris = [str(f) for f in sorted((tmp_path / "split").glob("*.parquet"))] + [str(tmp_path / "empty/part-00000.parquet")]
+    for world_size in (1, 2, 3):
+        shares = [read_rank_columns(uris, ["image", "mask"], rank, world_size) for rank in range(world_size)]
+        assert [len(share["mask"]) for share in shares] in ([11], [5, 6], [3, 4, 4])
+        values = [int(v) for share in shares for v in share["mask"][:, 0, 0]]
+        assert values == list(range(11))  # file order, each row once
+        assert all(share["image"].shape[1:] == (3, 2, 2) for share in shares)
+    assert read_rank_columns([(tmp_path / "split/part-00001.parquet").as_uri()], ["mask"])["mask"].shape == (4, 2, 2)

@@ -64,6 +64,32 @@ def write_shards(rows: Iterable[dict], schema: pa.Schema, out_dir: Path, shard_r
     return writer.close()
 
 
+def read_rank_columns(uris: list[str], columns: list[str], rank: int = 0, world_size: int = 1) -> dict:
+    """Rank `rank`'s contiguous share of the rows of Parquet files `uris` (local paths, or URIs
+    pyarrow's filesystems know, e.g. `s3://`), read straight with pyarrow and decoded into
+    in-memory tensors (`tensors.columns_to_tensors`). Shares differ by at most one row and
+    together hold every row once, in file order."""
+    import pyarrow.fs as pafs
+
+    from pipeline.data.tensors import columns_to_tensors
+
+    files = []
+    for uri in uris:
+        filesystem, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (None, uri)
+        files.append(pq.ParquetFile(path, filesystem=filesystem))
+    sizes = [f.metadata.num_rows for f in files]
+    total = sum(sizes)
+    start, end = rank * total // world_size, (rank + 1) * total // world_size
+    batches, offset = [], 0
+    for file, size in zip(files, sizes):
+        lo, hi = max(start - offset, 0), min(end - offset, size)
+        if lo < hi:
+            table = file.read(columns=columns).slice(lo, hi - lo)
+            batches.append({name: table.column(name).to_numpy(zero_copy_only=False) for name in columns})
+        offset += size
+    return columns_to_tensors(batches)
+
+
 def read_split(path: Path, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
     """Read one split directory in full, or the rows matching pyarrow `filters`."""
     return pq.read_table(path, columns=columns, filters=filters)

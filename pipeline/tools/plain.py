@@ -14,23 +14,13 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 
 from pipeline.config.params import RayConfig
-from pipeline.data.shards import parquet_files
-from pipeline.data.tensors import columns_to_tensors
+from pipeline.data.shards import parquet_files, read_rank_columns
 from pipeline.runtime.execution import peak_rss_mb
 from pipeline.train.loop import JobConfig, WorkerSetup, threads_and_seed, train_steps, warmup_cosine
 from pipeline.train.recipes import Recipe, rows_of
-
-
-def read_tensors(folders: list[Path], columns: list[str]) -> dict:
-    """A dataset's columns as in-memory tensors straight from its Parquet shards (no Ray): what a
-    training worker holds after loading its Ray Data shard, for the benchmark's plain loop."""
-    files = [f for folder in folders for f in parquet_files(Path(folder))]
-    return columns_to_tensors({name: column.to_numpy(zero_copy_only=False) for name, column in
-                               zip(columns, pq.read_table(f, columns=columns).columns)} for f in files)
 
 
 def plain_setup(job: JobConfig, device: torch.device = torch.device("cpu")) -> WorkerSetup:
@@ -41,7 +31,8 @@ def plain_setup(job: JobConfig, device: torch.device = torch.device("cpu")) -> W
 def plain_launch(stage: str, recipe: Recipe, job: JobConfig, ray_cfg: RayConfig, inputs: list[Path]) -> tuple[dict, dict]:
     """What `launch` returns, trained in this process: the state and the final metrics."""
     started = time.perf_counter()
-    rows = {name: rows_of(rows_type, read_tensors(list(folders), list(rows_type._fields)))
+    rows = {name: rows_of(rows_type, read_rank_columns([str(f) for p in folders for f in parquet_files(Path(p))],
+                                                       list(rows_type._fields)))
             for name, (folders, rows_type) in recipe.datasets().items()}
     data_seconds = time.perf_counter() - started
     setup = plain_setup(job)

@@ -1,6 +1,6 @@
 """A training stage's Ray Train job: launched from the stage's process (`launch`: its name,
-workers, datasets, run), entered on each worker (`worker_entry`: the recipe's shards and parts,
-then `loop.run_epochs`)."""
+workers, shards, run), entered on each worker (`worker_entry`: its share of the recipe's shards
+and parts, then `loop.run_epochs`)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from pipeline.config.params import RayConfig
-from pipeline.data.shards import parquet_files
+from pipeline.data.shards import parquet_files, read_rank_columns
 from pipeline.runtime.ray_session import init_ray
 from pipeline.runtime.storage import worker_uris
-from pipeline.train.loop import STATE_FILE, JobConfig, WorkerSetup, load_shard, run_epochs
+from pipeline.train.loop import STATE_FILE, JobConfig, WorkerSetup, run_epochs
 from pipeline.train.recipes import Recipe, rows_of
 
 # Ray Train V2 polls its workers every 2 s and exports Prometheus metrics by default; a stage
@@ -66,32 +66,19 @@ def job_configs(ray_cfg: RayConfig, name: str) -> dict:
 def launch(stage: str, recipe: Recipe, job: JobConfig, ray_cfg: RayConfig, inputs: list[Path]) -> tuple[dict, dict]:
     """Train `recipe` as a Ray Train job; return (final state dict, final reported metrics).
 
-    The recipe's datasets are read with Ray Data and sharded across workers. Checkpoints live
-    under `ray.storage_path` while the job runs and are removed once the final state is back,
-    since the stage exports it as its DVC output. The driver never imports the models (timm
-    and torchvision cost seconds per stage); only the workers do, in `recipe.build`.
+    Each worker reads its share of the recipe's Parquet shards itself (`worker_entry`).
+    Checkpoints live under `ray.storage_path` while the job runs and are removed once the final
+    state is back, since the stage exports it as its DVC output. The driver never imports the
+    models (timm and torchvision cost seconds per stage); only the workers do, in `recipe.build`.
     """
     connect(ray_cfg)
-    import ray.data
-    from ray.train import DataConfig
     from ray.train.torch import TorchTrainer
 
     ray_connected_at = time.time()
-    data_context = ray.data.DataContext.get_current()
-    data_context.enable_progress_bars = False
-    # Ray Data's V2 Parquet reader lists files in a task and provisions footer-reader actors:
-    # ~10 s per training stage on a small node, for shards that are a few MB. V1 reads them directly.
-    data_context.use_datasource_v2 = False
-    trainer = TorchTrainer(
-        worker_entry,
-        train_loop_config={"job": job, "recipe": recipe},
-        **job_configs(ray_cfg, run_name(stage, job.identity(), inputs)),
-        datasets={name: ray.data.read_parquet(worker_uris([f for p in folders for f in parquet_files(Path(p))],
-                                                          ray_cfg.data_uri), columns=list(rows._fields))
-                  for name, (folders, rows) in recipe.datasets().items()},
-        # One worker reads the whole dataset: splitting it would only add a coordinator actor (~3 s).
-        dataset_config=DataConfig(datasets_to_split="all" if ray_cfg.num_workers > 1 else []),
-    )
+    shards = {name: worker_uris([f for p in folders for f in parquet_files(Path(p))], ray_cfg.data_uri)
+              for name, (folders, _) in recipe.datasets().items()}
+    trainer = TorchTrainer(worker_entry, train_loop_config={"job": job, "recipe": recipe, "shards": shards},
+                           **job_configs(ray_cfg, run_name(stage, job.identity(), inputs)))
     result = trainer.fit()
     with result.checkpoint.as_directory() as ckpt_dir:
         state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)
@@ -115,23 +102,25 @@ def job_phases(launched_at: float, metrics: dict, returned_at: float) -> dict[st
 
 
 def worker_entry(config: dict) -> None:
-    """A worker of the job: load its shards while the recipes' imports (seconds of timm and
-    torchvision) run on this thread, each dataset in a thread of its own, since most of a small
-    dataset's load is Ray Data starting its execution and the read tasks run in other processes;
-    then the recipe's parts through the epochs."""
+    """A worker of the job: its share of each dataset's rows, read with pyarrow (every split
+    here fits in a worker's memory, and sampling batches from memory keeps a step's cost at the
+    model's; Ray Data would add seconds of execution start-up per dataset), each dataset in a
+    thread of its own while the recipes' imports (seconds of timm and torchvision) run on this
+    one; then the recipe's parts through the epochs."""
     from concurrent.futures import ThreadPoolExecutor
 
     started_at = time.time()
+    job: JobConfig = config["job"]
     recipe: Recipe = config["recipe"]
+    setup = WorkerSetup.from_job(job)
     datasets = recipe.datasets()
     with ThreadPoolExecutor(len(datasets)) as pool:
-        loading = {name: pool.submit(load_shard, name) for name in datasets}
+        loading = {name: pool.submit(read_rank_columns, config["shards"][name], list(rows._fields), setup.rank,
+                                     setup.world_size) for name, (_, rows) in datasets.items()}
         import pipeline.models.transunet  # noqa: F401
         import pipeline.train.steps  # noqa: F401
 
-        rows = {name: rows_of(datasets[name][1], future.result()) for name, future in loading.items()}
-    data_seconds = time.time() - started_at
-    setup = WorkerSetup.from_job(config["job"])
-    setup.started_at, setup.data_seconds = started_at, data_seconds
-    parts = recipe.build(config["job"], setup, **rows)
-    run_epochs(parts.model, parts.optimizer, parts.step, config["job"].train, setup)
+        columns = {name: rows_of(datasets[name][1], future.result()) for name, future in loading.items()}
+    setup.started_at, setup.data_seconds = started_at, time.time() - started_at
+    parts = recipe.build(job, setup, **columns)
+    run_epochs(parts.model, parts.optimizer, parts.step, job.train, setup)

@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from pipeline.config.params import ModelConfig, TrainConfig
-from pipeline.data.tensors import columns_to_tensors
 from pipeline.runtime.execution import peak_rss_mb
 
 STATE_FILE = "state.pt"
@@ -99,18 +98,6 @@ class WorkerSetup:
         from pipeline.runtime.tracking import log_metrics
 
         log_metrics(self.tracking_uri, self.mlflow_run_id, metrics, step)
-
-
-def load_shard(name: str) -> dict[str, torch.Tensor]:
-    """This worker's Ray Data shard of dataset `name`, decoded into in-memory tensors.
-
-    Shards of prepared data are small enough to hold (uint8), and sampling batches from
-    memory keeps the per-step cost at the model's, not the loader's.
-    """
-    import ray.train
-
-    shard = ray.train.get_dataset_shard(name)
-    return columns_to_tensors(shard.iter_batches(batch_size=256, batch_format="numpy"))
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float = 0.05):
