@@ -16,7 +16,7 @@ from pipeline.infer.batch import pseudo_label_rows, ray_predictions
 from pipeline.infer.figures import pseudo_label_grid
 from pipeline.infer.metrics import segmentation_scores
 from pipeline.models.checkpoints import SEGMENTER, load_weights
-from pipeline.orchestrate.stage_run import stage, stage_parser
+from pipeline.orchestrate.stage_run import import_meanwhile, stage, stage_parser
 
 EXAMPLES = 6  # images in the pseudo-label figure
 
@@ -36,6 +36,8 @@ def main() -> None:
         manifest = read_manifest(args.prepared)
         teacher = load_weights(args.teacher, SEGMENTER, ctx.params.model, manifest["classes"])
         confusion = torch.zeros(manifest["num_classes"], manifest["num_classes"], dtype=torch.long)
+        if args.figures:
+            import_meanwhile("matplotlib.pyplot")
         with ray_predictions({"teacher": teacher}, ctx.params.model, manifest["num_classes"], unlabeled,
                              ["id", "image", "mask"], cfg.batch_size, cfg.flip_tta, ctx.params.ray) as predictions, \
                 staged(args.out) as tmp:

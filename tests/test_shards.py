@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 
 from pipeline.data.png import decode_png, encode_png
-from pipeline.data.shards import SEGMENTATION_SCHEMA, DataError, check_rows, read_rank_columns, read_split, write_shards
+from pipeline.data.shards import (
+    SEGMENTATION_SCHEMA,
+    DataError,
+    check_rows,
+    read_rank_columns,
+    read_split,
+    write_shards,
+)
 
 
 def test_parquet_shards_round_trip(tmp_path):

@@ -93,3 +93,20 @@ def test_our_own_error_keeps_every_line_of_its_message(project, capsys):
         pass
     err = capsys.readouterr().err
     assert "error: params.yaml: not valid YAML" in err and "line 3" in err
+
+
+def test_modules_imported_meanwhile_arrive_without_the_stage_importing_them(monkeypatch):
+    import sys
+    import time
+
+    from pipeline.orchestrate.stage_run import import_meanwhile
+
+    monkeypatch.delitem(sys.modules, "wave", raising=False)
+    import_meanwhile("wave")
+    deadline = time.time() + 30
+    while "wave" not in sys.modules and time.time() < deadline:
+        time.sleep(0.05)
+    assert "wave" in sys.modules  # started by the thread alone
+    import wave  # waits for the thread's import to finish
+
+    assert wave.open
