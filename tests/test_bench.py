@@ -27,7 +27,7 @@ def _figures(pipeline_s: float, ratio_ray: float) -> dict:
         "inference": {"evaluate": {"images": 300, "plain": 200.0, "ray_1_actor": 190.0, "ray_1_actor_first_row_s": 4.0,
                                    "ray_1_actor_after_start": 199.0,
                                    "ray_2_actors": 150.0, "ray_2_actors_first_row_s": 5.0,
-                                   "ray_2_actors_after_start": 160.0, "ratio": 0.95}},
+                                   "ray_2_actors_after_start": 160.0, "ratio": 0.95, "floor_first_row_s": 2.5}},
         "threads": {"1": 80.0, "2": 120.0, "4": 60.0},
         "empty_job_s": [7.5, 6.25, 9.0],
     }
@@ -53,12 +53,16 @@ def test_the_table_shows_each_figure_and_judges_it_against_its_target():
     assert "each stage process's exit) | 381 s | | |" in table
     assert ("teacher_finetune: Ray Train / plain loop (60 steps, 3 alternated pairs, images/s; ratio: median over the "
             "pairs) | 97 / 100; 0.970 (pairs 0.95–1.00) | ≥ 0.95 | met |") in table
-    assert "| overhead per training stage (max) | 10.0 s | ≤ 6 s | **missed** |" in table
-    # The floor under it, right below: the median of the empty jobs and their range.
+    # The overhead above the floor (10 s less the empty jobs' median 7.5 s), the floor right below:
+    # the median of the empty jobs and their range.
+    assert ("| overhead per training stage above the floor below (median over the 1 training stages; each: 2.5) "
+            "| 2.5 s | ≤ 5 s | met |") in table
     assert ("the stages' settings (process start to its result; median of 3 runs) | 7.5 s (6.2–9.0) | | |"
-            in table.split("overhead per training stage (max)")[1].splitlines()[1])
+            in table.split("overhead per training stage above")[1].splitlines()[1])
     assert "evaluate (300 images): Ray Data 1 actor / plain loop, images/s | 190 / 200 = 0.95 (first row after 4.0 s; after it 199 images/s) | ≥ 0.9 | met |" in table
     assert "| 150 (first row after 5.0 s) |" in table
+    assert ("evaluate: first row (1 actor) above a Ray Data job of one actor that imports torch and passes its "
+            "batches on (first row after 2.5 s) | 1.5 s | ≤ 3 s | met |") in table
     assert "1 → 80, 2 → 120, 4 → 60" in table
     assert "90 / 97 = 0.93" in table
     assert "met" in markdown(_figures(pipeline_s=290.0, ratio_ray=0.9)).split("whole default pipeline")[1].splitlines()[0]

@@ -112,7 +112,18 @@ def local_predictions(models: dict[str, SegmentationNet], split: Path, columns: 
 def ray_predictions(states: dict[str, dict], model: ModelConfig, num_classes: int, split: Path, columns: list[str],
                     batch_size: int, flip_tta: bool, ray_cfg: RayConfig) -> Iterator[Iterator[Batch]]:
     """`predict_batch` over a split as a Ray Data pipeline with `ray.inference_actors` model
-    replicas (one GPU each when `use_gpu`), batches returned in the split's order.
+    replicas (one GPU each when `use_gpu`), batches returned in the split's order."""
+    with ray_map(SegmenterReplica, {"states": states, "model": model, "num_classes": num_classes, "flip_tta": flip_tta,
+                                    "threads": ray_cfg.cpus_per_worker, "use_gpu": ray_cfg.use_gpu},
+                 split, columns, batch_size, ray_cfg) as batches:
+        yield batches
+
+
+@contextmanager
+def ray_map(actor: type, actor_kwargs: dict, split: Path, columns: list[str], batch_size: int,
+            ray_cfg: RayConfig) -> Iterator[Iterator[Batch]]:
+    """A split's `columns` through a pool of `ray.inference_actors` `actor(**actor_kwargs)`
+    (called on each batch) as a Ray Data pipeline, batches in the split's order.
 
     A context manager: leaving it, however it is left, stops the pipeline and its actors while
     Ray is still up. A pipeline left to Python's exit would be stopped after Ray's own exit
@@ -125,17 +136,17 @@ def ray_predictions(states: dict[str, dict], model: ModelConfig, num_classes: in
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
-    context.use_datasource_v2 = False  # see train.launch.launch
+    # Ray Data's V2 Parquet reader lists files in a task and provisions footer-reader actors:
+    # ~10 s per stage on a small node, for shards of a few MB. V1 reads them directly.
+    context.use_datasource_v2 = False
     context.execution_options.preserve_order = True  # shards in the split's order, as the plain loop writes them
     context.raise_original_map_exception = True  # our DataError reaches the stage, not a UserCodeException
     dataset = ray.data.read_parquet(worker_uris(parquet_files(split), ray_cfg.data_uri), columns=columns)
-    predicted = dataset.map_batches(
-        SegmenterReplica, batch_size=batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"states": states, "model": model, "num_classes": num_classes, "flip_tta": flip_tta,
-                               "threads": ray_cfg.cpus_per_worker, "use_gpu": ray_cfg.use_gpu},
+    mapped = dataset.map_batches(
+        actor, batch_size=batch_size, batch_format="numpy", fn_constructor_kwargs=actor_kwargs,
         compute=ray.data.ActorPoolStrategy(size=ray_cfg.inference_actors),
         num_cpus=1 if ray_cfg.use_gpu else ray_cfg.cpus_per_worker, num_gpus=1 if ray_cfg.use_gpu else 0)
-    batches = iter(predicted.iter_batches(batch_size=None, batch_format="numpy"))
+    batches = iter(mapped.iter_batches(batch_size=None, batch_format="numpy"))
     try:
         yield batches
     finally:
