@@ -19,7 +19,10 @@ def init_ray(ray_cfg: RayConfig) -> None:
 
     job_options = {"logging_config": ray.LoggingConfig(log_level="WARNING"),
                    "runtime_env": {"worker_process_setup_hook": "pipeline.runtime.ray_logging.quiet_worker_logs",
-                                   "env_vars": {"PIPELINE_VERBOSE": os.environ.get("PIPELINE_VERBOSE", "0")}}}
+                                   # Ray Train's print patch also logs each print of a worker, which reaches
+                                   # the console a second time.
+                                   "env_vars": {"PIPELINE_VERBOSE": os.environ.get("PIPELINE_VERBOSE", "0"),
+                                                "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}}
     if address:
         ray.init(address=address, **job_options)
     else:
