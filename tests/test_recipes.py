@@ -176,19 +176,22 @@ def test_the_plain_baseline_trains_exactly_what_the_ray_train_job_trains(labeled
 
 
 def test_a_stage_driver_never_imports_the_models():
-    """timm and torchvision take seconds to import; a training stage's driver only launches the
-    job and writes its outputs, so the imports happen in the Ray workers alone."""
+    """timm and torchvision take seconds to import; a stage's driver only launches its Ray job
+    (training, or batch inference's model replicas) and writes its outputs, so the imports happen
+    in the Ray workers and actors alone."""
     import subprocess
     import sys
 
     code = ("import runpy, sys\n"
-            "for name in ['encoder_init', 'decoder_pretrain', 'teacher_finetune', 'student_train']:\n"
+            "for name in ['encoder_init', 'decoder_pretrain', 'teacher_finetune', 'student_train', 'pseudo_label',\n"
+            "             'evaluate']:\n"
             "    sys.argv = [name, '--help']\n"
             "    try:\n"
             "        runpy.run_path(f'stages/{name}.py', run_name='__main__')\n"
             "    except SystemExit:\n"
             "        pass\n"
             "import pipeline.orchestrate.training, pipeline.train.launch, pipeline.train.recipes, pipeline.models.checkpoints\n"
+            "import pipeline.infer.batch\n"
             "print(sorted(m for m in ('timm', 'torchvision') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -22,7 +22,6 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config.params import ModelConfig, RayConfig
-from pipeline.data import augment
 from pipeline.data.png import decode_png, encode_png, stack_decoded
 from pipeline.data.shards import DataError, parquet_files
 from pipeline.infer.metrics import ValCounts, confusion_matrix
@@ -36,7 +35,10 @@ Batch = dict[str, np.ndarray]
 
 def probabilities(model: SegmentationNet, images: torch.Tensor, flip_tta: bool) -> torch.Tensor:
     """Softmax over classes for uint8 images N×3×H×W, averaged with the mirrored view if asked."""
-    from pipeline.models.transunet import mixed_precision  # already loaded by whoever built `model`
+    # Here, not at the top: torchvision (under augment, and timm) costs a stage's driver 2 s; the
+    # replicas that call this have already loaded both to build `model`.
+    from pipeline.data import augment
+    from pipeline.models.transunet import mixed_precision
 
     device = next(model.parameters()).device
     x = augment.to_model_range(augment.to_unit_float(images.to(device)))
