@@ -9,7 +9,7 @@ import yaml
 from pipeline.data.atomic import write_text_atomic
 from pipeline.orchestrate.stage_run import stage, stage_parser
 from pipeline.runtime.tracking import git_commit
-from pipeline.tools.study import measured_points, planned_points, report
+from pipeline.tools.study import report
 
 
 def main() -> None:
@@ -21,10 +21,11 @@ def main() -> None:
     with stage("study_report", ["study", "student", "data"], overrides=args.overrides) as ctx:
         cfg = ctx.params.study
         study_plan = yaml.safe_load(args.plan.read_text())
-        write_text_atomic(args.out / "report.md", report(study_plan, args.metrics, cfg, ctx.params.student, args.out,
-                                                         ctx.params.data.format, git_commit(ctx.root)))
+        done = report(study_plan, args.metrics, cfg, ctx.params.student, args.out, ctx.params.data.format,
+                      git_commit(ctx.root))
+        write_text_atomic(args.out / "report.md", done.text)
         mlflow.log_artifacts(str(args.out), "study")
-        ctx.summary |= {"points": measured_points(study_plan, args.metrics), "planned": planned_points(study_plan)}
+        ctx.summary |= {"points": done.measured, "planned": done.planned}
 
 
 if __name__ == "__main__":

@@ -252,6 +252,8 @@ def test_collect_reads_each_teachers_metrics_and_a_partial_study_reports_what_it
     assert len(points) == len(study["teachers"]) == 16
     assert measured_points(study, tmp_path) == planned_points(study) == 16
     full = report(study, tmp_path, cfg, StudentConfig(), tmp_path / "report", "shapes", "c0ffee")
+    assert (full.measured, full.planned) == (16, 16)
+    full = full.text
     assert full.startswith("Commit `c0ffee`.") and "–" not in full.split("boundary F1")[0]
     # The 100% column not trained at all and one seed of DDeP at 50%: "–" and "(1 of 2 seeds)".
     for key, teacher in study["teachers"].items():
@@ -260,7 +262,9 @@ def test_collect_reads_each_teachers_metrics_and_a_partial_study_reports_what_it
     points = collect(study, tmp_path)
     fig2 = figure2(points, cfg)
     assert len(points) == 7 and fig2["DDeP"][1.0][2] == 0 and fig2["DDeP"][0.5][2] == 1
-    text = report(study, tmp_path, cfg, StudentConfig(), tmp_path / "report", "shapes", "c0ffee")
+    partial = report(study, tmp_path, cfg, StudentConfig(), tmp_path / "report", "shapes", "c0ffee")
+    assert (partial.measured, partial.planned) == (7, 16)
+    text = partial.text
     assert text.startswith("**Partial: 7 of 16 points measured so far**")
     ddep_row = next(line for line in text.splitlines() if line.startswith("| DDeP |"))
     assert ddep_row.endswith("(1 of 2 seeds) | – |")

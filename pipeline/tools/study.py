@@ -617,8 +617,15 @@ def dataset_report(sub_plan: dict, metrics_dir: Path, cfg: StudyConfig, student,
     return f"### {DATASET_TITLES.get(name, name)} ({role}), {len(cfg.seeds)} seeds\n\n{body}"
 
 
+@dataclass(frozen=True)
+class StudyReport:
+    text: str  # report.md
+    measured: int  # points with results so far
+    planned: int  # points in the plan
+
+
 def report(study_plan: dict, metrics_dir: Path, cfg: StudyConfig, student, out_dir: Path, pipeline_format: str,
-           commit: str) -> str:
+           commit: str) -> StudyReport:
     """The whole report: a study still running says so above everything, then the commit it
     ran at and a section per dataset (the pipeline's own first, then the control)."""
     measured, planned = measured_points(study_plan, metrics_dir), planned_points(study_plan)
@@ -626,7 +633,7 @@ def report(study_plan: dict, metrics_dir: Path, cfg: StudyConfig, student, out_d
                if measured < planned else "")
     sections = [dataset_report(sub_plan, metrics_dir, cfg, student, out_dir, control, pipeline_format)
                 for control, sub_plan in dataset_plans(study_plan).items()]
-    return f"{partial}Commit `{commit}`.\n\n" + "\n".join(sections)
+    return StudyReport(f"{partial}Commit `{commit}`.\n\n" + "\n".join(sections), measured, planned)
 
 
 def _csv_number(value: float) -> str:
