@@ -100,9 +100,14 @@ def parquet_files(path: Path) -> list[Path]:
     return [path] if path.is_file() else sorted(path.glob("*.parquet"))
 
 
+def dataset_files(paths: Iterable[Path | str]) -> list[Path]:
+    """A training dataset's shards (a recipe's dataset may span several folders), folder by folder."""
+    return [f for p in paths for f in parquet_files(Path(p))]
+
+
 def check_rows(name: str, paths: list[Path], workers: int) -> int:
     """Count the rows of a dataset's Parquet folders; each of `workers` must get at least one."""
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for p in paths for f in parquet_files(Path(p)))
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in dataset_files(paths))
     if rows < workers:
         raise DataError(f"dataset '{name}' ({', '.join(map(str, paths))}) has {rows} rows, fewer than the "
                         f"{workers} Ray workers (ray.num_workers); add data or use fewer workers")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config.params import RayConfig
-from pipeline.data.shards import parquet_files, read_rank_columns
+from pipeline.data.shards import dataset_files, read_rank_columns
 from pipeline.runtime.execution import peak_rss_mb
 from pipeline.train.loop import JobConfig, WorkerSetup, threads_and_seed, train_steps, warmup_cosine
 from pipeline.train.recipes import Recipe, rows_of
@@ -31,7 +31,7 @@ def plain_setup(job: JobConfig, device: torch.device = torch.device("cpu")) -> W
 def plain_launch(stage: str, recipe: Recipe, job: JobConfig, ray_cfg: RayConfig, inputs: list[Path]) -> tuple[dict, dict]:
     """What `launch` returns, trained in this process: the state and the final metrics."""
     started = time.perf_counter()
-    rows = {name: rows_of(rows_type, read_rank_columns([str(f) for p in folders for f in parquet_files(Path(p))],
+    rows = {name: rows_of(rows_type, read_rank_columns([str(f) for f in dataset_files(folders)],
                                                        list(rows_type._fields)))
             for name, (folders, rows_type) in recipe.datasets().items()}
     data_seconds = time.perf_counter() - started
