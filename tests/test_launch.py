@@ -1,5 +1,6 @@
 from pipeline.config.params import RayConfig
-from pipeline.train.launch import VERBOSE, job_configs
+from pipeline.runtime.ray_logging import VERBOSE
+from pipeline.train.launch import job_configs
 
 
 def test_ray_trains_console_lines_are_warnings_only_unless_verbose(monkeypatch):

@@ -4,6 +4,12 @@ worker process of a stage, data-reading tasks included."""
 import logging
 import os
 
+VERBOSE = "PIPELINE_VERBOSE"  # 1: Ray Train's INFO lines on the console too
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE) == "1"
+
 
 def quiet_worker_logs() -> None:
     """Without a dashboard, Ray Train's placement-group cleaner cannot reach the State API and
@@ -12,7 +18,7 @@ def quiet_worker_logs() -> None:
     worker reads its datasets side by side, as ours do."""
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
     logging.getLogger("ray.data._internal.logging").setLevel(logging.WARNING)
-    if os.environ.get("PIPELINE_VERBOSE") != "1":
+    if not verbose():
         # Each epoch's "Reporting training result …" line, hundreds of characters, comes from a
         # logger named after its file rather than under `ray.train`, so the jobs'
         # `logging_config` (pipeline.train.launch.job_configs) does not reach it.

@@ -348,14 +348,15 @@ def _train_nothing(config: dict) -> None:
 
 
 def empty_job(ray_cfg) -> None:
-    """One Ray Train job with a training stage's settings (`train.launch.connect`, `job_configs`)
+    """One Ray Train job with a training stage's settings (`init_ray`, `train.launch.job_configs`)
     whose workers train nothing; prints its seconds from this process's start to the result,
     as a stage prints its summary."""
     from pipeline.orchestrate.stage_run import process_started_at
-    from pipeline.train.launch import connect, job_configs
+    from pipeline.runtime.ray_session import init_ray
+    from pipeline.train.launch import job_configs
 
     started_at = process_started_at()
-    connect(ray_cfg)
+    init_ray(ray_cfg)
     from ray.train.torch import TorchTrainer
 
     result = TorchTrainer(_train_nothing, **job_configs(ray_cfg, f"empty-job-{os.getpid()}-{time.time_ns()}")).fit()

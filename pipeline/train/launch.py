@@ -6,24 +6,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from pipeline.config.params import RayConfig
-from pipeline.data.shards import parquet_files, read_rank_columns
+from pipeline.data.shards import dataset_files, read_rank_columns
+from pipeline.runtime.ray_logging import verbose
 from pipeline.runtime.ray_session import init_ray
 from pipeline.runtime.storage import worker_uris
 from pipeline.train.loop import STATE_FILE, JobConfig, WorkerSetup, run_epochs
 from pipeline.train.recipes import Recipe, rows_of
-
-# Ray Train V2 polls its workers every 2 s and exports Prometheus metrics by default; a stage
-# waits for the poll at every state change, and the metrics need a dashboard we do not start.
-# Environment variables of the same name win.
-_TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_METRICS_ENABLED": "0"}
-
 
 def run_name(stage: str, loop_config: dict, inputs: list[Path]) -> str:
     """A name that is stable for the same config and inputs, so relaunching a failed stage
@@ -34,16 +28,6 @@ def run_name(stage: str, loop_config: dict, inputs: list[Path]) -> str:
             stat = path.stat()
             digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return f"{stage}-{digest.hexdigest()[:12]}"
-
-
-def connect(ray_cfg: RayConfig) -> None:
-    """Ray Train's settings for a stage's job, then Ray (`init_ray`)."""
-    for key, value in _TRAIN_ENV_DEFAULTS.items():  # the trainer reads them and passes them to its controller
-        os.environ.setdefault(key, value)
-    init_ray(ray_cfg)
-
-
-VERBOSE = "PIPELINE_VERBOSE"  # 1: Ray Train's INFO lines on the console too
 
 
 def job_configs(ray_cfg: RayConfig, name: str) -> dict:
@@ -59,8 +43,7 @@ def job_configs(ray_cfg: RayConfig, name: str) -> dict:
                                             resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
             "run_config": RunConfig(name=name, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=1),
                                     failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
-                                    logging_config=LoggingConfig("INFO" if os.environ.get(VERBOSE) == "1"
-                                                                 else "WARNING"))}
+                                    logging_config=LoggingConfig("INFO" if verbose() else "WARNING"))}
 
 
 def launch(stage: str, recipe: Recipe, job: JobConfig, ray_cfg: RayConfig, inputs: list[Path]) -> tuple[dict, dict]:
@@ -71,11 +54,11 @@ def launch(stage: str, recipe: Recipe, job: JobConfig, ray_cfg: RayConfig, input
     state is back, since the stage exports it as its DVC output. The driver never imports the
     models (timm and torchvision cost seconds per stage); only the workers do, in `recipe.build`.
     """
-    connect(ray_cfg)
+    init_ray(ray_cfg)
     from ray.train.torch import TorchTrainer
 
     ray_connected_at = time.time()
-    shards = {name: worker_uris([f for p in folders for f in parquet_files(Path(p))], ray_cfg.data_uri)
+    shards = {name: worker_uris(dataset_files(folders), ray_cfg.data_uri)
               for name, (folders, _) in recipe.datasets().items()}
     trainer = TorchTrainer(worker_entry, train_loop_config={"job": job, "recipe": recipe, "shards": shards},
                            **job_configs(ray_cfg, run_name(stage, job.identity(), inputs)))
