@@ -116,6 +116,17 @@ def test_ablation_adds_one_piece_per_row_and_a_second_round_from_the_round_one_s
         assert set(values) == set(ABLATION["plain-ce"][1]), row
 
 
+def test_ablation_rows_pick_the_students_and_the_second_round_needs_its_row():
+    picked = plan(StudyConfig(control=None, seeds=[0], ablation_rows=[SECOND_ROUND, "plain-ce"]))
+    assert sorted(picked["students"]) == sorted(["plain-ce-f5-seed0-r1", f"{SECOND_ROUND}-f5-seed0-r1",
+                                                 f"{SECOND_ROUND}-f5-seed0-r2"])
+    one = plan(StudyConfig(control=None, seeds=[0], ablation_rows=["dsbn"]))
+    assert list(one["students"]) == ["dsbn-f5-seed0-r1"] and list(one["pseudo"]) == ["r1-f5-seed0"]
+    for rows in (["dsbn", "mixup"], []):
+        with pytest.raises(ConfigError, match="study.ablation_rows: expected null or a non-empty list of plain-ce"):
+            plan(StudyConfig(control=None, ablation_rows=rows))
+
+
 def test_ablation_table_averages_seeds_and_adds_teacher_full_supervision_and_pseudo_label_rows(tmp_path):
     cfg = StudyConfig(control=None, fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.1,
                       teacher_steps=[10, 20], ablation_fractions=[0.1], pretrain_fractions=[])

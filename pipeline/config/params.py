@@ -436,7 +436,8 @@ class StudyConfig:
     over its 20 scenes), 4,000 with every label (where the fully supervised teacher had
     stopped improving).
     At `ablation_fractions` the DDeP teachers also get students, one per step of the
-    self-training ablation (pipeline.tools.study.ABLATION), and the last one a second round.
+    self-training ablation (pipeline.tools.study.ABLATION; `ablation_rows` names the steps to
+    train, null: all), and the last one a second round.
     The DDeP pretraining is also run for `pretrain_epochs` (longer than decoder_pretrain's own
     epochs), each with teachers at `pretrain_fractions`: is the decoder's denoising trained
     long enough to help? `control` (a built-in dataset, or null) gets the same study with
@@ -451,6 +452,7 @@ class StudyConfig:
     teacher_steps: list[int] = field(default_factory=lambda: [500, 750, 1500, 1500, 4000])
     teacher_epochs: int = 2
     ablation_fractions: list[float] = field(default_factory=lambda: [0.05])  # the student ablation's
+    ablation_rows: list[str] | None = None
     pretrain_epochs: list[int] = field(default_factory=lambda: [30])
     pretrain_fractions: list[float] = field(default_factory=lambda: [0.05])
     control: str | None = "digits"  # the recognition-bound control beside the default shape scenes

@@ -173,9 +173,11 @@ def _overrides(values: dict) -> str:
 
 def ablation_plan(cfg: StudyConfig, prefix: str = "", prepared: str = PREPARED, phase: int = PHASES["ablation"]) -> dict:
     """Pseudo-labels and students of the self-training ablation: the DDeP teacher of each
-    ablation subset labels the rest of the train images; one student per ABLATION row; the
-    SECOND_ROUND student labels them again for a round-2 student with the same settings."""
+    ablation subset labels the rest of the train images; one student per ABLATION row
+    (`cfg.ablation_rows`); the SECOND_ROUND student, if one of them, labels them again for a
+    round-2 student with the same settings."""
     ddep = prefix + pretrain_key("supervised", "ddep", cfg.ddep_sigma)
+    rows = ablation_steps(cfg)
     pseudo, students = {}, {}
     for fraction in cfg.ablation_fractions:
         for seed in cfg.seeds:
@@ -185,17 +187,30 @@ def ablation_plan(cfg: StudyConfig, prefix: str = "", prepared: str = PREPARED, 
             trained = {"pretrained": f"{STUDY_DIR}/models/pretrained-{ddep}.pt"}
             pseudo[f"{prefix}r1-{bare}"] = {**point, "teacher": f"{STUDY_DIR}/models/teacher-{ddep}-{bare}.pt",
                                            "teacher_metrics": f"{ddep}-{bare}.json", "round": 1}
-            for row, (_, values) in ABLATION.items():
+            for row in rows:
                 students[f"{prefix}{row}-{bare}-r1"] = {**point, **trained, "row": row, "round": 1,
                                                         "pseudo": f"{prefix}r1-{bare}",
                                                         "teacher": pseudo[f"{prefix}r1-{bare}"]["teacher"],
-                                                        "overrides": _overrides(values)}
+                                                        "overrides": _overrides(ABLATION[row][1])}
+            if SECOND_ROUND not in rows:
+                continue
             first = f"{STUDY_DIR}/models/student-{prefix}{SECOND_ROUND}-{bare}-r1.pt"
             pseudo[f"{prefix}r2-{bare}"] = {**point, "teacher": first, "round": 2}
             students[f"{prefix}{SECOND_ROUND}-{bare}-r2"] = {**point, **trained, "row": SECOND_ROUND, "round": 2,
                                                              "pseudo": f"{prefix}r2-{bare}", "teacher": first,
                                                              "overrides": _overrides(ABLATION[SECOND_ROUND][1])}
     return {"pseudo": pseudo, "students": students}
+
+
+def ablation_steps(cfg: StudyConfig) -> list[str]:
+    """The ABLATION rows the study trains, in ABLATION's order."""
+    if cfg.ablation_rows is None:
+        return list(ABLATION)
+    unknown = [row for row in cfg.ablation_rows if row not in ABLATION]
+    if unknown or not cfg.ablation_rows:
+        raise ConfigError(f"study.ablation_rows: expected null or a non-empty list of {', '.join(ABLATION)}; "
+                          f"got {cfg.ablation_rows}")
+    return [row for row in ABLATION if row in cfg.ablation_rows]
 
 
 def dataset_plans(study_plan: dict) -> dict[str | None, dict]:
