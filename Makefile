@@ -74,4 +74,4 @@ params: install
 	$(PY) -m pipeline.compose $(ARGS)
 
 clean:
-	rm -rf data models reports ray_results mlflow.db mlartifacts .dvc/cache .dvc/tmp
+	rm -rf data models reports ray_results mlflow.db mlartifacts logs .dvc/cache .dvc/tmp

@@ -26,6 +26,7 @@ import yaml
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config.params import ConfigError, load_params, standin_encoder
     from pipeline.orchestrate.stage_run import collect_nothing_at_exit
+    from pipeline.runtime.console_log import TeedProcess, failed_stages, new_log
     from pipeline.runtime.local_ray import params_ray_config, prestart_execution_ray
     from pipeline.runtime.tracking import finish_execution
 
@@ -45,11 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     execution = os.environ.get("PIPELINE_EXECUTION_ID") or f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
     collect_nothing_at_exit()
     code = 130  # interrupted, unless dvc returns
+    dvc, ray_session = None, None
     try:
-        with frozen_locks_kept(root), \
-                subprocess.Popen(["dvc", "repro", *args], env={**os.environ, "PIPELINE_EXECUTION_ID": execution}) as dvc:
+        with frozen_locks_kept(root):
+            dvc = TeedProcess(["dvc", "repro", *args], {**os.environ, "PIPELINE_EXECUTION_ID": execution},
+                              new_log(root))
             try:
-                prestart_execution_ray(dvc.pid, ray_cfg)
+                ray_session = prestart_execution_ray(dvc.pid, ray_cfg)
                 code = dvc.wait()
             except BaseException:
                 dvc.kill()
@@ -61,11 +64,28 @@ def main(argv: list[str] | None = None) -> int:
         stages = subprocess.run(["dvc", "stage", "list", "--name-only"], capture_output=True, text=True,
                                 check=True).stdout.split()
         summary = finish_execution(params, root, execution, stages, metrics, code)
+        if code == 0 and summary and metrics.is_file():
+            summary = "\n".join([*outcome(metrics, time.monotonic() - started, paths["figures"]), summary])
+        if code != 0 and dvc is not None:
+            summary = "\n".join(filter(None, [summary, failure(code, failed_stages(dvc.log.read_text(errors="replace")),
+                                                               dvc.log.relative_to(root), ray_session)]))
         if summary:
-            if code == 0 and metrics.is_file():
-                summary = "\n".join([*outcome(metrics, time.monotonic() - started, paths["figures"]), summary])
             print(summary, file=sys.stderr)
+        if dvc is not None:
+            if summary:
+                dvc.write(f"{summary}\n".encode())
+            dvc.close()
     return code
+
+
+def failure(code: int, stages: list[str], log: Path, ray_session: str | None) -> str:
+    """The last line of a run that did not succeed: which stage failed, where its whole output is."""
+    if stages:
+        what = f"stage{'s' if len(stages) > 1 else ''} {', '.join(map(repr, stages))} failed"
+    else:
+        what = "interrupted" if code in (130, -2) else f"dvc repro exited with {code}"
+    return (f"error: {what}; the run's whole output is in {log}"
+            + (f", Ray's own logs in {ray_session}/logs" if ray_session else ""))
 
 
 def outcome(metrics_file: Path, seconds: float, figures: str) -> list[str]:

@@ -33,7 +33,7 @@ CURVES = {"decoder_pretrain": "decoder_pretrain", "teacher_finetune": "teacher_f
 TEACHER = "models/rounds/teacher.pt"
 # What a fresh clone lacks, by folder: outputs and caches, never the code (`pipeline/data`,
 # `pipeline/models` share their names with the top's outputs).
-_NOT_COPIED = {ROOT: {"data", "models", "reports", "ray_results", "mlflow.db", "mlartifacts", "dvc.lock"},
+_NOT_COPIED = {ROOT: {"data", "models", "reports", "ray_results", "mlflow.db", "mlartifacts", "logs", "dvc.lock"},
                ROOT / "study": {"data", "models", "metrics", "report", "figures", "store", "dvc.lock"},
                ROOT / ".dvc": {"cache", "tmp"}}
 

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -5,6 +6,7 @@ from pathlib import Path
 from pipeline.run import frozen_locks_kept
 
 DVC = str(Path(sys.executable).parent / "dvc")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _sh(args: list[str], cwd: Path) -> None:
@@ -50,3 +52,32 @@ def test_the_run_ends_with_the_scores_the_gain_the_time_and_where_the_figures_ar
         "took 5 min 57 s; figures in reports/figures/ (every plot in one page: make report; every score: dvc metrics show)"]
     metrics.write_text(json.dumps({"teacher": {"miou": 0.3}}))  # a DAG without a student: no gain to show
     assert outcome(metrics, 59.6, "f")[0].startswith("took 1 min 0 s")
+
+
+def test_a_failed_stage_is_named_last_with_where_the_runs_whole_output_is(tmp_path):
+    """`python -m pipeline.run` in a project whose second stage fails: its own error stays where
+    it was printed, and the run's last line names the stage and the log that holds all of it."""
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["encoder"]["init"] = "random"
+    params["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({
+        "vars": [{"paths": {"metrics": "metrics.json", "figures": "figures"}}],
+        "stages": {"first": {"cmd": "echo made > made.txt", "outs": ["made.txt"]},
+                   "second": {"cmd": "python -c \"import sys; sys.exit('error: made.txt: expected more')\"",
+                              "deps": ["made.txt"]}}}))
+    _sh(["git", "init", "-q"], tmp_path)
+    _sh([DVC, "init", "-q"], tmp_path)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
+           "RAY_ADDRESS": "127.0.0.1:1"}  # a cluster named: no local Ray is started for stages that need none
+    result = subprocess.run([sys.executable, "-m", "pipeline.run"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: stage 'second' failed; the run's whole output is in logs/run-"), result.stderr
+    log = tmp_path / last.split("output is in ")[1]
+    text = log.read_text()
+    for line in ("Running stage 'first'", "error: made.txt: expected more", "failed to reproduce 'second'", last):
+        assert line in text

@@ -125,20 +125,23 @@ def execution_ray_address(ray_cfg: RayConfig) -> str | None:
     return shared["address"]
 
 
-def prestart_execution_ray(dvc_pid: int, ray_cfg: RayConfig | None) -> None:
+def prestart_execution_ray(dvc_pid: int, ray_cfg: RayConfig | None) -> str | None:
     """Start the local Ray of the `dvc repro` just launched as `dvc_pid` now, while DVC starts
-    and runs the stages before the first that needs Ray, instead of when that stage asks for it.
-    Nothing when a cluster is named; on a failure the stages start it, as under a bare `dvc repro`."""
+    and runs the stages before the first that needs Ray, instead of when that stage asks for it;
+    return its session folder (its logs are there). Nothing when a cluster is named; on a
+    failure the stages start it, as under a bare `dvc repro`."""
     if _cluster_named(ray_cfg):
-        return
+        return None
     try:
         dvc = ProcessRef.of(dvc_pid)
     except OSError:  # DVC has already exited: nothing to serve
-        return
+        return None
     try:
-        execution_ray(dvc, local_cpus(ray_cfg))
+        info = execution_ray(dvc, local_cpus(ray_cfg))
     except (OSError, RuntimeError) as err:
         print(f"warning: {err}; its first Ray stage starts it", file=sys.stderr, flush=True)
+        return None
+    return info["session_dir"] if info else None
 
 
 def _cluster_named(ray_cfg: RayConfig | None) -> bool:

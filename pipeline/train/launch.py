@@ -19,6 +19,7 @@ from pipeline.runtime.storage import worker_uris
 from pipeline.train.loop import STATE_FILE, JobConfig, WorkerSetup, run_epochs
 from pipeline.train.recipes import Recipe, rows_of
 
+
 def run_name(stage: str, loop_config: dict, inputs: list[Path]) -> str:
     """A name that is stable for the same config and inputs, so relaunching a failed stage
     resumes its checkpoints, and different inputs never resume a stale run."""
