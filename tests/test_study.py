@@ -311,16 +311,19 @@ def test_readme_table_is_replaced_between_the_markers(tmp_path):
 def test_a_recorded_point_is_skipped_without_its_models_and_rerun_when_anything_it_depends_on_changes(
         tmp_path, monkeypatch):
     """A fresh clone has the study's lock and metrics but no models: finished points count as
-    done; a changed command or params, a changed input, or a point never run does not."""
+    done, as they do when an input the study made was made again (pseudo-labels on another
+    CPU); a changed command or params, a changed input from outside, or a point never run does not."""
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     monkeypatch.chdir(tmp_path)
     subprocess.run(["git", "init", "-q"], check=True)
     subprocess.run(["dvc", "init", "-q"], check=True, env=env)
-    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "data").mkdir(parents=True)
     (tmp_path / "params.yaml").write_text("teacher:\n  lr: 0.1\n")
     (tmp_path / "data.txt").write_text("images\n")
+    made = tmp_path / "study" / "data" / "pseudo.txt"
+    made.write_text("labels\n")
     stage = {"wdir": "..", "cmd": "cp data.txt model.bin && cp data.txt m.json",
-             "deps": ["data.txt"], "params": ["teacher"], "outs": ["model.bin"], "metrics": [{"m.json": {"cache": False}}]}
+             "deps": ["data.txt", "study/data/pseudo.txt"], "params": ["teacher"], "outs": ["model.bin"], "metrics": [{"m.json": {"cache": False}}]}
     dvc_file = Path("study/dvc.yaml")
     never = {**stage, "cmd": "cp data.txt other.bin", "outs": ["other.bin"], "metrics": []}
     dvc_file.write_text(yaml.safe_dump({"stages": {"done": stage, "never": never}}))
@@ -329,6 +332,8 @@ def test_a_recorded_point_is_skipped_without_its_models_and_rerun_when_anything_
     (tmp_path / "model.bin").unlink()
     assert recorded(dvc_file, "done", env)
     assert not recorded(dvc_file, "never", env)
+    made.write_text("labels, a few pixels apart\n")
+    assert recorded(dvc_file, "done", env)
 
     (tmp_path / "params.yaml").write_text("teacher:\n  lr: 0.2\n")
     assert not recorded(dvc_file, "done", env)

@@ -712,10 +712,13 @@ def run(study_plan: dict, dvc_args: list[str]) -> int:
 
 
 def recorded(dvc_file: Path, name: str, env: dict) -> bool:
-    """Whether the study's lock holds this stage's result for its current command, params and
-    inputs, even if the files it made are not here. `study/dvc.lock` and the small metrics
+    """Whether the study's lock holds this stage's result for its current command, params, code
+    and inputs, even if the files it made are not here. `study/dvc.lock` and the small metrics
     files are committed, the models are not: a fresh clone keeps every finished point without
-    retraining it, and trains a point again only when something it depends on changed."""
+    retraining it, and trains a point again only when something it depends on changed.
+    An input the study itself made (`study/data`, `study/models`) may differ: made again on
+    another machine (pseudo-labels, which the store does not keep), its last bits differ, and the
+    stage that makes it is judged on its own command, params and code, as this one is."""
     lock_file = dvc_file.with_suffix(".lock")
     lock = yaml.safe_load(lock_file.read_text()) if lock_file.is_file() else None
     if name not in ((lock or {}).get("stages") or {}):
@@ -723,14 +726,21 @@ def recorded(dvc_file: Path, name: str, env: dict) -> bool:
     status = subprocess.run(["dvc", "status", "--json", f"{dvc_file}:{name}"], env=env, capture_output=True,
                             text=True, check=True)
     changes = [change for stage in json.loads(status.stdout or "{}").values() for change in stage]
-    return all(_only_missing_files(change) for change in changes)
+    return all(_still_valid(change) for change in changes)
 
 
-def _only_missing_files(change) -> bool:
-    """A `dvc status` entry that only says files are absent (a changed command is a bare
-    string, changed params a nested dict, a changed file 'modified' or 'new')."""
-    return (isinstance(change, dict) and set(change) <= {"changed deps", "changed outs"}
-            and all(state in ("deleted", "not in cache") for files in change.values() for state in files.values()))
+def _still_valid(change) -> bool:
+    """A `dvc status` entry that only says files are absent, or that an input the study made is
+    another copy (a changed command is a bare string, changed params a nested dict, a changed
+    file 'modified' or 'new')."""
+    if not isinstance(change, dict) or not set(change) <= {"changed deps", "changed outs"}:
+        return False
+    absent = ("deleted", "not in cache")
+    made_here = (f"{STUDY_DIR}/data/", f"{STUDY_DIR}/models/")
+    return (all(state in absent for state in change.get("changed outs", {}).values())
+            and all(state in absent or (state == "modified" and path.startswith(made_here))
+                    for path, state in change.get("changed deps", {}).items()))
+
 
 if __name__ == "__main__":
     main()
