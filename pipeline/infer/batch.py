@@ -130,12 +130,14 @@ def ray_map(actor: type, actor_kwargs: dict, split: Path, columns: list[str], ba
     A context manager: leaving it, however it is left, stops the pipeline and its actors while
     Ray is still up. A pipeline left to Python's exit would be stopped after Ray's own exit
     hook, and Ray Data's clean-up then starts a new Ray and waits on it forever."""
+    from pipeline.runtime.ray_logging import quiet_ray_data_console
     from pipeline.runtime.ray_session import init_ray
 
     init_ray(ray_cfg)
     import ray
     import ray.data
 
+    quiet_ray_data_console()
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     # Ray Data's V2 Parquet reader lists files in a task and provisions footer-reader actors:
