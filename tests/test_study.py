@@ -23,6 +23,7 @@ from pipeline.tools.study import (
     figure2,
     figure2_shares,
     findings,
+    make_missing_inputs,
     markdown,
     measured_points,
     paired_difference,
@@ -449,3 +450,39 @@ def test_the_committed_study_dvc_yaml_resolves_every_point_of_the_default_plan(t
     dag = subprocess.run([str(dvc), "dag", "--dot", "study/dvc.yaml:student@digits-plain-ce-f5-seed0-r1"], cwd=tmp_path,
                          check=True, capture_output=True, text=True).stdout
     assert "prepare_control@digits" in dag and "teacher@digits-ddep-s0p2-f5-seed0" in dag
+
+
+def test_missing_inputs_are_made_again_one_stage_at_a_time_and_nothing_recorded_below_them(tmp_path, monkeypatch):
+    """A chain subset -> pseudo -> student -> point, all run once. On another machine the
+    pseudo-labels are not there and come out other when made again: before the point, only the
+    pseudo stage runs (on its own), and the recorded student below it is not retrained."""
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(["git", "init", "-q"], check=True)
+    subprocess.run(["dvc", "init", "-q"], check=True, env=env)
+    (tmp_path / "study").mkdir()
+    (tmp_path / "data.txt").write_text("images\n")
+    (tmp_path / "runs.log").write_text("")
+
+    def stage(name: str, dep: str, out: str) -> dict:
+        # Each run appends its name to runs.log; the pseudo stage writes something new each time.
+        extra = " && date +%N >> {out}" if name == "pseudo" else ""
+        return {"wdir": "..", "cmd": f"cp {dep} {out} && echo {name} >> runs.log" + extra.format(out=out),
+                "deps": [dep], "outs": [out]}
+
+    dvc_file = Path("study/dvc.yaml")
+    dvc_file.write_text(yaml.safe_dump({"stages": {
+        "subset": stage("subset", "data.txt", "study/data/subset.txt"),
+        "pseudo": stage("pseudo", "study/data/subset.txt", "study/data/pseudo.txt"),
+        "student": stage("student", "study/data/pseudo.txt", "study/models/student.txt"),
+        "point": stage("point", "study/models/student.txt", "point.txt")}}))
+    (tmp_path / "study/data").mkdir()
+    (tmp_path / "study/models").mkdir()
+    subprocess.run(["dvc", "repro", "-q", f"{dvc_file}:student"], check=True, env=env)
+    shutil.rmtree(tmp_path / ".dvc" / "cache")  # another machine: no cache, no run cache
+    (tmp_path / "study/data/pseudo.txt").unlink()
+    (tmp_path / "runs.log").write_text("")
+    assert make_missing_inputs(dvc_file, "point", env) == 0
+    assert (tmp_path / "runs.log").read_text().split() == ["pseudo"]  # not the subset, not the student
+    assert recorded(dvc_file, "student", env)  # its input made again, a few bits apart
+    assert make_missing_inputs(dvc_file, "point", env) == 0 and (tmp_path / "runs.log").read_text().split() == ["pseudo"]
