@@ -17,14 +17,17 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
-	@# DVC needs the project's git repo (a tarball or an export has none).
-	test -d .git || (git init -q && git add -A && git -c user.email=pipeline@localhost -c user.name=pipeline commit -qm "initial import")
+	$(GIT_REPO)
 	touch $@
 
 # Into the current Python instead of a venv: the cluster's Ray image (cluster/*.yaml).
 install-system:
 	python -m pip install -q -r requirements.txt
 	python -m pip install -q --no-deps -e .
+	$(GIT_REPO)
+
+# DVC needs the project's git repo (a tarball or an export has none).
+GIT_REPO = test -d .git || (git init -q && git add -A && git -c user.email=pipeline@localhost -c user.name=pipeline commit -qm "initial import")
 
 # dvc repro with one local Ray for all stages and one MLflow parent run (see pipeline/run.py).
 run: install

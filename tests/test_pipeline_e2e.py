@@ -244,17 +244,6 @@ def test_repeat_repro_runs_nothing(repo):
     assert stale_stages(repo) == set()
 
 
-def test_a_forced_rerun_reproduces_every_weight_and_metric(repo):
-    """Same params and seeds on CPU: the same bits."""
-    models = sorted((repo / "models").rglob("*.pt"))
-    before = {p.name: torch.load(p, weights_only=True)["state_dict"] for p in models}
-    metrics = (repo / "reports/metrics.json").read_text()
-    run(["dvc", "repro", "--force"], repo, timeout=1500)
-    for path in models:
-        assert same_weights(torch.load(path, weights_only=True)["state_dict"], before[path.name]), path.name
-    assert (repo / "reports/metrics.json").read_text() == metrics
-
-
 def test_the_benchmarks_plain_baseline_trains_the_teachers_very_weights(repo, tmp_path):
     """`python -m pipeline.tools.plain` runs a stage's script with its Ray Train job replaced by a
     loop in that one process: the same recipe, data, seeds and steps give the same teacher."""
@@ -286,6 +275,8 @@ def test_a_repro_killed_at_any_moment_reruns_to_a_correct_result(repo, seconds):
     """SIGKILL to DVC's process group (dvc, the stage) part-way through the last three stages
     (the execution's Ray then stops by itself); the next `dvc repro` reruns what did not finish
     and nothing else."""
+    student = torch.load(repo / "models/student.pt", weights_only=True)["state_dict"]
+    metrics = (repo / "reports/metrics.json").read_text()
     killed = start(["dvc", "repro", "--force", "--downstream", "pseudo_label@round1"], repo)
     time.sleep(seconds)
     os.killpg(killed.pid, 9)
@@ -294,8 +285,10 @@ def test_a_repro_killed_at_any_moment_reruns_to_a_correct_result(repo, seconds):
     assert ran_stages(out) <= {"pseudo_label@round1", "student_train@round1", "evaluate"}
     assert stale_stages(repo) == set()
     assert run(["dvc", "status", "dvc.yaml"], repo).stdout.strip().endswith("Data and pipelines are up to date.")
-    metrics = json.loads((repo / "reports/metrics.json").read_text())
-    assert 0 <= metrics["student"]["miou"] <= 1
+    # Same params and seeds on CPU: the same bits, whatever ran again (the teacher's are checked
+    # by the plain-baseline test, the pretrained decoder's by the ddep case of the dep/none test).
+    assert same_weights(torch.load(repo / "models/student.pt", weights_only=True)["state_dict"], student)
+    assert (repo / "reports/metrics.json").read_text() == metrics
     assert not list(repo.rglob(".*.tmp"))
 
 
@@ -367,16 +360,21 @@ def test_ddep_leaves_the_encoder_bit_identical(repo):
     assert same_weights(encoder_of(repo / "models/pretrained.pt"), encoder_of(repo / "models/encoder.pt"))
 
 
-@pytest.mark.parametrize("mode, encoder_trains", [("dep", True), ("none", False)])
-def test_dep_trains_the_encoder_and_none_trains_nothing(repo, mode, encoder_trains, tmp_path):
-    """The stage's script as DVC runs it, into a temp file: the workspace stays as it is."""
+@pytest.mark.parametrize("mode, trains, encoder_trains", [("dep", True, True), ("none", False, False),
+                                                    ("ddep", True, False)])
+def test_dep_trains_the_encoder_and_none_trains_nothing(repo, mode, trains, encoder_trains, tmp_path):
+    """The stage's script as DVC runs it, into a temp file: the workspace stays as it is. DDeP,
+    the pipeline's own mode, trains the decoder alone, to the very bits the pipeline's run made."""
     out = run([sys.executable, "stages/decoder_pretrain.py", "--prepared", "data/prepared", "--encoder",
                "models/encoder.pt", "--out", str(tmp_path / "pretrained.pt"), "--figures", str(tmp_path / "figures"),
                "--set", f"decoder_pretrain.mode={mode}"], repo, timeout=600)
     assert f"mode={mode}" in out.stdout
-    assert ("epoch 1/" in out.stdout + out.stderr) == encoder_trains  # the loop's own epoch line
+    assert ("epoch 1/" in out.stdout + out.stderr) == trains  # the loop's own epoch line
     encoder = encoder_of(repo / "models/encoder.pt")
     assert same_weights(encoder_of(tmp_path / "pretrained.pt"), encoder) != encoder_trains
+    if mode == "ddep":
+        assert same_weights(torch.load(tmp_path / "pretrained.pt", weights_only=True)["state_dict"],
+                            torch.load(repo / "models/pretrained.pt", weights_only=True)["state_dict"])
 
 
 def test_the_supervised_encoder_is_the_shipped_stand_in(repo):
@@ -439,26 +437,6 @@ def worker_lines(output: str) -> dict[int, tuple[int, str]]:
             words = line[at:].split()
             found[int(words[1].split("/")[0])] = (int(words[3]), words[6])
     return found
-
-
-def test_a_training_stage_runs_across_two_ray_nodes(repo, mlflow_server, monkeypatch, tmp_path):
-    """A real multi-node Ray cluster (a head and two worker nodes, each its own raylet), reached
-    through RAY_ADDRESS: each worker needs a whole node, so the two land on different nodes."""
-    from ray.cluster_utils import Cluster
-
-    monkeypatch.setenv("PYTHONPATH", str(repo))  # the nodes' workers import this copy's pipeline
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    nodes = {cluster.add_node(num_cpus=2).node_id for _ in range(2)}
-    try:
-        cluster.wait_for_nodes()
-        out = teacher_on_workers(repo, tmp_path / "teacher.pt", 2, 2, env={"RAY_ADDRESS": cluster.address})
-    finally:
-        cluster.shutdown()
-    workers = worker_lines(out)
-    assert sorted(workers) == [0, 1]
-    assert {node for _, node in workers.values()} == nodes  # one worker on each worker node
-    latest = search_runs(mlflow_server, "tags.`dvc.stage` = 'teacher_finetune'")[-1]
-    assert metrics_of(latest)["world_size"] == 2 and metrics_of(latest)["replica_weight_spread"] == 0.0
 
 
 def watch(cmd: list[str], repo: Path, log: Path, env: dict | None = None) -> subprocess.Popen:
@@ -527,22 +505,24 @@ def interrupt(repo: Path, log: Path, signal_number: int, env: dict | None = None
 
 
 def test_an_interrupted_stage_resumes_from_its_checkpoint_but_never_under_other_params(repo, params_file, tmp_path):
-    """Ctrl-C (SIGINT); a scheduler's SIGTERM is interrupted and resumed the same way in the
-    S3 test below."""
+    """Ctrl-C (SIGINT) part-way; a run under other params starts afresh beside it, and the same
+    params resume it. A scheduler's SIGTERM is interrupted and resumed the same way in the S3
+    test below."""
     signal_number = signal.SIGINT
     # --no-run-cache: earlier tests trained these very params to the end, and DVC would restore
     # that result instead of running the stage.
     rerun = ["dvc", "repro", "--no-run-cache", "--single-item", "teacher_finetune"]
     longer_teacher(params_file)
+    interrupted = params_file.read_text()
     interrupt(repo, tmp_path / "first.log", signal_number)
-    out = run(rerun, repo, timeout=600).stdout
-    # A trained epoch prints "epoch N/6 loss=…"; the resume line may name epoch 1/6 itself.
-    assert "resumed from the checkpoint of epoch" in out and "epoch 1/6 loss=" not in out and "epoch 6/6" in out
-
-    interrupt(repo, tmp_path / "second.log", signal_number)
+    # Another learning rate: its own run from epoch 1, the interrupted run's checkpoint left alone.
     longer_teacher(params_file, lr=0.001)
     out = run(rerun, repo, timeout=600).stdout
+    # A trained epoch prints "epoch N/6 loss=…"; the resume line may name epoch 1/6 itself.
     assert "resumed from the checkpoint" not in out and "epoch 1/6 loss=" in out and "epoch 6/6" in out
+    params_file.write_text(interrupted)
+    out = run(rerun, repo, timeout=600).stdout
+    assert "resumed from the checkpoint of epoch" in out and "epoch 1/6 loss=" not in out and "epoch 6/6" in out
 
 
 def test_workers_read_shards_and_keep_checkpoints_in_s3_and_an_interrupted_stage_resumes_from_there(

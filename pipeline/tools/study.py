@@ -724,8 +724,8 @@ def make_missing_inputs(dvc_file: Path, name: str, env: dict, dvc_args: list[str
     target = f"{dvc_file}:{name}"
     graph = subprocess.run(["dvc", "dag", "--dot", target], env=env, capture_output=True, text=True,
                            check=True).stdout
-    nodes = re.findall(r'^"([^"]+)";$', graph, re.M)
-    edges = re.findall(r'^"([^"]+)" -> "([^"]+)";$', graph, re.M)
+    nodes = re.findall(r'^"([^"]+)";$', graph, re.MULTILINE)
+    edges = re.findall(r'^"([^"]+)" -> "([^"]+)";$', graph, re.MULTILINE)
     upstream = [node for node in _topological(nodes, edges) if node != target]
     if not upstream:
         return 0
@@ -734,9 +734,9 @@ def make_missing_inputs(dvc_file: Path, name: str, env: dict, dvc_args: list[str
     for stage in upstream:
         outs = [path for change in status.get(stage, []) if isinstance(change, dict)
                 for path in change.get("changed outs", {})]
-        if any(not Path(path).exists() for path in outs):
-            if code := subprocess.call(["dvc", "repro", "--single-item", stage, *dvc_args], env=env):
-                return code
+        missing = any(not Path(path).exists() for path in outs)
+        if missing and (code := subprocess.call(["dvc", "repro", "--single-item", stage, *dvc_args], env=env)):
+            return code
     return 0
 
 
