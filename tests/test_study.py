@@ -453,36 +453,42 @@ def test_the_committed_study_dvc_yaml_resolves_every_point_of_the_default_plan(t
 
 
 def test_missing_inputs_are_made_again_one_stage_at_a_time_and_nothing_recorded_below_them(tmp_path, monkeypatch):
-    """A chain subset -> pseudo -> student -> point, all run once. On another machine the
-    pseudo-labels are not there and come out other when made again: before the point, only the
-    pseudo stage runs (on its own), and the recorded student below it is not retrained."""
+    """subset -> pseudo -> student, run once, then two new points: `point` from the student,
+    `other` (another ablation row) from the pseudo-labels. On another machine the subset and
+    the pseudo-labels are not there, and the pseudo-labels come out other when made again."""
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     monkeypatch.chdir(tmp_path)
     subprocess.run(["git", "init", "-q"], check=True)
     subprocess.run(["dvc", "init", "-q"], check=True, env=env)
-    (tmp_path / "study").mkdir()
     (tmp_path / "data.txt").write_text("images\n")
-    (tmp_path / "runs.log").write_text("")
 
     def stage(name: str, dep: str, out: str) -> dict:
         # Each run appends its name to runs.log; the pseudo stage writes something new each time.
-        extra = " && date +%N >> {out}" if name == "pseudo" else ""
-        return {"wdir": "..", "cmd": f"cp {dep} {out} && echo {name} >> runs.log" + extra.format(out=out),
-                "deps": [dep], "outs": [out]}
+        extra = f" && date +%N >> {out}" if name == "pseudo" else ""
+        return {"wdir": "..", "cmd": f"cp {dep} {out} && echo {name} >> runs.log{extra}", "deps": [dep], "outs": [out]}
 
     dvc_file = Path("study/dvc.yaml")
+    for folder in ("study/data", "study/models"):
+        (tmp_path / folder).mkdir(parents=True)
     dvc_file.write_text(yaml.safe_dump({"stages": {
         "subset": stage("subset", "data.txt", "study/data/subset.txt"),
         "pseudo": stage("pseudo", "study/data/subset.txt", "study/data/pseudo.txt"),
         "student": stage("student", "study/data/pseudo.txt", "study/models/student.txt"),
-        "point": stage("point", "study/models/student.txt", "point.txt")}}))
-    (tmp_path / "study/data").mkdir()
-    (tmp_path / "study/models").mkdir()
+        "point": stage("point", "study/models/student.txt", "point.txt"),
+        "other": stage("other", "study/data/pseudo.txt", "other.txt")}}))
     subprocess.run(["dvc", "repro", "-q", f"{dvc_file}:student"], check=True, env=env)
     shutil.rmtree(tmp_path / ".dvc" / "cache")  # another machine: no cache, no run cache
     (tmp_path / "study/data/pseudo.txt").unlink()
-    (tmp_path / "runs.log").write_text("")
-    assert make_missing_inputs(dvc_file, "point", env) == 0
-    assert (tmp_path / "runs.log").read_text().split() == ["pseudo"]  # not the subset, not the student
-    assert recorded(dvc_file, "student", env)  # its input made again, a few bits apart
-    assert make_missing_inputs(dvc_file, "point", env) == 0 and (tmp_path / "runs.log").read_text().split() == ["pseudo"]
+    (tmp_path / "study/data/subset.txt").unlink()
+
+    def runs_for(point: str) -> list[str]:
+        (tmp_path / "runs.log").write_text("")
+        assert make_missing_inputs(dvc_file, point, env) == 0
+        return (tmp_path / "runs.log").read_text().split()
+
+    assert runs_for("point") == []  # the student is here: what it was made from is not needed
+    assert runs_for("other") == ["subset", "pseudo"]  # upstream first, the point itself not yet
+    assert recorded(dvc_file, "student", env)  # its input made again, a few bits apart: still done
+    assert runs_for("other") == []
+    (tmp_path / "study/models/student.txt").unlink()
+    assert runs_for("point") == ["student"]  # a model the store lost: made again from its inputs
