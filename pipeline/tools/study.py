@@ -698,10 +698,18 @@ def recorded(dvc_file: Path, name: str, env: dict) -> bool:
 
 
 def _only_missing_files(change) -> bool:
-    """A `dvc status` entry that only says files are absent (a changed command is a bare
-    string, changed params a nested dict, a changed file 'modified' or 'new')."""
-    return (isinstance(change, dict) and set(change) <= {"changed deps", "changed outs"}
-            and all(state in ("deleted", "not in cache") for files in change.values() for state in files.values()))
+    """A `dvc status` entry that only says files are absent, or that an input the study made is
+    another copy: pseudo-labels made again on another machine differ in their last bits, and
+    the stage that makes them is judged on its own (a changed command is a bare string, changed
+    params a nested dict, a changed file 'modified' or 'new')."""
+    if not isinstance(change, dict) or not set(change) <= {"changed deps", "changed outs"}:
+        return False
+    absent = ("deleted", "not in cache")
+    made_here = (f"{STUDY_DIR}/data/", f"{STUDY_DIR}/models/")
+    return (all(state in absent for state in change.get("changed outs", {}).values())
+            and all(state in absent or (state == "modified" and path.startswith(made_here))
+                    for path, state in change.get("changed deps", {}).items()))
+
 
 if __name__ == "__main__":
     main()
