@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field, replace
@@ -675,11 +676,47 @@ def run(study_plan: dict, dvc_args: list[str]) -> int:
         for name, result in result_files(study_plan):
             if (metrics / result).is_file() and recorded(dvc_file, name, env):
                 continue
-            if code := subprocess.call(["dvc", "repro", f"{dvc_file}:{name}", *dvc_args], env=env):
+            if code := make_missing_inputs(dvc_file, name, env, dvc_args):
+                return code
+            if code := subprocess.call(["dvc", "repro", "--single-item", f"{dvc_file}:{name}", *dvc_args], env=env):
                 return code
         return subprocess.call(["dvc", "repro", "--single-item", f"{dvc_file}:report", *dvc_args], env=env)
     finally:
         subprocess.call(["dvc", "push", "-r", STORE, *stored], env=env)
+
+
+def make_missing_inputs(dvc_file: Path, name: str, env: dict, dvc_args: list[str] = ()) -> int:
+    """Run again, one at a time and upstream first, each stage above this point whose outputs
+    are not here after the store's pull: what the store does not keep (labeled subsets, made
+    again bit for bit; pseudo-labels, a few pixels apart on another CPU) or what was never made
+    (a new pretraining). One at a time, because `dvc repro` of the point would also retrain any
+    recorded point between them whose input came out other in its last bits."""
+    target = f"{dvc_file}:{name}"
+    graph = subprocess.run(["dvc", "dag", "--dot", target], env=env, capture_output=True, text=True,
+                           check=True).stdout
+    nodes = re.findall(r'^"([^"]+)";$', graph, re.M)
+    edges = re.findall(r'^"([^"]+)" -> "([^"]+)";$', graph, re.M)
+    upstream = [node for node in _topological(nodes, edges) if node != target]
+    if not upstream:
+        return 0
+    status = json.loads(subprocess.run(["dvc", "status", "--json", *upstream], env=env, capture_output=True, text=True,
+                                       check=True).stdout or "{}")
+    for stage in upstream:
+        outs = [path for change in status.get(stage, []) if isinstance(change, dict)
+                for path in change.get("changed outs", {})]
+        if any(not Path(path).exists() for path in outs):
+            if code := subprocess.call(["dvc", "repro", "--single-item", stage, *dvc_args], env=env):
+                return code
+    return 0
+
+
+def _topological(nodes: list[str], edges: list[tuple[str, str]]) -> list[str]:
+    """`nodes` with every edge's source before its target (and otherwise in their order)."""
+    parents = {node: {a for a, b in edges if b == node} for node in nodes}
+    ordered: list[str] = []
+    while len(ordered) < len(nodes):
+        ordered.append(next(n for n in nodes if n not in ordered and parents[n] <= set(ordered)))
+    return ordered
 
 
 def recorded(dvc_file: Path, name: str, env: dict) -> bool:
