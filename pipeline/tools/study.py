@@ -687,26 +687,34 @@ def run(study_plan: dict, dvc_args: list[str]) -> int:
 
 def make_missing_inputs(dvc_file: Path, name: str, env: dict, dvc_args: list[str] = ()) -> int:
     """Run again, one at a time and upstream first, each stage above this point whose outputs
-    are not here after the store's pull: what the store does not keep (labeled subsets, made
-    again bit for bit; pseudo-labels, a few pixels apart on another CPU) or what was never made
-    (a new pretraining). One at a time, because `dvc repro` of the point would also retrain any
-    recorded point between them whose input came out other in its last bits."""
+    it needs and are not here after the store's pull: what the store does not keep (labeled
+    subsets, made again bit for bit; pseudo-labels, a few pixels apart on another CPU) or what
+    was never made (a new pretraining). One at a time, because `dvc repro` of the point would
+    also retrain any recorded point between them whose input came out other in its last bits.
+    A stage whose outputs are here is not looked above."""
     target = f"{dvc_file}:{name}"
     graph = subprocess.run(["dvc", "dag", "--dot", target], env=env, capture_output=True, text=True,
                            check=True).stdout
-    nodes = re.findall(r'^"([^"]+)";$', graph, re.M)
-    edges = re.findall(r'^"([^"]+)" -> "([^"]+)";$', graph, re.M)
-    upstream = [node for node in _topological(nodes, edges) if node != target]
+    nodes = re.findall(r'^"([^"]+)";$', graph, re.MULTILINE)
+    edges = re.findall(r'^"([^"]+)" -> "([^"]+)";$', graph, re.MULTILINE)
+    upstream = [node for node in nodes if node != target]
     if not upstream:
         return 0
     status = json.loads(subprocess.run(["dvc", "status", "--json", *upstream], env=env, capture_output=True, text=True,
                                        check=True).stdout or "{}")
-    for stage in upstream:
-        outs = [path for change in status.get(stage, []) if isinstance(change, dict)
-                for path in change.get("changed outs", {})]
-        if any(not Path(path).exists() for path in outs):
-            if code := subprocess.call(["dvc", "repro", "--single-item", stage, *dvc_args], env=env):
-                return code
+    missing = {stage for stage in upstream
+               if any(not Path(path).exists() for change in status.get(stage, []) if isinstance(change, dict)
+                      for path in change.get("changed outs", {}))}
+    needed: set[str] = set()
+    todo = [target]
+    while todo:  # from the point up, through missing stages only
+        child = todo.pop()
+        for parent in {a for a, b in edges if b == child} & missing - needed:
+            needed.add(parent)
+            todo.append(parent)
+    for stage in _topological([n for n in nodes if n in needed], [e for e in edges if set(e) <= needed]):
+        if code := subprocess.call(["dvc", "repro", "--single-item", stage, *dvc_args], env=env):
+            return code
     return 0
 
 
