@@ -88,7 +88,7 @@ def test_the_launchers_head_copy_installs_and_runs_dvc_repro_on_two_ray_nodes(tm
                                 text=True, timeout=900, check=False)
         assert result.returncode == 0, f"{command}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     where = subprocess.run([env_dir / "bin/python", "-c", "import pipeline; print(pipeline.__file__)"], env=env,
-                           capture_output=True, text=True, check=True).stdout
+                           cwd=tmp_path, capture_output=True, text=True, check=True).stdout
     assert where.startswith(str(head))  # the head's copy, installed by its own setup command
 
     def sh(*cmd: str, **extra) -> str:

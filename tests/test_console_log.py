@@ -7,7 +7,9 @@ from pathlib import Path
 from pipeline.runtime.console_log import TeedProcess, failed_stages, new_log
 
 ROOT = Path(__file__).resolve().parent.parent
-SPEAK = "import sys; print('to stdout', flush=True); print('to stderr', file=sys.stderr, flush=True); sys.exit(3)"
+# Unbuffered, as under PYTHONUNBUFFERED=1: a line reaches the pipe in pieces.
+SPEAK = ("import sys; [(sys.stdout.write(w), sys.stderr.write(w.upper()), sys.stdout.flush(), sys.stderr.flush()) "
+         "for w in ('to ', 'the ', 'streams', chr(10))]; sys.exit(3)")
 
 
 def test_off_a_terminal_the_output_reaches_its_own_stream_and_the_log(tmp_path, capfd):
@@ -17,8 +19,8 @@ def test_off_a_terminal_the_output_reaches_its_own_stream_and_the_log(tmp_path, 
     teed.write(b"the run's summary\n")
     teed.close()
     out, err = capfd.readouterr()
-    assert out == "to stdout\n" and err == "to stderr\n"
-    assert sorted(log.read_text().splitlines()) == ["the run's summary", "to stderr", "to stdout"]
+    assert out == "to the streams\n" and err == "TO THE STREAMS\n"
+    assert sorted(log.read_text().splitlines()) == ["TO THE STREAMS", "the run's summary", "to the streams"]
     teed.write(b"after close\n")  # a late reader's chunk is dropped, not an error
     assert "after close" not in log.read_text()
 

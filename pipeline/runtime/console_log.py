@@ -49,6 +49,9 @@ class TeedProcess:
         return self.process.pid
 
     def _copy(self, fd: int, console: BinaryIO) -> None:
+        """The console gets each chunk as it comes; the log whole lines only, so that stdout's
+        and stderr's lines never run into each other there."""
+        pending = b""
         while True:
             try:
                 chunk = os.read(fd, 65536)
@@ -58,7 +61,11 @@ class TeedProcess:
                 break
             console.write(chunk)
             console.flush()
-            self.write(chunk)
+            lines, _, pending = (pending + chunk).rpartition(b"\n")
+            if lines:
+                self.write(lines + b"\n")
+        if pending:
+            self.write(pending + b"\n")
 
     def write(self, data: bytes) -> None:
         """Add `data` to the log (a pseudo-terminal's line ends as a file's)."""
