@@ -15,6 +15,7 @@ from pipeline.tools.study import (
     README_BEGIN,
     README_END,
     SECOND_ROUND,
+    DvcState,
     Point,
     ablation_rows,
     ablation_table,
@@ -23,14 +24,12 @@ from pipeline.tools.study import (
     figure2,
     figure2_shares,
     findings,
-    make_missing_inputs,
     markdown,
     measured_points,
     paired_difference,
     pipeline_row,
     plan,
     planned_points,
-    recorded,
     report,
     result_files,
     sigma_sweep,
@@ -330,21 +329,25 @@ def test_a_recorded_point_is_skipped_without_its_models_and_rerun_when_anything_
     dvc_file.write_text(yaml.safe_dump({"stages": {"done": stage, "never": never}}))
     subprocess.run(["dvc", "repro", "-q", f"{dvc_file}:done"], check=True, env=env)
     shutil.rmtree(tmp_path / ".dvc" / "cache")
+
+    def recorded(name: str) -> bool:  # the runner reads DVC's state once, at its start
+        return DvcState.read(dvc_file, env).recorded(f"{dvc_file}:{name}")
+
     (tmp_path / "model.bin").unlink()
-    assert recorded(dvc_file, "done", env)
-    assert not recorded(dvc_file, "never", env)
+    assert recorded("done")
+    assert not recorded("never")
     made.write_text("labels, a few pixels apart\n")
-    assert recorded(dvc_file, "done", env)
+    assert recorded("done")
 
     (tmp_path / "params.yaml").write_text("teacher:\n  lr: 0.2\n")
-    assert not recorded(dvc_file, "done", env)
+    assert not recorded("done")
     (tmp_path / "params.yaml").write_text("teacher:\n  lr: 0.1\n")
     (tmp_path / "data.txt").write_text("other images\n")
-    assert not recorded(dvc_file, "done", env)
+    assert not recorded("done")
     (tmp_path / "data.txt").write_text("images\n")
-    assert recorded(dvc_file, "done", env)
+    assert recorded("done")
     dvc_file.write_text(dvc_file.read_text().replace("cp data.txt", "cp -p data.txt", 1))
-    assert not recorded(dvc_file, "done", env)
+    assert not recorded("done")
 
 
 def test_per_class_table_averages_figure2_teachers_at_the_sweep_fraction_by_class(tmp_path):
@@ -482,13 +485,17 @@ def test_missing_inputs_are_made_again_one_stage_at_a_time_and_nothing_recorded_
     (tmp_path / "study/data/subset.txt").unlink()
 
     def runs_for(point: str) -> list[str]:
+        """Run the point's missing inputs as the runner does, from one reading of DVC's state."""
         (tmp_path / "runs.log").write_text("")
-        assert make_missing_inputs(dvc_file, point, env) == 0
+        state = DvcState.read(dvc_file, env)
+        for stage in state.missing_inputs(f"{dvc_file}:{point}"):
+            subprocess.run(["dvc", "repro", "-q", "--single-item", stage], check=True, env=env)
+            state.made(stage)
         return (tmp_path / "runs.log").read_text().split()
 
     assert runs_for("point") == []  # the student is here: what it was made from is not needed
     assert runs_for("other") == ["subset", "pseudo"]  # upstream first, the point itself not yet
-    assert recorded(dvc_file, "student", env)  # its input made again, a few bits apart: still done
+    assert DvcState.read(dvc_file, env).recorded(f"{dvc_file}:student")  # its input made again, a few bits apart: still done
     assert runs_for("other") == []
     (tmp_path / "study/models/student.txt").unlink()
     assert runs_for("point") == ["student"]  # a model the store lost: made again from its inputs

@@ -689,8 +689,8 @@ def main(argv: list[str] | None = None) -> None:
 def run(study_plan: dict, dvc_args: list[str]) -> int:
     """Train the plan's points one `dvc repro` target at a time, teachers cheapest first (DVC's
     own order is a graph walk), then the ablation, then the report. A point whose result is
-    recorded (its metrics file is here and `recorded`) is skipped even when its models are not.
-    Each point's stage runs on its own (`--single-item`), after `make_missing_inputs`."""
+    recorded (its metrics file is here and `DvcState.recorded`) is skipped even when its models
+    are not. Each point's stage runs on its own (`--single-item`), after its missing inputs."""
     # This interpreter's environment (a venv that is not activated) runs `dvc` and the stages.
     bin_dir = os.path.dirname(sys.executable)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
@@ -703,76 +703,80 @@ def run(study_plan: dict, dvc_args: list[str]) -> int:
               *sorted({p["teacher"] for p in study_plan["pseudo"].values()})]
     subprocess.call(["dvc", "pull", "--allow-missing", "-r", STORE, *stored], env=env)
     try:
+        state = DvcState.read(dvc_file, env)
         for name, result in result_files(study_plan):
-            if (metrics / result).is_file() and recorded(dvc_file, name, env):
+            target = f"{dvc_file}:{name}"
+            if (metrics / result).is_file() and state.recorded(target):
                 continue
-            if code := make_missing_inputs(dvc_file, name, env, dvc_args):
-                return code
-            if code := subprocess.call(["dvc", "repro", "--single-item", f"{dvc_file}:{name}", *dvc_args], env=env):
-                return code
+            for stage in [*state.missing_inputs(target), target]:
+                if code := subprocess.call(["dvc", "repro", "--single-item", stage, *dvc_args], env=env):
+                    return code
+                state.made(stage)
         return subprocess.call(["dvc", "repro", "--single-item", f"{dvc_file}:report", *dvc_args], env=env)
     finally:
         subprocess.call(["dvc", "push", "-r", STORE, *stored], env=env)
 
 
-def make_missing_inputs(dvc_file: Path, name: str, env: dict, dvc_args: list[str] = ()) -> int:
-    """Run again, one at a time and upstream first, each stage above this point whose outputs
-    it needs and are not here after the store's pull: what the store does not keep (labeled
-    subsets, made again bit for bit; pseudo-labels, a few pixels apart on another CPU) or what
-    was never made (a new pretraining). One at a time, because `dvc repro` of the point would
-    also retrain any recorded point between them whose input came out other in its last bits.
-    A stage whose outputs are here is not looked above."""
-    target = f"{dvc_file}:{name}"
-    graph = subprocess.run(["dvc", "dag", "--dot", target], env=env, capture_output=True, text=True,
-                           check=True).stdout
-    nodes = re.findall(r'^"([^"]+)";$', graph, re.MULTILINE)
-    edges = re.findall(r'^"([^"]+)" -> "([^"]+)";$', graph, re.MULTILINE)
-    upstream = [node for node in nodes if node != target]
-    if not upstream:
-        return 0
-    status = json.loads(subprocess.run(["dvc", "status", "--json", *upstream], env=env, capture_output=True, text=True,
-                                       check=True).stdout or "{}")
-    missing = {stage for stage in upstream
-               if any(not Path(path).exists() for change in status.get(stage, []) if isinstance(change, dict)
-                      for path in change.get("changed outs", {}))}
-    needed: set[str] = set()
-    todo = [target]
-    while todo:  # from the point up, through missing stages only
-        child = todo.pop()
-        for parent in {a for a, b in edges if b == child} & missing - needed:
-            needed.add(parent)
-            todo.append(parent)
-    for stage in _topological([n for n in nodes if n in needed], [e for e in edges if set(e) <= needed]):
-        if code := subprocess.call(["dvc", "repro", "--single-item", stage, *dvc_args], env=env):
-            return code
-    return 0
+@dataclass
+class DvcState:
+    """What the runner asks DVC, read once at its start (one `dvc status` and one `dvc dag` of
+    the repository, ~10 s, where asking per point cost ~3 s for each recorded point) and kept
+    current by `made` as the runner runs stages: nothing else runs stages meanwhile."""
+    locked: set[str]  # the study's stages its lock holds a result for, as `dvc.yaml:name`
+    status: dict[str, list]  # `dvc status --json`: each stage that is not up to date, and why
+    parents: dict[str, set[str]]  # the stages whose outputs each stage reads
+    absent: set[str]  # the stages some of whose outputs are not here
+
+    @classmethod
+    def read(cls, dvc_file: Path, env: dict) -> DvcState:
+        lock_file = dvc_file.with_suffix(".lock")
+        lock = (yaml.safe_load(lock_file.read_text()) if lock_file.is_file() else None) or {}
+        status = json.loads(subprocess.run(["dvc", "status", "--json"], env=env, capture_output=True, text=True,
+                                           check=True).stdout or "{}")
+        graph = subprocess.run(["dvc", "dag", "--dot"], env=env, capture_output=True, text=True, check=True).stdout
+        parents: dict[str, set[str]] = {}
+        for parent, child in re.findall(r'^"([^"]+)" -> "([^"]+)";$', graph, re.MULTILINE):
+            parents.setdefault(child, set()).add(parent)
+        absent = {stage for stage, changes in status.items()
+                  if any(not Path(path).exists() for change in changes if isinstance(change, dict)
+                         for path in change.get("changed outs", {}))}
+        return cls({f"{dvc_file}:{name}" for name in lock.get("stages") or {}}, status, parents, absent)
+
+    def recorded(self, stage: str) -> bool:
+        """Whether the study's lock holds this stage's result for its current command, params, code
+        and inputs, even if the files it made are not here. `study/dvc.lock` and the small metrics
+        files are committed, the models are not: a fresh clone keeps every finished point without
+        retraining it, and trains a point again only when something it depends on changed.
+        An input the study itself made (`study/data`, `study/models`) may differ: made again on
+        another machine (pseudo-labels, which the store does not keep), its last bits differ, and
+        the stage that makes it is judged on its own command, params and code, as this one is."""
+        return stage in self.locked and all(_still_valid(change) for change in self.status.get(stage, []))
+
+    def missing_inputs(self, stage: str) -> list[str]:
+        """The stages above this one whose outputs it needs and are not here after the store's
+        pull, upstream first: what the store does not keep (labeled subsets, made again bit for
+        bit; pseudo-labels, a few pixels apart on another CPU) or what was never made (a new
+        pretraining). Each is run on its own, because `dvc repro` of the point would also retrain
+        any recorded point between them whose input came out other in its last bits. A stage
+        whose outputs are here is not looked above."""
+        needed: list[str] = []
+        todo = [stage]
+        while todo:  # from the stage up, through absent stages only
+            for parent in sorted(self.parents.get(todo.pop(), set()) & self.absent - set(needed)):
+                needed.append(parent)
+                todo.append(parent)
+        return _topological(needed, self.parents)
+
+    def made(self, stage: str) -> None:
+        self.absent.discard(stage)
 
 
-def _topological(nodes: list[str], edges: list[tuple[str, str]]) -> list[str]:
-    """`nodes` with every edge's source before its target (and otherwise in their order)."""
-    parents = {node: {a for a, b in edges if b == node} for node in nodes}
+def _topological(nodes: list[str], parents: dict[str, set[str]]) -> list[str]:
+    """`nodes` with each after those of its parents among them (and otherwise in their order)."""
     ordered: list[str] = []
     while len(ordered) < len(nodes):
-        ordered.append(next(n for n in nodes if n not in ordered and parents[n] <= set(ordered)))
+        ordered.append(next(n for n in nodes if n not in ordered and parents.get(n, set()) & set(nodes) <= set(ordered)))
     return ordered
-
-
-def recorded(dvc_file: Path, name: str, env: dict) -> bool:
-    """Whether the study's lock holds this stage's result for its current command, params, code
-    and inputs, even if the files it made are not here. `study/dvc.lock` and the small metrics
-    files are committed, the models are not: a fresh clone keeps every finished point without
-    retraining it, and trains a point again only when something it depends on changed.
-    An input the study itself made (`study/data`, `study/models`) may differ: made again on
-    another machine (pseudo-labels, which the store does not keep), its last bits differ, and the
-    stage that makes it is judged on its own command, params and code, as this one is."""
-    lock_file = dvc_file.with_suffix(".lock")
-    lock = yaml.safe_load(lock_file.read_text()) if lock_file.is_file() else None
-    if name not in ((lock or {}).get("stages") or {}):
-        return False
-    status = subprocess.run(["dvc", "status", "--json", f"{dvc_file}:{name}"], env=env, capture_output=True,
-                            text=True, check=True)
-    changes = [change for stage in json.loads(status.stdout or "{}").values() for change in stage]
-    return all(_still_valid(change) for change in changes)
 
 
 def _still_valid(change) -> bool:
