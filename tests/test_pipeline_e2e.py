@@ -18,8 +18,9 @@ import torch
 import yaml
 from conftest import S3Server, free_port
 
+from pipeline.config.ablation import SECOND_ROUND
 from pipeline.tools.bench import PHASES
-from pipeline.tools.study import README_BEGIN, README_END, SECOND_ROUND
+from pipeline.tools.study import README_BEGIN, README_END
 from pipeline.runtime.tracking import stage_tag
 
 ROOT = Path(__file__).resolve().parent.parent

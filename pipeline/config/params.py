@@ -17,6 +17,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.config.ablation import ABLATION
 from pipeline.config.presets import ENCODER_PRESETS
 
 PARAMS_FILE = "params.yaml"
@@ -436,7 +437,7 @@ class StudyConfig:
     over its 20 scenes), 4,000 with every label (where the fully supervised teacher had
     stopped improving).
     At `ablation_fractions` the DDeP teachers also get students, one per step of the
-    self-training ablation (pipeline.tools.study.ABLATION; `ablation_rows` names the steps to
+    self-training ablation (pipeline.config.ablation.ABLATION; `ablation_rows` names the steps to
     train, null: all), and the last one a second round.
     The DDeP pretraining is also run for `pretrain_epochs` (longer than decoder_pretrain's own
     epochs), each with teachers at `pretrain_fractions`: is the decoder's denoising trained
@@ -483,9 +484,17 @@ class StudyConfig:
         for steps in self.teacher_steps:
             _require(steps > 0 and steps % self.teacher_epochs == 0, "study.teacher_steps",
                      f"expected positive multiples of study.teacher_epochs ({self.teacher_epochs}), got {steps}")
+        _require(self.ablation_rows is None or (len(self.ablation_rows) > 0 and set(self.ablation_rows) <= set(ABLATION)),
+                 "study.ablation_rows", f"expected null or a non-empty list of {', '.join(ABLATION)}; "
+                 f"got {self.ablation_rows}")
 
     def steps_for(self, fraction: float) -> int:
         return self.teacher_steps[self.fractions.index(fraction)]
+
+    @property
+    def ablation_steps(self) -> list[str]:
+        """The ablation rows the study trains, in the table's order."""
+        return [row for row in ABLATION if self.ablation_rows is None or row in self.ablation_rows]
 
 
 @dataclass

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from pipeline.config.ablation import ABLATION, SECOND_ROUND
 from pipeline.config.params import PARAMS_FILE, ConfigError, DecoderPretrainConfig, StudyConfig, load_params
 from pipeline.data.atomic import write_text_atomic
 
@@ -48,31 +49,6 @@ RANDOM_ENCODER = "study/models/encoder-random.pt"
 CURVES = {"random init": ("random", "none"), "supervised encoder": ("supervised", "none"),
           "DeP": ("random", "dep"), "DDeP": ("supervised", "ddep")}
 README_BEGIN, README_END = "<!-- study:begin -->", "<!-- study:end -->"
-
-# The self-training ablation, in the order Simple Baseline's recipe adds its pieces: each row
-# sets every switch, so a row means the same whatever params.yaml's student defaults are.
-_OFF = {"strong_augment": False, "dsbn": False, "pseudo_loss": "ce", "copy_paste_probability": 0.0,
-        "dense_contrast_weight": 0.0}
-_STEPS = [("plain-ce", "student, plain CE", {}),
-          ("strong-aug", "+ strong augmentation", {"strong_augment": True}),
-          ("dsbn", "+ DSBN", {"dsbn": True}),
-          ("self-correction", "+ self-correction loss", {"pseudo_loss": "self_correction"}),
-          ("copy-paste", "+ copy-paste", {"copy_paste_probability": 0.5}),
-          ("dense-contrast", "+ dense contrast", {"dense_contrast_weight": 0.1})]
-
-
-def _cumulative() -> dict[str, tuple[str, dict]]:
-    """Each row: every switch off, plus what this step and all steps before it turned on."""
-    rows, switches = {}, dict(_OFF)
-    for key, label, added in _STEPS:
-        switches = {**switches, **added}
-        rows[key] = (label, switches)
-    return rows
-
-
-ABLATION = _cumulative()
-SECOND_ROUND = "dense-contrast"  # the row that also gets a second round
-
 
 # The order `run` trains the points in, so that a study stopped part-way (it resumes) already
 # answers the main questions: Figure 2 at the sweep fraction (the pipeline's own 5%), the
@@ -175,10 +151,10 @@ def _overrides(values: dict) -> str:
 def ablation_plan(cfg: StudyConfig, prefix: str = "", prepared: str = PREPARED, phase: int = PHASES["ablation"]) -> dict:
     """Pseudo-labels and students of the self-training ablation: the DDeP teacher of each
     ablation subset labels the rest of the train images; one student per ABLATION row
-    (`cfg.ablation_rows`); the SECOND_ROUND student, if one of them, labels them again for a
+    (`cfg.ablation_steps`); the SECOND_ROUND student, if one of them, labels them again for a
     round-2 student with the same settings."""
     ddep = prefix + pretrain_key("supervised", "ddep", cfg.ddep_sigma)
-    rows = ablation_steps(cfg)
+    rows = cfg.ablation_steps
     pseudo, students = {}, {}
     for fraction in cfg.ablation_fractions:
         for seed in cfg.seeds:
@@ -201,17 +177,6 @@ def ablation_plan(cfg: StudyConfig, prefix: str = "", prepared: str = PREPARED, 
                                                              "pseudo": f"{prefix}r2-{bare}", "teacher": first,
                                                              "overrides": _overrides(ABLATION[SECOND_ROUND][1])}
     return {"pseudo": pseudo, "students": students}
-
-
-def ablation_steps(cfg: StudyConfig) -> list[str]:
-    """The ABLATION rows the study trains, in ABLATION's order."""
-    if cfg.ablation_rows is None:
-        return list(ABLATION)
-    unknown = [row for row in cfg.ablation_rows if row not in ABLATION]
-    if unknown or not cfg.ablation_rows:
-        raise ConfigError(f"study.ablation_rows: expected null or a non-empty list of {', '.join(ABLATION)}; "
-                          f"got {cfg.ablation_rows}")
-    return [row for row in ABLATION if row in cfg.ablation_rows]
 
 
 def dataset_plans(study_plan: dict) -> dict[str | None, dict]:

@@ -1,0 +1,30 @@
+"""The study's self-training ablation: which student switches each of its rows sets.
+
+The rows follow the order Simple Baseline's recipe adds its pieces. Each row sets every
+switch, so a row means the same whatever params.yaml's student defaults are; `study.ablation_rows`
+in params.yaml names rows of this table.
+"""
+
+from __future__ import annotations
+
+_OFF = {"strong_augment": False, "dsbn": False, "pseudo_loss": "ce", "copy_paste_probability": 0.0,
+        "dense_contrast_weight": 0.0}
+_STEPS = [("plain-ce", "student, plain CE", {}),
+          ("strong-aug", "+ strong augmentation", {"strong_augment": True}),
+          ("dsbn", "+ DSBN", {"dsbn": True}),
+          ("self-correction", "+ self-correction loss", {"pseudo_loss": "self_correction"}),
+          ("copy-paste", "+ copy-paste", {"copy_paste_probability": 0.5}),
+          ("dense-contrast", "+ dense contrast", {"dense_contrast_weight": 0.1})]
+
+
+def _cumulative() -> dict[str, tuple[str, dict]]:
+    """Each row: every switch off, plus what this step and all steps before it turned on."""
+    rows, switches = {}, dict(_OFF)
+    for key, label, added in _STEPS:
+        switches = {**switches, **added}
+        rows[key] = (label, switches)
+    return rows
+
+
+ABLATION = _cumulative()  # row -> (its label in the report, the student switches it sets)
+SECOND_ROUND = "dense-contrast"  # the row that also gets a second round
