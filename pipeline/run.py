@@ -26,7 +26,7 @@ import yaml
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config.params import ConfigError, load_params, standin_encoder
     from pipeline.orchestrate.stage_run import collect_nothing_at_exit
-    from pipeline.runtime.console_log import TeedProcess, failed_stages, new_log
+    from pipeline.runtime.console_log import TeedProcess, new_log
     from pipeline.runtime.local_ray import params_ray_config, prestart_execution_ray
     from pipeline.runtime.tracking import finish_execution
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         if code == 0 and summary and metrics.is_file():
             summary = "\n".join([*outcome(metrics, time.monotonic() - started, paths["figures"]), summary])
         if code != 0 and dvc is not None:
-            summary = "\n".join(filter(None, [summary, failure(code, failed_stages(dvc.log.read_text(errors="replace")),
+            summary = "\n".join(filter(None, [summary, failure(code, dvc.failed_stages,
                                                                dvc.log.relative_to(root), ray_session)]))
         if summary:
             print(summary, file=sys.stderr)

@@ -67,3 +67,12 @@ def test_failed_stages_are_read_from_dvcs_own_words():
     assert failed_stages("ERROR: failed to reproduce stages: 'a', 'study/dvc.yaml:report' and 'b@round1'") == \
         ["a", "study/dvc.yaml:report", "b@round1"]
     assert failed_stages("Running stage 'prepare':\nUpdating lock file 'dvc.lock'\n") == []
+
+
+def test_the_tee_collects_the_failed_stages_as_dvcs_lines_pass(tmp_path):
+    says = ("import sys; print('Running stage ' + repr('first') + ':'); "
+            "sys.stderr.write('ERROR: failed to reproduce ' + repr('second') + ': failed to run\\n'); sys.exit(1)")
+    teed = TeedProcess([sys.executable, "-c", says], dict(os.environ), tmp_path / "run.log")
+    assert teed.wait() == 1
+    teed.close()
+    assert teed.failed_stages == ["second"]

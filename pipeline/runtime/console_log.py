@@ -25,6 +25,7 @@ class TeedProcess:
 
     def __init__(self, cmd: list[str], env: dict, log: Path):
         self.log = log
+        self.failed_stages: list[str] = []  # the stages DVC said it failed, as its lines pass
         log.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(log, "wb")  # noqa: SIM115 (closed in wait)
         self._lock = threading.Lock()
@@ -68,8 +69,9 @@ class TeedProcess:
             self.write(pending + b"\n")
 
     def write(self, data: bytes) -> None:
-        """Add `data` to the log (a pseudo-terminal's line ends as a file's)."""
+        """Add `data`, whole lines, to the log (a pseudo-terminal's line ends as a file's)."""
         with self._lock:
+            self.failed_stages += failed_stages(data.decode(errors="replace"))
             if not self._file.closed:
                 self._file.write(data.replace(b"\r\n", b"\n"))
                 self._file.flush()
