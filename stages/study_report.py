@@ -18,11 +18,11 @@ def main() -> None:
     parser.add_argument("--metrics", type=Path, required=True, help="folder of the teachers' val metrics")
     parser.add_argument("--out", type=Path, required=True, help="folder for report.md, CSVs and figures")
     args = parser.parse_args()
-    with stage("study_report", ["study", "student", "data"], overrides=args.overrides) as ctx:
+    with stage("study_report", ["study", "student", "self_training", "data"], overrides=args.overrides) as ctx:
         cfg = ctx.params.study
         study_plan = yaml.safe_load(args.plan.read_text())
-        done = report(study_plan, args.metrics, cfg, ctx.params.student, args.out, ctx.params.data.format,
-                      git_commit(ctx.root))
+        done = report(study_plan, args.metrics, cfg, ctx.params.student, len(ctx.params.self_training.rounds),
+                      args.out, ctx.params.data.format, git_commit(ctx.root))
         write_text_atomic(args.out / "report.md", done.text)
         mlflow.log_artifacts(str(args.out), "study")
         ctx.summary |= {"points": done.measured, "planned": done.planned}

@@ -575,7 +575,8 @@ def test_a_one_seed_study_runs_the_pipelines_stages_reports_and_resumes_from_its
                        # the other rows are the same stage with other switches: test_study checks their plan
                        "ablation_rows": ["plain-ce", SECOND_ROUND],
                        "pretrain_epochs": [params["decoder_pretrain"]["epochs"] + 1],
-                       "control": None}  # a control's stages are the same ones: test_study checks they resolve
+                       "control": None,  # a control's stages are the same ones: test_study checks they resolve
+                       "tuning_seeds": []}  # so are the recipe choice's, on the tuning split test_prepare checks
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     out = run([sys.executable, "-m", "pipeline.runtime.local_ray", "--", sys.executable, "-m", "pipeline.tools.study"], repo,
               timeout=1800).stdout

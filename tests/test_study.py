@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -45,10 +46,11 @@ def test_default_plan_covers_figure2_and_the_sweep_once_each_on_the_data_and_its
     # Figure 2: 4 initialisations x 5 fractions x 3 seeds; sweep: 2 modes x 4 σ x 3 seeds at 5%,
     # of which DDeP σ=0.2 and DeP σ=0.4 at 5% are already Figure 2 points.
     # Pretraining length: 1 longer DDeP pretraining x 1 fraction x 3 seeds. The control: the same, 2 seeds.
+    # The recipe choice: one DDeP pretraining and teacher, at the ablation's 5%, 1 tuning seed.
     per_seed = (60 + 24 - 6 + 3) // 3
-    assert len(study["teachers"]) == per_seed * 3 + per_seed * 2
-    assert len(study["pretrain"]) == (2 + 4 + 4) * 2
-    assert len(study["subsets"]) == 5 * 3 + 5 * 2
+    assert len(study["teachers"]) == per_seed * 3 + per_seed * 2 + 1
+    assert len(study["pretrain"]) == (2 + 4 + 4) * 2 + 1
+    assert len(study["subsets"]) == 5 * 3 + 5 * 2 + 1
     for key in [*study["teachers"], *study["pretrain"], *study["subsets"]]:
         assert "." not in key and "@" not in key, key  # DVC stage-name safe
     sweep = {k: t for k, t in study["teachers"].items()
@@ -59,7 +61,8 @@ def test_default_plan_covers_figure2_and_the_sweep_once_each_on_the_data_and_its
                                               "sigma": 0.2, "prepared": "data/prepared"}
     assert study["pretrain"]["dep-s0p4"]["init"] == "random"
     # The control's points: its own prepared data, keys and files, the same encoders, after all the pipeline's.
-    assert study["controls"] == {"digits": {"out": "study/data/prepared-digits"}}
+    assert study["datasets"] == {"tuning": {"out": "study/data/prepared-tuning", "overrides": "--set data.tuning=true"},
+                                 "digits": {"out": "study/data/prepared-digits", "overrides": "--set data.format=digits"}}
     digits = study["teachers"]["digits-ddep-s0p2-f5-seed1"]
     assert digits["subset"] == "digits-f5-seed1" and digits["pretrain"] == "digits-ddep-s0p2"
     assert digits["prepared"] == study["pretrain"]["digits-ddep-s0p2"]["prepared"] == "study/data/prepared-digits"
@@ -70,13 +73,18 @@ def test_default_plan_covers_figure2_and_the_sweep_once_each_on_the_data_and_its
     assert study["pseudo"]["digits-r1-f5-seed0"]["teacher"] == "study/models/teacher-digits-ddep-s0p2-f5-seed0.pt"
     order = [stage for stage, _ in result_files(study)]
     assert max(i for i, s in enumerate(order) if "digits-" not in s) < min(i for i, s in enumerate(order) if "digits-" in s)
+    # The recipe choice right after the pipeline data's ablation, before the rest of its points.
+    tuning = [i for i, s in enumerate(order) if "tuning-" in s]
+    assert tuning == list(range(tuning[0], tuning[0] + 1 + 2 + 7))  # teacher, 2 pseudo-labellings, 7 students
+    assert order[tuning[0] - 1] == f"student@{SECOND_ROUND}-f5-seed2-r2" and order[tuning[0]] == "teacher@tuning-ddep-s0p2-f5-seed0"
     parts = dataset_plans(study)
-    assert set(parts) == {None, "digits"} and parts["digits"]["prefix"] == "digits-"
+    assert set(parts) == {None, "tuning", "digits"} and parts["digits"]["prefix"] == "digits-"
     assert len(parts[None]["teachers"]) == per_seed * 3 and len(parts["digits"]["students"]) == 2 * 7
+    assert list(parts["tuning"]["pretrain"]) == ["tuning-ddep-s0p2"] and len(parts["tuning"]["students"]) == 7
 
 
 def test_teachers_train_their_fractions_steps_and_the_main_questions_first():
-    cfg = StudyConfig(control=None, fractions=[0.01, 0.1, 1.0], sweep_fraction=0.1, teacher_steps=[6, 10, 40], teacher_epochs=2,
+    cfg = StudyConfig(control=None, tuning_seeds=[], fractions=[0.01, 0.1, 1.0], sweep_fraction=0.1, teacher_steps=[6, 10, 40], teacher_epochs=2,
                       ablation_fractions=[0.1], pretrain_fractions=[0.1])
     study = plan(cfg)
     teachers = study["teachers"]
@@ -98,7 +106,7 @@ def test_teachers_train_their_fractions_steps_and_the_main_questions_first():
 
 
 def test_ablation_adds_one_piece_per_row_and_a_second_round_from_the_round_one_student():
-    cfg = StudyConfig(control=None)
+    cfg = StudyConfig(control=None, tuning_seeds=[])
     study = plan(cfg)
     subsets = len(cfg.ablation_fractions) * len(cfg.seeds)
     assert len(study["pseudo"]) == 2 * subsets and len(study["students"]) == (len(ABLATION) + 1) * subsets
@@ -116,18 +124,18 @@ def test_ablation_adds_one_piece_per_row_and_a_second_round_from_the_round_one_s
 
 
 def test_ablation_rows_pick_the_students_and_the_second_round_needs_its_row():
-    picked = plan(StudyConfig(control=None, seeds=[0], ablation_rows=[SECOND_ROUND, "plain-ce"]))
+    picked = plan(StudyConfig(control=None, tuning_seeds=[], seeds=[0], ablation_rows=[SECOND_ROUND, "plain-ce"]))
     assert sorted(picked["students"]) == sorted(["plain-ce-f5-seed0-r1", f"{SECOND_ROUND}-f5-seed0-r1",
                                                  f"{SECOND_ROUND}-f5-seed0-r2"])
-    one = plan(StudyConfig(control=None, seeds=[0], ablation_rows=["dsbn"]))
+    one = plan(StudyConfig(control=None, tuning_seeds=[], seeds=[0], ablation_rows=["dsbn"]))
     assert list(one["students"]) == ["dsbn-f5-seed0-r1"] and list(one["pseudo"]) == ["r1-f5-seed0"]
     for rows in (["dsbn", "mixup"], []):
         with pytest.raises(ConfigError, match="study.ablation_rows: expected null or a non-empty list of plain-ce"):
-            StudyConfig(control=None, ablation_rows=rows)  # before any plan is made
+            StudyConfig(control=None, tuning_seeds=[], ablation_rows=rows)  # before any plan is made
 
 
 def test_ablation_table_averages_seeds_and_adds_teacher_full_supervision_and_pseudo_label_rows(tmp_path):
-    cfg = StudyConfig(control=None, fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.1,
+    cfg = StudyConfig(control=None, tuning_seeds=[], fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.1,
                       teacher_steps=[10, 20], ablation_fractions=[0.1], pretrain_fractions=[])
     study = plan(cfg)
     for key in study["teachers"]:
@@ -160,7 +168,7 @@ def test_ablation_table_averages_seeds_and_adds_teacher_full_supervision_and_pse
 
 
 def test_ablation_table_is_empty_until_a_student_is_trained(tmp_path):
-    cfg = StudyConfig(control=None, fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.1,
+    cfg = StudyConfig(control=None, tuning_seeds=[], fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.1,
                       teacher_steps=[10, 20], ablation_fractions=[0.1], pretrain_fractions=[])
     study = plan(cfg)
     for key in study["teachers"]:
@@ -182,7 +190,7 @@ def test_committed_plan_is_the_plan_of_the_committed_params():
 def test_longer_pretrainings_get_their_own_teachers_and_the_default_length_only_its_loss_curve():
     from pipeline.config.params import DecoderPretrainConfig
 
-    cfg = StudyConfig(control=None, seeds=[0, 1], pretrain_epochs=[30, 60], pretrain_fractions=[0.01])
+    cfg = StudyConfig(control=None, tuning_seeds=[], seeds=[0, 1], pretrain_epochs=[30, 60], pretrain_fractions=[0.01])
     study = plan(cfg, DecoderPretrainConfig(epochs=6, steps_per_epoch=50))
     lengths = study["pretrain_length"]
     assert [(p["epochs"], p["steps"], p["default"]) for p in lengths.values()] == [(6, 300, True), (30, 1500, False),
@@ -202,7 +210,7 @@ def test_pretrain_length_table_reads_each_lengths_loss_and_keeps_its_teachers_ou
     from pipeline.config.params import DecoderPretrainConfig
     from pipeline.tools.study import pretrain_length_table
 
-    cfg = StudyConfig(control=None, fractions=[0.05, 1.0], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.05, teacher_steps=[10, 10],
+    cfg = StudyConfig(control=None, tuning_seeds=[], fractions=[0.05, 1.0], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.05, teacher_steps=[10, 10],
                       ablation_fractions=[], pretrain_epochs=[30], pretrain_fractions=[0.05])
     study = plan(cfg, DecoderPretrainConfig(epochs=6))
     mious = {"supervised-f5": 0.3, "ddep-s0p2-f5": 0.2, "ddep-s0p2-e30-f5": 0.4}
@@ -239,7 +247,7 @@ def _points(cfg: StudyConfig) -> list[Point]:
 
 
 def test_tables_average_over_seeds_and_keep_the_spread():
-    cfg = StudyConfig(control=None, fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2, 0.4], sweep_fraction=0.1, teacher_steps=[10, 20],
+    cfg = StudyConfig(control=None, tuning_seeds=[], fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2, 0.4], sweep_fraction=0.1, teacher_steps=[10, 20],
                       ablation_fractions=[0.1], pretrain_fractions=[])
     points = _points(cfg)
     fig2 = figure2(points, cfg)
@@ -253,7 +261,7 @@ def test_tables_average_over_seeds_and_keep_the_spread():
 
 
 def test_collect_reads_each_teachers_metrics_and_a_partial_study_reports_what_it_has(tmp_path):
-    cfg = StudyConfig(control=None, fractions=[0.5, 1.0], seeds=[0, 1], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=1.0,
+    cfg = StudyConfig(control=None, tuning_seeds=[], fractions=[0.5, 1.0], seeds=[0, 1], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=1.0,
                       teacher_steps=[10, 10], ablation_fractions=[], pretrain_fractions=[])
     study = plan(cfg)
     for i, key in enumerate(study["teachers"]):
@@ -261,7 +269,7 @@ def test_collect_reads_each_teachers_metrics_and_a_partial_study_reports_what_it
     points = collect(study, tmp_path)
     assert len(points) == len(study["teachers"]) == 16
     assert measured_points(study, tmp_path) == planned_points(study) == 16
-    full = report(study, tmp_path, cfg, StudentConfig(), tmp_path / "report", "shapes", "c0ffee")
+    full = report(study, tmp_path, cfg, StudentConfig(), 1, tmp_path / "report", "shapes", "c0ffee")
     assert (full.measured, full.planned) == (16, 16)
     full = full.text
     assert full.startswith("Commit `c0ffee`.") and "–" not in full.split("boundary F1")[0]
@@ -272,7 +280,7 @@ def test_collect_reads_each_teachers_metrics_and_a_partial_study_reports_what_it
     points = collect(study, tmp_path)
     fig2 = figure2(points, cfg)
     assert len(points) == 7 and fig2["DDeP"][1.0][2] == 0 and fig2["DDeP"][0.5][2] == 1
-    partial = report(study, tmp_path, cfg, StudentConfig(), tmp_path / "report", "shapes", "c0ffee")
+    partial = report(study, tmp_path, cfg, StudentConfig(), 1, tmp_path / "report", "shapes", "c0ffee")
     assert (partial.measured, partial.planned) == (7, 16)
     text = partial.text
     assert text.startswith("**Partial: 7 of 16 points measured so far**")
@@ -284,7 +292,7 @@ def test_collect_reads_each_teachers_metrics_and_a_partial_study_reports_what_it
 
 
 def test_outputs_are_csvs_for_dvc_plots_and_figures(tmp_path):
-    cfg = StudyConfig(control=None, fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2, 0.4], sweep_fraction=0.1, teacher_steps=[10, 20],
+    cfg = StudyConfig(control=None, tuning_seeds=[], fractions=[0.1, 1.0], seeds=[0, 1], sigmas=[0.2, 0.4], sweep_fraction=0.1, teacher_steps=[10, 20],
                       ablation_fractions=[0.1], pretrain_fractions=[])
     points = _points(cfg)
     write_outputs(figure2(points, cfg), sigma_sweep(points, cfg), tmp_path)
@@ -353,7 +361,7 @@ def test_per_class_table_averages_figure2_teachers_at_the_sweep_fraction_by_clas
     from pipeline.config.params import DecoderPretrainConfig
     from pipeline.tools.study import per_class_table
 
-    cfg = StudyConfig(control=None, fractions=[0.05, 1.0], seeds=[0, 1], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.05, teacher_steps=[10, 10],
+    cfg = StudyConfig(control=None, tuning_seeds=[], fractions=[0.05, 1.0], seeds=[0, 1], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.05, teacher_steps=[10, 10],
                       ablation_fractions=[], pretrain_epochs=[30], pretrain_fractions=[0.05])
     study = plan(cfg, DecoderPretrainConfig(epochs=6))
     for key, teacher in study["teachers"].items():
@@ -379,7 +387,7 @@ def test_per_class_table_averages_figure2_teachers_at_the_sweep_fraction_by_clas
 def test_shares_and_differences_pair_each_seed_with_itself_and_the_findings_say_what_the_tables_show(tmp_path):
     from pipeline.config.params import StudentConfig
 
-    cfg = StudyConfig(control=None, fractions=[0.05, 1.0], seeds=[0, 1], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.05,
+    cfg = StudyConfig(control=None, tuning_seeds=[], fractions=[0.05, 1.0], seeds=[0, 1], sigmas=[0.2], dep_sigma=0.2, sweep_fraction=0.05,
                       teacher_steps=[10, 20], ablation_fractions=[0.05], pretrain_fractions=[])
     study = plan(cfg)
     full = {0: 0.6, 1: 0.8}  # seed 1's subset is the easier one: shares pair seeds, not means
@@ -400,6 +408,9 @@ def test_shares_and_differences_pair_each_seed_with_itself_and_the_findings_say_
     assert figure2(points, cfg, "boundary_f1")["DDeP"][1.0][0] == pytest.approx(0.35)
     assert pipeline_row(StudentConfig()) == "+ self-correction loss"
     assert pipeline_row(StudentConfig(dsbn=False, strong_augment=True, pseudo_loss="self_correction")) is None
+    assert pipeline_row(StudentConfig(), rounds=2) is None  # only the second-round row has a second round
+    dense = StudentConfig(**ABLATION[SECOND_ROUND][1])
+    assert pipeline_row(dense, rounds=2) == "+ dense contrast, 2 rounds" and pipeline_row(dense) == "+ dense contrast"
     said = findings(points, ablation_rows(study, tmp_path, cfg), cfg, "+ self-correction loss")
     assert said[0].startswith("**Headroom**") and "50% ± 0%" in said[0]
     assert "5% labels +0.070 ± 0.010, ahead by more than the seeds' spread" in said[1]
@@ -422,8 +433,8 @@ def test_the_report_has_a_section_per_dataset_each_from_its_own_points_and_seeds
         (tmp_path / f"{key}.json").write_text(json.dumps({"miou": 0.2 if key.startswith("digits-") else 0.4}))
     out = tmp_path / "report"
     parts = dataset_plans(study)
-    shapes = dataset_report(parts[None], tmp_path, cfg, StudentConfig(), out, None, "shapes")
-    digits = dataset_report(parts["digits"], tmp_path, cfg, StudentConfig(), out, "digits", "shapes")
+    shapes = dataset_report(parts[None], tmp_path, cfg, StudentConfig(), 1, out, None, "shapes")
+    digits = dataset_report(parts["digits"], tmp_path, cfg, StudentConfig(), 1, out, "digits", "shapes")
     assert shapes.startswith("### Shape scenes (the pipeline's own data, `data.format: shapes`), 3 seeds")
     assert digits.startswith("### Digit scenes (the control, `study.control: digits`), 2 seeds")
     assert "| DDeP | 0.400 ± 0.000 | 0.400 ± 0.000 |" in shapes and "| DDeP | 0.200 ± 0.000 | 0.200 ± 0.000 |" in digits
@@ -433,7 +444,7 @@ def test_the_report_has_a_section_per_dataset_each_from_its_own_points_and_seeds
 
 def test_the_committed_study_dvc_yaml_resolves_every_point_of_the_default_plan(tmp_path):
     """DVC's own reading of study/dvc.yaml with the default plan: one stage per plan entry, the
-    control's prepared by its own stage and read by its points (the one-seed end-to-end study
+    control's and the tuning split's data prepared by their own stages and read by their points (the one-seed end-to-end study
     runs without a control)."""
     shutil.copytree(ROOT / "study", tmp_path / "study", ignore=shutil.ignore_patterns("store", "data", "models",
                                                                                      "metrics", "report", "figures"))
@@ -447,11 +458,14 @@ def test_the_committed_study_dvc_yaml_resolves_every_point_of_the_default_plan(t
     listed = subprocess.run([str(dvc), "stage", "list", "study/dvc.yaml", "--name-only"], cwd=tmp_path, check=True,
                             capture_output=True, text=True).stdout.split()
     for section, stage in (("pretrain", "pretrain"), ("teachers", "teacher"), ("students", "student"),
-                           ("pseudo", "pseudo"), ("subsets", "subset"), ("controls", "prepare_control")):
+                           ("pseudo", "pseudo"), ("subsets", "subset"), ("datasets", "prepare")):
         assert {name.split("@", 1)[1] for name in listed if name.startswith(f"study/dvc.yaml:{stage}@")} == set(study[section])
     dag = subprocess.run([str(dvc), "dag", "--dot", "study/dvc.yaml:student@digits-plain-ce-f5-seed0-r1"], cwd=tmp_path,
                          check=True, capture_output=True, text=True).stdout
-    assert "prepare_control@digits" in dag and "teacher@digits-ddep-s0p2-f5-seed0" in dag
+    assert "prepare@digits" in dag and "teacher@digits-ddep-s0p2-f5-seed0" in dag
+    dag = subprocess.run([str(dvc), "dag", "--dot", "study/dvc.yaml:student@tuning-strong-aug-f5-seed0-r1"], cwd=tmp_path,
+                         check=True, capture_output=True, text=True).stdout
+    assert "prepare@tuning" in dag and "pretrain@tuning-ddep-s0p2" in dag and "digits" not in dag
 
 
 def test_missing_inputs_are_made_again_one_stage_at_a_time_and_nothing_recorded_below_them(tmp_path, monkeypatch):
@@ -498,3 +512,25 @@ def test_missing_inputs_are_made_again_one_stage_at_a_time_and_nothing_recorded_
     assert runs_for("other") == []
     (tmp_path / "study/models/student.txt").unlink()
     assert runs_for("point") == ["student"]  # a model the store lost: made again from its inputs
+
+
+def test_the_recipe_choice_reads_the_tuning_splits_students_only_and_names_the_best_row(tmp_path):
+    from pipeline.tools.study import chosen_recipe, recipe_report
+
+    cfg = StudyConfig(fractions=[0.05, 1.0], seeds=[0, 1], control=None, tuning_seeds=[0], sigmas=[0.2], dep_sigma=0.2,
+                      sweep_fraction=0.05, teacher_steps=[10, 20], ablation_fractions=[0.05], pretrain_fractions=[])
+    tuning = dataset_plans(plan(cfg))["tuning"]
+    assert {st["seed"] for st in tuning["students"].values()} == {0}
+    scores = {"plain-ce": 0.40, "strong-aug": 0.50, "dsbn": 0.45, "self-correction": 0.44, "copy-paste": 0.43,
+              "dense-contrast": 0.47}
+    for key, st in tuning["students"].items():
+        (tmp_path / f"student-{key}.json").write_text(json.dumps({"miou": scores[st["row"]] + 0.01 * (st["round"] - 1)}))
+        (tmp_path / f"student-{key.removeprefix('tuning-')}.json").write_text(json.dumps({"miou": 0.9}))  # val: unread
+    rows = ablation_rows(tuning, tmp_path, replace(cfg, seeds=cfg.tuning_seeds))
+    assert chosen_recipe(rows, replace(cfg, seeds=cfg.tuning_seeds)) == "+ strong augmentation"
+    text = recipe_report(tuning, tmp_path, cfg, StudentConfig(**ABLATION["strong-aug"][1]), 1)
+    assert "| + strong augmentation | 0.500 ± 0.000 |" in text and "| + dense contrast, 2 rounds | 0.480 ± 0.000 |" in text
+    assert "**Chosen: strong augmentation**; the pipeline's student (params.yaml) is the same." in text
+    assert "is not the same: params.yaml's is + self-correction loss" in recipe_report(tuning, tmp_path, cfg, StudentConfig(), 1)
+    (tmp_path / "student-tuning-dsbn-f5-seed0-r1.json").unlink()  # a row not trained yet: nothing chosen
+    assert "Chosen" not in recipe_report(tuning, tmp_path, cfg, StudentConfig(), 1)

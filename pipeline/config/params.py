@@ -442,7 +442,10 @@ class StudyConfig:
     The DDeP pretraining is also run for `pretrain_epochs` (longer than decoder_pretrain's own
     epochs), each with teachers at `pretrain_fractions`: is the decoder's denoising trained
     long enough to help? `control` (a built-in dataset, or null) gets the same study with
-    `control_seeds`, on data the study prepares with the pipeline's `data` settings."""
+    `control_seeds`, on data the study prepares with the pipeline's `data` settings.
+    `tuning_seeds` (empty: none) run the ablation once more on the tuning split
+    (`data.tuning`): the row that scores best there is the pipeline's student recipe, chosen
+    without looking at val."""
 
     fractions: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 1.0])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -458,6 +461,7 @@ class StudyConfig:
     pretrain_fractions: list[float] = field(default_factory=lambda: [0.05])
     control: str | None = "digits"  # the recognition-bound control beside the default shape scenes
     control_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    tuning_seeds: list[int] = field(default_factory=lambda: [0])
 
     def __post_init__(self) -> None:
         for name in ("fractions", "seeds", "sigmas"):

@@ -53,10 +53,15 @@ README_BEGIN, README_END = "<!-- study:begin -->", "<!-- study:end -->"
 # The order `run` trains the points in, so that a study stopped part-way (it resumes) already
 # answers the main questions: Figure 2 at the sweep fraction (the pipeline's own 5%), the
 # DDeP teacher with every label (what the students are a share of), the self-training
-# ablation, the other initialisations with every label, Figure 2's other fractions, the σ
-# sweep, the pretraining-length check. Within a phase, cheapest first, seed after seed.
+# ablation, the recipe choice on the tuning split, the other initialisations with every
+# label, Figure 2's other fractions, the σ sweep, the pretraining-length check. Within a
+# phase, cheapest first, seed after seed.
 PHASES = {name: i for i, name in enumerate(["figure2 at the sweep fraction", "ddep with every label", "ablation",
-                                            "with every label", "figure2", "sigma sweep", "pretraining length"])}
+                                            "recipe choice", "with every label", "figure2", "sigma sweep",
+                                            "pretraining length"])}
+# The recipe choice's data: the pipeline's, but its val split is more train scenes
+# (`data.tuning`), so that choosing the pipeline's student by it never looks at val.
+TUNING = "tuning"
 
 
 def _tag(value: float) -> str:
@@ -77,27 +82,33 @@ SECTIONS = ("pretrain", "pretrain_length", "subsets", "teachers", "pseudo", "stu
 
 def plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig | None = None) -> dict:
     """Every pretraining, labeled subset, teacher, pseudo-labelling and student the study needs,
-    each once, on the pipeline's prepared data; then the same on the control dataset
-    (`cfg.control`, with `cfg.control_seeds`), prepared by the study itself, its keys starting
-    with its name and trained after all of the pipeline's. `pretraining` (params.yaml's
-    decoder_pretrain) is the length every pretraining has but the longer DDeP ones of
-    `pretrain_length`."""
-    study_plan = _dataset_plan(cfg, pretraining or DecoderPretrainConfig(), "", PREPARED, 0)
-    study_plan["controls"] = {}
+    each once, on the pipeline's prepared data; then the recipe choice (the ablation alone,
+    with `cfg.tuning_seeds`) on the tuning split; then the whole study again on the control
+    dataset (`cfg.control`, with `cfg.control_seeds`). The datasets other than the pipeline's
+    are prepared by the study itself (`datasets`: name -> folder and `prepare` overrides) and
+    their keys start with their name. `pretraining` (params.yaml's decoder_pretrain) is the
+    length every pretraining has but the longer DDeP ones of `pretrain_length`."""
+    pretraining = pretraining or DecoderPretrainConfig()
+    study_plan = _dataset_plan(cfg, pretraining, "", PREPARED, 0)
+    study_plan["datasets"] = {}
+    others = [(TUNING, replace(cfg, seeds=cfg.tuning_seeds), "--set data.tuning=true", 0, True)] if cfg.tuning_seeds else []
     if cfg.control:
-        prepared = f"{STUDY_DIR}/data/prepared-{cfg.control}"
-        control = _dataset_plan(replace(cfg, seeds=cfg.control_seeds), pretraining or DecoderPretrainConfig(),
-                                f"{cfg.control}-", prepared, len(PHASES))
+        others.append((cfg.control, replace(cfg, seeds=cfg.control_seeds), f"--set data.format={cfg.control}",
+                       len(PHASES), False))
+    for name, its_cfg, overrides, first_phase, recipe_only in others:
+        prepared = f"{STUDY_DIR}/data/prepared-{name}"
+        other = _dataset_plan(its_cfg, pretraining, f"{name}-", prepared, first_phase, recipe_only)
         for section in SECTIONS:
-            study_plan[section] |= control[section]
-        study_plan["controls"][cfg.control] = {"out": prepared}
+            study_plan[section] |= other[section]
+        study_plan["datasets"][name] = {"out": prepared, "overrides": overrides}
     return study_plan
 
 
 def _dataset_plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig, prefix: str, prepared: str,
-                  first_phase: int) -> dict:
+                  first_phase: int, recipe_only: bool = False) -> dict:
     """The study's points on one prepared dataset: its keys start with `prefix`, its phases
-    (the order `run` trains them in) with `first_phase`."""
+    (the order `run` trains them in) with `first_phase`. `recipe_only`: only the ablation and
+    the DDeP teachers it starts from, in the recipe choice's phase."""
     curve_sigma = {"dep": cfg.dep_sigma, "ddep": cfg.ddep_sigma, "none": 0.0}
     pretrain, pretrain_length, subsets, teachers = {}, {}, {}, {}
 
@@ -118,6 +129,11 @@ def _dataset_plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig, prefix: 
                          "prepared": prepared}
         add_teachers(key, fraction, phase)
 
+    if recipe_only:
+        for fraction in cfg.ablation_fractions:
+            add("supervised", "ddep", cfg.ddep_sigma, fraction, "recipe choice")
+        return {"pretrain": pretrain, "pretrain_length": {}, "subsets": subsets, "teachers": teachers,
+                **ablation_plan(cfg, prefix, prepared, first_phase + PHASES["recipe choice"])}
     full = max(cfg.fractions)
     for encoder, mode in CURVES.values():
         for fraction in cfg.fractions:
@@ -180,9 +196,9 @@ def ablation_plan(cfg: StudyConfig, prefix: str = "", prepared: str = PREPARED, 
 
 
 def dataset_plans(study_plan: dict) -> dict[str | None, dict]:
-    """The plan cut by dataset: None (the pipeline's own) and each control's name -> its
+    """The plan cut by dataset: None (the pipeline's own), TUNING and the control's name -> its
     entries of every section, and its key prefix."""
-    datasets = {None: PREPARED, **{name: c["out"] for name, c in study_plan.get("controls", {}).items()}}
+    datasets = {None: PREPARED, **{name: d["out"] for name, d in study_plan.get("datasets", {}).items()}}
     return {name: {"prefix": f"{name}-" if name else "",
                    **{section: {k: v for k, v in study_plan[section].items() if v.get("prepared", PREPARED) == prepared}
                       for section in SECTIONS}}
@@ -480,8 +496,7 @@ def findings(points: list[Point], rows: dict, cfg: StudyConfig, pipeline_row: st
         said.append("**DDeP against the supervised encoder alone** (teacher mIoU, DDeP minus it, seed by seed): "
                     + "; ".join(f"{fraction:.0%} labels {_signed(gap, seeds)}, {_verdict(gap)}" for fraction, gap in gaps)
                     + ". The paper has DDeP ahead at every fraction, most below 5%.")
-    students = {row: cells.get(f, {}) for row, cells in rows.items()
-                if row not in (TEACHER_ROW, FULLY_SUPERVISED) and not row.startswith("pseudo-labels")}
+    students = {row: cells.get(f, {}) for row, cells in student_rows(rows).items()}
     full, teacher = rows.get(FULLY_SUPERVISED, {}).get(f, {}), rows.get(TEACHER_ROW, {}).get(f, {})
     for row in dict.fromkeys([pipeline_row, max(students, key=lambda r: _stats(list(students[r].values()))[0],
                                                  default=None)]):
@@ -500,13 +515,31 @@ def findings(points: list[Point], rows: dict, cfg: StudyConfig, pipeline_row: st
     return said
 
 
-def pipeline_row(student) -> str | None:
+def pipeline_row(student, rounds: int = 1) -> str | None:
     """The ablation row whose switches are the pipeline's own student settings (`student` of
-    params.yaml), if one is."""
-    for label, switches in ABLATION.values():
-        if all(getattr(student, key) == value for key, value in switches.items()):
-            return label
+    params.yaml) and its number of self-training rounds, if one is."""
+    for key, (_, switches) in ABLATION.items():
+        if all(getattr(student, name) == value for name, value in switches.items()):
+            return student_row(key, rounds) if rounds == 1 or key == SECOND_ROUND else None
     return None
+
+
+def student_rows(rows: dict) -> dict:
+    """The ablation rows of students: no teacher, fully supervised or pseudo-label row."""
+    return {row: cells for row, cells in rows.items()
+            if row not in (TEACHER_ROW, FULLY_SUPERVISED) and not row.startswith("pseudo-labels")}
+
+
+def chosen_recipe(rows: dict, cfg: StudyConfig) -> str | None:
+    """The student row with the best mean mIoU over the ablation's fractions and seeds, once
+    every student row has all of its points (None before)."""
+    students = student_rows(rows)
+    cells = {row: [v for f in cfg.ablation_fractions for v in by_fraction.get(f, {}).values()]
+             for row, by_fraction in students.items()}
+    complete = len(cfg.ablation_fractions) * len(cfg.seeds)
+    if not cells or any(len(values) < complete for values in cells.values()):
+        return None
+    return max(cells, key=lambda row: float(np.mean(cells[row])))
 
 
 def _signed(stat: tuple[float, float, int], seeds: int) -> str:
@@ -577,7 +610,7 @@ def write_outputs(fig2: dict, sweep: dict, out_dir: Path, suffix: str = "") -> N
 DATASET_TITLES = {"shapes": "Shape scenes", "digits": "Digit scenes"}
 
 
-def dataset_report(sub_plan: dict, metrics_dir: Path, cfg: StudyConfig, student, out_dir: Path,
+def dataset_report(sub_plan: dict, metrics_dir: Path, cfg: StudyConfig, student, rounds: int, out_dir: Path,
                    control: str | None, pipeline_format: str) -> str:
     """One dataset's section of the report, its findings first (a dataset_plans entry; `control`
     None: the pipeline's own data); writes its CSVs and figures into `out_dir`."""
@@ -594,8 +627,30 @@ def dataset_report(sub_plan: dict, metrics_dir: Path, cfg: StudyConfig, student,
                     per_class_table(points, cfg),
                     boundary=figure2(points, cfg, "boundary_f1"), shares=figure2_shares(points, cfg),
                     ablation_shares=ablation_table(rows, cfg, share=True),
-                    findings=findings(points, rows, cfg, pipeline_row(student)))
+                    findings=findings(points, rows, cfg, pipeline_row(student, rounds)))
     return f"### {DATASET_TITLES.get(name, name)} ({role}), {len(cfg.seeds)} seeds\n\n{body}"
+
+
+def recipe_report(sub_plan: dict, metrics_dir: Path, cfg: StudyConfig, student, rounds: int) -> str:
+    """The recipe choice's section: the ablation's students scored on the tuning split, the
+    row chosen there and whether the pipeline's student (params.yaml) is that row."""
+    cfg = replace(cfg, seeds=cfg.tuning_seeds)
+    rows = ablation_rows(sub_plan, metrics_dir, cfg)
+    table = ablation_table(student_rows(rows), cfg)
+    seeds = len(cfg.seeds)
+    lines = [f"### Recipe choice (the tuning split: `data.tuning`), {seeds} seed{'s' if seeds > 1 else ''}", "",
+             ("The ablation's students once more, scored on the tuning split's val (more train scenes, on the "
+              "train photos: never the val split); the best row is the pipeline's student recipe."), ""]
+    if not table:
+        return "\n".join([*lines, "(not trained yet)"]) + "\n"
+    fractions = cfg.ablation_fractions
+    lines += _table("", [f"{f:.0%} labels" for f in fractions],
+                    {row: [_cell(cells[f], seeds) for f in fractions] for row, cells in table.items()})
+    chosen, ours = chosen_recipe(rows, cfg), pipeline_row(student, rounds)
+    if chosen:
+        verdict = "the same" if chosen == ours else f"not the same: params.yaml's is {ours or 'no row of the ablation'}"
+        lines += ["", f"**Chosen: {chosen.removeprefix('+ ')}**; the pipeline's student (params.yaml) is {verdict}."]
+    return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)
@@ -605,15 +660,17 @@ class StudyReport:
     planned: int  # points in the plan
 
 
-def report(study_plan: dict, metrics_dir: Path, cfg: StudyConfig, student, out_dir: Path, pipeline_format: str,
-           commit: str) -> StudyReport:
+def report(study_plan: dict, metrics_dir: Path, cfg: StudyConfig, student, rounds: int, out_dir: Path,
+           pipeline_format: str, commit: str) -> StudyReport:
     """The whole report: a study still running says so above everything, then the commit it
-    ran at and a section per dataset (the pipeline's own first, then the control)."""
+    ran at and a section per dataset (the pipeline's own first, the recipe choice, then the
+    control). `student`, `rounds`: the pipeline's student settings and self-training rounds."""
     measured, planned = measured_points(study_plan, metrics_dir), planned_points(study_plan)
     partial = (f"**Partial: {measured} of {planned} points measured so far** (– = not trained yet).\n\n"
                if measured < planned else "")
-    sections = [dataset_report(sub_plan, metrics_dir, cfg, student, out_dir, control, pipeline_format)
-                for control, sub_plan in dataset_plans(study_plan).items()]
+    sections = [recipe_report(sub_plan, metrics_dir, cfg, student, rounds) if name == TUNING
+                else dataset_report(sub_plan, metrics_dir, cfg, student, rounds, out_dir, name, pipeline_format)
+                for name, sub_plan in dataset_plans(study_plan).items()]
     return StudyReport(f"{partial}Commit `{commit}`.\n\n" + "\n".join(sections), measured, planned)
 
 
