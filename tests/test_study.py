@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config.params import ConfigError, StudentConfig, StudyConfig
 from pipeline.config.ablation import ABLATION, SECOND_ROUND
+from pipeline.config.params import ConfigError, StudentConfig, StudyConfig
 from pipeline.tools.study import (
     PHASES,
     README_BEGIN,
