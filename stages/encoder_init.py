@@ -1,16 +1,19 @@
 """DVC stage `encoder_init`: the encoder's starting weights — the shipped stand-in encoder
-(supervised on letters, as the paper's on ImageNet), DenseCL on the train images, a file, or random."""
+(supervised on letters, as the paper's on ImageNet), the preset's ImageNet weights through timm,
+DenseCL on the train images, a file, or random."""
 
 from pathlib import Path
 
 import torch
 
 from pipeline.config.params import standin_encoder
+from pipeline.config.presets import ENCODER_PRESETS
 from pipeline.data.manifest import pretraining_images, read_manifest
 from pipeline.models.checkpoints import (
     ENCODER,
     encoder_weights,
     load_external_encoder,
+    load_hub_encoder,
     load_weights,
     save_weights,
 )
@@ -38,10 +41,13 @@ def main() -> None:
             state = train(ctx, EncoderDenseCL(images=tuple(pretraining_images(args.prepared, manifest))), job,
                               inputs=[args.prepared])
             weights = encoder_weights(state["model"])
+        elif cfg.init == "timm":
+            weights = load_hub_encoder(model.preset, cfg.timm_name, cfg.weights_path)
+            ctx.summary["from"] = cfg.weights_path or cfg.timm_name or ENCODER_PRESETS[model.preset].timm_name
         elif cfg.init == "file":
             weights = load_external_encoder(Path(cfg.weights_path), model.preset)
         else:
-            from pipeline.models.transunet import ENCODER_PRESETS, HybridEncoder
+            from pipeline.models.transunet import HybridEncoder
 
             torch.manual_seed(cfg.seed)
             weights = HybridEncoder(ENCODER_PRESETS[model.preset]).state_dict()

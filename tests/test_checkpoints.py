@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ from pipeline.models.checkpoints import (
     CheckpointError,
     load_exported_segmenter,
     load_external_encoder,
+    load_hub_encoder,
     load_segmenter,
     load_weights,
     save_weights,
@@ -18,6 +22,7 @@ from pipeline.config.params import ModelConfig
 from pipeline.models.transunet import ENCODER_PRESETS, build_model, build_vit
 
 MODEL = ModelConfig()
+ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ["bg", "a", "b"]
 
 
@@ -123,3 +128,77 @@ def test_an_exported_segmenter_without_its_config_or_with_another_networks_weigh
     save_weights(missing, {k: v for k, v in net.state_dict().items() if "decoder" not in k}, SEGMENTER, MODEL, CLASSES)
     with pytest.raises(CheckpointError, match="missing.pt: .*missing"):
         load_exported_segmenter(missing)
+
+
+# `encoder.init: timm`, offline: the weights a release publishes are stood in for by timm's own
+# model of that architecture, saved where the hub (or a user's download) would put them.
+R50 = "r50_vit_b16"
+
+
+def _published(architecture: str, **kwargs) -> dict:
+    """Random weights of timm's `architecture`: its shapes taken on the meta device (no slow
+    initialisation of a hundred million weights)."""
+    import timm
+
+    with torch.device("meta"):
+        shapes = timm.create_model(architecture, pretrained=False, **kwargs).state_dict()
+    generator = torch.Generator().manual_seed(0)
+    return {k: torch.randn(v.shape, generator=generator) for k, v in shapes.items()}
+
+
+def _load_hub_encoder_in(env: dict, out: Path) -> subprocess.CompletedProcess:
+    """load_hub_encoder in a process of its own: the hub reads HF_* variables as it is imported."""
+    code = ("import sys; from safetensors.torch import save_file; from pipeline.models.checkpoints import "
+            f"CheckpointError, load_hub_encoder\ntry:\n    save_file(load_hub_encoder({R50!r}), sys.argv[1])\n"
+            "except CheckpointError as err:\n    sys.exit(f'error: {err}')")
+    return subprocess.run([sys.executable, "-c", code, str(out)], env={**os.environ, **env}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_the_presets_release_loads_from_the_hub_cache_offline(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    name = ENCODER_PRESETS[R50].timm_name
+    saved = _published(name.split(".")[0], num_classes=0)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / f"models--timm--{name}"  # the hub cache's layout, as a download leaves it
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    save_file(saved, repo / "snapshots" / commit / "model.safetensors")
+    out = tmp_path / "encoder.safetensors"
+    done = _load_hub_encoder_in({"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}, out)
+    assert done.returncode == 0, done.stderr
+    loaded = load_file(out)
+    assert set(loaded) == {f"vit.{k}" for k in saved}
+    assert all(torch.equal(loaded[f"vit.{k}"], v) for k, v in saved.items())
+
+
+def test_offline_and_not_in_the_cache_is_one_line_naming_the_release_the_cache_and_the_way_out(tmp_path):
+    done = _load_hub_encoder_in({"HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}, tmp_path / "x")
+    assert done.returncode == 1
+    message = done.stderr.strip()
+    assert message.startswith("error: encoder.init 'timm': vit_base_r50_s16_224.orig_in21k weights") and "\n" not in message
+    assert f"HF_HUB_OFFLINE is set and they are not in its cache {tmp_path / 'empty'}" in message
+    assert "encoder.weights_path" in message
+
+
+def test_a_downloaded_copy_of_another_release_is_fitted_by_timm_to_the_presets_size_and_head(tmp_path):
+    """The 384-pixel ImageNet-1k release of the same network, with its 1,000-class head: timm
+    resamples its positional embedding to the preset's 224 pixels and drops the head."""
+    from timm.layers import resample_abs_pos_embed
+
+    saved = _published("vit_base_r50_s16_384", num_classes=1000)
+    path = tmp_path / "vit_base_r50_s16_384.pth"
+    torch.save(saved, path)
+    weights = load_hub_encoder(R50, "vit_base_r50_s16_384.orig_in21k_ft_in1k", str(path))
+    assert weights["vit.pos_embed"].shape == (1, 1 + 14 * 14, 768) and saved["pos_embed"].shape == (1, 1 + 24 * 24, 768)
+    torch.testing.assert_close(weights["vit.pos_embed"],
+                               resample_abs_pos_embed(saved["pos_embed"], new_size=[14, 14], num_prefix_tokens=1))
+    assert not any(k.startswith("vit.head") for k in weights)
+    assert torch.equal(weights["vit.blocks.11.mlp.fc2.weight"], saved["blocks.11.mlp.fc2.weight"])
+    with pytest.raises(CheckpointError, match="'vit_base_r50_s16_999.x' is not a release timm publishes"):
+        load_hub_encoder(R50, "vit_base_r50_s16_999.x", str(path))
+    path.write_bytes(b"not weights")
+    with pytest.raises(CheckpointError, match="vit_base_r50_s16_384.pth: not readable as vit_base_r50_s16_384"):
+        load_hub_encoder(R50, "vit_base_r50_s16_384.orig_in21k_ft_in1k", str(path))

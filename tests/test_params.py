@@ -50,6 +50,9 @@ def test_wrong_type_is_named():
     ({"model": {"preset": "resnet9000"}}, "model.preset"),
     ({"model": {"decoder_channels": [8, 8]}}, "model.decoder_channels"),
     ({"encoder": {"init": "file"}}, "encoder.weights_path"),
+    ({"encoder": {"init": "timm"}}, (r"encoder.init: 'timm' loads a preset's published weights, and model.preset "
+                                      r"'tiny' has none; presets that do: r50_vit_b16 \(vit_base_r50_s16_224.orig_in21k\)")),
+    ({"study": {"ablation_rows": ["dsbn", "mixup"]}}, "study.ablation_rows"),
     ({"data": {"format": "folder"}}, "data.root"),
     ({"data": {"image_size": 100}}, "data.image_size"),
     ({"teacher": {"encoder_lr_scale": -1.0}}, "teacher.encoder_lr_scale"),
@@ -156,12 +159,12 @@ PAPER_EXPERIMENTS = {"cityscapes_ddep": "cityscapes", "ade20k_ddep": "ade20k", "
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in CONF_DIR.glob("experiment/*.yaml")))
 def test_every_experiment_preset_composes_and_validates(experiment):
-    needed = ["data.root=/data/x", "encoder.weights_path=/weights/r50_vit.pth"]
+    needed = ["data.root=/data/x"]
     params = compose([f"experiment={experiment}", *needed] if experiment in PAPER_EXPERIMENTS or experiment == "ddep_transunet"
                      else [f"experiment={experiment}"])
     if experiment in PAPER_EXPERIMENTS:
         assert params.data.format == PAPER_EXPERIMENTS[experiment]
-        assert params.model.preset == "r50_vit_b16" and params.encoder.init == "file"
+        assert params.model.preset == "r50_vit_b16" and params.encoder.init == "timm"
         assert params.decoder_pretrain.mode == "ddep" and params.decoder_pretrain.sigma == 0.2
         assert params.ray.use_gpu and params.teacher.hflip and params.data.fit == "tiles"
 
@@ -176,9 +179,11 @@ def test_every_dataset_preset_composes_and_names_what_it_needs(dataset):
     assert compose([f"dataset={dataset}", "data.root=/data/x"]).data.format == dataset
 
 
-def test_a_paper_preset_needs_the_encoder_weights():
-    with pytest.raises(ConfigError, match="weights_path"):
-        compose(["experiment=cityscapes_ddep", "data.root=/data/x"])
+def test_a_paper_preset_takes_its_encoder_weights_from_timms_hub_or_a_downloaded_copy():
+    params = compose(["experiment=cityscapes_ddep", "data.root=/data/x"])
+    assert (params.encoder.init, params.encoder.weights_path, params.encoder.timm_name) == ("timm", None, None)
+    copy = compose(["experiment=cityscapes_ddep", "data.root=/data/x", "encoder.weights_path=/w/r50.safetensors"])
+    assert copy.encoder.weights_path == "/w/r50.safetensors"
 
 
 def test_a_batch_smaller_than_the_worker_count_is_refused():

@@ -199,7 +199,7 @@ class DenseCLConfig:
                   projection_dim=self.projection_dim)
 
 
-ENCODER_INITS = ("supervised", "file", "random", "densecl")
+ENCODER_INITS = ("supervised", "timm", "file", "random", "densecl")
 # `encoder.init: supervised` starts from the stand-in encoder shipped here for the preset: trained
 # once on another labeled source (letters on photos) by the frozen stage of encoders/dvc.yaml
 # (`make standin`), as the paper's encoder comes from ImageNet, never from the task's own labels.
@@ -214,15 +214,18 @@ def standin_encoder(preset: str, root: Path = Path(".")) -> Path:
              f"'supervised' starts from the stand-in encoder {STANDIN_ENCODERS}/{preset}.pt, which does not "
              f"exist for model.preset {preset!r}; train one (`python stages/standin_encoder.py --letters 48000 "
              f"--size 32 --set model.preset={preset} --out {STANDIN_ENCODERS}/{preset}.pt`, as encoders/dvc.yaml "
-             "does for tiny) or use encoder.init 'file' with ImageNet weights")
+             "does for tiny) or use encoder.init 'timm' (a preset with published ImageNet weights) or 'file'")
     return path
 
 
 @dataclass
 class EncoderConfig(TrainConfig):
-    """`encoder_init`: how the encoder starts — the shipped stand-in encoder (`supervised`), a
-    weights file, random, or DenseCL on the train images. The schedule fields are DenseCL's (and,
-    in encoders/params.yaml, the stand-in's classification training)."""
+    """`encoder_init`: how the encoder starts — the shipped stand-in encoder (`supervised`), the
+    preset's published ImageNet weights through timm (`timm`: the preset's release or
+    `timm_name`, from the Hugging Face hub or its cache, or from `weights_path`, a downloaded
+    copy of them), a weights file of the encoder's
+    own shape (`file`), random, or DenseCL on the train images. The schedule fields are DenseCL's
+    (and, in encoders/params.yaml, the stand-in's classification training)."""
 
     epochs: int = 30
     steps_per_epoch: int = 100
@@ -231,6 +234,7 @@ class EncoderConfig(TrainConfig):
     weight_decay: float = 0.05
     init: str = "supervised"
     weights_path: str | None = None
+    timm_name: str | None = None  # `timm`: a published release of the preset's network; null: the preset's own
     densecl: DenseCLConfig = field(default_factory=DenseCLConfig)
 
     def __post_init__(self) -> None:
@@ -558,6 +562,11 @@ class Params:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def __post_init__(self) -> None:
+        preset = self.model.preset
+        _require(self.encoder.init != "timm" or self.encoder.timm_name is not None
+                 or ENCODER_PRESETS[preset].timm_name is not None, "encoder.init",
+                 f"'timm' loads a preset's published weights, and model.preset {preset!r} has none; presets that do: "
+                 + ", ".join(f"{name} ({spec.timm_name})" for name, spec in ENCODER_PRESETS.items() if spec.timm_name))
         workers = self.ray.num_workers
         batches = {f"{name}.batch_size": getattr(self, name).batch_size
                    for name in ("encoder", "decoder_pretrain", "teacher", "student")}

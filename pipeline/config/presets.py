@@ -20,6 +20,9 @@ class EncoderSpec:
     mlp_ratio: float
     img_size: int
     global_pool: str = "token"
+    # timm's name, with its pretrained tag, of the same network with published weights
+    # (`encoder.init: timm` loads them through timm's hub machinery); None: there are none.
+    timm_name: str | None = None
 
     @property
     def skip_channels(self) -> tuple[int, int, int]:
@@ -33,5 +36,5 @@ ENCODER_PRESETS = {
                         global_pool="avg"),
     "r50_vit_b16": EncoderSpec(cnn_layers=(3, 4, 9), cnn_channels=(256, 512, 1024), stem_channels=64,
                                norm_groups=32, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
-                               img_size=224),
+                               img_size=224, timm_name="vit_base_r50_s16_224.orig_in21k"),
 }

@@ -142,8 +142,6 @@ def load_external_encoder(path: Path, preset: str) -> dict:
     saved with `torch.save(model.state_dict(), path)` or as safetensors. A classifier head,
     `module.` prefixes and a wrapping {"state_dict": ...} are accepted; any missing or
     mis-shaped encoder weight is an error naming the keys."""
-    from pipeline.models.transunet import ENCODER_PRESETS, HybridEncoder
-
     if not path.is_file():
         raise CheckpointError(f"{path}: encoder.weights_path does not exist")
     try:
@@ -156,14 +154,55 @@ def load_external_encoder(path: Path, preset: str) -> dict:
     except Exception as err:  # noqa: BLE001 - torch/safetensors raise many types for a bad file
         raise CheckpointError(f"{path}: not a readable weights file ({load_failure(err)})") from None
     raw = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
-    vit = {k.removeprefix("module.").removeprefix("vit."): v for k, v in raw.items() if not k.startswith("head.")}
-    encoder = HybridEncoder(ENCODER_PRESETS[preset])
+    return _fitted_encoder({k.removeprefix("module.").removeprefix("vit."): v for k, v in raw.items()}, preset, str(path))
+
+
+def load_hub_encoder(preset: str, name: str | None = None, weights_path: str | None = None) -> dict:
+    """Published weights of the preset's network through timm's own pretrained machinery: the
+    release `name` (timm's model name with its tag; None: the preset's `timm_name`, e.g.
+    vit_base_r50_s16_224.orig_in21k) from the Hugging Face hub into its cache, or from the
+    cache alone (HF_HOME / HF_HUB_CACHE and HF_HUB_OFFLINE are honoured), or from
+    `weights_path`, a downloaded copy of that release. Either way timm fits them to the preset:
+    the positional embedding resampled to its image size, the release's classifier dropped."""
+    import timm
+    from huggingface_hub import constants
+
+    from pipeline.models.transunet import ENCODER_PRESETS
+
+    name = name or ENCODER_PRESETS[preset].timm_name
+    if name not in timm.list_pretrained(name):
+        raise CheckpointError(f"encoder.timm_name: {name!r} is not a release timm publishes weights for "
+                              "(`timm.list_pretrained()` lists them; e.g. vit_base_r50_s16_384.orig_in21k_ft_in1k)")
+    if weights_path and not Path(weights_path).is_file():
+        raise CheckpointError(f"{weights_path}: encoder.weights_path does not exist")
+    try:
+        hub = timm.create_model(name, pretrained=True, num_classes=0, img_size=ENCODER_PRESETS[preset].img_size,
+                                pretrained_cfg_overlay={"file": weights_path} if weights_path else None)
+    except Exception as err:  # noqa: BLE001 - the hub, the network and the file raise many types
+        if weights_path:
+            raise CheckpointError(f"{weights_path}: not readable as {name} weights ({load_failure(err)})") from None
+        where = "HF_HUB_OFFLINE is set and they are not" if constants.HF_HUB_OFFLINE else "they are not"
+        raise CheckpointError(
+            f"encoder.init 'timm': {name} weights could not be fetched from the Hugging Face hub and {where} in its "
+            f"cache {constants.HF_HUB_CACHE} ({load_failure(err)}); fetch them where there is internet "
+            f"(`python -c \"import timm; timm.create_model('{name}', pretrained=True)\"`) and copy that cache here, "
+            "or set encoder.weights_path to a downloaded copy of the weights file") from None
+    return _fitted_encoder(hub.state_dict(), preset, name)
+
+
+def _fitted_encoder(vit: dict, preset: str, source: str) -> dict:
+    """ViT state-dict entries (no `vit.` prefix) as the preset's encoder weights; a classifier
+    head is dropped, any missing or mis-shaped weight is an error naming the keys."""
+    from pipeline.models.transunet import ENCODER_PRESETS, HybridEncoder
+
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        encoder = HybridEncoder(ENCODER_PRESETS[preset])
     expected = {k.removeprefix("vit."): v.shape for k, v in encoder.state_dict().items()
                 if not k.startswith("vit.head.")}
     missing = sorted(set(expected) - set(vit))
     wrong = sorted(k for k in expected if k in vit and tuple(vit[k].shape) != tuple(expected[k]))
     if missing or wrong:
-        raise CheckpointError(f"{path}: does not fit model.preset {preset!r}: "
+        raise CheckpointError(f"{source}: does not fit model.preset {preset!r}: "
                               f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                               f"wrong shape {wrong[:5]}{'...' if len(wrong) > 5 else ''}")
     return {f"vit.{k}": vit[k] for k in expected}
