@@ -24,7 +24,8 @@ import yaml
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.config.params import ConfigError, load_params, standin_encoder
+    from pipeline.config.params import ConfigError, hub_release_at_hand, load_params, standin_encoder
+    from pipeline.config.presets import ENCODER_PRESETS
     from pipeline.orchestrate.stage_run import collect_nothing_at_exit
     from pipeline.runtime.console_log import TeedProcess, new_log
     from pipeline.runtime.local_ray import params_ray_config, prestart_execution_ray
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params()
         if params.encoder.init == "supervised":
             standin_encoder(params.model.preset, root)
+        if params.encoder.init == "timm" and not params.encoder.weights_path:
+            hub_release_at_hand(params.encoder.timm_name or ENCODER_PRESETS[params.model.preset].timm_name)
         ray_cfg = params_ray_config()
     except ConfigError as err:
         sys.exit(f"error: {err}")

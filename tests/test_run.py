@@ -81,3 +81,25 @@ def test_a_failed_stage_is_named_last_with_where_the_runs_whole_output_is(tmp_pa
     text = log.read_text()
     for line in ("Running stage 'first'", "error: made.txt: expected more", "failed to reproduce 'second'", last):
         assert line in text
+
+
+def test_a_timm_encoder_offline_and_not_cached_is_refused_before_any_stage(tmp_path):
+    (tmp_path / "params.yaml").write_text("model:\n  preset: r50_vit_b16\n  decoder_in_channels: 512\n"
+                                          "  decoder_channels: [256, 128, 64, 16]\nencoder:\n  init: timm\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "pipeline.run"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 1 and not (tmp_path / "logs").exists()  # no DVC, no log: nothing ran
+    assert done.stderr.strip() == (
+        f"error: encoder.init: 'timm': HF_HUB_OFFLINE is set and vit_base_r50_s16_224.orig_in21k is not in the Hugging "
+        f"Face cache {tmp_path / 'hub'}; fetch it where there is internet and copy that cache here, or set "
+        "encoder.weights_path to a downloaded copy of the weights file")
+    snapshot = tmp_path / "hub" / "models--timm--vit_base_r50_s16_224.orig_in21k" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").write_bytes(b"")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    check = "from pipeline.config.params import hub_release_at_hand; hub_release_at_hand('vit_base_r50_s16_224.orig_in21k')"
+    done = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr  # in the cache: the run goes on

@@ -218,6 +218,21 @@ def standin_encoder(preset: str, root: Path = Path(".")) -> Path:
     return path
 
 
+def hub_release_at_hand(name: str) -> None:
+    """A `ConfigError` when the hub is offline (HF_HUB_OFFLINE) and the timm release `name` is
+    not in its cache: said before any stage runs, not at encoder_init. (Online, only the
+    download itself can tell.) timm publishes its releases on the hub as `timm/<name>`."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE:
+        return
+    cached = [try_to_load_from_cache(f"timm/{name}", file) for file in ("model.safetensors", "pytorch_model.bin")]
+    _require(any(isinstance(path, str) for path in cached), "encoder.init",
+             f"'timm': HF_HUB_OFFLINE is set and {name} is not in the Hugging Face cache {constants.HF_HUB_CACHE}; "
+             "fetch it where there is internet and copy that cache here, or set encoder.weights_path to a "
+             "downloaded copy of the weights file")
+
+
 @dataclass
 class EncoderConfig(TrainConfig):
     """`encoder_init`: how the encoder starts — the shipped stand-in encoder (`supervised`), the
