@@ -202,3 +202,15 @@ def test_a_downloaded_copy_of_another_release_is_fitted_by_timm_to_the_presets_s
     path.write_bytes(b"not weights")
     with pytest.raises(CheckpointError, match="vit_base_r50_s16_384.pth: not readable as vit_base_r50_s16_384"):
         load_hub_encoder(R50, "vit_base_r50_s16_384.orig_in21k_ft_in1k", str(path))
+
+
+def test_the_cpu_hybrid_presets_release_loads_with_its_21k_class_head_dropped(tmp_path):
+    saved = _published("vit_tiny_r_s16_p8_224", num_classes=21843)
+    path = tmp_path / "vit_tiny_r_s16_p8_224.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(saved, path)
+    weights = load_hub_encoder("vit_tiny_r_s16_p8", None, str(path))
+    assert set(weights) == {f"vit.{k}" for k in saved if not k.startswith("head.")}
+    assert torch.equal(weights["vit.patch_embed.backbone.conv.weight"], saved["patch_embed.backbone.conv.weight"])
+    build_model("vit_tiny_r_s16_p8", 128, [128, 64, 32, 16, 16], 3).encoder.load_state_dict(weights)

@@ -179,6 +179,17 @@ def test_every_dataset_preset_composes_and_names_what_it_needs(dataset):
     assert compose([f"dataset={dataset}", "data.root=/data/x"]).data.format == dataset
 
 
+def test_the_cpu_hybrid_preset_has_five_decoder_blocks_images_in_its_token_stride_and_timms_weights():
+    params = compose(["model=vit_tiny_r_s16_p8"])
+    assert (params.model.preset, params.encoder.init, params.data.image_size) == ("vit_tiny_r_s16_p8", "timm", 128)
+    assert len(params.model.decoder_channels) == 5
+    with pytest.raises(ConfigError, match=r"data.image_size: expected a multiple of 32 \(model.preset 'vit_tiny_r_s16_p8'"):
+        compose(["model=vit_tiny_r_s16_p8", "data.image_size=80"])
+    with pytest.raises(ConfigError, match=r"model.decoder_channels: expected 5 widths \(one per decoder block: model.preset "
+                                          r"'vit_tiny_r_s16_p8' has its tokens at stride 32\), got \[64, 32, 16, 16\]"):
+        compose(["model=vit_tiny_r_s16_p8", "model.decoder_channels=[64,32,16,16]"])
+
+
 def test_a_paper_preset_takes_its_encoder_weights_from_timms_hub_or_a_downloaded_copy():
     params = compose(["experiment=cityscapes_ddep", "data.root=/data/x"])
     assert (params.encoder.init, params.encoder.weights_path, params.encoder.timm_name) == ("timm", None, None)

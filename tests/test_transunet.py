@@ -17,19 +17,26 @@ from pipeline.models.transunet import (
 @pytest.mark.parametrize("preset, size, widths, din", [
     ("tiny", 64, [64, 32, 16, 16], 128),
     ("r50_vit_b16", 32, [256, 128, 64, 16], 512),
+    ("vit_tiny_r_s16_p8", 64, [128, 64, 32, 16, 16], 128),
 ])
 def test_shapes_for_every_preset(preset, size, widths, din):
     spec = ENCODER_PRESETS[preset]
     model = build_model(preset, din, widths, 5).eval()
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
-        s2, s4, s8, s16 = model.encoder(x)
+        *skips, tokens = model.encoder(x)
         out = model(x)
-    assert s2.shape == (2, spec.skip_channels[0], size // 2, size // 2)
-    assert s4.shape == (2, spec.skip_channels[1], size // 4, size // 4)
-    assert s8.shape == (2, spec.skip_channels[2], size // 8, size // 8)
-    assert s16.shape == (2, spec.embed_dim, size // 16, size // 16)
+    assert [(f.shape[1], size // f.shape[2], size // f.shape[3]) for f in skips] == [(c, s, s) for s, c in spec.skips]
+    assert tokens.shape == (2, spec.embed_dim, size // spec.token_stride, size // spec.token_stride)
+    assert len(model.decoder.blocks) == spec.decoder_blocks == len(widths)
     assert out.shape == (2, 5, size, size)
+
+
+def test_presets_put_their_skips_below_the_tokens_stride():
+    assert (ENCODER_PRESETS["tiny"].skips, ENCODER_PRESETS["tiny"].token_stride) == (((2, 32), (4, 64), (8, 128)), 16)
+    assert ENCODER_PRESETS["r50_vit_b16"].skips == ((2, 64), (4, 256), (8, 512))
+    hybrid = ENCODER_PRESETS["vit_tiny_r_s16_p8"]  # the stem alone: its convolution and its pooled map
+    assert (hybrid.skips, hybrid.token_stride, hybrid.decoder_blocks) == (((2, 64), (4, 64)), 32, 5)
 
 
 def test_r50_preset_is_exactly_timms_vit_base_r50_s16_224():
@@ -94,3 +101,18 @@ def test_mixed_precision_leaves_cpu_runs_in_float32_and_bit_identical():
         with mixed_precision(torch.device("cpu")):
             mixed = model(x)
     assert mixed.dtype == torch.float32 and torch.equal(mixed, plain)
+
+
+def test_the_cpu_hybrid_preset_is_exactly_timms_vit_tiny_r_s16_p8_224():
+    """Same keys and shapes as timm's R-Ti/16+8 (its backbone the ResNet stem alone), so its
+    published ImageNet-21k weights load; and the same features for the same weights."""
+    reference = timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, num_classes=0).eval()
+    encoder = HybridEncoder(ENCODER_PRESETS["vit_tiny_r_s16_p8"]).eval()
+    assert {k: v.shape for k, v in encoder.vit.state_dict().items()} == \
+           {k: v.shape for k, v in reference.state_dict().items()}
+    encoder.vit.load_state_dict(reference.state_dict())
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        tokens = encoder(x)[-1].flatten(2).transpose(1, 2)
+        expected = reference.forward_features(x)[:, reference.num_prefix_tokens:]
+    torch.testing.assert_close(tokens, expected, rtol=1e-3, atol=1e-3)

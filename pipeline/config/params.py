@@ -156,8 +156,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _require(self.preset in ENCODER_PRESETS, "model.preset",
                  f"expected one of {sorted(ENCODER_PRESETS)}, got {self.preset!r}")
-        _require(len(self.decoder_channels) == 4, "model.decoder_channels",
-                 f"expected 4 widths (one per decoder block), got {list(self.decoder_channels)}")
+        blocks = ENCODER_PRESETS[self.preset].decoder_blocks
+        _require(len(self.decoder_channels) == blocks, "model.decoder_channels",
+                 f"expected {blocks} widths (one per decoder block: model.preset {self.preset!r} has its tokens at "
+                 f"stride {ENCODER_PRESETS[self.preset].token_stride}), got {list(self.decoder_channels)}")
         _positive("model", decoder_in_channels=self.decoder_in_channels,
                   **{f"decoder_channels[{i}]": c for i, c in enumerate(self.decoder_channels)})
 
@@ -578,6 +580,10 @@ class Params:
 
     def __post_init__(self) -> None:
         preset = self.model.preset
+        stride = ENCODER_PRESETS[preset].token_stride
+        _require(self.data.image_size % stride == 0, "data.image_size",
+                 f"expected a multiple of {stride} (model.preset {preset!r} has its tokens at that stride), "
+                 f"got {self.data.image_size}")
         _require(self.encoder.init != "timm" or self.encoder.timm_name is not None
                  or ENCODER_PRESETS[preset].timm_name is not None, "encoder.init",
                  f"'timm' loads a preset's published weights, and model.preset {preset!r} has none; presets that do: "

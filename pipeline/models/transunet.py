@@ -14,7 +14,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from timm.layers import GroupNormAct, StdConv2dSame
-from timm.models.resnetv2 import ResNetV2
+from timm.models.resnetv2 import ResNetV2, create_resnetv2_stem
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer_hybrid import HybridEmbed
 from torch import nn
@@ -24,14 +24,20 @@ from pipeline.config.presets import ENCODER_PRESETS, EncoderSpec
 
 
 def build_vit(spec: EncoderSpec, num_classes: int = 0) -> VisionTransformer:
-    """timm's hybrid ViT for a preset: ResNetV2 stages to stride 16, then transformer blocks."""
-    backbone = ResNetV2(
-        layers=spec.cnn_layers, channels=spec.cnn_channels, stem_chs=spec.stem_channels,
-        num_classes=0, global_pool="", preact=False, stem_type="same", conv_layer=StdConv2dSame,
-        norm_layer=partial(GroupNormAct, num_groups=spec.norm_groups),
-    )
+    """timm's hybrid ViT for a preset: ResNetV2 stages (or, with none, its stem alone, as timm
+    builds R-Ti), then patches of their last map into transformer blocks."""
+    norm_layer = partial(GroupNormAct, num_groups=spec.norm_groups)
+    if spec.cnn_layers:
+        backbone = ResNetV2(
+            layers=spec.cnn_layers, channels=spec.cnn_channels, stem_chs=spec.stem_channels,
+            num_classes=0, global_pool="", preact=False, stem_type="same", conv_layer=StdConv2dSame,
+            norm_layer=norm_layer,
+        )
+    else:
+        backbone = create_resnetv2_stem(3, spec.stem_channels, stem_type="same", preact=False,
+                                        conv_layer=StdConv2dSame, norm_layer=norm_layer)
     return VisionTransformer(
-        img_size=spec.img_size, patch_size=1, embed_dim=spec.embed_dim, depth=spec.depth,
+        img_size=spec.img_size, patch_size=spec.patch_size, embed_dim=spec.embed_dim, depth=spec.depth,
         num_heads=spec.num_heads, mlp_ratio=spec.mlp_ratio, num_classes=num_classes, global_pool=spec.global_pool,
         fc_norm=False,  # normalise the tokens themselves: the decoder reads them, not only the pooled head
         embed_layer=partial(HybridEmbed, backbone=backbone), dynamic_img_size=True,
@@ -39,7 +45,8 @@ def build_vit(spec: EncoderSpec, num_classes: int = 0) -> VisionTransformer:
 
 
 class HybridEncoder(nn.Module):
-    """Returns the CNN skips (strides 2, 4, 8) and the transformer output as a stride-16 map."""
+    """Returns the CNN skips (`spec.skips`, finest first) and the transformer output as a map
+    at the tokens' stride (16 for the presets with three stages)."""
 
     def __init__(self, spec: EncoderSpec):
         super().__init__()
@@ -47,24 +54,32 @@ class HybridEncoder(nn.Module):
         self.vit = build_vit(spec)
 
     def cnn_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        stem = self.vit.patch_embed.backbone.stem
+        """Every CNN map, finest first: the stem's convolution, then the pooled stem (no stages)
+        or each stage's output; the last is what the patch embedding reads."""
+        backbone = self.vit.patch_embed.backbone
+        stem = getattr(backbone, "stem", backbone)  # a ResNetV2, or its stem alone
         s2 = stem.norm(stem.conv(x))
-        s4 = self.vit.patch_embed.backbone.stages[0](stem.pool(s2))
-        s8 = self.vit.patch_embed.backbone.stages[1](s4)
-        s16 = self.vit.patch_embed.backbone.stages[2](s8)
-        return [s2, s4, s8, s16]
+        x = stem.pool(s2)
+        maps = [s2]
+        stages = getattr(backbone, "stages", [])
+        if not len(stages):
+            maps.append(x)
+        for stage in stages:
+            x = stage(x)
+            maps.append(x)
+        return maps
 
-    def tokens(self, s16: torch.Tensor) -> torch.Tensor:
-        """Transformer output (prefix tokens included) for a stride-16 CNN map."""
-        x = self.vit.patch_embed.proj(s16).permute(0, 2, 3, 1)  # NHWC, as dynamic_img_size expects
+    def tokens(self, last: torch.Tensor) -> torch.Tensor:
+        """Transformer output (prefix tokens included) for the CNN's last map."""
+        x = self.vit.patch_embed.proj(last).permute(0, 2, 3, 1)  # NHWC, as dynamic_img_size expects
         x = self.vit.norm_pre(self.vit._pos_embed(x))
         return self.vit.norm(self.vit.blocks(x))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        s2, s4, s8, s16 = self.cnn_features(x)
-        tokens = self.tokens(s16)[:, self.vit.num_prefix_tokens:]
-        b, _, h, w = s16.shape
-        return [s2, s4, s8, tokens.transpose(1, 2).reshape(b, -1, h, w)]
+        maps = self.cnn_features(x)
+        tokens = self.tokens(maps[-1])[:, self.vit.num_prefix_tokens:]
+        b, h, w = x.shape[0], x.shape[2] // self.spec.token_stride, x.shape[3] // self.spec.token_stride
+        return [*maps[:len(self.spec.skips)], tokens.transpose(1, 2).reshape(b, -1, h, w)]
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """Image-level logits through the ViT's own head (for supervised encoder pretraining)."""
@@ -93,24 +108,28 @@ class DecoderBlock(nn.Module):
 
 
 class UNetDecoder(nn.Module):
-    """TransUNet's cascaded upsampler: a 3x3 conv on the stride-16 map, then four blocks."""
+    """TransUNet's cascaded upsampler: a 3x3 conv on the token map, then one block per halving
+    of its stride (four from stride 16), each with the encoder's skip at its stride if any."""
 
-    def __init__(self, embed_dim: int, skip_channels: tuple[int, int, int], in_channels: int,
-                 channels: tuple[int, ...]):
+    def __init__(self, spec: EncoderSpec, in_channels: int, channels: tuple[int, ...]):
         super().__init__()
-        self.conv_more = ConvBNReLU(embed_dim, in_channels)
-        skips = (skip_channels[2], skip_channels[1], skip_channels[0], 0)
+        self.conv_more = ConvBNReLU(spec.embed_dim, in_channels)
+        skip_widths = dict(spec.skips)
+        self.strides = [spec.token_stride >> (i + 1) for i in range(spec.decoder_blocks)]  # each block's output
+        self.skip_strides = [stride for stride, _ in spec.skips]
         widths = (in_channels, *channels)
-        self.blocks = nn.ModuleList(DecoderBlock(widths[i], skips[i], widths[i + 1]) for i in range(4))
+        self.blocks = nn.ModuleList(DecoderBlock(widths[i], skip_widths.get(stride, 0), widths[i + 1])
+                                    for i, stride in enumerate(self.strides))
         self.out_channels = channels[-1]
 
     def forward(self, features: list[torch.Tensor], shift: torch.Tensor | None = None) -> torch.Tensor:
-        s2, s4, s8, s16 = features
-        x = self.conv_more(s16)
+        *skips, top = features
+        by_stride = dict(zip(self.skip_strides, skips))
+        x = self.conv_more(top)
         if shift is not None:
             x = x + shift
-        for block, skip in zip(self.blocks, (s8, s4, s2, None)):
-            x = block(x, skip)
+        for block, stride in zip(self.blocks, self.strides):
+            x = block(x, by_stride.get(stride))
         return x
 
 
@@ -135,8 +154,7 @@ class SegmentationNet(nn.Module):
                  out_channels: int, sigma_conditioning: bool = False):
         super().__init__()
         self.encoder = HybridEncoder(spec)
-        self.decoder = UNetDecoder(spec.embed_dim, spec.skip_channels, decoder_in_channels,
-                                   tuple(decoder_channels))
+        self.decoder = UNetDecoder(spec, decoder_in_channels, tuple(decoder_channels))
         self.head = nn.Conv2d(self.decoder.out_channels, out_channels, 3, padding=1)
         self.noise_level = NoiseLevelEmbedding(decoder_in_channels) if sigma_conditioning else None
 

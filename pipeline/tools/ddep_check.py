@@ -33,13 +33,13 @@ CONDITIONS = ("as trained", "tokens of another image", "tokens zeroed", "skips z
 def _edit(condition: str):
     """A forward hook on the encoder that hands the decoder `condition`'s features."""
     def hook(_module, _inputs, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        s2, s4, s8, s16 = features
+        *skips, tokens = features
         if condition == "tokens of another image":
-            return [s2, s4, s8, s16.roll(1, dims=0)]
+            return [*skips, tokens.roll(1, dims=0)]
         if condition == "tokens zeroed":
-            return [s2, s4, s8, torch.zeros_like(s16)]
+            return [*skips, torch.zeros_like(tokens)]
         if condition == "skips zeroed":
-            return [torch.zeros_like(s2), torch.zeros_like(s4), torch.zeros_like(s8), s16]
+            return [*map(torch.zeros_like, skips), tokens]
         if condition == "nothing":
             return [torch.zeros_like(f) for f in features]
         return features
