@@ -3,6 +3,7 @@ predicts exactly what the exported weights do, in a fresh process."""
 
 import subprocess
 import sys
+import warnings
 
 import mlflow
 import numpy as np
@@ -70,10 +71,15 @@ def test_a_registered_version_points_back_to_its_run_and_commit_and_the_run_list
     experiment = mlflow.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
     weights = tmp_path / "student.pt"
     save_weights(weights, build_network(ModelConfig(), len(CLASSES)).state_dict(), SEGMENTER, ModelConfig(), CLASSES)
-    with mlflow.start_run(experiment_id=experiment, tags={"git.commit": "c0ffee"}) as run:
+    with mlflow.start_run(experiment_id=experiment, tags={"git.commit": "c0ffee"}) as run, \
+            warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
         number, _ = register_segmenter(weights, 32, CLASSES, "seg", 0.5)
+    # evaluate's output keeps none of MLflow's advice (an input example, predict's type hints)
+    assert not [w for w in said if issubclass(w.category, UserWarning)], [str(w.message) for w in said]
     client = MlflowClient(uri)
     version = client.get_model_version("seg", number)
     assert version.run_id == run.info.run_id and version.tags["git.commit"] == "c0ffee"
+    assert any((tmp_path / "art").rglob("input_example.json"))  # a served model has an example to start from
     logged = client.search_logged_models(experiment_ids=[experiment])
     assert [m.source_run_id for m in logged] == [run.info.run_id]  # the runs table's Models column

@@ -40,7 +40,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         self.predictor = Predictor(net, classes, int(context.model_config["image_size"]),
                                    data_format=context.model_config.get("format", ""))
 
-    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
+    def predict(self, context, model_input: np.ndarray, params: dict[str, str] | None = None) -> np.ndarray:
         return np.stack([p.labels for p in self.predictor.predict(list(np.asarray(model_input, dtype=np.uint8)))])
 
 
@@ -64,6 +64,8 @@ def register_segmenter(weights: Path, image_size: int, classes: list[str], name:
     info = mlflow.pyfunc.log_model(
         name="student", python_model=SegmentationModel(), artifacts={WEIGHTS: str(weights)},
         model_config={"image_size": image_size, "classes": classes, "format": data_format}, signature=_signature(),
+        # One black image for `mlflow models serve` users to start from (and MLflow checks it runs).
+        input_example=np.zeros((1, image_size, image_size, 3), dtype=np.uint8),
         code_paths=[str(Path(__file__).resolve().parents[1])], registered_model_name=name,
         pip_requirements=[f"{pkg}=={version(pkg)}" for pkg in ("torch", "torchvision", "timm", "numpy", "pillow",
                                                                 "pyarrow", "omegaconf", "pyyaml", "tqdm", "mlflow")])
