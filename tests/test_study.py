@@ -534,3 +534,18 @@ def test_the_recipe_choice_reads_the_tuning_splits_students_only_and_names_the_b
     assert "is not the same: params.yaml's is + self-correction loss" in recipe_report(tuning, tmp_path, cfg, StudentConfig(), 1)
     (tmp_path / "student-tuning-dsbn-f5-seed0-r1.json").unlink()  # a row not trained yet: nothing chosen
     assert "Chosen" not in recipe_report(tuning, tmp_path, cfg, StudentConfig(), 1)
+
+
+def test_the_pipelines_student_is_the_recipe_the_tuning_split_chose():
+    """The committed params.yaml against the committed study: the recipe choice's points
+    (study/metrics, scored on the tuning split, never on val) pick the pipeline's student
+    switches and its number of rounds."""
+    from pipeline.config.params import load_params
+    from pipeline.tools.study import chosen_recipe
+
+    params = load_params(ROOT / "params.yaml")
+    tuning = dataset_plans(yaml.safe_load((ROOT / "study" / "plan.yaml").read_text()))["tuning"]
+    cfg = replace(params.study, seeds=params.study.tuning_seeds)
+    chosen = chosen_recipe(ablation_rows(tuning, ROOT / "study" / "metrics", cfg), cfg)
+    assert chosen is not None, "the recipe choice has not been run to the end (python -m pipeline.tools.study)"
+    assert pipeline_row(params.student, len(params.self_training.rounds)) == chosen
