@@ -248,3 +248,15 @@ def test_a_path_that_exists_is_a_path_even_with_a_colon(tmp_path, monkeypatch):
     assert not is_mlflow_uri("model:v2.pt") and is_mlflow_uri("run:7")
     assert is_mlflow_uri("models:/seg@champion") and is_mlflow_uri("runs:/abc/student")
     assert not is_mlflow_uri("C:/no/such/student.pt")
+
+
+def test_an_image_size_off_the_models_token_stride_is_one_line(tmp_path, monkeypatch):
+    """The stride-32 hybrid preset at --image-size 48, a multiple of 16 only."""
+    monkeypatch.chdir(tmp_path)
+    model = ModelConfig(preset="vit_tiny_r_s16_p8", decoder_in_channels=32, decoder_channels=[32, 16, 16, 16, 16])
+    save_weights(tmp_path / "hybrid.pt", build_network(model, len(CLASSES)).state_dict(), SEGMENTER, model, CLASSES)
+    _save(tmp_path / "a.png", np.zeros((20, 20, 3), np.uint8))
+    with pytest.raises(SystemExit, match=re.escape("error: image size 48: this model's encoder has its tokens at "
+                                                   "stride 32; expected a multiple of 32")):
+        main(["a.png", "--model", "hybrid.pt", "--out", "out", "--image-size", "48"])
+    assert not (tmp_path / "out").exists()

@@ -22,6 +22,12 @@ class Predictor:
 
     def __init__(self, net, classes: list[str], image_size: int, device: str = "cpu", batch_size: int = 16,
                  data_format: str = ""):
+        from pipeline.models.checkpoints import CheckpointError
+
+        stride = net.encoder.spec.token_stride
+        if image_size % stride:
+            raise CheckpointError(f"image size {image_size}: this model's encoder has its tokens at stride {stride}; "
+                                  f"expected a multiple of {stride}")
         self.net = net.to(device).eval()
         self.classes, self.image_size, self.device, self.batch_size = classes, image_size, device, batch_size
         self.palette = palette_for({"format": data_format, "num_classes": len(classes)})
