@@ -49,8 +49,9 @@ CURVES = {"random init": ("random", "none"), "supervised encoder": ("supervised"
           "DeP": ("random", "dep"), "DDeP": ("supervised", "ddep")}
 README_BEGIN, README_END = "<!-- study:begin -->", "<!-- study:end -->"
 
-# The self-training ablation, in the order Simple Baseline's recipe adds its pieces: each row
-# sets every switch, so a row means the same whatever params.yaml's student defaults are.
+# This branch runs the study at its commit's training code, which a file added to
+# pipeline/config would change: main's pipeline/config/ablation.py and
+# StudyConfig.ablation_steps / tuning_seeds (their defaults) live here instead.
 _OFF = {"strong_augment": False, "dsbn": False, "pseudo_loss": "ce", "copy_paste_probability": 0.0,
         "dense_contrast_weight": 0.0}
 _STEPS = [("plain-ce", "student, plain CE", {}),
@@ -70,17 +71,23 @@ def _cumulative() -> dict[str, tuple[str, dict]]:
     return rows
 
 
-ABLATION = _cumulative()
+ABLATION = _cumulative()  # row -> (its label in the report, the student switches it sets)
 SECOND_ROUND = "dense-contrast"  # the row that also gets a second round
+TUNING_SEEDS = [0]
 
 
 # The order `run` trains the points in, so that a study stopped part-way (it resumes) already
 # answers the main questions: Figure 2 at the sweep fraction (the pipeline's own 5%), the
 # DDeP teacher with every label (what the students are a share of), the self-training
-# ablation, the other initialisations with every label, Figure 2's other fractions, the σ
-# sweep, the pretraining-length check. Within a phase, cheapest first, seed after seed.
+# ablation, the recipe choice on the tuning split, the other initialisations with every
+# label, Figure 2's other fractions, the σ sweep, the pretraining-length check. Within a
+# phase, cheapest first, seed after seed.
 PHASES = {name: i for i, name in enumerate(["figure2 at the sweep fraction", "ddep with every label", "ablation",
-                                            "with every label", "figure2", "sigma sweep", "pretraining length"])}
+                                            "recipe choice", "with every label", "figure2", "sigma sweep",
+                                            "pretraining length"])}
+# The recipe choice's data: the pipeline's, but its val split is more train scenes
+# (`data.tuning`), so that choosing the pipeline's student by it never looks at val.
+TUNING = "tuning"
 
 
 def _tag(value: float) -> str:
@@ -101,27 +108,33 @@ SECTIONS = ("pretrain", "pretrain_length", "subsets", "teachers", "pseudo", "stu
 
 def plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig | None = None) -> dict:
     """Every pretraining, labeled subset, teacher, pseudo-labelling and student the study needs,
-    each once, on the pipeline's prepared data; then the same on the control dataset
-    (`cfg.control`, with `cfg.control_seeds`), prepared by the study itself, its keys starting
-    with its name and trained after all of the pipeline's. `pretraining` (params.yaml's
-    decoder_pretrain) is the length every pretraining has but the longer DDeP ones of
-    `pretrain_length`."""
-    study_plan = _dataset_plan(cfg, pretraining or DecoderPretrainConfig(), "", PREPARED, 0)
-    study_plan["controls"] = {}
+    each once, on the pipeline's prepared data; then the recipe choice (the ablation alone,
+    with `TUNING_SEEDS`) on the tuning split; then the whole study again on the control
+    dataset (`cfg.control`, with `cfg.control_seeds`). The datasets other than the pipeline's
+    are prepared by the study itself (`datasets`: name -> folder and `prepare` overrides) and
+    their keys start with their name. `pretraining` (params.yaml's decoder_pretrain) is the
+    length every pretraining has but the longer DDeP ones of `pretrain_length`."""
+    pretraining = pretraining or DecoderPretrainConfig()
+    study_plan = _dataset_plan(cfg, pretraining, "", PREPARED, 0)
+    study_plan["datasets"] = {}
+    others = [(TUNING, replace(cfg, seeds=TUNING_SEEDS), "--set data.tuning=true", 0, True)] if TUNING_SEEDS else []
     if cfg.control:
-        prepared = f"{STUDY_DIR}/data/prepared-{cfg.control}"
-        control = _dataset_plan(replace(cfg, seeds=cfg.control_seeds), pretraining or DecoderPretrainConfig(),
-                                f"{cfg.control}-", prepared, len(PHASES))
+        others.append((cfg.control, replace(cfg, seeds=cfg.control_seeds), f"--set data.format={cfg.control}",
+                       len(PHASES), False))
+    for name, its_cfg, overrides, first_phase, recipe_only in others:
+        prepared = f"{STUDY_DIR}/data/prepared-{name}"
+        other = _dataset_plan(its_cfg, pretraining, f"{name}-", prepared, first_phase, recipe_only)
         for section in SECTIONS:
-            study_plan[section] |= control[section]
-        study_plan["controls"][cfg.control] = {"out": prepared}
+            study_plan[section] |= other[section]
+        study_plan["datasets"][name] = {"out": prepared, "overrides": overrides}
     return study_plan
 
 
 def _dataset_plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig, prefix: str, prepared: str,
-                  first_phase: int) -> dict:
+                  first_phase: int, recipe_only: bool = False) -> dict:
     """The study's points on one prepared dataset: its keys start with `prefix`, its phases
-    (the order `run` trains them in) with `first_phase`."""
+    (the order `run` trains them in) with `first_phase`. `recipe_only`: only the ablation and
+    the DDeP teachers it starts from, in the recipe choice's phase."""
     curve_sigma = {"dep": cfg.dep_sigma, "ddep": cfg.ddep_sigma, "none": 0.0}
     pretrain, pretrain_length, subsets, teachers = {}, {}, {}, {}
 
@@ -142,6 +155,11 @@ def _dataset_plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig, prefix: 
                          "prepared": prepared}
         add_teachers(key, fraction, phase)
 
+    if recipe_only:
+        for fraction in cfg.ablation_fractions:
+            add("supervised", "ddep", cfg.ddep_sigma, fraction, "recipe choice")
+        return {"pretrain": pretrain, "pretrain_length": {}, "subsets": subsets, "teachers": teachers,
+                **ablation_plan(cfg, prefix, prepared, first_phase + PHASES["recipe choice"])}
     full = max(cfg.fractions)
     for encoder, mode in CURVES.values():
         for fraction in cfg.fractions:
@@ -174,9 +192,11 @@ def _overrides(values: dict) -> str:
 
 def ablation_plan(cfg: StudyConfig, prefix: str = "", prepared: str = PREPARED, phase: int = PHASES["ablation"]) -> dict:
     """Pseudo-labels and students of the self-training ablation: the DDeP teacher of each
-    ablation subset labels the rest of the train images; one student per ABLATION row; the
-    SECOND_ROUND student labels them again for a round-2 student with the same settings."""
+    ablation subset labels the rest of the train images; one student per ABLATION row
+    (`cfg.ablation_steps`); the SECOND_ROUND student, if one of them, labels them again for a
+    round-2 student with the same settings."""
     ddep = prefix + pretrain_key("supervised", "ddep", cfg.ddep_sigma)
+    rows = list(ABLATION)
     pseudo, students = {}, {}
     for fraction in cfg.ablation_fractions:
         for seed in cfg.seeds:
@@ -186,11 +206,13 @@ def ablation_plan(cfg: StudyConfig, prefix: str = "", prepared: str = PREPARED, 
             trained = {"pretrained": f"{STUDY_DIR}/models/pretrained-{ddep}.pt"}
             pseudo[f"{prefix}r1-{bare}"] = {**point, "teacher": f"{STUDY_DIR}/models/teacher-{ddep}-{bare}.pt",
                                            "teacher_metrics": f"{ddep}-{bare}.json", "round": 1}
-            for row, (_, values) in ABLATION.items():
+            for row in rows:
                 students[f"{prefix}{row}-{bare}-r1"] = {**point, **trained, "row": row, "round": 1,
                                                         "pseudo": f"{prefix}r1-{bare}",
                                                         "teacher": pseudo[f"{prefix}r1-{bare}"]["teacher"],
-                                                        "overrides": _overrides(values)}
+                                                        "overrides": _overrides(ABLATION[row][1])}
+            if SECOND_ROUND not in rows:
+                continue
             first = f"{STUDY_DIR}/models/student-{prefix}{SECOND_ROUND}-{bare}-r1.pt"
             pseudo[f"{prefix}r2-{bare}"] = {**point, "teacher": first, "round": 2}
             students[f"{prefix}{SECOND_ROUND}-{bare}-r2"] = {**point, **trained, "row": SECOND_ROUND, "round": 2,
@@ -200,9 +222,9 @@ def ablation_plan(cfg: StudyConfig, prefix: str = "", prepared: str = PREPARED, 
 
 
 def dataset_plans(study_plan: dict) -> dict[str | None, dict]:
-    """The plan cut by dataset: None (the pipeline's own) and each control's name -> its
+    """The plan cut by dataset: None (the pipeline's own), TUNING and the control's name -> its
     entries of every section, and its key prefix."""
-    datasets = {None: PREPARED, **{name: c["out"] for name, c in study_plan.get("controls", {}).items()}}
+    datasets = {None: PREPARED, **{name: d["out"] for name, d in study_plan.get("datasets", {}).items()}}
     return {name: {"prefix": f"{name}-" if name else "",
                    **{section: {k: v for k, v in study_plan[section].items() if v.get("prepared", PREPARED) == prepared}
                       for section in SECTIONS}}
@@ -422,23 +444,18 @@ def _cell(stat: tuple[float, float, int], seeds: int, percent: bool = False) -> 
     return value if n >= seeds else f"{value.split(' ±')[0]} ({n} of {seeds} seeds)"
 
 
-def markdown(fig2: dict, sweep: dict, cfg: StudyConfig, commit: str, ablation: dict | None = None,
-             progress: tuple[int, int] | None = None, length: dict | None = None,
+def markdown(fig2: dict, sweep: dict, cfg: StudyConfig, ablation: dict | None = None, length: dict | None = None,
              per_class: dict | None = None, *, boundary: dict | None = None, shares: dict | None = None,
              ablation_shares: dict | None = None, findings: list[str] | None = None) -> str:
-    """The report: its findings in sentences, then the tables they come from. `progress` =
-    (points measured, points planned): a study still running says so above everything."""
+    """One dataset's report: its findings in sentences, then the tables they come from."""
     seeds = len(cfg.seeds)
     fractions = list(next(iter(fig2.values())))
     steps = ", ".join(f"{cfg.steps_for(f)} steps at {f:.0%}" for f in cfg.fractions)
     lines = []
-    if progress and progress[0] < progress[1]:
-        lines += [f"**Partial: {progress[0]} of {progress[1]} points measured so far** (– = not trained yet).", ""]
     if findings:
         lines += [f"- {sentence}" for sentence in findings] + [""]
     lines += [(f"Teacher val mIoU, mean ± std over {seeds} seeds (labeled subset and training seed); "
-               f"teachers trained {steps}; DDeP σ = {cfg.ddep_sigma:g}, DeP σ = {cfg.dep_sigma:g}."
-               + (f" Commit `{commit}`." if commit else "")), ""]
+               f"teachers trained {steps}; DDeP σ = {cfg.ddep_sigma:g}, DeP σ = {cfg.dep_sigma:g}."), ""]
     lines += _table("initialisation", [f"{f:.0%} labels" for f in fractions],
                     {name: [_cell(row[f], seeds) for f in fractions] for name, row in fig2.items()})
     if shares:
@@ -505,8 +522,7 @@ def findings(points: list[Point], rows: dict, cfg: StudyConfig, pipeline_row: st
         said.append("**DDeP against the supervised encoder alone** (teacher mIoU, DDeP minus it, seed by seed): "
                     + "; ".join(f"{fraction:.0%} labels {_signed(gap, seeds)}, {_verdict(gap)}" for fraction, gap in gaps)
                     + ". The paper has DDeP ahead at every fraction, most below 5%.")
-    students = {row: cells.get(f, {}) for row, cells in rows.items()
-                if row not in (TEACHER_ROW, FULLY_SUPERVISED) and not row.startswith("pseudo-labels")}
+    students = {row: cells.get(f, {}) for row, cells in student_rows(rows).items()}
     full, teacher = rows.get(FULLY_SUPERVISED, {}).get(f, {}), rows.get(TEACHER_ROW, {}).get(f, {})
     for row in dict.fromkeys([pipeline_row, max(students, key=lambda r: _stats(list(students[r].values()))[0],
                                                  default=None)]):
@@ -525,13 +541,31 @@ def findings(points: list[Point], rows: dict, cfg: StudyConfig, pipeline_row: st
     return said
 
 
-def pipeline_row(student) -> str | None:
+def pipeline_row(student, rounds: int = 1) -> str | None:
     """The ablation row whose switches are the pipeline's own student settings (`student` of
-    params.yaml), if one is."""
-    for label, switches in ABLATION.values():
-        if all(getattr(student, key) == value for key, value in switches.items()):
-            return label
+    params.yaml) and its number of self-training rounds, if one is."""
+    for key, (_, switches) in ABLATION.items():
+        if all(getattr(student, name) == value for name, value in switches.items()):
+            return student_row(key, rounds) if rounds == 1 or key == SECOND_ROUND else None
     return None
+
+
+def student_rows(rows: dict) -> dict:
+    """The ablation rows of students: no teacher, fully supervised or pseudo-label row."""
+    return {row: cells for row, cells in rows.items()
+            if row not in (TEACHER_ROW, FULLY_SUPERVISED) and not row.startswith("pseudo-labels")}
+
+
+def chosen_recipe(rows: dict, cfg: StudyConfig) -> str | None:
+    """The student row with the best mean mIoU over the ablation's fractions and seeds, once
+    every student row has all of its points (None before)."""
+    students = student_rows(rows)
+    cells = {row: [v for f in cfg.ablation_fractions for v in by_fraction.get(f, {}).values()]
+             for row, by_fraction in students.items()}
+    complete = len(cfg.ablation_fractions) * len(cfg.seeds)
+    if not cells or any(len(values) < complete for values in cells.values()):
+        return None
+    return max(cells, key=lambda row: float(np.mean(cells[row])))
 
 
 def _signed(stat: tuple[float, float, int], seeds: int) -> str:
@@ -602,7 +636,7 @@ def write_outputs(fig2: dict, sweep: dict, out_dir: Path, suffix: str = "") -> N
 DATASET_TITLES = {"shapes": "Shape scenes", "digits": "Digit scenes"}
 
 
-def dataset_report(sub_plan: dict, metrics_dir: Path, cfg: StudyConfig, student, out_dir: Path,
+def dataset_report(sub_plan: dict, metrics_dir: Path, cfg: StudyConfig, student, rounds: int, out_dir: Path,
                    control: str | None, pipeline_format: str) -> str:
     """One dataset's section of the report, its findings first (a dataset_plans entry; `control`
     None: the pipeline's own data); writes its CSVs and figures into `out_dir`."""
@@ -615,12 +649,55 @@ def dataset_report(sub_plan: dict, metrics_dir: Path, cfg: StudyConfig, student,
     name = control or pipeline_format
     role = (f"the control, `study.control: {control}`" if control
             else f"the pipeline's own data, `data.format: {pipeline_format}`")
-    body = markdown(fig2, sweep, cfg, "", ablation_table(rows, cfg), None,
-                    pretrain_length_table(points, sub_plan, metrics_dir, cfg), per_class_table(points, cfg),
+    body = markdown(fig2, sweep, cfg, ablation_table(rows, cfg), pretrain_length_table(points, sub_plan, metrics_dir, cfg),
+                    per_class_table(points, cfg),
                     boundary=figure2(points, cfg, "boundary_f1"), shares=figure2_shares(points, cfg),
                     ablation_shares=ablation_table(rows, cfg, share=True),
-                    findings=findings(points, rows, cfg, pipeline_row(student)))
+                    findings=findings(points, rows, cfg, pipeline_row(student, rounds)))
     return f"### {DATASET_TITLES.get(name, name)} ({role}), {len(cfg.seeds)} seeds\n\n{body}"
+
+
+def recipe_report(sub_plan: dict, metrics_dir: Path, cfg: StudyConfig, student, rounds: int) -> str:
+    """The recipe choice's section: the ablation's students scored on the tuning split, the
+    row chosen there and whether the pipeline's student (params.yaml) is that row."""
+    cfg = replace(cfg, seeds=TUNING_SEEDS)
+    rows = ablation_rows(sub_plan, metrics_dir, cfg)
+    table = ablation_table(student_rows(rows), cfg)
+    seeds = len(cfg.seeds)
+    lines = [f"### Recipe choice (the tuning split: `data.tuning`), {seeds} seed{'s' if seeds > 1 else ''}", "",
+             ("The ablation's students once more, scored on the tuning split's val (more train scenes, on the "
+              "train photos: never the val split); the best row is the pipeline's student recipe."), ""]
+    if not table:
+        return "\n".join([*lines, "(not trained yet)"]) + "\n"
+    fractions = cfg.ablation_fractions
+    lines += _table("", [f"{f:.0%} labels" for f in fractions],
+                    {row: [_cell(cells[f], seeds) for f in fractions] for row, cells in table.items()})
+    chosen, ours = chosen_recipe(rows, cfg), pipeline_row(student, rounds)
+    if chosen:
+        verdict = "the same" if chosen == ours else f"not the same: params.yaml's is {ours or 'no row of the ablation'}"
+        lines += ["", f"**Chosen: {chosen.removeprefix('+ ')}**; the pipeline's student (params.yaml) is {verdict}."]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class StudyReport:
+    text: str  # report.md
+    measured: int  # points with results so far
+    planned: int  # points in the plan
+
+
+def report(study_plan: dict, metrics_dir: Path, cfg: StudyConfig, student, rounds: int, out_dir: Path,
+           pipeline_format: str, commit: str) -> StudyReport:
+    """The whole report: a study still running says so above everything, then the commit it
+    ran at and a section per dataset (the pipeline's own first, the recipe choice, then the
+    control). `student`, `rounds`: the pipeline's student settings and self-training rounds."""
+    measured, planned = measured_points(study_plan, metrics_dir), planned_points(study_plan)
+    partial = (f"**Partial: {measured} of {planned} points measured so far** (– = not trained yet).\n\n"
+               if measured < planned else "")
+    sections = [recipe_report(sub_plan, metrics_dir, cfg, student, rounds) if name == TUNING
+                else dataset_report(sub_plan, metrics_dir, cfg, student, rounds, out_dir, name, pipeline_format)
+                for name, sub_plan in dataset_plans(study_plan).items()]
+    return StudyReport(f"{partial}Commit `{commit}`.\n\n" + "\n".join(sections), measured, planned)
 
 
 def _csv_number(value: float) -> str:
@@ -660,7 +737,8 @@ def main(argv: list[str] | None = None) -> None:
 def run(study_plan: dict, dvc_args: list[str]) -> int:
     """Train the plan's points one `dvc repro` target at a time, teachers cheapest first (DVC's
     own order is a graph walk), then the ablation, then the report. A point whose result is
-    recorded (its metrics file is here and `recorded`) is skipped even when its models are not."""
+    recorded (its metrics file is here and `DvcState.recorded`) is skipped even when its models
+    are not. Each point's stage runs on its own (`--single-item`), after its missing inputs."""
     # This interpreter's environment (a venv that is not activated) runs `dvc` and the stages.
     bin_dir = os.path.dirname(sys.executable)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
@@ -673,80 +751,86 @@ def run(study_plan: dict, dvc_args: list[str]) -> int:
               *sorted({p["teacher"] for p in study_plan["pseudo"].values()})]
     subprocess.call(["dvc", "pull", "--allow-missing", "-r", STORE, *stored], env=env)
     try:
+        state = DvcState.read(dvc_file, env)
         for name, result in result_files(study_plan):
-            if (metrics / result).is_file() and recorded(dvc_file, name, env):
+            target = f"{dvc_file}:{name}"
+            if (metrics / result).is_file() and state.recorded(target):
                 continue
-            if code := make_missing_inputs(dvc_file, name, env, dvc_args):
-                return code
-            if code := subprocess.call(["dvc", "repro", "--single-item", f"{dvc_file}:{name}", *dvc_args], env=env):
-                return code
+            for stage in [*state.missing_inputs(target), target]:
+                if code := subprocess.call(["dvc", "repro", "--single-item", stage, *dvc_args], env=env):
+                    return code
+                state.made(stage)
         return subprocess.call(["dvc", "repro", "--single-item", f"{dvc_file}:report", *dvc_args], env=env)
     finally:
         subprocess.call(["dvc", "push", "-r", STORE, *stored], env=env)
 
 
-def make_missing_inputs(dvc_file: Path, name: str, env: dict, dvc_args: list[str] = ()) -> int:
-    """Run again, one at a time and upstream first, each stage above this point whose outputs
-    it needs and are not here after the store's pull: what the store does not keep (labeled
-    subsets, made again bit for bit; pseudo-labels, a few pixels apart on another CPU) or what
-    was never made (a new pretraining). One at a time, because `dvc repro` of the point would
-    also retrain any recorded point between them whose input came out other in its last bits.
-    A stage whose outputs are here is not looked above."""
-    target = f"{dvc_file}:{name}"
-    graph = subprocess.run(["dvc", "dag", "--dot", target], env=env, capture_output=True, text=True,
-                           check=True).stdout
-    nodes = re.findall(r'^"([^"]+)";$', graph, re.MULTILINE)
-    edges = re.findall(r'^"([^"]+)" -> "([^"]+)";$', graph, re.MULTILINE)
-    upstream = [node for node in nodes if node != target]
-    if not upstream:
-        return 0
-    status = json.loads(subprocess.run(["dvc", "status", "--json", *upstream], env=env, capture_output=True, text=True,
-                                       check=True).stdout or "{}")
-    missing = {stage for stage in upstream
-               if any(not Path(path).exists() for change in status.get(stage, []) if isinstance(change, dict)
-                      for path in change.get("changed outs", {}))}
-    needed: set[str] = set()
-    todo = [target]
-    while todo:  # from the point up, through missing stages only
-        child = todo.pop()
-        for parent in {a for a, b in edges if b == child} & missing - needed:
-            needed.add(parent)
-            todo.append(parent)
-    for stage in _topological([n for n in nodes if n in needed], [e for e in edges if set(e) <= needed]):
-        if code := subprocess.call(["dvc", "repro", "--single-item", stage, *dvc_args], env=env):
-            return code
-    return 0
+@dataclass
+class DvcState:
+    """What the runner asks DVC, read once at its start (one `dvc status` and one `dvc dag` of
+    the repository, ~10 s, where asking per point cost ~3 s for each recorded point) and kept
+    current by `made` as the runner runs stages: nothing else runs stages meanwhile."""
+    locked: set[str]  # the study's stages its lock holds a result for, as `dvc.yaml:name`
+    status: dict[str, list]  # `dvc status --json`: each stage that is not up to date, and why
+    parents: dict[str, set[str]]  # the stages whose outputs each stage reads
+    absent: set[str]  # the stages some of whose outputs are not here
+
+    @classmethod
+    def read(cls, dvc_file: Path, env: dict) -> DvcState:
+        lock_file = dvc_file.with_suffix(".lock")
+        lock = (yaml.safe_load(lock_file.read_text()) if lock_file.is_file() else None) or {}
+        status = json.loads(subprocess.run(["dvc", "status", "--json"], env=env, capture_output=True, text=True,
+                                           check=True).stdout or "{}")
+        graph = subprocess.run(["dvc", "dag", "--dot"], env=env, capture_output=True, text=True, check=True).stdout
+        parents: dict[str, set[str]] = {}
+        for parent, child in re.findall(r'^"([^"]+)" -> "([^"]+)";$', graph, re.MULTILINE):
+            parents.setdefault(child, set()).add(parent)
+        absent = {stage for stage, changes in status.items()
+                  if any(not Path(path).exists() for change in changes if isinstance(change, dict)
+                         for path in change.get("changed outs", {}))}
+        return cls({f"{dvc_file}:{name}" for name in lock.get("stages") or {}}, status, parents, absent)
+
+    def recorded(self, stage: str) -> bool:
+        """Whether the study's lock holds this stage's result for its current command, params, code
+        and inputs, even if the files it made are not here. `study/dvc.lock` and the small metrics
+        files are committed, the models are not: a fresh clone keeps every finished point without
+        retraining it, and trains a point again only when something it depends on changed.
+        An input the study itself made (`study/data`, `study/models`) may differ: made again on
+        another machine (pseudo-labels, which the store does not keep), its last bits differ, and
+        the stage that makes it is judged on its own command, params and code, as this one is."""
+        return stage in self.locked and all(_still_valid(change) for change in self.status.get(stage, []))
+
+    def missing_inputs(self, stage: str) -> list[str]:
+        """The stages above this one whose outputs it needs and are not here after the store's
+        pull, upstream first: what the store does not keep (labeled subsets, made again bit for
+        bit; pseudo-labels, a few pixels apart on another CPU) or what was never made (a new
+        pretraining). Each is run on its own, because `dvc repro` of the point would also retrain
+        any recorded point between them whose input came out other in its last bits. A stage
+        whose outputs are here is not looked above."""
+        needed: list[str] = []
+        todo = [stage]
+        while todo:  # from the stage up, through absent stages only
+            for parent in sorted(self.parents.get(todo.pop(), set()) & self.absent - set(needed)):
+                needed.append(parent)
+                todo.append(parent)
+        return _topological(needed, self.parents)
+
+    def made(self, stage: str) -> None:
+        self.absent.discard(stage)
 
 
-def _topological(nodes: list[str], edges: list[tuple[str, str]]) -> list[str]:
-    """`nodes` with every edge's source before its target (and otherwise in their order)."""
-    parents = {node: {a for a, b in edges if b == node} for node in nodes}
+def _topological(nodes: list[str], parents: dict[str, set[str]]) -> list[str]:
+    """`nodes` with each after those of its parents among them (and otherwise in their order)."""
     ordered: list[str] = []
     while len(ordered) < len(nodes):
-        ordered.append(next(n for n in nodes if n not in ordered and parents[n] <= set(ordered)))
+        ordered.append(next(n for n in nodes if n not in ordered and parents.get(n, set()) & set(nodes) <= set(ordered)))
     return ordered
 
 
-def recorded(dvc_file: Path, name: str, env: dict) -> bool:
-    """Whether the study's lock holds this stage's result for its current command, params and
-    inputs, even if the files it made are not here. `study/dvc.lock` and the small metrics
-    files are committed, the models are not: a fresh clone keeps every finished point without
-    retraining it, and trains a point again only when something it depends on changed."""
-    lock_file = dvc_file.with_suffix(".lock")
-    lock = yaml.safe_load(lock_file.read_text()) if lock_file.is_file() else None
-    if name not in ((lock or {}).get("stages") or {}):
-        return False
-    status = subprocess.run(["dvc", "status", "--json", f"{dvc_file}:{name}"], env=env, capture_output=True,
-                            text=True, check=True)
-    changes = [change for stage in json.loads(status.stdout or "{}").values() for change in stage]
-    return all(_only_missing_files(change) for change in changes)
-
-
-def _only_missing_files(change) -> bool:
+def _still_valid(change) -> bool:
     """A `dvc status` entry that only says files are absent, or that an input the study made is
-    another copy: pseudo-labels made again on another machine differ in their last bits, and
-    the stage that makes them is judged on its own (a changed command is a bare string, changed
-    params a nested dict, a changed file 'modified' or 'new')."""
+    another copy (a changed command is a bare string, changed params a nested dict, a changed
+    file 'modified' or 'new')."""
     if not isinstance(change, dict) or not set(change) <= {"changed deps", "changed outs"}:
         return False
     absent = ("deleted", "not in cache")
