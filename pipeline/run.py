@@ -25,7 +25,6 @@ import yaml
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config.params import ConfigError, hub_release_at_hand, load_params, standin_encoder
-    from pipeline.config.presets import ENCODER_PRESETS
     from pipeline.orchestrate.stage_run import collect_nothing_at_exit
     from pipeline.runtime.console_log import TeedProcess, new_log
     from pipeline.runtime.local_ray import params_ray_config, prestart_execution_ray
@@ -41,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         if params.encoder.init == "supervised":
             standin_encoder(params.model.preset, root)
         if params.encoder.init == "timm" and not params.encoder.weights_path:
-            hub_release_at_hand(params.encoder.timm_name or ENCODER_PRESETS[params.model.preset].timm_name)
+            hub_release_at_hand(params.encoder.release(params.model.preset))
         ray_cfg = params_ray_config()
     except ConfigError as err:
         sys.exit(f"error: {err}")

@@ -42,8 +42,8 @@ def main() -> None:
                               inputs=[args.prepared])
             weights = encoder_weights(state["model"])
         elif cfg.init == "timm":
-            weights = load_hub_encoder(model.preset, cfg.timm_name, cfg.weights_path)
-            ctx.summary["from"] = cfg.weights_path or cfg.timm_name or ENCODER_PRESETS[model.preset].timm_name
+            weights = load_hub_encoder(model.preset, cfg.release(model.preset), cfg.weights_path)
+            ctx.summary["from"] = cfg.weights_path or cfg.release(model.preset)
         elif cfg.init == "file":
             weights = load_external_encoder(Path(cfg.weights_path), model.preset)
         else:

@@ -193,6 +193,9 @@ def test_the_cpu_hybrid_preset_has_five_decoder_blocks_images_in_its_token_strid
 def test_a_paper_preset_takes_its_encoder_weights_from_timms_hub_or_a_downloaded_copy():
     params = compose(["experiment=cityscapes_ddep", "data.root=/data/x"])
     assert (params.encoder.init, params.encoder.weights_path, params.encoder.timm_name) == ("timm", None, None)
+    assert params.encoder.release(params.model.preset) == "vit_base_r50_s16_224.orig_in21k"  # the preset's own
+    other = compose(["experiment=cityscapes_ddep", "data.root=/data/x", "encoder.timm_name=vit_base_r50_s16_384.orig_in21k"])
+    assert other.encoder.release(other.model.preset) == "vit_base_r50_s16_384.orig_in21k"
     copy = compose(["experiment=cityscapes_ddep", "data.root=/data/x", "encoder.weights_path=/w/r50.safetensors"])
     assert copy.encoder.weights_path == "/w/r50.safetensors"
 

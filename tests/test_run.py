@@ -92,8 +92,9 @@ def test_a_timm_encoder_offline_and_not_cached_is_refused_before_any_stage(tmp_p
     assert done.returncode == 1 and not (tmp_path / "logs").exists()  # no DVC, no log: nothing ran
     assert done.stderr.strip() == (
         f"error: encoder.init: 'timm': HF_HUB_OFFLINE is set and vit_base_r50_s16_224.orig_in21k is not in the Hugging "
-        f"Face cache {tmp_path / 'hub'}; fetch it where there is internet and copy that cache here, or set "
-        "encoder.weights_path to a downloaded copy of the weights file")
+        f"Face cache {tmp_path / 'hub'}; fetch it where there is internet (`python -c \"import timm; "
+        "timm.create_model('vit_base_r50_s16_224.orig_in21k', pretrained=True)\"`) and copy that cache here, or "
+        "set encoder.weights_path to a downloaded copy of the weights file")
     snapshot = tmp_path / "hub" / "models--timm--vit_base_r50_s16_224.orig_in21k" / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
     (snapshot / "model.safetensors").write_bytes(b"")

@@ -231,8 +231,15 @@ def hub_release_at_hand(name: str) -> None:
     cached = [try_to_load_from_cache(f"timm/{name}", file) for file in ("model.safetensors", "pytorch_model.bin")]
     _require(any(isinstance(path, str) for path in cached), "encoder.init",
              f"'timm': HF_HUB_OFFLINE is set and {name} is not in the Hugging Face cache {constants.HF_HUB_CACHE}; "
-             "fetch it where there is internet and copy that cache here, or set encoder.weights_path to a "
-             "downloaded copy of the weights file")
+             + release_advice(name))
+
+
+def release_advice(name: str) -> str:
+    """The two ways to a timm release on a machine that cannot download it, as said both before
+    the run (`hub_release_at_hand`) and by `encoder_init` itself."""
+    return (f"fetch it where there is internet (`python -c \"import timm; timm.create_model('{name}', "
+            "pretrained=True)\"`) and copy that cache here, or set encoder.weights_path to a downloaded copy "
+            "of the weights file")
 
 
 @dataclass
@@ -253,6 +260,10 @@ class EncoderConfig(TrainConfig):
     weights_path: str | None = None
     timm_name: str | None = None  # `timm`: a published release of the preset's network; null: the preset's own
     densecl: DenseCLConfig = field(default_factory=DenseCLConfig)
+
+    def release(self, preset: str) -> str | None:
+        """The timm release `timm` loads for `preset`: `timm_name`, else the preset's own (None: it has none)."""
+        return self.timm_name or ENCODER_PRESETS[preset].timm_name
 
     def __post_init__(self) -> None:
         self._check_schedule("encoder")
@@ -584,8 +595,7 @@ class Params:
         _require(self.data.image_size % stride == 0, "data.image_size",
                  f"expected a multiple of {stride} (model.preset {preset!r} has its tokens at that stride), "
                  f"got {self.data.image_size}")
-        _require(self.encoder.init != "timm" or self.encoder.timm_name is not None
-                 or ENCODER_PRESETS[preset].timm_name is not None, "encoder.init",
+        _require(self.encoder.init != "timm" or self.encoder.release(preset) is not None, "encoder.init",
                  f"'timm' loads a preset's published weights, and model.preset {preset!r} has none; presets that do: "
                  + ", ".join(f"{name} ({spec.timm_name})" for name, spec in ENCODER_PRESETS.items() if spec.timm_name))
         workers = self.ray.num_workers

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.config.params import ModelConfig
+from pipeline.config.params import ModelConfig, release_advice
 from pipeline.data.atomic import staged
 
 if TYPE_CHECKING:
@@ -157,10 +157,10 @@ def load_external_encoder(path: Path, preset: str) -> dict:
     return _fitted_encoder({k.removeprefix("module.").removeprefix("vit."): v for k, v in raw.items()}, preset, str(path))
 
 
-def load_hub_encoder(preset: str, name: str | None = None, weights_path: str | None = None) -> dict:
+def load_hub_encoder(preset: str, name: str, weights_path: str | None = None) -> dict:
     """Published weights of the preset's network through timm's own pretrained machinery: the
-    release `name` (timm's model name with its tag; None: the preset's `timm_name`, e.g.
-    vit_base_r50_s16_224.orig_in21k) from the Hugging Face hub into its cache, or from the
+    release `name` (timm's model name with its tag, e.g. vit_base_r50_s16_224.orig_in21k;
+    `EncoderConfig.release` picks it) from the Hugging Face hub into its cache, or from the
     cache alone (HF_HOME / HF_HUB_CACHE and HF_HUB_OFFLINE are honoured), or from
     `weights_path`, a downloaded copy of that release. Either way timm fits them to the preset:
     the positional embedding resampled to its image size, the release's classifier dropped."""
@@ -169,7 +169,6 @@ def load_hub_encoder(preset: str, name: str | None = None, weights_path: str | N
 
     from pipeline.models.transunet import ENCODER_PRESETS
 
-    name = name or ENCODER_PRESETS[preset].timm_name
     if name not in timm.list_pretrained(name):
         raise CheckpointError(f"encoder.timm_name: {name!r} is not a release timm publishes weights for "
                               "(`timm.list_pretrained()` lists them; e.g. vit_base_r50_s16_384.orig_in21k_ft_in1k)")
@@ -184,9 +183,7 @@ def load_hub_encoder(preset: str, name: str | None = None, weights_path: str | N
         where = "HF_HUB_OFFLINE is set and they are not" if constants.HF_HUB_OFFLINE else "they are not"
         raise CheckpointError(
             f"encoder.init 'timm': {name} weights could not be fetched from the Hugging Face hub and {where} in its "
-            f"cache {constants.HF_HUB_CACHE} ({load_failure(err)}); fetch them where there is internet "
-            f"(`python -c \"import timm; timm.create_model('{name}', pretrained=True)\"`) and copy that cache here, "
-            "or set encoder.weights_path to a downloaded copy of the weights file") from None
+            f"cache {constants.HF_HUB_CACHE} ({load_failure(err)}); {release_advice(name)}") from None
     return _fitted_encoder(hub.state_dict(), preset, name)
 
 
