@@ -61,8 +61,10 @@ def test_default_plan_covers_figure2_and_the_sweep_once_each_on_the_data_and_its
                                               "sigma": 0.2, "prepared": "data/prepared"}
     assert study["pretrain"]["dep-s0p4"]["init"] == "random"
     # The control's points: its own prepared data, keys and files, the same encoders, after all the pipeline's.
-    assert study["datasets"] == {"tuning": {"out": "study/data/prepared-tuning", "overrides": "--set data.tuning=true"},
-                                 "digits": {"out": "study/data/prepared-digits", "overrides": "--set data.format=digits"}}
+    assert study["datasets"] == {"tuning": {"out": "study/data/prepared-tuning", "overrides": "--set data.tuning=true",
+                                            "role": "recipe choice"},
+                                 "digits": {"out": "study/data/prepared-digits", "overrides": "--set data.format=digits",
+                                            "role": "control"}}
     digits = study["teachers"]["digits-ddep-s0p2-f5-seed1"]
     assert digits["subset"] == "digits-f5-seed1" and digits["pretrain"] == "digits-ddep-s0p2"
     assert digits["prepared"] == study["pretrain"]["digits-ddep-s0p2"]["prepared"] == "study/data/prepared-digits"
@@ -79,6 +81,7 @@ def test_default_plan_covers_figure2_and_the_sweep_once_each_on_the_data_and_its
     assert order[tuning[0] - 1] == f"student@{SECOND_ROUND}-f5-seed2-r2" and order[tuning[0]] == "teacher@tuning-ddep-s0p2-f5-seed0"
     parts = dataset_plans(study)
     assert set(parts) == {None, "tuning", "digits"} and parts["digits"]["prefix"] == "digits-"
+    assert [part["role"] for part in parts.values()] == ["pipeline", "recipe choice", "control"]
     assert len(parts[None]["teachers"]) == per_seed * 3 and len(parts["digits"]["students"]) == 2 * 7
     assert list(parts["tuning"]["pretrain"]) == ["tuning-ddep-s0p2"] and len(parts["tuning"]["students"]) == 7
 

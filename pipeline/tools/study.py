@@ -62,6 +62,22 @@ PHASES = {name: i for i, name in enumerate(["figure2 at the sweep fraction", "dd
 # The recipe choice's data: the pipeline's, but its val split is more train scenes
 # (`data.tuning`), so that choosing the pipeline's student by it never looks at val.
 TUNING = "tuning"
+# What a dataset is to the study, and so which section of the report it gets.
+PIPELINE_DATA, RECIPE_CHOICE, CONTROL = "pipeline", "recipe choice", "control"
+
+
+@dataclass(frozen=True)
+class StudyDataset:
+    """A dataset the study prepares itself, beside the pipeline's own: `name` starts its keys
+    and folders, `overrides` are `prepare`'s, `seeds` its points', `first_phase` where its
+    points come in the runner's order, `role` RECIPE_CHOICE (the ablation alone) or CONTROL
+    (the whole study)."""
+
+    name: str
+    overrides: str
+    seeds: list[int]
+    first_phase: int
+    role: str
 
 
 def _tag(value: float) -> str:
@@ -91,16 +107,16 @@ def plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig | None = None) -> 
     pretraining = pretraining or DecoderPretrainConfig()
     study_plan = _dataset_plan(cfg, pretraining, "", PREPARED, 0)
     study_plan["datasets"] = {}
-    others = [(TUNING, replace(cfg, seeds=cfg.tuning_seeds), "--set data.tuning=true", 0, True)] if cfg.tuning_seeds else []
+    others = [StudyDataset(TUNING, "--set data.tuning=true", cfg.tuning_seeds, 0, RECIPE_CHOICE)] if cfg.tuning_seeds else []
     if cfg.control:
-        others.append((cfg.control, replace(cfg, seeds=cfg.control_seeds), f"--set data.format={cfg.control}",
-                       len(PHASES), False))
-    for name, its_cfg, overrides, first_phase, recipe_only in others:
-        prepared = f"{STUDY_DIR}/data/prepared-{name}"
-        other = _dataset_plan(its_cfg, pretraining, f"{name}-", prepared, first_phase, recipe_only)
+        others.append(StudyDataset(cfg.control, f"--set data.format={cfg.control}", cfg.control_seeds, len(PHASES), CONTROL))
+    for dataset in others:
+        prepared = f"{STUDY_DIR}/data/prepared-{dataset.name}"
+        other = _dataset_plan(replace(cfg, seeds=dataset.seeds), pretraining, f"{dataset.name}-", prepared,
+                              dataset.first_phase, recipe_only=dataset.role == RECIPE_CHOICE)
         for section in SECTIONS:
             study_plan[section] |= other[section]
-        study_plan["datasets"][name] = {"out": prepared, "overrides": overrides}
+        study_plan["datasets"][dataset.name] = {"out": prepared, "overrides": dataset.overrides, "role": dataset.role}
     return study_plan
 
 
@@ -197,12 +213,12 @@ def ablation_plan(cfg: StudyConfig, prefix: str = "", prepared: str = PREPARED, 
 
 def dataset_plans(study_plan: dict) -> dict[str | None, dict]:
     """The plan cut by dataset: None (the pipeline's own), TUNING and the control's name -> its
-    entries of every section, and its key prefix."""
-    datasets = {None: PREPARED, **{name: d["out"] for name, d in study_plan.get("datasets", {}).items()}}
-    return {name: {"prefix": f"{name}-" if name else "",
-                   **{section: {k: v for k, v in study_plan[section].items() if v.get("prepared", PREPARED) == prepared}
+    entries of every section, its key prefix and its role."""
+    datasets = {None: {"out": PREPARED, "role": PIPELINE_DATA}, **study_plan.get("datasets", {})}
+    return {name: {"prefix": f"{name}-" if name else "", "role": d["role"],
+                   **{section: {k: v for k, v in study_plan[section].items() if v.get("prepared", PREPARED) == d["out"]}
                       for section in SECTIONS}}
-            for name, prepared in datasets.items()}
+            for name, d in datasets.items()}
 
 
 def write_plan(params_file: str = PARAMS_FILE, path: Path = PLAN_FILE) -> dict:
@@ -668,7 +684,7 @@ def report(study_plan: dict, metrics_dir: Path, cfg: StudyConfig, student, round
     measured, planned = measured_points(study_plan, metrics_dir), planned_points(study_plan)
     partial = (f"**Partial: {measured} of {planned} points measured so far** (– = not trained yet).\n\n"
                if measured < planned else "")
-    sections = [recipe_report(sub_plan, metrics_dir, cfg, student, rounds) if name == TUNING
+    sections = [recipe_report(sub_plan, metrics_dir, cfg, student, rounds) if sub_plan["role"] == RECIPE_CHOICE
                 else dataset_report(sub_plan, metrics_dir, cfg, student, rounds, out_dir, name, pipeline_format)
                 for name, sub_plan in dataset_plans(study_plan).items()]
     return StudyReport(f"{partial}Commit `{commit}`.\n\n" + "\n".join(sections), measured, planned)
