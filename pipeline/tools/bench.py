@@ -97,9 +97,9 @@ def stage_table(runs: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def timed(command: list[str], env: dict | None = None) -> float:
+def timed(command: list[str], env: dict | None = None, cwd: Path | None = None) -> float:
     started = time.perf_counter()
-    subprocess.run(command, check=True, env=env)
+    subprocess.run(command, check=True, env=env, cwd=cwd)
     return time.perf_counter() - started
 
 
@@ -129,18 +129,24 @@ def resolve_commit(revision: str) -> str:
 
 
 def other_revision_pipeline_s(commit: str, env: dict) -> float:
-    """Seconds of `python -m pipeline.run --force` in a temporary git worktree of `commit` (its
-    code on PYTHONPATH, this environment's packages), as a fresh clone would run it; its MLflow
-    runs go to a store of their own, so they never become this project's latest or champion."""
+    """Seconds of `python -m pipeline.run --force` in a worktree of `commit`, as a fresh clone
+    would run it."""
+    def run(tree: Path, tree_env: dict) -> float:
+        print(f"the default pipeline at {commit[:10]} ({tree})", flush=True)
+        return timed([sys.executable, "-m", "pipeline.run", "--force"], tree_env, cwd=tree)
+
+    return in_worktree(commit, env, run)
+
+
+def in_worktree(commit: str, env: dict, run):
+    """`run(tree, tree_env)` in a temporary git worktree of `commit`: `tree_env` is `env` with that
+    commit's code on PYTHONPATH (this environment's packages) and MLflow runs going to a store
+    of their own, so they never become this project's latest or champion."""
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp) / "tree"
         subprocess.run(["git", "worktree", "add", "--detach", "--quiet", str(tree), commit], check=True)
         try:
-            print(f"the default pipeline at {commit[:10]} ({tree})", flush=True)
-            started = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "pipeline.run", "--force"], check=True, cwd=tree,
-                           env={**env, "PYTHONPATH": str(tree), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"})
-            return time.perf_counter() - started
+            return run(tree, {**env, "PYTHONPATH": str(tree), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"})
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], check=False)
 
@@ -560,7 +566,7 @@ def markdown(fig: dict) -> str:
     return "\n".join(lines)
 
 
-def _replace_block(text: str, begin: str, end: str, content: str, readme: Path) -> str:
+def replace_block(text: str, begin: str, end: str, content: str, readme: Path) -> str:
     if begin not in text or end not in text:
         sys.exit(f"error: {readme} has no {begin} … {end} block")
     head, rest = text.split(begin, 1)
@@ -575,9 +581,9 @@ def write_readme(fig: dict | None, gpu_fig: dict | None = None, readme: Path = P
 
     text = readme.read_text()
     if fig is not None:
-        text = _replace_block(text, README_BEGIN, README_END, markdown(fig), readme)
+        text = replace_block(text, README_BEGIN, README_END, markdown(fig), readme)
     if gpu_fig is not None:
-        text = _replace_block(text, GPU_README_BEGIN, GPU_README_END, gpu_bench.markdown(gpu_fig), readme)
+        text = replace_block(text, GPU_README_BEGIN, GPU_README_END, gpu_bench.markdown(gpu_fig), readme)
     write_text_atomic(readme, text)
 
 

@@ -1,0 +1,128 @@
+"""The default pipeline's time–quality curve: its whole run at a few step budgets, on the tuning split.
+
+    python -m pipeline.tools.budget_curve            # every budget (about 35 minutes here), then the table
+    python -m pipeline.tools.budget_curve readme     # reports/budget_curve.json's table into README.md
+
+Each budget is the default pipeline with fewer or more teacher steps, student steps and
+self-training rounds, run as a fresh clone runs it (`python -m pipeline.run` in a git worktree
+of HEAD, its own DVC cache and MLflow store), on the tuning split (`data.tuning`: its val
+split is more train scenes), so that the budget chosen from the curve never looked at val.
+The wall seconds are the pipeline's after install, as `make run` spends them; the chosen
+budget is the fastest whose student is within `TOLERANCE` of the best student of the curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.data.atomic import write_text_atomic
+
+CURVE_JSON = Path("reports/budget_curve.json")
+README_BEGIN, README_END = "<!-- budget-curve:begin -->", "<!-- budget-curve:end -->"
+# One seed on the tuning split differs from another by about this much (the study's spread of
+# the same student over 3 seeds on val: ±0.003–0.017), so a budget this close to the best is
+# as good as the best for choosing.
+TOLERANCE = 0.01
+TEACHER_EPOCHS, STUDENT_EPOCHS = 15, 10  # the default's, kept (as many reports); the epoch's steps set the budget
+DEFAULT_ROUNDS = 2  # conf/experiment/default.yaml's; a budget has as many or fewer
+
+
+@dataclass(frozen=True)
+class Budget:
+    teacher_steps: int
+    student_steps: int  # per round
+    rounds: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.rounds <= DEFAULT_ROUNDS:
+            raise ValueError(f"rounds: expected 1 to {DEFAULT_ROUNDS} (the default's), got {self.rounds}")
+        if self.teacher_steps % TEACHER_EPOCHS or self.student_steps % STUDENT_EPOCHS:
+            raise ValueError(f"{self}: the steps must split into {TEACHER_EPOCHS} teacher and {STUDENT_EPOCHS} student epochs")
+
+    @property
+    def name(self) -> str:
+        return (f"teacher {self.teacher_steps}, student {self.student_steps} × {self.rounds} "
+                f"round{'s' if self.rounds > 1 else ''}")
+
+    def overrides(self) -> list[str]:
+        """Hydra overrides of the default composition (`python -m pipeline.compose`): the
+        default's rounds (round1, round2 on round1's pseudo-labels) cut to `rounds`."""
+        return [f"teacher.epochs={TEACHER_EPOCHS}", f"teacher.steps_per_epoch={self.teacher_steps // TEACHER_EPOCHS}",
+                f"student.epochs={STUDENT_EPOCHS}", f"student.steps_per_epoch={self.student_steps // STUDENT_EPOCHS}",
+                *(f"~self_training.rounds.round{i}" for i in range(self.rounds + 1, DEFAULT_ROUNDS + 1))]
+
+
+BUDGETS = [Budget(1500, 500, 2), Budget(1500, 500, 1), Budget(1500, 250, 1), Budget(750, 250, 1)]
+
+
+def measure(budget: Budget, commit: str, env: dict) -> dict:
+    """`budget`'s pipeline on the tuning split in a worktree of `commit`: its wall seconds and
+    the teacher's and student's mIoU (the tuning split's val)."""
+    from pipeline.tools.bench import in_worktree, timed
+
+    def run(tree: Path, tree_env: dict) -> dict:
+        subprocess.run([sys.executable, "-m", "pipeline.compose", "data.tuning=true", *budget.overrides(),
+                        "--out", str(tree / "params.yaml")], check=True, cwd=tree, env=tree_env)
+        seconds = timed([sys.executable, "-m", "pipeline.run"], tree_env, cwd=tree)
+        metrics = json.loads((tree / "reports" / "metrics.json").read_text())
+        return {"pipeline_s": seconds, "teacher_miou": metrics["teacher"]["miou"],
+                "student_miou": metrics["student"]["miou"]}
+
+    print(f"budget: {budget.name}", flush=True)
+    return {**asdict(budget), "name": budget.name, **in_worktree(commit, env, run)}
+
+
+def chosen(points: list[dict]) -> dict:
+    """The fastest point whose student is within TOLERANCE of the curve's best student."""
+    best = max(p["student_miou"] for p in points)
+    return min((p for p in points if p["student_miou"] >= best - TOLERANCE), key=lambda p: p["pipeline_s"])
+
+
+def markdown(curve: dict) -> str:
+    pick = chosen(curve["points"])
+    lines = [(f"Measured {curve['date']} at commit `{curve['commit'][:10]}` on {curve['machine']} by "
+              "`python -m pipeline.tools.budget_curve` (`reports/budget_curve.json`): the default pipeline, "
+              "each budget as a fresh clone runs it, scored on the tuning split (one seed)."), "",
+             "| budget (steps) | pipeline s | teacher mIoU | student mIoU | |", "|---|---:|---:|---:|---|"]
+    for p in sorted(curve["points"], key=lambda p: p["pipeline_s"]):
+        mark = "**chosen**" if p == pick else ""
+        lines.append(f"| {p['name']} | {p['pipeline_s']:.0f} | {p['teacher_miou']:.3f} | {p['student_miou']:.3f} | {mark} |")
+    lines += ["", (f"Chosen: the fastest budget whose student is within {TOLERANCE} of the best one's "
+                   f"({max(p['student_miou'] for p in curve['points']):.3f}).")]
+    return "\n".join(lines)
+
+
+def write_readme(curve: dict, readme: Path = Path("README.md")) -> None:
+    from pipeline.tools.bench import replace_block
+
+    write_text_atomic(readme, replace_block(readme.read_text(), README_BEGIN, README_END, markdown(curve), readme))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", default="run", choices=["run", "readme"])
+    args = parser.parse_args(argv)
+    if args.command == "readme":
+        if not CURVE_JSON.is_file():
+            sys.exit(f"error: {CURVE_JSON}: missing; run `python -m pipeline.tools.budget_curve` first")
+        write_readme(json.loads(CURVE_JSON.read_text()))
+        return
+    from pipeline.tools.bench import machine, resolve_commit
+
+    commit = resolve_commit("HEAD")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    curve = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "machine": machine(),
+             "points": [measure(budget, commit, env) for budget in BUDGETS]}
+    write_text_atomic(CURVE_JSON, json.dumps(curve, indent=2) + "\n")
+    print(markdown(curve))
+
+
+if __name__ == "__main__":
+    main()
