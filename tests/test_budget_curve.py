@@ -1,9 +1,14 @@
 """The time–quality curve: each budget is the default composition with its steps and rounds,
 and the chosen point and the README's table come from the figures file."""
 
+import json
+from pathlib import Path
+
 from pipeline.compose import compose
+from pipeline.config.params import load_params
 from pipeline.tools.budget_curve import (
     BUDGETS,
+    CURVE_JSON,
     README_BEGIN,
     README_END,
     Budget,
@@ -11,6 +16,8 @@ from pipeline.tools.budget_curve import (
     markdown,
     write_readme,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_each_budget_composes_the_default_with_its_steps_and_rounds():
@@ -45,3 +52,13 @@ def test_the_readme_block_is_replaced_from_the_figures(tmp_path):
     write_readme(_curve((500.0, 0.5)), readme)
     text = readme.read_text()
     assert "old" not in text and "| budget 0 | 500 | 0.400 | 0.500 | **chosen** |" in text and text.endswith("after\n")
+
+
+def test_the_pipelines_budget_is_the_one_the_curve_chose():
+    """The committed params.yaml against the committed curve (reports/budget_curve.json,
+    measured on the tuning split, never on val): the default's steps and rounds are its
+    chosen point's."""
+    pick = chosen(json.loads((ROOT / CURVE_JSON).read_text())["points"])
+    params = load_params(ROOT / "params.yaml")
+    assert (params.teacher.epochs * params.teacher.steps_per_epoch, params.student.epochs * params.student.steps_per_epoch,
+            len(params.self_training.rounds)) == (pick["teacher_steps"], pick["student_steps"], pick["rounds"])
