@@ -582,6 +582,9 @@ def test_a_one_seed_study_runs_the_pipelines_stages_reports_and_resumes_from_its
     out = run([sys.executable, "-m", "pipeline.runtime.local_ray", "--", sys.executable, "-m", "pipeline.tools.study"], repo,
               timeout=1800).stdout
     ran = ran_stages(out)
+    # A line before each point it trains; from the second on, the time left at the run's pace.
+    assert re.search(r"^study: teacher@\S+ \(0 of (\d+) points recorded; \1 to train\)$", out, re.MULTILINE)
+    assert re.search(r"^study: \S+ \(1 of \d+ points recorded; \d+ to train, about 0 h \d\d min at this", out, re.MULTILINE)
     assert len([s for s in ran if "teacher@" in s]) == 4  # the four initialisations
     assert len([s for s in ran if "student@" in s]) == 1 + 1  # and a second round
     assert {"study/dvc.yaml:encoder_random", "study/dvc.yaml:report"} <= ran

@@ -552,3 +552,14 @@ def test_the_pipelines_student_is_the_recipe_the_tuning_split_chose():
     chosen = chosen_recipe(ablation_rows(tuning, ROOT / "study" / "metrics", cfg), cfg)
     assert chosen is not None, "the recipe choice has not been run to the end (python -m pipeline.tools.study)"
     assert pipeline_row(params.student, len(params.self_training.rounds)) == chosen
+
+
+def test_the_runner_says_before_each_point_how_many_are_recorded_and_the_time_left_at_its_pace():
+    from pipeline.tools.study import Progress
+
+    progress = Progress(planned=194, to_train=133, started=1000.0)
+    assert progress.line("teacher@random-f1-seed0", now=1000.0) == (
+        "study: teacher@random-f1-seed0 (61 of 194 points recorded; 133 to train)")
+    progress.trained = 2
+    assert progress.line("teacher@dep-s0p4-f1-seed0", now=1000.0 + 2 * 150) == (
+        "study: teacher@dep-s0p4-f1-seed0 (63 of 194 points recorded; 131 to train, about 5 h 27 min at this run's pace)")

@@ -24,6 +24,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -742,17 +743,40 @@ def run(study_plan: dict, dvc_args: list[str]) -> int:
     subprocess.call(["dvc", "pull", "--allow-missing", "-r", STORE, *stored], env=env)
     try:
         state = DvcState.read(dvc_file, env)
-        for name, result in result_files(study_plan):
+        points = result_files(study_plan)
+        todo = [name for name, result in points
+                if not ((metrics / result).is_file() and state.recorded(f"{dvc_file}:{name}"))]
+        progress = Progress(len(points), len(todo))
+        for name in todo:
+            print(progress.line(name), flush=True)
             target = f"{dvc_file}:{name}"
-            if (metrics / result).is_file() and state.recorded(target):
-                continue
             for stage in [*state.missing_inputs(target), target]:
                 if code := subprocess.call(["dvc", "repro", "--single-item", stage, *dvc_args], env=env):
                     return code
                 state.made(stage)
+            progress.trained += 1
         return subprocess.call(["dvc", "repro", "--single-item", f"{dvc_file}:report", *dvc_args], env=env)
     finally:
         subprocess.call(["dvc", "push", "-r", STORE, *stored], env=env)
+
+
+@dataclass
+class Progress:
+    """The runner's line before each point it trains: which one, how many are recorded, and the
+    time left at this run's pace so far (points differ: a teacher with every label trains 8×
+    the steps of one with 1%, and the plan runs the cheaper ones of a phase first)."""
+    planned: int
+    to_train: int
+    trained: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def line(self, name: str, now: float | None = None) -> str:
+        done = f"{self.planned - self.to_train + self.trained} of {self.planned} points recorded"
+        text = f"study: {name} ({done}; {self.to_train - self.trained} to train"
+        if self.trained:
+            left = round(((time.monotonic() if now is None else now) - self.started) / self.trained * (self.to_train - self.trained))
+            text += f", about {left // 3600} h {left % 3600 // 60:02d} min at this run's pace"
+        return text + ")"
 
 
 @dataclass
