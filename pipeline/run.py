@@ -23,6 +23,11 @@ from pathlib import Path
 import yaml
 
 
+def dvc_paths(root: Path) -> dict[str, str]:
+    """The outputs dvc.yaml names once, in its `vars: paths` (e.g. `metrics`, `figures`)."""
+    return yaml.safe_load((root / "dvc.yaml").read_text())["vars"][0]["paths"]
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config.params import ConfigError, hub_release_at_hand, load_params, standin_encoder
     from pipeline.orchestrate.stage_run import collect_nothing_at_exit
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 dvc.kill()
                 raise
     finally:
-        paths = yaml.safe_load((root / "dvc.yaml").read_text())["vars"][0]["paths"]
+        paths = dvc_paths(root)
         metrics = root / paths["metrics"]
         # DVC's names for the stages, each `foreach` instance (`student_train@round1`) on its own.
         stages = subprocess.run(["dvc", "stage", "list", "--name-only"], capture_output=True, text=True,

@@ -4,13 +4,18 @@ and the chosen point and the README's table come from the figures file."""
 import json
 from pathlib import Path
 
+import pytest
+
 from pipeline.compose import compose
 from pipeline.config.params import load_params
 from pipeline.tools.budget_curve import (
     BUDGETS,
     CURVE_JSON,
+    DEFAULT_ROUNDS,
     README_BEGIN,
     README_END,
+    STUDENT_EPOCHS,
+    TEACHER_EPOCHS,
     Budget,
     chosen,
     markdown,
@@ -28,6 +33,13 @@ def test_each_budget_composes_the_default_with_its_steps_and_rounds():
         assert list(params.self_training.rounds.items()) == [("round1", "teacher"), ("round2", "round1")][:budget.rounds]
         assert params.data.tuning and params.student.dense_contrast_weight == 0.1  # the default's recipe, kept
     assert Budget(1500, 500, 2).name == "teacher 1500, student 500 × 2 rounds"
+    default = compose([])  # what the budgets keep and cut
+    assert (default.teacher.epochs, default.student.epochs, len(default.self_training.rounds)) == (
+        TEACHER_EPOCHS, STUDENT_EPOCHS, DEFAULT_ROUNDS)
+    with pytest.raises(ValueError, match="rounds: expected 1 to 2"):
+        Budget(1500, 500, 3)
+    with pytest.raises(ValueError, match="must split into 15 teacher and 10 student epochs"):
+        Budget(1000, 500, 1)
 
 
 def _curve(*points: tuple[float, float]) -> dict:

@@ -563,3 +563,17 @@ def test_the_runner_says_before_each_point_how_many_are_recorded_and_the_time_le
     progress.trained = 2
     assert progress.line("teacher@dep-s0p4-f1-seed0", now=1000.0 + 2 * 150) == (
         "study: teacher@dep-s0p4-f1-seed0 (63 of 194 points recorded; 131 to train, about 5 h 27 min at this run's pace)")
+
+
+def test_the_report_gives_a_dataset_its_section_by_its_role_in_the_plan_not_by_its_name(tmp_path):
+    from pipeline.tools.study import report
+
+    cfg = StudyConfig(fractions=[0.05, 1.0], seeds=[0], control=None, tuning_seeds=[0], sigmas=[0.2], dep_sigma=0.2,
+                      sweep_fraction=0.05, teacher_steps=[10, 20], ablation_fractions=[0.05], pretrain_fractions=[])
+    study = plan(cfg)
+    study["datasets"] = {"held-out": study["datasets"]["tuning"]}  # the recipe choice's data under another name
+    text = report(study, tmp_path, cfg, StudentConfig(), 1, tmp_path / "report", "shapes", "0123456").text
+    assert "### Recipe choice (the tuning split" in text and "### held-out" not in text
+    study["datasets"]["held-out"]["role"] = "control"
+    assert "### Recipe choice" not in report(study, tmp_path, cfg, StudentConfig(), 1, tmp_path / "report", "shapes",
+                                             "0123456").text

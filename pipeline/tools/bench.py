@@ -114,17 +114,19 @@ def pipeline_figures(against: str | None) -> dict:
     runs = latest_stage_runs(resolve_tracking_uri(params.mlflow, Path.cwd()), params.mlflow.experiment)
     fig = {"pipeline_s": pipeline_s, "noop_repro_s": noop_s, "stages": runs}
     if against:
-        fig["against"] = {"revision": against, "pipeline_s": other_revision_pipeline_s(resolve_commit(against), env)}
+        commit = resolve_commit(against, f"--against {against}")
+        fig["against"] = {"revision": against, "pipeline_s": other_revision_pipeline_s(commit, env)}
     return fig
 
 
-def resolve_commit(revision: str) -> str:
-    """The commit `revision` names; an error before anything runs if there is none here (a
-    shallow clone may lack an earlier default's commit)."""
+def resolve_commit(revision: str, given_as: str | None = None) -> str:
+    """The commit `revision` names; an error naming it (`given_as`, e.g. the option it came
+    from) before anything runs if there is none here (a shallow clone may lack an earlier
+    default's commit)."""
     found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}"],
                            capture_output=True, text=True, check=False)
     if found.returncode != 0:
-        sys.exit(f"error: --against {revision}: not a commit of this repository")
+        sys.exit(f"error: {given_as or revision}: not a commit of this repository")
     return found.stdout.strip()
 
 
@@ -644,7 +646,7 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.runtime.local_ray import shared_ray
 
     if args.against:
-        resolve_commit(args.against)
+        resolve_commit(args.against, f"--against {args.against}")
     fig = {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(Path.cwd()), "machine": machine()}
     print("the whole pipeline, then a no-op repro", flush=True)
     fig["pipeline"] = pipeline_figures(args.against)

@@ -65,13 +65,14 @@ BUDGETS = [Budget(1500, 500, 2), Budget(1500, 500, 1), Budget(1500, 250, 1), Bud
 def measure(budget: Budget, commit: str, env: dict) -> dict:
     """`budget`'s pipeline on the tuning split in a worktree of `commit`: its wall seconds and
     the teacher's and student's mIoU (the tuning split's val)."""
+    from pipeline.run import dvc_paths
     from pipeline.tools.bench import in_worktree, timed
 
     def run(tree: Path, tree_env: dict) -> dict:
         subprocess.run([sys.executable, "-m", "pipeline.compose", "data.tuning=true", *budget.overrides(),
                         "--out", str(tree / "params.yaml")], check=True, cwd=tree, env=tree_env)
         seconds = timed([sys.executable, "-m", "pipeline.run"], tree_env, cwd=tree)
-        metrics = json.loads((tree / "reports" / "metrics.json").read_text())
+        metrics = json.loads((tree / dvc_paths(tree)["metrics"]).read_text())
         return {"pipeline_s": seconds, "teacher_miou": metrics["teacher"]["miou"],
                 "student_miou": metrics["student"]["miou"]}
 

@@ -102,8 +102,8 @@ def plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig | None = None) -> 
     each once, on the pipeline's prepared data; then the recipe choice (the ablation alone,
     with `cfg.tuning_seeds`) on the tuning split; then the whole study again on the control
     dataset (`cfg.control`, with `cfg.control_seeds`). The datasets other than the pipeline's
-    are prepared by the study itself (`datasets`: name -> folder and `prepare` overrides) and
-    their keys start with their name. `pretraining` (params.yaml's decoder_pretrain) is the
+    are prepared by the study itself (`datasets`: name -> folder, `prepare` overrides and role)
+    and their keys start with their name. `pretraining` (params.yaml's decoder_pretrain) is the
     length every pretraining has but the longer DDeP ones of `pretrain_length`."""
     pretraining = pretraining or DecoderPretrainConfig()
     study_plan = _dataset_plan(cfg, pretraining, "", PREPARED, 0)
@@ -638,14 +638,14 @@ def dataset_report(sub_plan: dict, metrics_dir: Path, cfg: StudyConfig, student,
     rows = ablation_rows(sub_plan, metrics_dir, cfg)
     write_outputs(fig2, sweep, out_dir, f"-{control}" if control else "")
     name = control or pipeline_format
-    role = (f"the control, `study.control: {control}`" if control
-            else f"the pipeline's own data, `data.format: {pipeline_format}`")
+    described = (f"the control, `study.control: {control}`" if control
+                 else f"the pipeline's own data, `data.format: {pipeline_format}`")
     body = markdown(fig2, sweep, cfg, ablation_table(rows, cfg), pretrain_length_table(points, sub_plan, metrics_dir, cfg),
                     per_class_table(points, cfg),
                     boundary=figure2(points, cfg, "boundary_f1"), shares=figure2_shares(points, cfg),
                     ablation_shares=ablation_table(rows, cfg, share=True),
                     findings=findings(points, rows, cfg, pipeline_row(student, rounds)))
-    return f"### {DATASET_TITLES.get(name, name)} ({role}), {len(cfg.seeds)} seeds\n\n{body}"
+    return f"### {DATASET_TITLES.get(name, name)} ({described}), {len(cfg.seeds)} seeds\n\n{body}"
 
 
 def recipe_report(sub_plan: dict, metrics_dir: Path, cfg: StudyConfig, student, rounds: int) -> str:
