@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config.params import ConfigError
 from pipeline.tools.bench import (README_BEGIN, README_END, _is_ray, cpu_between, markdown, process_timeline,
                             side_by_side, stage_summary, write_readme)
 
@@ -96,8 +97,9 @@ def test_the_readme_block_is_replaced_and_the_rest_kept(tmp_path):
 def test_a_readme_without_the_block_is_refused(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# no block\n")
-    with pytest.raises(SystemExit, match="bench:begin"):
+    with pytest.raises(ConfigError, match="README.md: no <!-- bench:begin --> … <!-- bench:end --> markers"):
         write_readme(_figures(300.0, 1.0), readme=readme)
+    assert readme.read_text() == "# no block\n"
     assert readme.read_text() == "# no block\n"
 
 

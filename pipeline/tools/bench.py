@@ -44,7 +44,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config.params import load_params
+from pipeline.config.params import ConfigError, load_params
 from pipeline.runtime.tracking import EXECUTION_TAG, PARENT_TAG, git_commit, resolve_tracking_uri
 
 FIRST_ROUND = "round1"  # of `self_training.rounds`: the default pipeline's one round
@@ -568,18 +568,12 @@ def markdown(fig: dict) -> str:
     return "\n".join(lines)
 
 
-def replace_block(text: str, begin: str, end: str, content: str, readme: Path) -> str:
-    if begin not in text or end not in text:
-        sys.exit(f"error: {readme} has no {begin} … {end} block")
-    head, rest = text.split(begin, 1)
-    return head + begin + "\n" + content + "\n" + end + rest.split(end, 1)[1]
-
-
 def write_readme(fig: dict | None, gpu_fig: dict | None = None, readme: Path = Path("README.md")) -> None:
     """The tables of the CPU benchmark and of its GPU mode into their README blocks, each
     where its figures exist."""
     from pipeline.data.atomic import write_text_atomic
     from pipeline.tools import gpu_bench
+    from pipeline.tools.readme_block import replace_block
 
     text = readme.read_text()
     if fig is not None:
@@ -631,7 +625,10 @@ def main(argv: list[str] | None = None) -> None:
 
         if not args.json.is_file() and not GPU_JSON.is_file():
             sys.exit(f"error: neither {args.json} nor {GPU_JSON} found; run `make bench` or `python -m pipeline.tools.bench gpu` first")
-        write_readme(*(json.loads(path.read_text()) if path.is_file() else None for path in (args.json, GPU_JSON)))
+        try:
+            write_readme(*(json.loads(path.read_text()) if path.is_file() else None for path in (args.json, GPU_JSON)))
+        except ConfigError as err:
+            sys.exit(f"error: {err}")
         return
     params = load_params()
     if args.command == "processes":

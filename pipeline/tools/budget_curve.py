@@ -22,7 +22,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipeline.config.params import ConfigError
 from pipeline.data.atomic import write_text_atomic
+from pipeline.tools.readme_block import write_block
 
 CURVE_JSON = Path("reports/budget_curve.json")
 README_BEGIN, README_END = "<!-- budget-curve:begin -->", "<!-- budget-curve:end -->"
@@ -101,9 +103,7 @@ def markdown(curve: dict) -> str:
 
 
 def write_readme(curve: dict, readme: Path = Path("README.md")) -> None:
-    from pipeline.tools.bench import replace_block
-
-    write_text_atomic(readme, replace_block(readme.read_text(), README_BEGIN, README_END, markdown(curve), readme))
+    write_block(readme, README_BEGIN, README_END, markdown(curve))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,7 +113,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "readme":
         if not CURVE_JSON.is_file():
             sys.exit(f"error: {CURVE_JSON}: missing; run `python -m pipeline.tools.budget_curve` first")
-        write_readme(json.loads(CURVE_JSON.read_text()))
+        try:
+            write_readme(json.loads(CURVE_JSON.read_text()))
+        except ConfigError as err:
+            sys.exit(f"error: {err}")
         return
     from pipeline.tools.bench import machine, resolve_commit
 

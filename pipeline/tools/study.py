@@ -34,6 +34,7 @@ import yaml
 from pipeline.config.ablation import ABLATION, SECOND_ROUND
 from pipeline.config.params import PARAMS_FILE, ConfigError, DecoderPretrainConfig, StudyConfig, load_params
 from pipeline.data.atomic import write_text_atomic
+from pipeline.tools.readme_block import write_block
 
 STUDY_DIR = Path("study")
 PLAN_FILE = STUDY_DIR / "plan.yaml"
@@ -698,12 +699,7 @@ def _csv_number(value: float) -> str:
 def update_readme(report: Path = STUDY_DIR / "report" / "report.md", readme: Path = Path("README.md")) -> None:
     if not report.is_file():
         raise ConfigError(f"{report}: missing; run `dvc repro --single-item study/dvc.yaml:report` first")
-    text = readme.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        raise ConfigError(f"{readme}: no {README_BEGIN} … {README_END} markers to put the study table between")
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    write_text_atomic(readme, f"{head}{README_BEGIN}\n{report.read_text()}{README_END}{tail}")
+    write_block(readme, README_BEGIN, README_END, report.read_text())
 
 
 def main(argv: list[str] | None = None) -> None:
