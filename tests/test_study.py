@@ -436,8 +436,8 @@ def test_the_report_has_a_section_per_dataset_each_from_its_own_points_and_seeds
         (tmp_path / f"{key}.json").write_text(json.dumps({"miou": 0.2 if key.startswith("digits-") else 0.4}))
     out = tmp_path / "report"
     parts = dataset_plans(study)
-    shapes = dataset_report(parts[None], tmp_path, cfg, StudentConfig(), 1, out, None, "shapes")
-    digits = dataset_report(parts["digits"], tmp_path, cfg, StudentConfig(), 1, out, "digits", "shapes")
+    shapes = dataset_report(parts[None], None, tmp_path, cfg, StudentConfig(), 1, out, "shapes")
+    digits = dataset_report(parts["digits"], "digits", tmp_path, cfg, StudentConfig(), 1, out, "shapes")
     assert shapes.startswith("### Shape scenes (the pipeline's own data, `data.format: shapes`), 3 seeds")
     assert digits.startswith("### Digit scenes (the control, `study.control: digits`), 2 seeds")
     assert "| DDeP | 0.400 ± 0.000 | 0.400 ± 0.000 |" in shapes and "| DDeP | 0.200 ± 0.000 | 0.200 ± 0.000 |" in digits
@@ -575,5 +575,6 @@ def test_the_report_gives_a_dataset_its_section_by_its_role_in_the_plan_not_by_i
     text = report(study, tmp_path, cfg, StudentConfig(), 1, tmp_path / "report", "shapes", "0123456").text
     assert "### Recipe choice (the tuning split" in text and "### held-out" not in text
     study["datasets"]["held-out"]["role"] = "control"
-    assert "### Recipe choice" not in report(study, tmp_path, cfg, StudentConfig(), 1, tmp_path / "report", "shapes",
-                                             "0123456").text
+    text = report(study, tmp_path, cfg, StudentConfig(), 1, tmp_path / "report", "shapes", "0123456").text
+    assert "### Recipe choice" not in text and "### held-out (the control, `study.control: held-out`)" in text
+    assert (tmp_path / "report" / "figure2-held-out.csv").is_file()

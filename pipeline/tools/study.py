@@ -628,25 +628,27 @@ def write_outputs(fig2: dict, sweep: dict, out_dir: Path, suffix: str = "") -> N
 DATASET_TITLES = {"shapes": "Shape scenes", "digits": "Digit scenes"}
 
 
-def dataset_report(sub_plan: dict, metrics_dir: Path, cfg: StudyConfig, student, rounds: int, out_dir: Path,
-                   control: str | None, pipeline_format: str) -> str:
-    """One dataset's section of the report, its findings first (a dataset_plans entry; `control`
-    None: the pipeline's own data); writes its CSVs and figures into `out_dir`."""
+def dataset_report(sub_plan: dict, name: str | None, metrics_dir: Path, cfg: StudyConfig, student, rounds: int,
+                   out_dir: Path, pipeline_format: str) -> str:
+    """One dataset's section of the report, its findings first (a dataset_plans entry and its
+    name, None for the pipeline's own data); writes its CSVs and figures into `out_dir`, a
+    control's with its name after each file's."""
+    control = sub_plan["role"] == CONTROL
     if control:
         cfg = replace(cfg, seeds=cfg.control_seeds)
     points = collect(sub_plan, metrics_dir)
     fig2, sweep = figure2(points, cfg), sigma_sweep(points, cfg)
     rows = ablation_rows(sub_plan, metrics_dir, cfg)
-    write_outputs(fig2, sweep, out_dir, f"-{control}" if control else "")
-    name = control or pipeline_format
-    described = (f"the control, `study.control: {control}`" if control
+    write_outputs(fig2, sweep, out_dir, f"-{name}" if control else "")
+    title = name or pipeline_format
+    described = (f"the control, `study.control: {name}`" if control
                  else f"the pipeline's own data, `data.format: {pipeline_format}`")
     body = markdown(fig2, sweep, cfg, ablation_table(rows, cfg), pretrain_length_table(points, sub_plan, metrics_dir, cfg),
                     per_class_table(points, cfg),
                     boundary=figure2(points, cfg, "boundary_f1"), shares=figure2_shares(points, cfg),
                     ablation_shares=ablation_table(rows, cfg, share=True),
                     findings=findings(points, rows, cfg, pipeline_row(student, rounds)))
-    return f"### {DATASET_TITLES.get(name, name)} ({described}), {len(cfg.seeds)} seeds\n\n{body}"
+    return f"### {DATASET_TITLES.get(title, title)} ({described}), {len(cfg.seeds)} seeds\n\n{body}"
 
 
 def recipe_report(sub_plan: dict, metrics_dir: Path, cfg: StudyConfig, student, rounds: int) -> str:
@@ -687,7 +689,7 @@ def report(study_plan: dict, metrics_dir: Path, cfg: StudyConfig, student, round
     partial = (f"**Partial: {measured} of {planned} points measured so far** (– = not trained yet).\n\n"
                if measured < planned else "")
     sections = [recipe_report(sub_plan, metrics_dir, cfg, student, rounds) if sub_plan["role"] == RECIPE_CHOICE
-                else dataset_report(sub_plan, metrics_dir, cfg, student, rounds, out_dir, name, pipeline_format)
+                else dataset_report(sub_plan, name, metrics_dir, cfg, student, rounds, out_dir, pipeline_format)
                 for name, sub_plan in dataset_plans(study_plan).items()]
     return StudyReport(f"{partial}Commit `{commit}`.\n\n" + "\n".join(sections), measured, planned)
 
