@@ -7,15 +7,12 @@ from pathlib import Path
 import pytest
 
 from pipeline.compose import compose
-from pipeline.config.params import load_params
+from pipeline.config.params import ConfigError, load_params
 from pipeline.tools.budget_curve import (
     BUDGETS,
     CURVE_JSON,
-    DEFAULT_ROUNDS,
     README_BEGIN,
     README_END,
-    STUDENT_EPOCHS,
-    TEACHER_EPOCHS,
     Budget,
     chosen,
     markdown,
@@ -26,20 +23,38 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_each_budget_composes_the_default_with_its_steps_and_rounds():
+    default = compose([])  # what the budgets keep and cut
     for budget in BUDGETS:
-        params = compose(["data.tuning=true", *budget.overrides()])
+        params = compose(["data.tuning=true", *budget.overrides(default)])
         assert params.teacher.epochs * params.teacher.steps_per_epoch == budget.teacher_steps
         assert params.student.epochs * params.student.steps_per_epoch == budget.student_steps
-        assert list(params.self_training.rounds.items()) == [("round1", "teacher"), ("round2", "round1")][:budget.rounds]
+        assert (params.teacher.epochs, params.student.epochs) == (default.teacher.epochs, default.student.epochs)
+        assert list(params.self_training.rounds.items()) == list(default.self_training.rounds.items())[:budget.rounds]
         assert params.data.tuning and params.student.dense_contrast_weight == 0.1  # the default's recipe, kept
     assert Budget(1500, 500, 2).name == "teacher 1500, student 500 × 2 rounds"
-    default = compose([])  # what the budgets keep and cut
-    assert (default.teacher.epochs, default.student.epochs, len(default.self_training.rounds)) == (
-        TEACHER_EPOCHS, STUDENT_EPOCHS, DEFAULT_ROUNDS)
-    with pytest.raises(ValueError, match="rounds: expected 1 to 2"):
-        Budget(1500, 500, 3)
-    with pytest.raises(ValueError, match="must split into 15 teacher and 10 student epochs"):
-        Budget(1000, 500, 1)
+
+
+@pytest.mark.parametrize(("budget", "refusal"), [
+    (Budget(1500, 500, 3), "teacher 1500, student 500 × 3 rounds: rounds: expected 1 to 2 \\(the default's\\), got 3"),
+    (Budget(1500, 500, 0), "rounds: expected 1 to 2"),
+    (Budget(1000, 500, 1), "must split into the default's 15 teacher and 10 student epochs"),
+    (Budget(1500, 505, 1), "must split into the default's 15 teacher and 10 student epochs"),
+])
+def test_a_budget_the_default_cannot_take_is_refused_by_name(budget, refusal):
+    with pytest.raises(ConfigError, match=refusal):
+        budget.overrides(compose([]))
+
+
+def test_the_curve_refuses_a_bad_budget_before_any_pipeline_runs(monkeypatch, capsys):
+    from pipeline.tools import budget_curve
+
+    def no_run(*args):
+        raise AssertionError("a pipeline ran")
+
+    monkeypatch.setattr(budget_curve, "BUDGETS", [Budget(1500, 500, 1), Budget(1500, 500, 5)])
+    monkeypatch.setattr(budget_curve, "measure", no_run)
+    with pytest.raises(SystemExit, match="^error: teacher 1500, student 500 × 5 rounds: rounds: expected 1 to 2"):
+        budget_curve.main([])
 
 
 def _curve(*points: tuple[float, float]) -> dict:
@@ -74,3 +89,28 @@ def test_the_pipelines_budget_is_the_one_the_curve_chose():
     params = load_params(ROOT / "params.yaml")
     assert (params.teacher.epochs * params.teacher.steps_per_epoch, params.student.epochs * params.student.steps_per_epoch,
             len(params.self_training.rounds)) == (pick["teacher_steps"], pick["student_steps"], pick["rounds"])
+
+
+def test_a_budget_runs_the_pipeline_on_its_own_composition_and_reads_its_metrics(tmp_path, monkeypatch):
+    """`measure` with the worktree and the timed `pipeline.run` replaced: the params.yaml the run
+    would see is the tuning split's default at the budget, and the figures are its metrics'."""
+    import shutil
+
+    from pipeline.run import dvc_paths
+    from pipeline.tools import bench
+    from pipeline.tools.budget_curve import measure
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    metrics = tmp_path / dvc_paths(tmp_path)["metrics"]
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text(json.dumps({"teacher": {"miou": 0.5}, "student": {"miou": 0.6}}))
+    monkeypatch.setattr(bench, "in_worktree", lambda commit, env, run: run(tmp_path, env))
+    monkeypatch.setattr(bench, "timed", lambda command, env, cwd: 321.0 if command[1:] == ["-m", "pipeline.run"] else None)
+    budget = Budget(750, 250, 1)
+    point = measure(budget, budget.overrides(compose([])), "0" * 40, {})
+    assert point == {"teacher_steps": 750, "student_steps": 250, "rounds": 1, "name": budget.name,
+                     "pipeline_s": 321.0, "teacher_miou": 0.5, "student_miou": 0.6}
+    params = load_params(tmp_path / "params.yaml")
+    assert params.data.tuning and list(params.self_training.rounds) == ["round1"]
+    assert (params.teacher.epochs * params.teacher.steps_per_epoch, params.student.epochs * params.student.steps_per_epoch) == (750, 250)

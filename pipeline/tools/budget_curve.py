@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.config.params import ConfigError
+from pipeline.compose import compose, render
+from pipeline.config.params import ConfigError, Params
 from pipeline.data.atomic import write_text_atomic
 from pipeline.tools.readme_block import write_block
 
@@ -32,8 +32,6 @@ README_BEGIN, README_END = "<!-- budget-curve:begin -->", "<!-- budget-curve:end
 # the same student over 3 seeds on val: ±0.003–0.017), so a budget this close to the best is
 # as good as the best for choosing.
 TOLERANCE = 0.01
-TEACHER_EPOCHS, STUDENT_EPOCHS = 15, 10  # the default's, kept (as many reports); the epoch's steps set the budget
-DEFAULT_ROUNDS = 2  # conf/experiment/default.yaml's; a budget has as many or fewer
 
 
 @dataclass(frozen=True)
@@ -42,37 +40,38 @@ class Budget:
     student_steps: int  # per round
     rounds: int
 
-    def __post_init__(self) -> None:
-        if not 1 <= self.rounds <= DEFAULT_ROUNDS:
-            raise ValueError(f"rounds: expected 1 to {DEFAULT_ROUNDS} (the default's), got {self.rounds}")
-        if self.teacher_steps % TEACHER_EPOCHS or self.student_steps % STUDENT_EPOCHS:
-            raise ValueError(f"{self}: the steps must split into {TEACHER_EPOCHS} teacher and {STUDENT_EPOCHS} student epochs")
-
     @property
     def name(self) -> str:
         return (f"teacher {self.teacher_steps}, student {self.student_steps} × {self.rounds} "
                 f"round{'s' if self.rounds > 1 else ''}")
 
-    def overrides(self) -> list[str]:
-        """Hydra overrides of the default composition (`python -m pipeline.compose`): the
-        default's rounds (round1, round2 on round1's pseudo-labels) cut to `rounds`."""
-        return [f"teacher.epochs={TEACHER_EPOCHS}", f"teacher.steps_per_epoch={self.teacher_steps // TEACHER_EPOCHS}",
-                f"student.epochs={STUDENT_EPOCHS}", f"student.steps_per_epoch={self.student_steps // STUDENT_EPOCHS}",
-                *(f"~self_training.rounds.round{i}" for i in range(self.rounds + 1, DEFAULT_ROUNDS + 1))]
+    def overrides(self, default: Params) -> list[str]:
+        """Hydra overrides of the default composition `default`: its epochs kept (as many
+        reports), the epoch's steps set to the budget, its rounds cut to the first `rounds`."""
+        epochs, rounds = (default.teacher.epochs, default.student.epochs), list(default.self_training.rounds)
+        if not 1 <= self.rounds <= len(rounds):
+            raise ConfigError(f"{self.name}: rounds: expected 1 to {len(rounds)} (the default's), got {self.rounds}")
+        if self.teacher_steps % epochs[0] or self.student_steps % epochs[1]:
+            raise ConfigError(f"{self.name}: the steps must split into the default's {epochs[0]} teacher "
+                              f"and {epochs[1]} student epochs")
+        return [f"teacher.steps_per_epoch={self.teacher_steps // epochs[0]}",
+                f"student.steps_per_epoch={self.student_steps // epochs[1]}",
+                *(f"~self_training.rounds.{name}" for name in rounds[self.rounds:])]
 
 
 BUDGETS = [Budget(1500, 500, 2), Budget(1500, 500, 1), Budget(1500, 250, 1), Budget(750, 250, 1)]
 
 
-def measure(budget: Budget, commit: str, env: dict) -> dict:
-    """`budget`'s pipeline on the tuning split in a worktree of `commit`: its wall seconds and
-    the teacher's and student's mIoU (the tuning split's val)."""
+def measure(budget: Budget, overrides: list[str], commit: str, env: dict) -> dict:
+    """`budget`'s pipeline, composed with `overrides`, on the tuning split in a worktree of
+    `commit`: its wall seconds and the teacher's and student's mIoU (the tuning split's val)."""
     from pipeline.run import dvc_paths
     from pipeline.tools.bench import in_worktree, timed
 
+    overrides = ["data.tuning=true", *overrides]
+
     def run(tree: Path, tree_env: dict) -> dict:
-        subprocess.run([sys.executable, "-m", "pipeline.compose", "data.tuning=true", *budget.overrides(),
-                        "--out", str(tree / "params.yaml")], check=True, cwd=tree, env=tree_env)
+        write_text_atomic(tree / "params.yaml", render(compose(overrides, (tree / "conf").resolve()), overrides))
         seconds = timed([sys.executable, "-m", "pipeline.run"], tree_env, cwd=tree)
         metrics = json.loads((tree / dvc_paths(tree)["metrics"]).read_text())
         return {"pipeline_s": seconds, "teacher_miou": metrics["teacher"]["miou"],
@@ -120,10 +119,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     from pipeline.tools.bench import machine, resolve_commit
 
+    try:  # every budget checked against the default before the first pipeline runs
+        default = compose([])
+        overrides = [budget.overrides(default) for budget in BUDGETS]
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
     commit = resolve_commit("HEAD")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     curve = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "machine": machine(),
-             "points": [measure(budget, commit, env) for budget in BUDGETS]}
+             "points": [measure(budget, kept, commit, env) for budget, kept in zip(BUDGETS, overrides)]}
     write_text_atomic(CURVE_JSON, json.dumps(curve, indent=2) + "\n")
     print(markdown(curve))
 
