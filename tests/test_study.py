@@ -61,9 +61,9 @@ def test_default_plan_covers_figure2_and_the_sweep_once_each_on_the_data_and_its
                                               "sigma": 0.2, "prepared": "data/prepared"}
     assert study["pretrain"]["dep-s0p4"]["init"] == "random"
     # The control's points: its own prepared data, keys and files, the same encoders, after all the pipeline's.
-    assert study["datasets"] == {"tuning": {"out": "study/data/prepared-tuning", "overrides": "--set data.tuning=true",
+    assert study["datasets"] == {"tuning": {"out": "study/data/prepared-tuning", "prepare_args": "--set data.tuning=true",
                                             "role": "recipe choice"},
-                                 "digits": {"out": "study/data/prepared-digits", "overrides": "--set data.format=digits",
+                                 "digits": {"out": "study/data/prepared-digits", "prepare_args": "--set data.format=digits",
                                             "role": "control"}}
     digits = study["teachers"]["digits-ddep-s0p2-f5-seed1"]
     assert digits["subset"] == "digits-f5-seed1" and digits["pretrain"] == "digits-ddep-s0p2"
@@ -560,7 +560,8 @@ def test_the_runner_says_before_each_point_how_many_are_recorded_and_the_time_le
     progress = Progress(planned=194, to_train=133, started=1000.0)
     assert progress.line("teacher@random-f1-seed0", now=1000.0) == (
         "study: teacher@random-f1-seed0 (61 of 194 points recorded; 133 to train)")
-    progress.trained = 2
+    progress.point_done()
+    progress.point_done()
     assert progress.line("teacher@dep-s0p4-f1-seed0", now=1000.0 + 2 * 150) == (
         "study: teacher@dep-s0p4-f1-seed0 (63 of 194 points recorded; 131 to train, about 5 h 27 min at this run's pace)")
 

@@ -71,12 +71,12 @@ PIPELINE_DATA, RECIPE_CHOICE, CONTROL = "pipeline", "recipe choice", "control"
 @dataclass(frozen=True)
 class StudyDataset:
     """A dataset the study prepares itself, beside the pipeline's own: `name` starts its keys
-    and folders, `overrides` are `prepare`'s, `seeds` its points', `first_phase` where its
+    and folders, `prepare_args` are `prepare`'s `--set` options, `seeds` its points', `first_phase` where its
     points come in the runner's order, `role` RECIPE_CHOICE (the ablation alone) or CONTROL
     (the whole study)."""
 
     name: str
-    overrides: str
+    prepare_args: str
     seeds: list[int]
     first_phase: int
     role: str
@@ -103,7 +103,7 @@ def plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig | None = None) -> 
     each once, on the pipeline's prepared data; then the recipe choice (the ablation alone,
     with `cfg.tuning_seeds`) on the tuning split; then the whole study again on the control
     dataset (`cfg.control`, with `cfg.control_seeds`). The datasets other than the pipeline's
-    are prepared by the study itself (`datasets`: name -> folder, `prepare` overrides and role)
+    are prepared by the study itself (`datasets`: name -> folder, `prepare`'s options and role)
     and their keys start with their name. `pretraining` (params.yaml's decoder_pretrain) is the
     length every pretraining has but the longer DDeP ones of `pretrain_length`."""
     pretraining = pretraining or DecoderPretrainConfig()
@@ -118,7 +118,7 @@ def plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig | None = None) -> 
                               dataset.first_phase, recipe_only=dataset.role == RECIPE_CHOICE)
         for section in SECTIONS:
             study_plan[section] |= other[section]
-        study_plan["datasets"][dataset.name] = {"out": prepared, "overrides": dataset.overrides, "role": dataset.role}
+        study_plan["datasets"][dataset.name] = {"out": prepared, "prepare_args": dataset.prepare_args, "role": dataset.role}
     return study_plan
 
 
@@ -752,7 +752,7 @@ def run(study_plan: dict, dvc_args: list[str]) -> int:
                 if code := subprocess.call(["dvc", "repro", "--single-item", stage, *dvc_args], env=env):
                     return code
                 state.made(stage)
-            progress.trained += 1
+            progress.point_done()
         return subprocess.call(["dvc", "repro", "--single-item", f"{dvc_file}:report", *dvc_args], env=env)
     finally:
         subprocess.call(["dvc", "push", "-r", STORE, *stored], env=env)
@@ -767,6 +767,9 @@ class Progress:
     to_train: int
     trained: int = 0
     started: float = field(default_factory=time.monotonic)
+
+    def point_done(self) -> None:
+        self.trained += 1
 
     def line(self, name: str, now: float | None = None) -> str:
         done = f"{self.planned - self.to_train + self.trained} of {self.planned} points recorded"
