@@ -326,6 +326,44 @@ def test_every_format_has_a_palette_and_a_config_name():
     assert formats.palette_for({"format": "digits", "num_classes": 11})[255].tolist() == [255, 255, 255]
 
 
+# ---- each format's prepared splits through batch inference ------------------------------------
+
+@pytest.mark.parametrize("data_format", ["cityscapes", "ade20k", "voc", "pascal_context"])
+def test_each_formats_prepared_splits_are_pseudo_labelled_and_scored(tmp_path, data_format):
+    """The format's fixture tree as the smoke preset prepares it, half of its train images
+    labeled, through the plain inference loop the stages' Ray Data pipeline equals (test_batch):
+    every unlabeled image gets a pseudo-label, scored where its mask is held aside (Cityscapes'
+    train_extra images have none), and every val image is scored, its ignored pixels left out."""
+    import torch
+
+    from pipeline.compose import compose
+    from pipeline.infer.batch import evaluate_split, local_predictions, pseudo_label_rows
+    from pipeline.models.transunet import build_network
+
+    build = {"cityscapes": _cityscapes, "ade20k": _ade20k, "voc": _voc, "pascal_context": _pascal_context}[data_format]
+    build(tmp_path / "raw", **({"extra": True} if data_format == "cityscapes" else {}))
+    extra = ["data.extra_images=true"] if data_format in ("cityscapes", "voc") else []
+    params = compose([f"dataset={data_format}", f"data.root={tmp_path / 'raw'}", "experiment=smoke", "data.image_size=32",
+                      "data.fit=crop", "data.labeled_fraction=0.5", *extra])
+    manifest = prepare(params.data, tmp_path / "prepared")
+    classes = manifest["classes"]
+    torch.manual_seed(0)
+    teacher = build_network(params.model, len(classes)).eval()
+    confusion = torch.zeros(len(classes), len(classes), dtype=torch.long)
+    batches = local_predictions({"teacher": teacher}, tmp_path / "prepared" / "unlabeled", ["id", "image", "mask"], 4,
+                                params.pseudo.flip_tta, "pseudo")
+    rows = list(pseudo_label_rows(batches, "teacher", confusion))
+    unlabeled = _decoded(tmp_path / "prepared", "unlabeled")
+    assert [r["id"] for r in rows] == list(unlabeled) and len(rows) == manifest["counts"]["unlabeled"]
+    held = [m for m in unlabeled.values() if m is not None]
+    assert held and (len(held) < len(rows)) == (data_format == "cityscapes")  # only train_extra comes without masks
+    assert confusion.sum() == sum(int((m != 255).sum()) for m in held)
+    counts, _ = evaluate_split({"teacher": teacher}, tmp_path / "prepared" / "val", 4, len(classes), 0)
+    val = _decoded(tmp_path / "prepared", "val")
+    assert counts["teacher"].confusion.sum() == sum(int((m != 255).sum()) for m in val.values()) > 0
+    assert 0 <= counts["teacher"].scores(classes)["miou"] <= 1
+
+
 # ---- property: folder ingestion never fails with anything but our error ----------------------
 
 def _png(array: np.ndarray, mode: str | None = None) -> bytes:

@@ -1,7 +1,7 @@
 """End to end on data from disk: a user's own folder (images, masks, an `unlabeled/` folder of
-images only, a `val/` folder) through the whole DAG with `python -m pipeline.run`; each benchmark
-format's fixture tree through `prepare`, `pseudo_label` and `evaluate`; and a failure inside a
-Ray Data batch or a training step, which must end the stage at once with exit 1."""
+images only, a `val/` folder) through the whole DAG with `python -m pipeline.run`; and a failure
+inside a Ray Data batch or a training step, which must end the stage at once with exit 1. (Each
+benchmark format's prepared splits go through batch inference in process: test_formats.)"""
 
 import json
 import re
@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_formats import _ade20k, _cityscapes, _pascal_context, _voc
 from test_pipeline_e2e import COPY_IGNORE, ROOT, repo_env, run
 
 pytestmark = pytest.mark.slow
@@ -164,52 +163,3 @@ def test_a_failure_inside_a_training_step_ends_the_stage(own_data_repo, tmp_path
                              "--pretrained", "models/pretrained.pt", "--out", str(tmp_path / "teacher.pt"),
                              "--set", "teacher.steps_per_epoch=20", "--set", "teacher.epochs=1")
     _assert_failed_promptly(result, seconds, tmp_path / "teacher.pt")
-
-
-# ---- the benchmark formats -------------------------------------------------------------------
-
-FORMATS = {"cityscapes": _cityscapes, "ade20k": _ade20k, "voc": _voc, "pascal_context": _pascal_context}
-
-
-@pytest.fixture(scope="module")
-def formats_repo(tmp_path_factory):
-    """A fresh copy of the project and one local Ray that its stages connect to."""
-    from pipeline.runtime.local_ray import shared_ray
-    from pipeline.config.params import RayConfig
-
-    repo = fresh_copy(tmp_path_factory.mktemp("formats"))
-    with shared_ray(RayConfig(cpus_per_worker=1)) as env:
-        yield repo, {"RAY_ADDRESS": env["RAY_ADDRESS"]}
-
-
-@pytest.mark.parametrize("data_format", FORMATS)
-def test_each_benchmark_format_goes_through_pseudo_label_and_evaluate(formats_repo, data_format, tmp_path):
-    """The format's fixture tree, half of its train images labeled, so the unlabeled split holds
-    the rest with their masks held aside (and Cityscapes' train_extra images without any)."""
-    repo, ray_env = formats_repo
-    FORMATS[data_format](tmp_path / "raw", **({"extra": True} if data_format == "cityscapes" else {}))
-    extra = ["data.extra_images=true"] if data_format in ("cityscapes", "voc") else []
-    run([sys.executable, "-m", "pipeline.compose", f"dataset={data_format}", f"data.root={tmp_path / 'raw'}",
-         "experiment=smoke", "data.image_size=32", "data.fit=crop", "data.labeled_fraction=0.5", *extra,
-         "evaluate.registered_model=null", "ray.cpus_per_worker=1", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"],
-        repo)
-    prepared, rounds = tmp_path / "prepared", tmp_path / "rounds"
-    result, _ = _stage(repo, "prepare", "--out", str(prepared))
-    assert result.returncode == 0, result.stderr[-3000:]
-    manifest = json.loads((prepared / "manifest.json").read_text())
-    run([sys.executable, "-c", "import sys, torch; from pipeline.models.checkpoints import SEGMENTER, save_weights; "
-         "from pipeline.config.params import load_params; from pipeline.models.transunet import build_network; "
-         "p = load_params(); torch.manual_seed(0); classes = sys.argv[2:]; "
-         "[save_weights(__import__('pathlib').Path(sys.argv[1]) / f'{n}.pt', build_network(p.model, len(classes)).state_dict(), "
-         "SEGMENTER, p.model, classes) for n in ('teacher', 'round1')]", str(rounds), *manifest["classes"]], repo)
-    result, _ = _stage(repo, "pseudo_label", "--prepared", str(prepared), "--teacher", str(rounds / "teacher.pt"),
-                       "--out", str(tmp_path / "pseudo"), "--figures", str(tmp_path / "pseudo_figures"), env=ray_env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"images={manifest['counts']['unlabeled']}" in result.stdout and "pseudo_miou=" in result.stdout
-    result, _ = _stage(repo, "evaluate", "--prepared", str(prepared), "--rounds", str(rounds),
-                       "--student", str(tmp_path / "student.pt"), "--metrics", str(tmp_path / "metrics.json"),
-                       "--per-class", str(tmp_path / "per_class.csv"), "--figures", str(tmp_path / "figures"),
-                       env=ray_env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert {"teacher", "student"} <= metrics.keys() and 0 <= metrics["student"]["miou"] <= 1
