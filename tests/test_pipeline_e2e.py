@@ -291,7 +291,7 @@ def test_a_repro_killed_at_any_moment_reruns_to_a_correct_result(repo, seconds):
     assert stale_stages(repo) == set()
     assert run(["dvc", "status", "dvc.yaml"], repo).stdout.strip().endswith("Data and pipelines are up to date.")
     # Same params and seeds on CPU: the same bits, whatever ran again (the teacher's are checked
-    # by the plain-baseline test, the pretrained decoder's by the ddep case of the dep/none test).
+    # by the plain-baseline test, the pretrained decoder's by the one-seed study's DDeP pretraining).
     assert same_weights(torch.load(repo / "models/student.pt", weights_only=True)["state_dict"], student)
     assert (repo / "reports/metrics.json").read_text() == metrics
     assert not list(repo.rglob(".*.tmp"))
@@ -579,6 +579,9 @@ def test_a_one_seed_study_runs_the_pipelines_stages_reports_and_resumes_from_its
         assert ("epoch 1/" in said) == trained, said  # the loop's own epoch line
         pretrained = encoder_of(repo / f"study/models/pretrained-{key}.pt")
         assert same_weights(pretrained, encoders[encoder]) != encoder_trained, key
+    # At the pipeline's own σ and settings, the study's DDeP pretraining is the pipeline's, to the bit.
+    assert same_weights(torch.load(repo / "study/models/pretrained-ddep-s0p2.pt", weights_only=True)["state_dict"],
+                        torch.load(repo / "models/pretrained.pt", weights_only=True)["state_dict"])
     report = (repo / "study/report/report.md").read_text()
     for row in ("| random init |", "| supervised encoder |", "| DeP |", "| DDeP |", "| teacher (DDeP) |",
                 "| + copy-paste |", "| pseudo-labels, round 1 |"):
