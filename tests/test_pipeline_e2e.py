@@ -437,9 +437,10 @@ def watch(cmd: list[str], repo: Path, log: Path, env: dict | None = None) -> sub
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_for(log: Path, text: str, count: int, process: subprocess.Popen, timeout: float = 600) -> None:
+def wait_for(log: Path, text: str, count: int, process: subprocess.Popen, timeout: float = 600, after: str = "") -> None:
+    """Until `log` holds `count` × `text` (counted after the first `after`, when given)."""
     deadline = time.time() + timeout
-    while log.read_text().count(text) < count:
+    while (log.read_text().partition(after)[2] if after else log.read_text()).count(text) < count:
         assert process.poll() is None, f"ended before {count}x {text!r}:\n{log.read_text()[-3000:]}"
         assert time.time() < deadline, f"no {count}x {text!r} in {timeout}s:\n{log.read_text()[-3000:]}"
         time.sleep(0.2)
@@ -457,33 +458,6 @@ def longer_teacher(params_file: Path, **extra) -> None:
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def test_a_killed_worker_is_replaced_and_training_resumes_from_its_checkpoint(repo, params_file, mlflow_server,
-                                                                              tmp_path):
-    longer_teacher(params_file)
-    edit_params(params_file, "ray", "max_failures", 1)
-    runs_before = len(search_runs(mlflow_server, "tags.`dvc.stage` = 'teacher_finetune'"))
-    log = tmp_path / "repro.log"
-    stage = watch(["dvc", "repro", "--force", "--single-item", "teacher_finetune"], repo, log)
-    wait_for(log, CHECKPOINTED, 2, stage)
-    pid = worker_lines(log.read_text())[0][0]
-    os.kill(pid, 9)  # the training worker process, from outside
-    killed_at = time.time()
-    wait_for(log, "resumed from the checkpoint of epoch", 1, stage)
-    recovery_s = time.time() - killed_at
-    assert stage.wait(600) == 0, log.read_text()[-3000:]
-    out = log.read_text()
-    print(f"recovery after a killed worker: {recovery_s:.1f} s")
-    assert worker_lines(out)[0][0] != pid  # a replacement worker
-    assert "[teacher_finetune] done" in out and "epoch 6/6" in out
-    resumed_at = int(out.split("resumed from the checkpoint of epoch ")[1].split("/")[0])
-    # Not from scratch. The second epoch's report may still be on its way to the controller when
-    # the kill lands, so only the first checkpoint is sure to be registered.
-    assert resumed_at >= 1
-    runs = search_runs(mlflow_server, "tags.`dvc.stage` = 'teacher_finetune'")
-    assert len(runs) == runs_before + 1  # the restart stayed inside the stage's one run
-    assert metrics_of(runs[-1])["resumed_at_epoch"] == resumed_at and metrics_of(runs[-1])["epoch"] == 6
-
-
 def interrupt(repo: Path, log: Path, signal_number: int, env: dict | None = None) -> None:
     """`dvc repro` of the teacher, interrupted once two epochs are checkpointed."""
     stage = watch(["dvc", "repro", "--force", "--single-item", "teacher_finetune"], repo, log, env)
@@ -492,17 +466,45 @@ def interrupt(repo: Path, log: Path, signal_number: int, env: dict | None = None
     assert stage.wait(120) != 0
 
 
-def test_an_interrupted_stage_resumes_from_its_checkpoint(repo, params_file, tmp_path):
-    """Ctrl-C (SIGINT) part-way, then the same `dvc repro` resumes it. A scheduler's SIGTERM is
-    interrupted and resumed the same way in the S3 test below; that a run under other params or
-    inputs never resumes this one is test_launch's (the run's name)."""
-    longer_teacher(params_file)
-    interrupt(repo, tmp_path / "first.log", signal.SIGINT)
+def test_a_killed_worker_is_replaced_and_an_interrupted_stage_resumes_each_from_its_checkpoint(
+        repo, params_file, mlflow_server, tmp_path):
+    """A training worker killed from outside: Ray Train replaces it and the job goes on from its
+    checkpoint, inside the stage's one MLflow run. Then Ctrl-C (SIGINT) to the whole `dvc repro`,
+    and the same `dvc repro` resumes the stage from its checkpoint. (A scheduler's SIGTERM is
+    interrupted and resumed the same way in the S3 test below; that a run under other params
+    or inputs never resumes this one is test_launch's: the run's name.)"""
+    longer_teacher(params_file, epochs=8)
+    edit_params(params_file, "ray", "max_failures", 1)
+    runs_before = len(search_runs(mlflow_server, "tags.`dvc.stage` = 'teacher_finetune'"))
+    log, resumed = tmp_path / "repro.log", "resumed from the checkpoint of epoch "
+    stage = watch(["dvc", "repro", "--force", "--single-item", "teacher_finetune"], repo, log)
+    wait_for(log, CHECKPOINTED, 2, stage)
+    pid = worker_lines(log.read_text())[0][0]
+    os.kill(pid, 9)  # the training worker process, from outside
+    killed_at = time.time()
+    wait_for(log, resumed, 1, stage)
+    print(f"recovery after a killed worker: {time.time() - killed_at:.1f} s")
+    out = log.read_text()
+    assert worker_lines(out)[0][0] != pid  # a replacement worker (its start line comes before the resume)
+    # Not from scratch. The second epoch's report may still be on its way to the controller when
+    # the kill lands, so only the first checkpoint is sure to be registered.
+    in_run = int(out.split(resumed)[1].split("/")[0])
+    assert in_run >= 1
+    # One more epoch checkpointed after the replacement, then Ctrl-C with epochs still to go.
+    wait_for(log, CHECKPOINTED, 1, stage, after=resumed)
+    os.killpg(stage.pid, signal.SIGINT)  # Ctrl-C to the whole foreground group
+    assert stage.wait(120) != 0
+    assert "epoch 8/8" not in log.read_text()
     # --no-run-cache: earlier tests trained these very params to the end, and DVC would restore
     # that result instead of running the stage.
     out = run(["dvc", "repro", "--no-run-cache", "--single-item", "teacher_finetune"], repo, timeout=600).stdout
-    # A trained epoch prints "epoch N/6 loss=…"; the resume line may name epoch 1/6 itself.
-    assert "resumed from the checkpoint of epoch" in out and "epoch 1/6 loss=" not in out and "epoch 6/6" in out
+    # A trained epoch prints "epoch N/8 loss=…"; the resume line may name epoch 1/8 itself.
+    relaunched = int(out.split(resumed)[1].split("/")[0])
+    assert relaunched > in_run and "epoch 1/8 loss=" not in out and "epoch 8/8" in out
+    runs = search_runs(mlflow_server, "tags.`dvc.stage` = 'teacher_finetune'")
+    assert len(runs) == runs_before + 2  # the replacement stayed inside the first launch's run; the relaunch has its own
+    assert metrics_of(runs[-2])["resumed_at_epoch"] == in_run
+    assert metrics_of(runs[-1])["resumed_at_epoch"] == relaunched and metrics_of(runs[-1])["epoch"] == 8
 
 
 def test_workers_read_shards_and_keep_checkpoints_in_s3_and_an_interrupted_stage_resumes_from_there(
