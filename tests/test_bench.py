@@ -100,7 +100,6 @@ def test_a_readme_without_the_block_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="README.md: no <!-- bench:begin --> … <!-- bench:end --> markers"):
         write_readme(_figures(300.0, 1.0), readme=readme)
     assert readme.read_text() == "# no block\n"
-    assert readme.read_text() == "# no block\n"
 
 
 def test_the_process_timeline_lists_each_process_the_command_started_with_its_cpu(tmp_path):

@@ -108,7 +108,7 @@ def test_a_budget_runs_the_pipeline_on_its_own_composition_and_reads_its_metrics
     monkeypatch.setattr(bench, "in_worktree", lambda commit, env, run: run(tmp_path, env))
     monkeypatch.setattr(bench, "timed", lambda command, env, cwd: 321.0 if command[1:] == ["-m", "pipeline.run"] else None)
     budget = Budget(750, 250, 1)
-    point = measure(budget, budget.overrides(compose([])), "0" * 40, {})
+    point = measure(budget, "0" * 40, {})
     assert point == {"teacher_steps": 750, "student_steps": 250, "rounds": 1, "name": budget.name,
                      "pipeline_s": 321.0, "teacher_miou": 0.5, "student_miou": 0.6}
     params = load_params(tmp_path / "params.yaml")

@@ -328,16 +328,27 @@ def test_every_format_has_a_palette_and_a_config_name():
 
 # ---- each format's prepared splits through batch inference ------------------------------------
 
+@pytest.fixture(scope="module")
+def mlflow_run(tmp_path_factory):
+    """A run in a tracking store of its own (no global MLflow state touched)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db")
+    return client, client.create_run(client.create_experiment("formats")).info.run_id
+
+
 @pytest.mark.parametrize("data_format", ["cityscapes", "ade20k", "voc", "pascal_context"])
-def test_each_formats_prepared_splits_are_pseudo_labelled_and_scored(tmp_path, data_format):
+def test_each_formats_prepared_splits_are_pseudo_labelled_and_scored(tmp_path, data_format, mlflow_run):
     """The format's fixture tree as the smoke preset prepares it, half of its train images
     labeled, through the plain inference loop the stages' Ray Data pipeline equals (test_batch):
     every unlabeled image gets a pseudo-label, scored where its mask is held aside (Cityscapes'
     train_extra images have none), and every val image is scored, its ignored pixels left out."""
     import torch
+    from mlflow.entities import Metric
 
     from pipeline.compose import compose
     from pipeline.infer.batch import evaluate_split, local_predictions, pseudo_label_rows
+    from pipeline.infer.figures import confusion_figure, per_class_bars, prediction_grid
     from pipeline.models.transunet import build_network
 
     build = {"cityscapes": _cityscapes, "ade20k": _ade20k, "voc": _voc, "pascal_context": _pascal_context}[data_format]
@@ -358,10 +369,21 @@ def test_each_formats_prepared_splits_are_pseudo_labelled_and_scored(tmp_path, d
     held = [m for m in unlabeled.values() if m is not None]
     assert held and (len(held) < len(rows)) == (data_format == "cityscapes")  # only train_extra comes without masks
     assert confusion.sum() == sum(int((m != 255).sum()) for m in held)
-    counts, _ = evaluate_split({"teacher": teacher}, tmp_path / "prepared" / "val", 4, len(classes), 0)
+    counts, samples = evaluate_split({"teacher": teacher}, tmp_path / "prepared" / "val", 4, len(classes), 2)
     val = _decoded(tmp_path / "prepared", "val")
     assert counts["teacher"].confusion.sum() == sum(int((m != 255).sum()) for m in val.values()) > 0
-    assert 0 <= counts["teacher"].scores(classes)["miou"] <= 1
+    scores = {"teacher": counts["teacher"].scores(classes)}
+    assert 0 <= scores["teacher"]["miou"] <= 1
+    # evaluate's figures in the format's own palette and class names (19, 150, 21 or 59 of them)
+    figures = tmp_path / "figures"
+    confusion_figure(counts["teacher"].confusion.numpy(), classes, "teacher", figures / "confusion_teacher.png")
+    per_class_bars(scores, classes, figures / "per_class_iou.png")
+    prediction_grid(samples["image"], {"truth": samples["mask"], "teacher": samples["teacher"]},
+                    formats.palette_for(manifest), classes, figures / "predictions.png")
+    assert all((figures / name).stat().st_size > 1000 for name in ("confusion_teacher.png", "per_class_iou.png", "predictions.png"))
+    # and every class's per-class metric name is one MLflow accepts, as evaluate logs it
+    client, run_id = mlflow_run
+    client.log_batch(run_id, metrics=[Metric(f"teacher_iou.{c}", 0.5, 0, 0) for c in classes])
 
 
 # ---- property: folder ingestion never fails with anything but our error ----------------------

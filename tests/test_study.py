@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -469,6 +470,12 @@ def test_the_committed_study_dvc_yaml_resolves_every_point_of_the_default_plan(t
     dag = subprocess.run([str(dvc), "dag", "--dot", "study/dvc.yaml:student@tuning-strong-aug-f5-seed0-r1"], cwd=tmp_path,
                          check=True, capture_output=True, text=True).stdout
     assert "prepare@tuning" in dag and "pretrain@tuning-ddep-s0p2" in dag and "digits" not in dag
+    # The second round: pseudo-labels from the first round's student, then a student on them.
+    edges = set(re.findall(r'"([^"]+)" -> "([^"]+)"', subprocess.run(
+        [str(dvc), "dag", "--dot", "study/dvc.yaml:student@dense-contrast-f5-seed0-r2"], cwd=tmp_path, check=True,
+        capture_output=True, text=True).stdout))
+    assert {("study/dvc.yaml:student@dense-contrast-f5-seed0-r1", "study/dvc.yaml:pseudo@r2-f5-seed0"),
+            ("study/dvc.yaml:pseudo@r2-f5-seed0", "study/dvc.yaml:student@dense-contrast-f5-seed0-r2")} <= edges
 
 
 def test_missing_inputs_are_made_again_one_stage_at_a_time_and_nothing_recorded_below_them(tmp_path, monkeypatch):

@@ -62,16 +62,16 @@ class Budget:
 BUDGETS = [Budget(1500, 500, 2), Budget(1500, 500, 1), Budget(1500, 250, 1), Budget(750, 250, 1)]
 
 
-def measure(budget: Budget, overrides: list[str], commit: str, env: dict) -> dict:
-    """`budget`'s pipeline, composed with `overrides`, on the tuning split in a worktree of
-    `commit`: its wall seconds and the teacher's and student's mIoU (the tuning split's val)."""
+def measure(budget: Budget, commit: str, env: dict) -> dict:
+    """`budget`'s pipeline on the tuning split in a worktree of `commit`, composed from that
+    commit's conf/: its wall seconds and the teacher's and student's mIoU (the tuning split's val)."""
     from pipeline.run import dvc_paths
     from pipeline.tools.bench import in_worktree, timed
 
-    overrides = ["data.tuning=true", *overrides]
-
     def run(tree: Path, tree_env: dict) -> dict:
-        write_text_atomic(tree / "params.yaml", render(compose(overrides, (tree / "conf").resolve()), overrides))
+        conf = (tree / "conf").resolve()
+        overrides = ["data.tuning=true", *budget.overrides(compose([], conf))]
+        write_text_atomic(tree / "params.yaml", render(compose(overrides, conf), overrides))
         seconds = timed([sys.executable, "-m", "pipeline.run"], tree_env, cwd=tree)
         metrics = json.loads((tree / dvc_paths(tree)["metrics"]).read_text())
         return {"pipeline_s": seconds, "teacher_miou": metrics["teacher"]["miou"],
@@ -121,13 +121,14 @@ def main(argv: list[str] | None = None) -> None:
 
     try:  # every budget checked against the default before the first pipeline runs
         default = compose([])
-        overrides = [budget.overrides(default) for budget in BUDGETS]
+        for budget in BUDGETS:
+            budget.overrides(default)
     except ConfigError as err:
         sys.exit(f"error: {err}")
     commit = resolve_commit("HEAD")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     curve = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "machine": machine(),
-             "points": [measure(budget, kept, commit, env) for budget, kept in zip(BUDGETS, overrides)]}
+             "points": [measure(budget, commit, env) for budget in BUDGETS]}
     write_text_atomic(CURVE_JSON, json.dumps(curve, indent=2) + "\n")
     print(markdown(curve))
 
