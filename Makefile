@@ -45,11 +45,13 @@ study: install
 	$(PY) -m pipeline.runtime.local_ray -- $(PY) -m pipeline.tools.study
 	$(PY) -m pipeline.tools.study readme
 
+# Two pytest workers (pytest-xdist): the end-to-end pipeline's tests, which share one run, go
+# together to one of them in order (their xdist_group), the others spread over both.
 test: install
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 -n 2 --dist loadgroup
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadgroup
 
 # The performance benchmark (about 40 minutes here), then its table into README.md. The whole
 # pipeline is also timed at BENCH_AGAINST: the last commit of the earlier default (digit scenes,

@@ -86,7 +86,8 @@ def COPY_IGNORE(folder: str, names: list[str]) -> set[str]:  # noqa: N802 (shuti
     skipped = {".venv", ".git", "__pycache__", ".pytest_cache"} | _NOT_COPIED.get(Path(folder).resolve(), set())
     return skipped & set(names)
 
-pytestmark = pytest.mark.slow
+# One worker runs them all, in order: they share the module's pipeline run (`make test` runs two).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipeline_e2e")]
 
 
 def repo_env(repo: Path) -> dict:
