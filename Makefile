@@ -45,13 +45,13 @@ study: install
 	$(PY) -m pipeline.runtime.local_ray -- $(PY) -m pipeline.tools.study
 	$(PY) -m pipeline.tools.study readme
 
-# Two pytest workers (pytest-xdist): the end-to-end pipeline's tests, which share one run, go
-# together to one of them in order (their xdist_group), the others spread over both.
+# Two pytest workers (pytest-xdist), each taking whole files: the end-to-end pipeline's tests,
+# which share one run, stay together and in order; tests/conftest.py hands out the longest first.
 test: install
-	$(PY) -m pytest -q --durations=15 -n 2 --dist loadgroup
+	$(PY) -m pytest -q --durations=15 -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadgroup
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile --no-loadscope-reorder
 
 # The performance benchmark (about 40 minutes here), then its table into README.md. The whole
 # pipeline is also timed at BENCH_AGAINST: the last commit of the earlier default (digit scenes,

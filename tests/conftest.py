@@ -8,6 +8,16 @@ import pytest
 # Ray asks about usage stats on first start; tests never answer prompts.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+# The longest files first: under `make test`'s two workers, which take whole files in this order
+# (`--dist loadfile --no-loadscope-reorder`), each starts on one at once and the short files
+# fill the other worker meanwhile.
+LONGEST_FIRST = ("test_pipeline_e2e.py", "test_cluster_e2e.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order kept
+
 
 @pytest.fixture(autouse=True)
 def no_exit_watchdog_left_behind():

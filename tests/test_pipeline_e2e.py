@@ -86,8 +86,7 @@ def COPY_IGNORE(folder: str, names: list[str]) -> set[str]:  # noqa: N802 (shuti
     skipped = {".venv", ".git", "__pycache__", ".pytest_cache"} | _NOT_COPIED.get(Path(folder).resolve(), set())
     return skipped & set(names)
 
-# One worker runs them all, in order: they share the module's pipeline run (`make test` runs two).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipeline_e2e")]
+pytestmark = pytest.mark.slow
 
 
 def repo_env(repo: Path) -> dict:
