@@ -25,7 +25,7 @@ from pipeline.train.recipes import Recipe, rows_of
 
 def plain_setup(job: JobConfig, device: torch.device = torch.device("cpu")) -> WorkerSetup:
     """A single process outside Ray, seeded like rank 0 of the stage's job."""
-    return WorkerSetup(0, 1, device, threads_and_seed(job, 0), None, None, in_ray=False)
+    return WorkerSetup(0, 1, device, threads_and_seed(job, 0), in_ray=False)
 
 
 def plain_launch(stage: str, recipe: Recipe, job: JobConfig, ray_cfg: RayConfig, inputs: list[Path]) -> tuple[dict, dict]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,6 +33,11 @@ def run_name(stage: str, loop_config: dict, inputs: list[Path]) -> str:
     return f"{stage}-{digest.hexdigest()[:12]}"
 
 
+def run_storage(ray_cfg: RayConfig) -> str:
+    """`ray.storage_path` as Ray Train takes it: a URI, or an absolute local path."""
+    return ray_cfg.storage_path if "://" in ray_cfg.storage_path else str(Path(ray_cfg.storage_path).resolve())
+
+
 def job_configs(ray_cfg: RayConfig, name: str) -> dict:
     """The `TorchTrainer` arguments every training stage's job shares: its workers, and its run
     `name` under `ray.storage_path` (the latest checkpoint kept, relaunched on failures).
@@ -39,10 +46,10 @@ def job_configs(ray_cfg: RayConfig, name: str) -> dict:
     PIPELINE_VERBOSE=1; its system log file in the Ray session keeps them always."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
-    storage = ray_cfg.storage_path if "://" in ray_cfg.storage_path else str(Path(ray_cfg.storage_path).resolve())
     return {"scaling_config": ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
                                             resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
-            "run_config": RunConfig(name=name, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=1),
+            "run_config": RunConfig(name=name, storage_path=run_storage(ray_cfg),
+                                    checkpoint_config=CheckpointConfig(num_to_keep=1),
                                     failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
                                     logging_config=LoggingConfig("INFO" if verbose() else "WARNING"))}
 
@@ -52,18 +59,24 @@ def launch(stage: str, recipe: Recipe, job: JobConfig, ray_cfg: RayConfig, input
 
     Each worker reads its share of the recipe's Parquet shards itself (`worker_entry`).
     Checkpoints live under `ray.storage_path` while the job runs and are removed once the final
-    state is back, since the stage exports it as its DVC output. The driver never imports the
+    state is back, since the stage exports it as its DVC output; so do the epochs' metrics that
+    rank 0 writes and this process logs to the stage's MLflow run (`runtime.epoch_log`). The driver never imports the
     models (timm and torchvision cost seconds per stage); only the workers do, in `recipe.build`.
     """
     init_ray(ray_cfg)
     from ray.train.torch import TorchTrainer
 
+    from pipeline.runtime.epoch_log import EpochLogTail
+
     ray_connected_at = time.time()
     shards = {name: worker_uris(dataset_files(folders), ray_cfg.data_uri)
               for name, (folders, _) in recipe.datasets().items()}
+    run = run_name(stage, job.identity(), inputs)
+    job = replace(job, epoch_log_uri=f"{run_storage(ray_cfg)}/{run}/epochs" if job.mlflow_run_id else None)
     trainer = TorchTrainer(worker_entry, train_loop_config={"job": job, "recipe": recipe, "shards": shards},
-                           **job_configs(ray_cfg, run_name(stage, job.identity(), inputs)))
-    result = trainer.fit()
+                           **job_configs(ray_cfg, run))
+    with EpochLogTail(job.epoch_log_uri, job.tracking_uri, job.mlflow_run_id) if job.epoch_log_uri else nullcontext():
+        result = trainer.fit()
     with result.checkpoint.as_directory() as ckpt_dir:
         state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)
     result.filesystem.delete_dir(result.path)

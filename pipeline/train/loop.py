@@ -21,8 +21,9 @@ STATE_FILE = "state.pt"
 
 @dataclass
 class JobConfig:
-    """Everything a worker loop needs, typed: the stage's section, the model, and runtime
-    wiring that must not change the run's name (MLflow run, initial weights)."""
+    """Everything a stage's job needs, typed: the stage's section and the model for the workers'
+    loop, and runtime wiring that must not change the run's name (initial weights; the MLflow run
+    the job's controller logs each epoch to)."""
 
     train: TrainConfig
     model: ModelConfig
@@ -33,6 +34,7 @@ class JobConfig:
     init_from_denoiser: bool = False  # init_state's head predicts noise (DENOISE_CHANNELS), not classes
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
+    epoch_log_uri: str | None = None
 
     def identity(self) -> dict:
         return {"train": asdict(self.train), "model": asdict(self.model), "num_classes": self.num_classes,
@@ -56,8 +58,7 @@ class WorkerSetup:
     world_size: int
     device: torch.device
     generator: torch.Generator
-    mlflow_run_id: str | None
-    tracking_uri: str | None
+    epoch_log_uri: str | None = None  # rank 0 writes each epoch's metrics there
     in_ray: bool = True
     data_seconds: float = 0.0  # loading this worker's shards into memory
     started_at: float = 0.0  # wall clock when this worker's train function was entered
@@ -74,7 +75,7 @@ class WorkerSetup:
         print(f"worker {rank}/{ctx.get_world_size()} pid {os.getpid()} on node {ray.get_runtime_context().get_node_id()}",
               flush=True)
         return cls(rank, ctx.get_world_size(), ray.train.torch.get_device(), threads_and_seed(job, rank),
-                   job.mlflow_run_id, job.tracking_uri)
+                   job.epoch_log_uri)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Ray's `prepare_model` (device, and DDP with more than one worker); outside Ray (`in_ray`
@@ -91,13 +92,6 @@ class WorkerSetup:
     def per_worker(self, global_batch: int) -> int:
         """Stage params give global batch sizes; each worker takes its share."""
         return max(1, global_batch // self.world_size)
-
-    def log_metrics(self, metrics: dict, step: int) -> None:
-        if self.rank != 0 or not self.mlflow_run_id:
-            return
-        from pipeline.runtime.tracking import log_metrics
-
-        log_metrics(self.tracking_uri, self.mlflow_run_id, metrics, step)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float = 0.05):
@@ -122,15 +116,17 @@ def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: C
 
     Each epoch runs `steps_per_epoch` calls of `step` (which returns a dict of scalar loss
     tensors, the first of which is optimised), then reports the epoch's mean losses and a
-    checkpoint of the unwrapped model from rank 0. Resumes from Ray's latest checkpoint when the job is relaunched.
+    checkpoint of the unwrapped model from rank 0, which also writes its metrics for the stage
+    to log to MLflow.
+    Resumes from Ray's latest checkpoint when the job is relaunched.
     """
     epochs, steps = train.epochs, train.steps_per_epoch
     scheduler = warmup_cosine(optimizer, epochs * steps)
     start_epoch, restored_seconds = restore(model, optimizer, scheduler)
-    if start_epoch:  # a relaunch or a restarted worker group: visible in the log and the MLflow run
-        setup.log_metrics({"resumed_at_epoch": start_epoch}, start_epoch)
-        if setup.rank == 0:
-            print(f"resumed from the checkpoint of epoch {start_epoch}/{epochs}", flush=True)
+    # A relaunch or a restarted worker group: said in the log, and in the MLflow run with the next epoch's metrics.
+    resumed = {"resumed_at_epoch": start_epoch} if start_epoch else {}
+    if start_epoch and setup.rank == 0:
+        print(f"resumed from the checkpoint of epoch {start_epoch}/{epochs}", flush=True)
     timeline = {"worker_started_at": setup.started_at, "loop_started_at": time.time()}
     loop_seconds = restored_seconds  # in the training steps, over every launch
     for epoch in range(start_epoch, epochs):
@@ -144,13 +140,17 @@ def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: C
                     "worker_peak_rss_mb": peak_rss_mb()}
         if setup.world_size > 1:
             metrics["replica_weight_spread"] = replica_weight_spread(model)
-        setup.log_metrics(metrics, epoch + 1)
+        metrics |= resumed if epoch == start_epoch else {}
+        if setup.rank == 0 and setup.epoch_log_uri:
+            from pipeline.runtime.epoch_log import write_epoch
+
+            write_epoch(setup.epoch_log_uri, epoch + 1, metrics)
         if setup.rank == 0:
             print(epoch_line(epoch + 1, epochs, {k: metrics[k] for k in totals}, steps * train.batch_size,
                              epoch_seconds, loop_seconds), flush=True)
         state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "epoch": epoch + 1, "loop_seconds": loop_seconds}
-        # Everything since the loop started that was not a training step (logging, checkpoints, the
+        # Everything since the loop started that was not a training step (checkpoints, the
         # earlier report barriers) is reporting; this epoch's report falls after the mark, and the
         # last one is part of the job's end.
         now = time.time()
