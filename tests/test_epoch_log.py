@@ -46,10 +46,9 @@ def test_each_epoch_rank_0_writes_reaches_the_run_while_the_job_runs_and_the_res
 def test_the_jobs_own_error_is_the_one_raised_when_the_last_sweep_fails_too(run, tmp_path):
     uri, _, _ = run
     folder = tmp_path / "epochs"
-    with pytest.raises(RuntimeError, match="the job failed"):
-        with EpochLogTail(str(folder), uri, "no-such-run", interval=60):
-            write_epoch(str(folder), 1, {"epoch": 1, "loss": 2.0})
-            raise RuntimeError("the job failed")
-    with pytest.raises(Exception, match="no-such-run"):  # without it, the tracking store's error is raised
-        with EpochLogTail(str(folder), uri, "no-such-run", interval=60):
-            write_epoch(str(folder), 1, {"epoch": 1, "loss": 2.0})
+    with pytest.raises(RuntimeError, match="the job failed"), EpochLogTail(str(folder), uri, "no-such-run", interval=60):
+        write_epoch(str(folder), 1, {"epoch": 1, "loss": 2.0})
+        raise RuntimeError("the job failed")
+    # Without it, the tracking store's error is raised.
+    with pytest.raises(Exception, match="no-such-run"), EpochLogTail(str(folder), uri, "no-such-run", interval=60):
+        write_epoch(str(folder), 1, {"epoch": 1, "loss": 2.0})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from typing import Self
 
 
 def _filesystem(uri: str):
@@ -45,7 +46,7 @@ class EpochLogTail:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
-    def __enter__(self) -> EpochLogTail:
+    def __enter__(self) -> Self:
         self.filesystem.delete_dir_contents(self.folder, missing_dir_ok=True)
         self._thread.start()
         return self
