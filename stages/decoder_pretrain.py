@@ -3,7 +3,6 @@ DeP (the whole network), or none (the decoder stays randomly initialised)."""
 
 from pathlib import Path
 
-import mlflow
 import torch
 
 from pipeline.config.params import DecoderPretrainConfig
@@ -29,6 +28,8 @@ def log_triplets(net, prepared: Path, cfg: DecoderPretrainConfig, path: Path) ->
     with torch.no_grad():
         predicted = net.eval()(noisy, sigma if cfg.sigma_conditioning else None)
     denoising_triplets(clean, noisy, predicted, target, path)
+    import mlflow
+
     mlflow.log_artifact(str(path), "figures")
 
 
@@ -40,7 +41,7 @@ def main() -> None:
     parser.add_argument("--figures", type=Path, required=True)
     args = parser.parse_args()
     with stage("decoder_pretrain", ["decoder_pretrain", "model"], args.prepared,
-               overrides=args.overrides, curves=args.curves) as ctx:
+               overrides=args.overrides, curves=args.curves, run_opens_with_job=True) as ctx:
         cfg, model = ctx.params.decoder_pretrain, ctx.params.model
         manifest = read_manifest(args.prepared)
         encoder = load_weights(args.encoder, ENCODER, model)

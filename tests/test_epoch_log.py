@@ -1,4 +1,5 @@
 import time
+from types import SimpleNamespace
 
 import pytest
 from mlflow import MlflowClient
@@ -27,7 +28,7 @@ def test_each_epoch_rank_0_writes_reaches_the_run_while_the_job_runs_and_the_res
     uri, client, run_id = run
     folder = tmp_path / "storage" / "run" / "epochs"
     write_epoch(str(folder), 1, {"epoch": 1, "loss": 9.0})  # an earlier launch's: logged in its own run
-    with EpochLogTail(str(folder), uri, run_id, interval=0.05):
+    with EpochLogTail(str(folder), SimpleNamespace(tracking_uri=uri, run_id=run_id), interval=0.05):
         assert not folder.exists() or not any(folder.iterdir())
         write_epoch(str(folder), 1, {"epoch": 1, "loss": 2.0})
         deadline = time.time() + 10
@@ -45,10 +46,10 @@ def test_each_epoch_rank_0_writes_reaches_the_run_while_the_job_runs_and_the_res
 
 def test_the_jobs_own_error_is_the_one_raised_when_the_last_sweep_fails_too(run, tmp_path):
     uri, _, _ = run
-    folder = tmp_path / "epochs"
-    with pytest.raises(RuntimeError, match="the job failed"), EpochLogTail(str(folder), uri, "no-such-run", interval=60):
+    folder, missing = tmp_path / "epochs", SimpleNamespace(tracking_uri=uri, run_id="no-such-run")
+    with pytest.raises(RuntimeError, match="the job failed"), EpochLogTail(str(folder), missing, interval=60):
         write_epoch(str(folder), 1, {"epoch": 1, "loss": 2.0})
         raise RuntimeError("the job failed")
     # Without it, the tracking store's error is raised.
-    with pytest.raises(Exception, match="no-such-run"), EpochLogTail(str(folder), uri, "no-such-run", interval=60):
+    with pytest.raises(Exception, match="no-such-run"), EpochLogTail(str(folder), missing, interval=60):
         write_epoch(str(folder), 1, {"epoch": 1, "loss": 2.0})

@@ -32,7 +32,7 @@ def test_a_relaunch_resumes_the_run_of_the_same_settings_and_inputs_and_no_other
                         inputs)
 
     wired = JobConfig(train=TeacherConfig(), model=ModelConfig(), num_classes=3, cpus_per_worker=2,
-                      init_state={"w": 1}, mlflow_run_id="run", tracking_uri="file:///elsewhere")
+                      init_state={"w": 1}, epoch_log_uri="file:///elsewhere/epochs")
     assert name() == run_name("teacher_finetune", wired.identity(), inputs)
     assert len({name(), name(lr=0.01), name(seed=1), name(stage="student_train"), name(inputs=inputs[:1])}) == 5
     first = name()

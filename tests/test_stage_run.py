@@ -5,6 +5,7 @@ import errno
 import pytest
 import yaml
 
+from pipeline.config.params import ConfigError, load_params
 from pipeline.orchestrate.stage_run import stage
 
 
@@ -110,3 +111,37 @@ def test_modules_imported_meanwhile_arrive_without_the_stage_importing_them(monk
     import wave  # waits for the thread's import to finish
 
     assert wave.open
+
+
+def test_a_run_opened_with_the_job_is_opened_meanwhile_active_after_it_and_failed_when_the_stage_fails(project):
+    import mlflow
+    from mlflow import MlflowClient
+
+    with stage("teacher_finetune", ["teacher"], run_opens_with_job=True) as ctx:
+        assert mlflow.active_run() is None  # nothing opened before the job
+        ctx.run.open_meanwhile()  # what `launch` does right before its blocking call
+        run_id = ctx.run.run_id  # waits for the thread
+        assert mlflow.active_run() is None
+        assert ctx.run_id == run_id == mlflow.active_run().info.run_id  # active for the stage's own log calls
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["wall_s"] > 0
+    assert run.data.params["teacher.epochs"]
+    # A stage that fails before its job still leaves a FAILED run on record.
+    with pytest.raises(SystemExit), stage("student_train", ["student"], run_opens_with_job=True):
+        raise ConfigError("student.epochs: expected a positive integer")
+    failed = MlflowClient().search_runs([run.info.experiment_id], "attributes.run_name = 'student_train'")
+    assert [r.info.status for r in failed] == ["FAILED"]
+
+
+def test_an_unreachable_tracking_server_is_said_before_the_job(project, monkeypatch):
+    import socket
+
+    from pipeline.runtime.tracking import StageRun
+
+    with socket.socket() as free:  # a port nothing listens on once closed
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    params = load_params("params.yaml", [f"mlflow.tracking_uri=http://127.0.0.1:{port}"])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(ConfigError, match=rf"mlflow.tracking_uri http://127.0.0.1:{port}: the tracking server cannot be reached"):
+        StageRun("teacher_finetune", params, ["teacher"], project).open_meanwhile()

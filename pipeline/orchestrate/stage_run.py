@@ -14,9 +14,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.config.params import ConfigError, Params, load_params
 from pipeline.runtime.execution import peak_rss_mb, seconds_since_start
+
+if TYPE_CHECKING:
+    from pipeline.runtime.tracking import StageRun
 
 
 def process_started_at() -> float:
@@ -47,11 +51,16 @@ class StageContext:
     name: str
     params: Params
     root: Path
-    run_id: str | None = None
+    run: StageRun  # its MLflow run
     curves: Path | None = None  # where `training.train` writes the per-epoch metrics (CSV, a DVC plot)
     summary: dict = field(default_factory=dict)
     trained_at: float | None = None  # wall clock when the Ray Train job returned
     started_at: float = field(default_factory=process_started_at)  # read once
+
+    @property
+    def run_id(self) -> str:
+        """The stage's MLflow run, open and MLflow's active run from here on."""
+        return self.run.activate()
 
 
 UNWRITABLE = (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM)
@@ -127,38 +136,48 @@ def dvc_stage_name(script_stage: str) -> str:
 @contextmanager
 def stage(name: str, sections: list[str], prepared: Path | None = None,
           params_file: str = "params.yaml", overrides: list[str] = (),
-          curves: Path | None = None) -> Iterator[StageContext]:
-    """Run a stage body inside its MLflow run; logs wall time and prints the summary line."""
+          curves: Path | None = None, run_opens_with_job: bool = False) -> Iterator[StageContext]:
+    """Run a stage body inside its MLflow run; logs wall time and prints the summary line.
+
+    The run is open and MLflow's active run from the start, or, with `run_opens_with_job`, opened
+    while the stage's Ray Train job starts (`training.train`) and active after it: such a body
+    logs to MLflow only after `train` or `ctx.run_id`."""
     name = dvc_stage_name(name)
     collect_nothing_at_exit()
+    run = None
     try:
         params = load_params(params_file, overrides)
-        ctx = StageContext(name, params, Path.cwd(), curves=curves)
         from pipeline.data.manifest import manifest_hash, read_manifest
-        from pipeline.runtime.tracking import log_metrics, log_prepared_data, stage_run, tag_with_parent
+        from pipeline.runtime.tracking import StageRun, log_metrics, log_prepared_data, tag_with_parent
 
-        with stage_run(name, params, sections, ctx.root) as run_id:
-            ctx.run_id = run_id
-            yield ctx
-            if prepared is not None:  # read at the end: `prepare` writes the manifest itself
-                digest = manifest_hash(prepared)
-                tag_with_parent("data.manifest_hash", digest)
-                log_prepared_data(prepared, read_manifest(prepared), digest)
-            if ctx.curves is not None and "loop_s" not in ctx.summary:  # nothing trained (e.g. weights from a file)
-                from pipeline.data.atomic import write_text_atomic
+        run = StageRun(name, params, sections, Path.cwd())
+        ctx = StageContext(name, params, Path.cwd(), run, curves=curves)
+        if not run_opens_with_job:
+            run.activate()
+        yield ctx
+        run_id = ctx.run_id
+        if prepared is not None:  # read at the end: `prepare` writes the manifest itself
+            digest = manifest_hash(prepared)
+            tag_with_parent("data.manifest_hash", digest)
+            log_prepared_data(prepared, read_manifest(prepared), digest)
+        if ctx.curves is not None and "loop_s" not in ctx.summary:  # nothing trained (e.g. weights from a file)
+            from pipeline.data.atomic import write_text_atomic
 
-                write_text_atomic(ctx.curves, "epoch\n")
-            now = time.time()
-            ctx.summary["wall_s"] = now - ctx.started_at
-            if ctx.trained_at is not None:  # after the Ray job: curves, outputs, scores, MLflow
-                ctx.summary["finish_s"] = now - ctx.trained_at
-            ctx.summary["peak_rss_mb"] = peak_rss_mb()
-            if "loop_s" in ctx.summary:
-                ctx.summary["overhead_s"] = ctx.summary["wall_s"] - ctx.summary["loop_s"]
-            # The per-epoch loss is already logged by the workers.
-            log_metrics(None, run_id, {k: v for k, v in ctx.summary.items() if k != "loss"
-                                       and isinstance(v, (int, float)) and not isinstance(v, bool)}, 0)
+            write_text_atomic(ctx.curves, "epoch\n")
+        now = time.time()
+        ctx.summary["wall_s"] = now - ctx.started_at
+        if ctx.trained_at is not None:  # after the Ray job: curves, outputs, scores, MLflow
+            ctx.summary["finish_s"] = now - ctx.trained_at
+        ctx.summary["peak_rss_mb"] = peak_rss_mb()
+        if "loop_s" in ctx.summary:
+            ctx.summary["overhead_s"] = ctx.summary["wall_s"] - ctx.summary["loop_s"]
+        # The per-epoch loss is already logged, each epoch's (`runtime.epoch_log`).
+        log_metrics(None, run_id, {k: v for k, v in ctx.summary.items() if k != "loss"
+                                   and isinstance(v, (int, float)) and not isinstance(v, bool)}, 0)
+        run.close()
     except BaseException as err:
+        if run is not None:
+            run.close(err)
         if (ours := known_cause(err)) is not None:  # ours, raised here or on a Ray worker or actor
             # Ray Data appends its retry advice to an error from an actor, on lines of its own.
             fail(f"error: {ours}" if ours is err else f"error: {(str(ours).splitlines() or [repr(ours)])[0]}")

@@ -12,27 +12,26 @@ from pipeline.train.recipes import Recipe
 
 
 def train(ctx: StageContext, recipe: Recipe, job: JobConfig, inputs: list[Path]) -> dict:
-    """Train `recipe` as the stage's Ray Train job; return the final state dict."""
+    """Train `recipe` as the stage's Ray Train job, its MLflow run opened meanwhile; return the
+    final state dict."""
     from pipeline.data.shards import check_rows
-    from pipeline.runtime.tracking import resolve_tracking_uri
     # Imported here, not at the top: the benchmark's baseline (`pipeline.tools.plain`) replaces `launch`.
     from pipeline.train.launch import job_phases, launch
 
     for name, (folders, _) in recipe.datasets().items():
         check_rows(name, list(folders), ctx.params.ray.num_workers)
-    job.mlflow_run_id = ctx.run_id
-    job.tracking_uri = resolve_tracking_uri(ctx.params.mlflow, ctx.root)
     job.cpus_per_worker = ctx.params.ray.cpus_per_worker
     launched_at = time.time()
     ctx.summary["startup_s"] = launched_at - ctx.started_at
-    state, metrics = launch(ctx.name, recipe, job, ctx.params.ray, inputs)
+    state, metrics = launch(ctx.name, recipe, job, ctx.params.ray, inputs, ctx.run)
     ctx.trained_at = time.time()
     ctx.summary |= job_phases(launched_at, metrics, ctx.trained_at)
+    run_id = ctx.run_id  # open and active from here: the stage's own `mlflow.log_*` calls log to it
     if ctx.curves is not None:
         from pipeline.data.atomic import write_text_atomic
         from pipeline.runtime.tracking import metric_history_csv
 
-        write_text_atomic(ctx.curves, metric_history_csv(job.tracking_uri, ctx.run_id))
+        write_text_atomic(ctx.curves, metric_history_csv(ctx.run.tracking_uri, run_id))
     ctx.summary["loss"] = float(metrics.get("loss", float("nan")))
     ctx.summary["loop_s"] = float(metrics.get("loop_seconds", 0.0))
     ctx.summary["world_size"] = int(metrics.get("world_size", 1))

@@ -2,9 +2,9 @@
 
 Rank 0 writes each epoch's metrics as one small JSON file into the job's run folder under
 `ray.storage_path` (`<run>/epochs/`), beside its checkpoints; the stage's process, which waits on
-the job with MLflow already open, logs each new file to its run from a thread, and whatever is
-left once the job is back. So the workers never import MLflow (its import and its store's first
-connection cost about 1.7 s of a core here, on a worker's path between its first epoch and that
+the job (and opens its MLflow run meanwhile), logs each new file to the run from a thread, and
+whatever is left once the job is back. So the workers never import MLflow (its import and its
+store's first connection took 1.3-1.9 s here, on a worker's path between its first epoch and that
 epoch's report), and they reach only the storage their checkpoints go to, never the tracking
 store."""
 
@@ -13,7 +13,10 @@ from __future__ import annotations
 import json
 import threading
 import time
-from typing import Self
+from typing import TYPE_CHECKING, Self
+
+if TYPE_CHECKING:
+    from pipeline.runtime.tracking import StageRun
 
 
 def _filesystem(uri: str):
@@ -36,12 +39,13 @@ def write_epoch(folder_uri: str, epoch: int, metrics: dict) -> None:
 
 class EpochLogTail:
     """The stage's side, around its job: every `interval` seconds a thread logs the epoch files
-    not logged yet to the MLflow run, at step = epoch; leaving the block logs the rest. The
-    folder is emptied first: an earlier launch's epochs are in that launch's own run."""
+    not logged yet to the stage's MLflow `run` (once it is open), at step = epoch; leaving the
+    block logs the rest. The folder is emptied first: an earlier launch's epochs are in that
+    launch's own run."""
 
-    def __init__(self, folder_uri: str, tracking_uri: str, run_id: str, interval: float = 1.0):
+    def __init__(self, folder_uri: str, run: StageRun, interval: float = 1.0):
         self.filesystem, self.folder = _filesystem(folder_uri)
-        self.tracking_uri, self.run_id, self.interval = tracking_uri, run_id, interval
+        self.run, self.interval = run, interval
         self.logged: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -84,6 +88,6 @@ class EpochLogTail:
                     break
             self.logged.add(path)
             batch += [Metric(key, float(value), stamp, int(metrics["epoch"])) for key, value in metrics.items()]
-        client = MlflowClient(self.tracking_uri)
+        client = MlflowClient(self.run.tracking_uri)
         for start in range(0, len(batch), 1000):  # MLflow's most metrics per batch
-            client.log_batch(self.run_id, metrics=batch[start:start + 1000])
+            client.log_batch(self.run.run_id, metrics=batch[start:start + 1000])

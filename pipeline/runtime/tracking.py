@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
-from pipeline.config.params import MlflowConfig, Params, section_dict
+from pipeline.config.params import ConfigError, MlflowConfig, Params, section_dict
 from pipeline.runtime.execution import dvc_process
 
 EXECUTION_TAG = "pipeline.execution"
@@ -165,37 +165,108 @@ def finish_execution(params: Params, root: Path, execution: str, stages: list[st
             f"{runs_page(uri, experiment.experiment_id)}" + (" (`make ui`)" if not uri.startswith("http") else ""))
 
 
-@contextmanager
-def stage_run(stage: str, params: Params, sections: list[str], root: Path) -> Iterator[str]:
-    """Open the MLflow run of one stage execution and yield its id.
+def reachable(uri: str) -> None:
+    """A ConfigError naming an http(s) tracking server that accepts no connection (a local store
+    is always there)."""
+    from urllib.parse import urlsplit
 
-    Logs the stage's params sections flattened (`teacher.lr`), tags it (the caller adds the
-    data manifest hash once the manifest exists), and marks it FAILED
-    if the stage raises. The parent run collects the stages of one pipeline execution.
+    if not uri.startswith(("http://", "https://")):
+        return
+    parts = urlsplit(uri)
+    try:
+        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout=10).close()
+    except OSError as err:
+        raise ConfigError(f"mlflow.tracking_uri {uri}: the tracking server cannot be reached ({err})") from err
+
+
+def open_stage_run(stage: str, params: Params, sections: list[str], root: Path) -> str:
+    """Create the MLflow run of one stage execution and return its id.
+
+    Logs the stage's params sections flattened (`teacher.lr`) and tags it (the caller adds the
+    data manifest hash once the manifest exists); the parent run collects the stages of one
+    pipeline execution.
     """
-    import mlflow
     from mlflow import MlflowClient
 
     uri = resolve_tracking_uri(params.mlflow, root)
-    mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     experiment_id = _experiment_id(client, params.mlflow.experiment, root, uri)
     execution, commit = execution_id(), git_commit(root)
     parent = _parent_run(client, experiment_id, execution, commit, root)
     tags = {"mlflow.parentRunId": parent, EXECUTION_TAG: execution, "dvc.stage": stage, "git.commit": commit}
-    run = client.create_run(experiment_id, run_name=stage, tags=tags)
-    run_id = run.info.run_id
+    run_id = client.create_run(experiment_id, run_name=stage, tags=tags).info.run_id
     flat = {}
     for section in sections:
         flat |= flatten(section, section_dict(params, section))
     log_params(client, run_id, flat)
     client.set_tag(parent, stage_tag(stage), "ran")
-    try:
-        with mlflow.start_run(run_id=run_id):
-            yield run_id
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
+    return run_id
+
+
+class StageRun:
+    """A stage execution's MLflow run (`open_stage_run`), opened when first asked for, or on a
+    thread while the stage waits on its Ray job (`open_meanwhile`, called right before the job's
+    blocking call): MLflow's imports, its store's first connection and the run's queries (about
+    1.5 s of a core here) then use the core a job's start leaves idle, instead of delaying the
+    job. (A thread started any earlier would share the stage's one busy core under the GIL.)"""
+
+    def __init__(self, stage: str, params: Params, sections: list[str], root: Path):
+        self.tracking_uri = resolve_tracking_uri(params.mlflow, root)
+        self._open = lambda: open_stage_run(stage, params, sections, root)
+        self._opener: threading.Thread | None = None
+        self._run_id: str | None = None
+        self._error: BaseException | None = None
+        self._active, self._activated = ExitStack(), False
+
+    def open_meanwhile(self) -> None:
+        """Open the run on a thread. A tracking server that does not answer is said now, before
+        the job, not once it has trained."""
+        if self._opener is None and self._run_id is None and self._error is None:
+            reachable(self.tracking_uri)
+            self._opener = threading.Thread(target=self._opening, daemon=True)
+            self._opener.start()
+
+    def _opening(self) -> None:
+        try:
+            self._run_id = self._open()
+        except BaseException as err:  # noqa: BLE001 -- raised where the id is asked for
+            self._error = err
+
+    @property
+    def run_id(self) -> str:
+        """The run's id, once it is open: waits for `open_meanwhile`'s thread, or opens it now."""
+        if self._opener is not None:
+            self._opener.join()
+        elif self._run_id is None and self._error is None:
+            self._opening()
+        if self._error is not None:
+            raise self._error
+        return self._run_id
+
+    def activate(self) -> str:
+        """Make the run MLflow's active run (`mlflow.log_*` log to it) until `close`; its id."""
+        import mlflow
+
+        run_id = self.run_id
+        if not self._activated:
+            mlflow.set_tracking_uri(self.tracking_uri)
+            self._active.enter_context(mlflow.start_run(run_id=run_id))
+            self._activated = True
+        return run_id
+
+    def close(self, failure: BaseException | None = None) -> None:
+        """End the run: FINISHED, or FAILED with `failure`, which also opens a run not opened
+        yet, so that every failed stage execution is on record."""
+        if failure is None:
+            self._active.close()
+            return
+        try:
+            from mlflow import MlflowClient
+
+            MlflowClient(self.tracking_uri).set_terminated(self.run_id, "FAILED")
+        except BaseException:  # noqa: BLE001, S110 -- the tracking store fails too: the stage's own error is the one to see
+            pass
+        self._active.__exit__(type(failure), failure, failure.__traceback__)
 
 
 def metric_history_csv(tracking_uri: str | None, run_id: str) -> str:

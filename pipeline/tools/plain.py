@@ -28,8 +28,10 @@ def plain_setup(job: JobConfig, device: torch.device = torch.device("cpu")) -> W
     return WorkerSetup(0, 1, device, threads_and_seed(job, 0), in_ray=False)
 
 
-def plain_launch(stage: str, recipe: Recipe, job: JobConfig, ray_cfg: RayConfig, inputs: list[Path]) -> tuple[dict, dict]:
-    """What `launch` returns, trained in this process: the state and the final metrics."""
+def plain_launch(stage: str, recipe: Recipe, job: JobConfig, ray_cfg: RayConfig, inputs: list[Path],
+                 run=None) -> tuple[dict, dict]:
+    """What `launch` returns, trained in this process: the state and the final metrics (no
+    epoch's metrics go to the stage's MLflow `run`, which the stage opens once this returns)."""
     started = time.perf_counter()
     rows = {name: rows_of(rows_type, read_rank_columns([str(f) for f in dataset_files(folders)],
                                                        list(rows_type._fields)))

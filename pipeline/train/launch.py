@@ -10,6 +10,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from pipeline.runtime.ray_session import init_ray
 from pipeline.runtime.storage import worker_uris
 from pipeline.train.loop import STATE_FILE, JobConfig, WorkerSetup, run_epochs
 from pipeline.train.recipes import Recipe, rows_of
+
+if TYPE_CHECKING:
+    from pipeline.runtime.tracking import StageRun
 
 
 def run_name(stage: str, loop_config: dict, inputs: list[Path]) -> str:
@@ -54,14 +58,16 @@ def job_configs(ray_cfg: RayConfig, name: str) -> dict:
                                     logging_config=LoggingConfig("INFO" if verbose() else "WARNING"))}
 
 
-def launch(stage: str, recipe: Recipe, job: JobConfig, ray_cfg: RayConfig, inputs: list[Path]) -> tuple[dict, dict]:
+def launch(stage: str, recipe: Recipe, job: JobConfig, ray_cfg: RayConfig, inputs: list[Path],
+           run: StageRun | None = None) -> tuple[dict, dict]:
     """Train `recipe` as a Ray Train job; return (final state dict, final reported metrics).
 
     Each worker reads its share of the recipe's Parquet shards itself (`worker_entry`).
     Checkpoints live under `ray.storage_path` while the job runs and are removed once the final
     state is back, since the stage exports it as its DVC output; so do the epochs' metrics that
-    rank 0 writes and this process logs to the stage's MLflow run (`runtime.epoch_log`). The driver never imports the
-    models (timm and torchvision cost seconds per stage); only the workers do, in `recipe.build`.
+    rank 0 writes there and this process logs to the stage's MLflow `run`, which it opens while
+    the job starts (`runtime.epoch_log`, `runtime.tracking.StageRun`). The driver never imports
+    the models (timm and torchvision cost seconds per stage); only the workers do, in `recipe.build`.
     """
     init_ray(ray_cfg)
     from ray.train.torch import TorchTrainer
@@ -71,11 +77,13 @@ def launch(stage: str, recipe: Recipe, job: JobConfig, ray_cfg: RayConfig, input
     ray_connected_at = time.time()
     shards = {name: worker_uris(dataset_files(folders), ray_cfg.data_uri)
               for name, (folders, _) in recipe.datasets().items()}
-    run = run_name(stage, job.identity(), inputs)
-    job = replace(job, epoch_log_uri=f"{run_storage(ray_cfg)}/{run}/epochs" if job.mlflow_run_id else None)
+    name = run_name(stage, job.identity(), inputs)
+    job = replace(job, epoch_log_uri=f"{run_storage(ray_cfg)}/{name}/epochs" if run else None)
     trainer = TorchTrainer(worker_entry, train_loop_config={"job": job, "recipe": recipe, "shards": shards},
-                           **job_configs(ray_cfg, run))
-    with EpochLogTail(job.epoch_log_uri, job.tracking_uri, job.mlflow_run_id) if job.epoch_log_uri else nullcontext():
+                           **job_configs(ray_cfg, name))
+    if run:
+        run.open_meanwhile()
+    with EpochLogTail(job.epoch_log_uri, run) if run else nullcontext():
         result = trainer.fit()
     with result.checkpoint.as_directory() as ckpt_dir:
         state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)

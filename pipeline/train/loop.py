@@ -22,8 +22,9 @@ STATE_FILE = "state.pt"
 @dataclass
 class JobConfig:
     """Everything a stage's job needs, typed: the stage's section and the model for the workers'
-    loop, and runtime wiring that must not change the run's name (initial weights; the MLflow run
-    the job's controller logs each epoch to)."""
+    loop, and runtime wiring that must not change the run's name (initial weights; the folder
+    rank 0 writes each epoch's metrics to, for the stage to log to its MLflow run:
+    `runtime.epoch_log`)."""
 
     train: TrainConfig
     model: ModelConfig
@@ -32,8 +33,6 @@ class JobConfig:
     cpus_per_worker: int = 1
     init_state: dict | None = None
     init_from_denoiser: bool = False  # init_state's head predicts noise (DENOISE_CHANNELS), not classes
-    mlflow_run_id: str | None = None
-    tracking_uri: str | None = None
     epoch_log_uri: str | None = None
 
     def identity(self) -> dict:
