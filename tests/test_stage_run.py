@@ -5,7 +5,7 @@ import errno
 import pytest
 import yaml
 
-from pipeline.config.params import ConfigError, load_params
+from pipeline.config.params import ConfigError
 from pipeline.orchestrate.stage_run import stage
 
 
@@ -133,15 +133,19 @@ def test_a_run_opened_with_the_job_is_opened_meanwhile_active_after_it_and_faile
     assert [r.info.status for r in failed] == ["FAILED"]
 
 
-def test_an_unreachable_tracking_server_is_said_before_the_job(project, monkeypatch):
+def test_an_unreachable_tracking_server_is_said_before_the_job_and_promptly(project, monkeypatch, capsys):
     import socket
-
-    from pipeline.runtime.tracking import StageRun
+    import time
 
     with socket.socket() as free:  # a port nothing listens on once closed
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    params = load_params("params.yaml", [f"mlflow.tracking_uri=http://127.0.0.1:{port}"])
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    with pytest.raises(ConfigError, match=rf"mlflow.tracking_uri http://127.0.0.1:{port}: the tracking server cannot be reached"):
-        StageRun("teacher_finetune", params, ["teacher"], project).open_meanwhile()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:secret@127.0.0.1:{port}")
+    started = time.time()
+    with pytest.raises(SystemExit), stage("teacher_finetune", ["teacher"], run_opens_with_job=True) as ctx:
+        ctx.run.open_meanwhile()  # what `launch` does right before its job
+        pytest.fail("the job started")
+    assert time.time() - started < 15  # the failed stage does not try the server again on its way out
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        f"error: the MLflow tracking server http://127.0.0.1:{port} (mlflow.tracking_uri or MLFLOW_TRACKING_URI) "
+        "cannot be reached: ")

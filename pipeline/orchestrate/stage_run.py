@@ -172,7 +172,7 @@ def stage(name: str, sections: list[str], prepared: Path | None = None,
         if "loop_s" in ctx.summary:
             ctx.summary["overhead_s"] = ctx.summary["wall_s"] - ctx.summary["loop_s"]
         # The per-epoch loss is already logged, each epoch's (`runtime.epoch_log`).
-        log_metrics(None, run_id, {k: v for k, v in ctx.summary.items() if k != "loss"
+        log_metrics(run.tracking_uri, run_id, {k: v for k, v in ctx.summary.items() if k != "loss"
                                    and isinstance(v, (int, float)) and not isinstance(v, bool)}, 0)
         run.close()
     except BaseException as err:

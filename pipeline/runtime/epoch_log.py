@@ -2,15 +2,17 @@
 
 Rank 0 writes each epoch's metrics as one small JSON file into the job's run folder under
 `ray.storage_path` (`<run>/epochs/`), beside its checkpoints; the stage's process, which waits on
-the job (and opens its MLflow run meanwhile), logs each new file to the run from a thread, and
-whatever is left once the job is back. So the workers never import MLflow (its import and its
-store's first connection took 1.3-1.9 s here, on a worker's path between its first epoch and that
-epoch's report), and they reach only the storage their checkpoints go to, never the tracking
-store."""
+the job (and opens its MLflow run meanwhile), logs each new file to the run from a thread and
+then deletes it, and logs whatever is left once the job is back. So the workers never import
+MLflow (its import and its store's first connection took 1.3-1.9 s here, on a worker's path
+between its first epoch and that epoch's report), and they reach only the storage their
+checkpoints go to, never the tracking store. A file not logged (the stage killed, its run not
+opened) stays for the relaunch, which resumes the same run folder and logs it to its own run."""
 
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Self
@@ -18,40 +20,48 @@ from typing import TYPE_CHECKING, Self
 if TYPE_CHECKING:
     from pipeline.runtime.tracking import StageRun
 
+SUFFIX = ".json"
 
-def _filesystem(uri: str):
+
+def _filesystem_and_path(uri: str):
     import pyarrow.fs as pafs
 
     return pafs.FileSystem.from_uri(uri)
 
 
-def write_epoch(folder_uri: str, epoch: int, metrics: dict) -> None:
-    """Rank 0's side: one file per report, named to sort by epoch, then by when (an epoch that a
-    restarted worker group trains again is logged again, as it happened)."""
+def write_epoch(folder_uri: str, metrics: dict) -> None:
+    """Rank 0's side: one file per report, named to sort by epoch, then by when it was written
+    (an epoch that a restarted worker group trains again is logged again, as it happened), and
+    written under another name first, so that a file with the name is always whole."""
     import pyarrow.fs as pafs
 
-    filesystem, folder = _filesystem(folder_uri)
+    filesystem, folder = _filesystem_and_path(folder_uri)
     if isinstance(filesystem, pafs.LocalFileSystem):  # object stores have no folders
         filesystem.create_dir(folder, recursive=True)
-    with filesystem.open_output_stream(f"{folder}/{epoch:06d}-{time.time_ns()}.json") as out:
+    name = f"{folder}/{int(metrics['epoch']):06d}-{time.time_ns()}"
+    with filesystem.open_output_stream(name + ".part") as out:
         out.write(json.dumps(metrics).encode())
+    filesystem.move(name + ".part", name + SUFFIX)
+
+
+def written_at_ms(path: str) -> int:
+    """When rank 0 wrote an epoch file (its name says), as MLflow's metric timestamp."""
+    return int(path.rsplit("-", 1)[1].removesuffix(SUFFIX)) // 1_000_000
 
 
 class EpochLogTail:
     """The stage's side, around its job: every `interval` seconds a thread logs the epoch files
-    not logged yet to the stage's MLflow `run` (once it is open), at step = epoch; leaving the
-    block logs the rest. The folder is emptied first: an earlier launch's epochs are in that
-    launch's own run."""
+    in the folder to the stage's MLflow `run` (once it is open), at step = epoch, and deletes
+    them; leaving the block logs the rest. A sweep that fails is tried again at the next one, and
+    the sweep after the job raises its error."""
 
     def __init__(self, folder_uri: str, run: StageRun, interval: float = 1.0):
-        self.filesystem, self.folder = _filesystem(folder_uri)
+        self.filesystem, self.folder = _filesystem_and_path(folder_uri)
         self.run, self.interval = run, interval
-        self.logged: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def __enter__(self) -> Self:
-        self.filesystem.delete_dir_contents(self.folder, missing_dir_ok=True)
         self._thread.start()
         return self
 
@@ -63,31 +73,39 @@ class EpochLogTail:
         except Exception:
             if exc_type is None:
                 raise
-            # The job's own error is the one to see; the epochs it reported are logged up to here.
+            # The job's own error is the one to see; the files not logged stay for the relaunch.
 
     def _poll(self) -> None:
+        said = False
         while not self._stop.wait(self.interval):
             try:
                 self.sweep()
-            except Exception:  # noqa: BLE001 -- the sweep after the job tries again and raises it
-                return
+            except Exception as err:  # noqa: BLE001 -- tried again next time, raised by the sweep after the job
+                if not said:
+                    print(f"warning: this stage's epochs cannot reach its MLflow run yet ({err}); the stage fails "
+                          "when its job ends unless that passes (Ctrl-C stops it now; a rerun resumes it)",
+                          file=sys.stderr, flush=True)
+                    said = True
 
     def sweep(self) -> None:
-        """Log every complete epoch file not logged yet, in order."""
+        """Log every epoch file in the folder, in order, then delete them."""
         import pyarrow.fs as pafs
+
+        found = self.filesystem.get_file_info(pafs.FileSelector(self.folder, allow_not_found=True))
+        paths = sorted(info.path for info in found if info.path.endswith(SUFFIX))
+        if not paths:
+            return
         from mlflow import MlflowClient
         from mlflow.entities import Metric
 
-        found = self.filesystem.get_file_info(pafs.FileSelector(self.folder, allow_not_found=True))
-        batch, stamp = [], int(time.time() * 1000)
-        for path in sorted(info.path for info in found if info.path.endswith(".json") and info.path not in self.logged):
+        batch = []
+        for path in paths:
             with self.filesystem.open_input_stream(path) as f:
-                try:
-                    metrics = json.loads(f.read())
-                except ValueError:  # still being written; read whole by a later sweep
-                    break
-            self.logged.add(path)
-            batch += [Metric(key, float(value), stamp, int(metrics["epoch"])) for key, value in metrics.items()]
+                metrics = json.loads(f.read())
+            batch += [Metric(key, float(value), written_at_ms(path), int(metrics["epoch"]))
+                      for key, value in metrics.items()]
         client = MlflowClient(self.run.tracking_uri)
         for start in range(0, len(batch), 1000):  # MLflow's most metrics per batch
             client.log_batch(self.run.run_id, metrics=batch[start:start + 1000])
+        for path in paths:  # logged: the next sweep, or a relaunch, must not log them again
+            self.filesystem.delete_file(path)

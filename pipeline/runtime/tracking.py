@@ -165,18 +165,22 @@ def finish_execution(params: Params, root: Path, execution: str, stages: list[st
             f"{runs_page(uri, experiment.experiment_id)}" + (" (`make ui`)" if not uri.startswith("http") else ""))
 
 
-def reachable(uri: str) -> None:
-    """A ConfigError naming an http(s) tracking server that accepts no connection (a local store
-    is always there)."""
+def require_reachable(uri: str) -> None:
+    """A ConfigError naming an http(s) tracking server that accepts no connection, before a job
+    that would log to it. A local store is always there; a server behind a proxy is left to
+    MLflow, whose requests go through the proxy."""
     from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
 
-    if not uri.startswith(("http://", "https://")):
-        return
     parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or (parts.scheme in getproxies() and not proxy_bypass(parts.hostname)):
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout=10).close()
+        socket.create_connection((parts.hostname, port), timeout=10).close()
     except OSError as err:
-        raise ConfigError(f"mlflow.tracking_uri {uri}: the tracking server cannot be reached ({err})") from err
+        raise ConfigError(f"the MLflow tracking server {parts.scheme}://{parts.hostname}:{port} (mlflow.tracking_uri "
+                          f"or MLFLOW_TRACKING_URI) cannot be reached: {err.strerror or err}") from err
 
 
 def open_stage_run(stage: str, params: Params, sections: list[str], root: Path) -> str:
@@ -222,7 +226,11 @@ class StageRun:
         """Open the run on a thread. A tracking server that does not answer is said now, before
         the job, not once it has trained."""
         if self._opener is None and self._run_id is None and self._error is None:
-            reachable(self.tracking_uri)
+            try:
+                require_reachable(self.tracking_uri)
+            except ConfigError as err:
+                self._error = err  # so that closing the failed stage does not try the server again
+                raise
             self._opener = threading.Thread(target=self._opening, daemon=True)
             self._opener.start()
 
@@ -258,15 +266,18 @@ class StageRun:
         """End the run: FINISHED, or FAILED with `failure`, which also opens a run not opened
         yet, so that every failed stage execution is on record."""
         if failure is None:
+            self.activate()
             self._active.close()
             return
         try:
-            from mlflow import MlflowClient
+            if self._activated:  # leaving MLflow's active run with the failure ends it FAILED
+                self._active.__exit__(type(failure), failure, failure.__traceback__)
+            else:
+                from mlflow import MlflowClient
 
-            MlflowClient(self.tracking_uri).set_terminated(self.run_id, "FAILED")
+                MlflowClient(self.tracking_uri).set_terminated(self.run_id, "FAILED")
         except BaseException:  # noqa: BLE001, S110 -- the tracking store fails too: the stage's own error is the one to see
             pass
-        self._active.__exit__(type(failure), failure, failure.__traceback__)
 
 
 def metric_history_csv(tracking_uri: str | None, run_id: str) -> str:
@@ -326,7 +337,7 @@ def tag_with_parent(key: str, value: str) -> None:
 
 
 def log_metrics(tracking_uri: str | None, run_id: str, metrics: dict, step: int) -> None:
-    """Log scalar metrics to a run from anywhere (a Ray worker included)."""
+    """Log scalar metrics to a run."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 

@@ -139,7 +139,7 @@ def smoke_pipeline_s(commit: str, env: dict) -> float:
     def run(tree: Path, tree_env: dict) -> float:
         print(f"the smoke preset's pipeline at {commit[:10]} ({tree})", flush=True)
         subprocess.run([sys.executable, "-m", "pipeline.compose", "experiment=smoke"], env=tree_env, cwd=tree,
-                       check=True, capture_output=True)
+                       check=True, stdout=subprocess.DEVNULL)
         return timed([sys.executable, "-m", "pipeline.run", "--force"], tree_env, cwd=tree)
 
     return in_worktree(commit, env, run)

@@ -13,6 +13,7 @@ import runpy
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from pipeline.runtime.execution import peak_rss_mb
 from pipeline.train.loop import JobConfig, WorkerSetup, threads_and_seed, train_steps, warmup_cosine
 from pipeline.train.recipes import Recipe, rows_of
 
+if TYPE_CHECKING:
+    from pipeline.runtime.tracking import StageRun
+
 
 def plain_setup(job: JobConfig, device: torch.device = torch.device("cpu")) -> WorkerSetup:
     """A single process outside Ray, seeded like rank 0 of the stage's job."""
@@ -29,9 +33,10 @@ def plain_setup(job: JobConfig, device: torch.device = torch.device("cpu")) -> W
 
 
 def plain_launch(stage: str, recipe: Recipe, job: JobConfig, ray_cfg: RayConfig, inputs: list[Path],
-                 run=None) -> tuple[dict, dict]:
-    """What `launch` returns, trained in this process: the state and the final metrics (no
-    epoch's metrics go to the stage's MLflow `run`, which the stage opens once this returns)."""
+                 run: StageRun | None = None) -> tuple[dict, dict]:
+    """What `launch` returns, trained in this process: the state and the final metrics. `run`
+    is not used: no epoch's metrics are logged, and the stage opens its MLflow run once this
+    returns."""
     started = time.perf_counter()
     rows = {name: rows_of(rows_type, read_rank_columns([str(f) for f in dataset_files(folders)],
                                                        list(rows_type._fields)))

@@ -78,7 +78,7 @@ def launch(stage: str, recipe: Recipe, job: JobConfig, ray_cfg: RayConfig, input
     shards = {name: worker_uris(dataset_files(folders), ray_cfg.data_uri)
               for name, (folders, _) in recipe.datasets().items()}
     name = run_name(stage, job.identity(), inputs)
-    job = replace(job, epoch_log_uri=f"{run_storage(ray_cfg)}/{name}/epochs" if run else None)
+    job = replace(job, epoch_log_uri=f"{run_storage(ray_cfg).rstrip('/')}/{name}/epochs" if run else None)
     trainer = TorchTrainer(worker_entry, train_loop_config={"job": job, "recipe": recipe, "shards": shards},
                            **job_configs(ray_cfg, name))
     if run:

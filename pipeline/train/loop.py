@@ -143,7 +143,7 @@ def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: C
         if setup.rank == 0 and setup.epoch_log_uri:
             from pipeline.runtime.epoch_log import write_epoch
 
-            write_epoch(setup.epoch_log_uri, epoch + 1, metrics)
+            write_epoch(setup.epoch_log_uri, metrics)
         if setup.rank == 0:
             print(epoch_line(epoch + 1, epochs, {k: metrics[k] for k in totals}, steps * train.batch_size,
                              epoch_seconds, loop_seconds), flush=True)
