@@ -15,18 +15,12 @@ import json
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Self
+from typing import Self
 
-if TYPE_CHECKING:
-    from pipeline.runtime.tracking import StageRun
+from pipeline.runtime.storage import make_folder
+from pipeline.runtime.tracking import StageRun, log_metric_steps
 
 SUFFIX = ".json"
-
-
-def _filesystem_and_path(uri: str):
-    import pyarrow.fs as pafs
-
-    return pafs.FileSystem.from_uri(uri)
 
 
 def write_epoch(folder_uri: str, metrics: dict) -> None:
@@ -35,9 +29,8 @@ def write_epoch(folder_uri: str, metrics: dict) -> None:
     written under another name first, so that a file with the name is always whole."""
     import pyarrow.fs as pafs
 
-    filesystem, folder = _filesystem_and_path(folder_uri)
-    if isinstance(filesystem, pafs.LocalFileSystem):  # object stores have no folders
-        filesystem.create_dir(folder, recursive=True)
+    filesystem, folder = pafs.FileSystem.from_uri(folder_uri)
+    make_folder(filesystem, folder)
     name = f"{folder}/{int(metrics['epoch']):06d}-{time.time_ns()}"
     with filesystem.open_output_stream(name + ".part") as out:
         out.write(json.dumps(metrics).encode())
@@ -56,7 +49,9 @@ class EpochLogTail:
     the sweep after the job raises its error."""
 
     def __init__(self, folder_uri: str, run: StageRun, interval: float = 1.0):
-        self.filesystem, self.folder = _filesystem_and_path(folder_uri)
+        import pyarrow.fs as pafs
+
+        self.filesystem, self.folder = pafs.FileSystem.from_uri(folder_uri)
         self.run, self.interval = run, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -95,17 +90,11 @@ class EpochLogTail:
         paths = sorted(info.path for info in found if info.path.endswith(SUFFIX))
         if not paths:
             return
-        from mlflow import MlflowClient
-        from mlflow.entities import Metric
-
-        batch = []
+        epochs = []
         for path in paths:
             with self.filesystem.open_input_stream(path) as f:
                 metrics = json.loads(f.read())
-            batch += [Metric(key, float(value), written_at_ms(path), int(metrics["epoch"]))
-                      for key, value in metrics.items()]
-        client = MlflowClient(self.run.tracking_uri)
-        for start in range(0, len(batch), 1000):  # MLflow's most metrics per batch
-            client.log_batch(self.run.run_id, metrics=batch[start:start + 1000])
+            epochs.append((int(metrics["epoch"]), written_at_ms(path), metrics))
+        log_metric_steps(self.run.tracking_uri, self.run.run_id, epochs)
         for path in paths:  # logged: the next sweep, or a relaunch, must not log them again
             self.filesystem.delete_file(path)

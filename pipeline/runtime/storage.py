@@ -25,6 +25,15 @@ def content_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def make_folder(filesystem, folder: str) -> None:
+    """Make `folder` on a pyarrow filesystem where folders exist: object stores have none (a
+    file's name holds its path), and would get marker objects."""
+    import pyarrow.fs as pafs
+
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        filesystem.create_dir(folder, recursive=True)
+
+
 def worker_uris(files: list[Path], data_uri: str | None) -> list[str]:
     """The paths Ray workers read `files` from, in the same order: absolute local paths, or,
     with `data_uri`, `<data_uri>/<sha256[:2]>/<sha256[2:]>.parquet` copies, uploaded when
@@ -43,8 +52,7 @@ def worker_uris(files: list[Path], data_uri: str | None) -> list[str]:
         target = f"{folder}/{digest[2:]}.parquet"
         stored = filesystem.get_file_info(target)
         if stored.type == pafs.FileType.NotFound or stored.size != file.stat().st_size:
-            if isinstance(filesystem, pafs.LocalFileSystem):  # object stores have no folders (and would get markers)
-                filesystem.create_dir(folder, recursive=True)
+            make_folder(filesystem, folder)
             pafs.copy_files(str(file.resolve()), target, source_filesystem=pafs.LocalFileSystem(),
                             destination_filesystem=filesystem)
             uploaded += 1

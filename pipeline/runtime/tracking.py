@@ -337,10 +337,17 @@ def tag_with_parent(key: str, value: str) -> None:
 
 
 def log_metrics(tracking_uri: str | None, run_id: str, metrics: dict, step: int) -> None:
-    """Log scalar metrics to a run."""
+    """Log scalar metrics to a run, stamped now."""
+    log_metric_steps(tracking_uri, run_id, [(step, int(time.time() * 1000), metrics)])
+
+
+def log_metric_steps(tracking_uri: str | None, run_id: str, steps: list[tuple[int, int, dict]]) -> None:
+    """Log several steps' scalar metrics to a run, each given as (step, timestamp in ms, metrics),
+    in as few requests as MLflow allows (1,000 metrics each)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    stamp = int(time.time() * 1000)
-    MlflowClient(tracking_uri).log_batch(run_id, metrics=[
-        Metric(key, float(value), stamp, step) for key, value in metrics.items()])
+    batch = [Metric(key, float(value), stamp, step) for step, stamp, metrics in steps for key, value in metrics.items()]
+    client = MlflowClient(tracking_uri)
+    for start in range(0, len(batch), 1000):
+        client.log_batch(run_id, metrics=batch[start:start + 1000])
