@@ -5,9 +5,9 @@ from pipeline.train.launch import job_configs
 
 def test_ray_trains_console_lines_are_warnings_only_unless_verbose(monkeypatch):
     monkeypatch.delenv(VERBOSE, raising=False)
-    assert job_configs(RayConfig(), "job")["run_config"].logging_config.log_level == "WARNING"
+    assert job_configs(RayConfig(), "job", "/tmp/runs")["run_config"].logging_config.log_level == "WARNING"
     monkeypatch.setenv(VERBOSE, "1")
-    assert job_configs(RayConfig(), "job")["run_config"].logging_config.log_level == "INFO"
+    assert job_configs(RayConfig(), "job", "/tmp/runs")["run_config"].logging_config.log_level == "INFO"
 
 
 def test_a_relaunch_resumes_the_run_of_the_same_settings_and_inputs_and_no_other(tmp_path):

@@ -376,13 +376,14 @@ def empty_job(ray_cfg) -> None:
     as a stage prints its summary."""
     from pipeline.orchestrate.stage_run import process_started_at
     from pipeline.runtime.ray_session import init_ray
-    from pipeline.train.launch import job_configs
+    from pipeline.train.launch import job_configs, run_storage
 
     started_at = process_started_at()
     init_ray(ray_cfg)
     from ray.train.torch import TorchTrainer
 
-    result = TorchTrainer(_train_nothing, **job_configs(ray_cfg, f"empty-job-{os.getpid()}-{time.time_ns()}")).fit()
+    result = TorchTrainer(_train_nothing, **job_configs(ray_cfg, f"empty-job-{os.getpid()}-{time.time_ns()}",
+                                                            run_storage(ray_cfg))).fit()
     wall_s = time.time() - started_at
     result.filesystem.delete_dir(result.path)
     print(f"[empty_job] done: wall_s={wall_s:.2f}", flush=True)

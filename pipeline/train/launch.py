@@ -42,9 +42,9 @@ def run_storage(ray_cfg: RayConfig) -> str:
     return ray_cfg.storage_path if "://" in ray_cfg.storage_path else str(Path(ray_cfg.storage_path).resolve())
 
 
-def job_configs(ray_cfg: RayConfig, name: str) -> dict:
+def job_configs(ray_cfg: RayConfig, name: str, storage: str) -> dict:
     """The `TorchTrainer` arguments every training stage's job shares: its workers, and its run
-    `name` under `ray.storage_path` (the latest checkpoint kept, relaunched on failures).
+    `name` under `storage` (`run_storage`: the latest checkpoint kept, relaunched on failures).
     Ray Train's INFO lines (each epoch's checkpoint written and result reported, hundreds of
     characters each; the loop's epoch line says it in one) reach the console only with
     PIPELINE_VERBOSE=1; its system log file in the Ray session keeps them always."""
@@ -52,7 +52,7 @@ def job_configs(ray_cfg: RayConfig, name: str) -> dict:
 
     return {"scaling_config": ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
                                             resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
-            "run_config": RunConfig(name=name, storage_path=run_storage(ray_cfg),
+            "run_config": RunConfig(name=name, storage_path=storage,
                                     checkpoint_config=CheckpointConfig(num_to_keep=1),
                                     failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
                                     logging_config=LoggingConfig("INFO" if verbose() else "WARNING"))}
@@ -77,10 +77,10 @@ def launch(stage: str, recipe: Recipe, job: JobConfig, ray_cfg: RayConfig, input
     ray_connected_at = time.time()
     shards = {name: worker_uris(dataset_files(folders), ray_cfg.data_uri)
               for name, (folders, _) in recipe.datasets().items()}
-    name = run_name(stage, job.identity(), inputs)
-    job = replace(job, epoch_log_uri=f"{run_storage(ray_cfg).rstrip('/')}/{name}/epochs" if run else None)
+    name, storage = run_name(stage, job.identity(), inputs), run_storage(ray_cfg)
+    job = replace(job, epoch_log_uri=f"{storage.rstrip('/')}/{name}/epochs" if run else None)
     trainer = TorchTrainer(worker_entry, train_loop_config={"job": job, "recipe": recipe, "shards": shards},
-                           **job_configs(ray_cfg, name))
+                           **job_configs(ray_cfg, name, storage))
     if run:
         run.open_meanwhile()
     with EpochLogTail(job.epoch_log_uri, run) if run else nullcontext():
@@ -128,4 +128,4 @@ def worker_entry(config: dict) -> None:
         columns = {name: rows_of(datasets[name][1], future.result()) for name, future in loading.items()}
     setup.started_at, setup.data_seconds = started_at, time.time() - started_at
     parts = recipe.build(job, setup, **columns)
-    run_epochs(parts.model, parts.optimizer, parts.step, job.train, setup)
+    run_epochs(parts.model, parts.optimizer, parts.step, job, setup)

@@ -57,7 +57,6 @@ class WorkerSetup:
     world_size: int
     device: torch.device
     generator: torch.Generator
-    epoch_log_uri: str | None = None  # rank 0 writes each epoch's metrics there
     in_ray: bool = True
     data_seconds: float = 0.0  # loading this worker's shards into memory
     started_at: float = 0.0  # wall clock when this worker's train function was entered
@@ -73,8 +72,7 @@ class WorkerSetup:
         # Where each worker runs, for people (and tests) checking placement or killing one.
         print(f"worker {rank}/{ctx.get_world_size()} pid {os.getpid()} on node {ray.get_runtime_context().get_node_id()}",
               flush=True)
-        return cls(rank, ctx.get_world_size(), ray.train.torch.get_device(), threads_and_seed(job, rank),
-                   job.epoch_log_uri)
+        return cls(rank, ctx.get_world_size(), ray.train.torch.get_device(), threads_and_seed(job, rank))
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Ray's `prepare_model` (device, and DDP with more than one worker); outside Ray (`in_ray`
@@ -110,15 +108,16 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: Callable[[], dict],
-               train: TrainConfig, setup: WorkerSetup) -> None:
+               job: JobConfig, setup: WorkerSetup) -> None:
     """The loop every training stage shares.
 
     Each epoch runs `steps_per_epoch` calls of `step` (which returns a dict of scalar loss
     tensors, the first of which is optimised), then reports the epoch's mean losses and a
     checkpoint of the unwrapped model from rank 0, which also writes its metrics for the stage
-    to log to MLflow.
+    to log to MLflow (to `job.epoch_log_uri`).
     Resumes from Ray's latest checkpoint when the job is relaunched.
     """
+    train = job.train
     epochs, steps = train.epochs, train.steps_per_epoch
     scheduler = warmup_cosine(optimizer, epochs * steps)
     start_epoch, restored_seconds = restore(model, optimizer, scheduler)
@@ -140,10 +139,10 @@ def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: C
         if setup.world_size > 1:
             metrics["replica_weight_spread"] = replica_weight_spread(model)
         metrics |= resumed if epoch == start_epoch else {}
-        if setup.rank == 0 and setup.epoch_log_uri:
+        if setup.rank == 0 and job.epoch_log_uri:
             from pipeline.runtime.epoch_log import write_epoch
 
-            write_epoch(setup.epoch_log_uri, metrics)
+            write_epoch(job.epoch_log_uri, metrics)
         if setup.rank == 0:
             print(epoch_line(epoch + 1, epochs, {k: metrics[k] for k in totals}, steps * train.batch_size,
                              epoch_seconds, loop_seconds), flush=True)
