@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--figures", type=Path, required=True)
     args = parser.parse_args()
     with stage("decoder_pretrain", ["decoder_pretrain", "model"], args.prepared,
-               overrides=args.overrides, curves=args.curves, run_opens_with_job=True) as ctx:
+               overrides=args.overrides, curves=args.curves) as ctx:
         cfg, model = ctx.params.decoder_pretrain, ctx.params.model
         manifest = read_manifest(args.prepared)
         encoder = load_weights(args.encoder, ENCODER, model)

@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="encoder weights file")
     args = parser.parse_args()
     with stage("encoder_init", ["encoder", "model"], args.prepared,
-               overrides=args.overrides, curves=args.curves, run_opens_with_job=True) as ctx:
+               overrides=args.overrides, curves=args.curves) as ctx:
         cfg, model = ctx.params.encoder, ctx.params.model
         if cfg.init == "supervised":
             source = standin_encoder(model.preset)

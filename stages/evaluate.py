@@ -60,6 +60,7 @@ def main() -> None:
         per_class_bars(scores, classes, args.figures / "per_class_iou.png")
         prediction_grid(samples["image"], {"truth": samples["mask"], **{n: samples[n] for n in models}},
                         palette_for(manifest), classes, args.figures / "predictions.png")
+        ctx.active_run_id()
         mlflow.log_artifacts(str(args.figures), "figures")
         mlflow.log_artifact(str(args.per_class))
         for name, s in scores.items():

@@ -54,6 +54,7 @@ def main() -> None:
             args.figures.mkdir(parents=True, exist_ok=True)  # a DVC output even when there is nothing to draw
         if args.figures and ctx.summary["images"]:
             examples_figure(args.out, unlabeled, manifest, EXAMPLES, args.figures / "pseudo_labels.png")
+            ctx.active_run_id()
             mlflow.log_artifacts(str(args.figures), "figures")
 
 

@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="encoder weights file")
     args = parser.parse_args()
     with stage("standin_encoder", ["encoder", "model"], params_file=args.params,
-               overrides=args.overrides, curves=args.curves, run_opens_with_job=True) as ctx:
+               overrides=args.overrides, curves=args.curves) as ctx:
         cfg, model = ctx.params.encoder, ctx.params.model
         # In the project folder rather than /tmp, where a cluster's workers read the shards, and
         # not beside the output, whose folder encoder_init depends on.

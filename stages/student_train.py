@@ -23,7 +23,7 @@ def main() -> None:
     args = parser.parse_args()
     labeled = args.labeled or args.prepared / "labeled"
     with stage("student_train", ["student", "model"], args.prepared,
-               overrides=args.overrides, curves=args.curves, run_opens_with_job=True) as ctx:
+               overrides=args.overrides, curves=args.curves) as ctx:
         cfg, model = ctx.params.student, ctx.params.model
         manifest = read_manifest(args.prepared)
         classes = manifest["classes"]

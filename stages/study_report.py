@@ -24,6 +24,7 @@ def main() -> None:
         done = report(study_plan, args.metrics, cfg, ctx.params.student, len(ctx.params.self_training.rounds),
                       args.out, ctx.params.data.format, git_commit(ctx.root))
         write_text_atomic(args.out / "report.md", done.text)
+        ctx.active_run_id()
         mlflow.log_artifacts(str(args.out), "study")
         ctx.summary |= {"points": done.measured, "planned": done.planned}
 

@@ -20,7 +20,7 @@ def main() -> None:
     args = parser.parse_args()
     labeled = args.labeled or args.prepared / "labeled"
     with stage("teacher_finetune", ["teacher", "model"], args.prepared,
-               overrides=args.overrides, curves=args.curves, run_opens_with_job=True) as ctx:
+               overrides=args.overrides, curves=args.curves) as ctx:
         cfg, model = ctx.params.teacher, ctx.params.model
         manifest = read_manifest(args.prepared)
         job = JobConfig(train=cfg, model=model, num_classes=manifest["num_classes"],

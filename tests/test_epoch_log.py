@@ -35,7 +35,7 @@ def test_each_epoch_rank_0_writes_reaches_the_run_while_the_job_runs_and_the_res
     uri, client, run_id = run
     folder = tmp_path / "storage" / "run" / "epochs"
     write_epoch(str(folder), {"epoch": 1, "loss": 2.0})  # left by a launch killed before it logged it
-    with EpochLogTail(str(folder), SimpleNamespace(tracking_uri=uri, run_id=run_id), interval=0.05):
+    with EpochLogTail(str(folder), SimpleNamespace(tracking_uri=uri, opened_id=lambda: run_id), interval=0.05):
         assert wait_for(lambda: history(client, run_id, "loss") == [(1, 2.0)])  # while the job runs
         assert not any(folder.iterdir())  # logged files are gone: never logged twice
         (folder / "000002-1.part").write_text('{"epoch": 2, "lo')  # being written: never read
@@ -59,7 +59,7 @@ def test_a_failed_sweep_is_tried_again_and_loses_no_epoch(run, tmp_path, monkeyp
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(MlflowClient, "log_batch", flaky)
-    with EpochLogTail(str(folder), SimpleNamespace(tracking_uri=uri, run_id=run_id), interval=0.05):
+    with EpochLogTail(str(folder), SimpleNamespace(tracking_uri=uri, opened_id=lambda: run_id), interval=0.05):
         write_epoch(str(folder), {"epoch": 1, "loss": 2.0})
         assert wait_for(lambda: history(client, run_id, "loss") == [(1, 2.0)])
     assert "cannot reach its MLflow run yet (tracking server restarting)" in capsys.readouterr().err
@@ -68,7 +68,7 @@ def test_a_failed_sweep_is_tried_again_and_loses_no_epoch(run, tmp_path, monkeyp
 
 def test_the_jobs_own_error_is_the_one_raised_when_the_last_sweep_fails_too(run, tmp_path):
     uri, _, _ = run
-    folder, missing = tmp_path / "epochs", SimpleNamespace(tracking_uri=uri, run_id="no-such-run")
+    folder, missing = tmp_path / "epochs", SimpleNamespace(tracking_uri=uri, opened_id=lambda: "no-such-run")
     with pytest.raises(RuntimeError, match="the job failed"), EpochLogTail(str(folder), missing, interval=60):
         write_epoch(str(folder), {"epoch": 1, "loss": 2.0})
         raise RuntimeError("the job failed")

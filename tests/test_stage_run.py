@@ -33,7 +33,7 @@ def test_no_secret_from_the_environment_reaches_mlflow(project, monkeypatch):
     for key, value in secrets.items():
         monkeypatch.setenv(key, value)
     with stage("teacher_finetune", ["teacher", "model", "ray", "mlflow"]) as ctx:
-        run_id = ctx.run_id
+        run_id = ctx.active_run_id()
     client = MlflowClient()
     run = client.get_run(run_id)
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])
@@ -53,7 +53,7 @@ def test_each_round_is_an_mlflow_run_of_its_own_name(project, monkeypatch, runni
 
     monkeypatch.setenv("DVC_STAGE", running)
     with stage("student_train", ["student"]) as ctx:
-        run_id = ctx.run_id
+        run_id = ctx.active_run_id()
     assert ctx.name == expected
     run = MlflowClient().get_run(run_id)
     assert run.info.run_name == expected and run.data.tags["dvc.stage"] == expected
@@ -117,17 +117,19 @@ def test_a_run_opened_with_the_job_is_opened_meanwhile_active_after_it_and_faile
     import mlflow
     from mlflow import MlflowClient
 
-    with stage("teacher_finetune", ["teacher"], run_opens_with_job=True) as ctx:
+    with stage("teacher_finetune", ["teacher"]) as ctx:
         assert mlflow.active_run() is None  # nothing opened before the job
         ctx.run.open_meanwhile()  # what `launch` does right before its blocking call
-        run_id = ctx.run.run_id  # waits for the thread
+        run_id = ctx.run.opened_id()  # waits for the thread
         assert mlflow.active_run() is None
-        assert ctx.run_id == run_id == mlflow.active_run().info.run_id  # active for the stage's own log calls
+        assert ctx.active_run_id() == run_id == mlflow.active_run().info.run_id  # active for the stage's own log calls
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["wall_s"] > 0
+    # Opened late, it still starts when the stage's process did: the UI's Duration is the stage's.
+    assert run.info.start_time == pytest.approx(ctx.started_at * 1000, abs=1)
     assert run.data.params["teacher.epochs"]
     # A stage that fails before its job still leaves a FAILED run on record.
-    with pytest.raises(SystemExit), stage("student_train", ["student"], run_opens_with_job=True):
+    with pytest.raises(SystemExit), stage("student_train", ["student"]):
         raise ConfigError("student.epochs: expected a positive integer")
     failed = MlflowClient().search_runs([run.info.experiment_id], "attributes.run_name = 'student_train'")
     assert [r.info.status for r in failed] == ["FAILED"]
@@ -142,10 +144,16 @@ def test_an_unreachable_tracking_server_is_said_before_the_job_and_promptly(proj
         port = free.getsockname()[1]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:secret@127.0.0.1:{port}")
     started = time.time()
-    with pytest.raises(SystemExit), stage("teacher_finetune", ["teacher"], run_opens_with_job=True) as ctx:
-        ctx.run.open_meanwhile()  # what `launch` does right before its job
-        pytest.fail("the job started")
+    with pytest.raises(SystemExit), stage("teacher_finetune", ["teacher"]):
+        pytest.fail("the stage's work started")
     assert time.time() - started < 15  # the failed stage does not try the server again on its way out
     assert capsys.readouterr().err.splitlines()[-1].startswith(
         f"error: the MLflow tracking server http://127.0.0.1:{port} (mlflow.tracking_uri or MLFLOW_TRACKING_URI) "
         "cannot be reached: ")
+
+
+def test_logging_to_mlflow_before_asking_for_the_run_is_a_bug_said_by_name(project):
+    import mlflow
+
+    with pytest.raises(RuntimeError, match="evaluate: the stage logged to MLflow before"), stage("evaluate", ["evaluate"]):
+        mlflow.log_metric("x", 1.0)  # MLflow starts a run of its own for this

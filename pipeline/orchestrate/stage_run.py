@@ -52,14 +52,14 @@ class StageContext:
     params: Params
     root: Path
     run: StageRun  # its MLflow run
+    started_at: float  # wall clock when the stage's process started
     curves: Path | None = None  # where `training.train` writes the per-epoch metrics (CSV, a DVC plot)
     summary: dict = field(default_factory=dict)
     trained_at: float | None = None  # wall clock when the Ray Train job returned
-    started_at: float = field(default_factory=process_started_at)  # read once
 
-    @property
-    def run_id(self) -> str:
-        """The stage's MLflow run, open and MLflow's active run from here on."""
+    def active_run_id(self) -> str:
+        """The stage's MLflow run, opened if it is not yet, and MLflow's active run from here
+        on: a stage body calls this before its own `mlflow.log_*` calls."""
         return self.run.activate()
 
 
@@ -136,26 +136,30 @@ def dvc_stage_name(script_stage: str) -> str:
 @contextmanager
 def stage(name: str, sections: list[str], prepared: Path | None = None,
           params_file: str = "params.yaml", overrides: list[str] = (),
-          curves: Path | None = None, run_opens_with_job: bool = False) -> Iterator[StageContext]:
-    """Run a stage body inside its MLflow run; logs wall time and prints the summary line.
+          curves: Path | None = None) -> Iterator[StageContext]:
+    """Run a stage body as one MLflow run; logs wall time and prints the summary line.
 
-    The run is open and MLflow's active run from the start, or, with `run_opens_with_job`, opened
-    while the stage's Ray Train job starts (`training.train`) and active after it: such a body
-    logs to MLflow only after `train` or `ctx.run_id`."""
+    The run is created when first needed, not at the start: on a thread while the stage's Ray
+    Train job starts (`training.train`), or when the body asks for it (`ctx.active_run_id()`,
+    before its own `mlflow.log_*` calls), or here at the end; it starts when the process did,
+    whenever it is created. A tracking server that does not answer is said at the start."""
     name = dvc_stage_name(name)
     collect_nothing_at_exit()
+    started_at = process_started_at()
     run = None
     try:
         params = load_params(params_file, overrides)
         from pipeline.data.manifest import manifest_hash, read_manifest
         from pipeline.runtime.tracking import StageRun, log_metrics, log_prepared_data, tag_with_parent
 
-        run = StageRun(name, params, sections, Path.cwd())
-        ctx = StageContext(name, params, Path.cwd(), run, curves=curves)
-        if not run_opens_with_job:
-            run.activate()
+        run = StageRun(name, params, sections, Path.cwd(), started_at)
+        run.check_reachable()
+        ctx = StageContext(name, params, Path.cwd(), run, started_at, curves=curves)
         yield ctx
-        run_id = ctx.run_id
+        if not run.active and "mlflow" in sys.modules and sys.modules["mlflow"].active_run() is not None:
+            raise RuntimeError(f"{name}: the stage logged to MLflow before `ctx.active_run_id()`, so MLflow "
+                               "started a run of its own")
+        run_id = ctx.active_run_id()
         if prepared is not None:  # read at the end: `prepare` writes the manifest itself
             digest = manifest_hash(prepared)
             tag_with_parent("data.manifest_hash", digest)

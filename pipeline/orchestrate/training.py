@@ -26,7 +26,7 @@ def train(ctx: StageContext, recipe: Recipe, job: JobConfig, inputs: list[Path])
     state, metrics = launch(ctx.name, recipe, job, ctx.params.ray, inputs, ctx.run)
     ctx.trained_at = time.time()
     ctx.summary |= job_phases(launched_at, metrics, ctx.trained_at)
-    run_id = ctx.run_id  # open and active from here: the stage's own `mlflow.log_*` calls log to it
+    run_id = ctx.active_run_id()  # the stage's own `mlflow.log_*` calls log to it from here
     if ctx.curves is not None:
         from pipeline.data.atomic import write_text_atomic
         from pipeline.runtime.tracking import metric_history_csv

@@ -95,6 +95,6 @@ class EpochLogTail:
             with self.filesystem.open_input_stream(path) as f:
                 metrics = json.loads(f.read())
             epochs.append((int(metrics["epoch"]), written_at_ms(path), metrics))
-        log_metric_steps(self.run.tracking_uri, self.run.run_id, epochs)
+        log_metric_steps(self.run.tracking_uri, self.run.opened_id(), epochs)
         for path in paths:  # logged: the next sweep, or a relaunch, must not log them again
             self.filesystem.delete_file(path)

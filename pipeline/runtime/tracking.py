@@ -8,7 +8,6 @@ import socket
 import subprocess
 import threading
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 from pipeline.config.params import ConfigError, MlflowConfig, Params, section_dict
@@ -183,12 +182,13 @@ def require_reachable(uri: str) -> None:
                           f"or MLFLOW_TRACKING_URI) cannot be reached: {err.strerror or err}") from err
 
 
-def open_stage_run(stage: str, params: Params, sections: list[str], root: Path) -> str:
+def open_stage_run(stage: str, params: Params, sections: list[str], root: Path, started_at: float) -> str:
     """Create the MLflow run of one stage execution and return its id.
 
     Logs the stage's params sections flattened (`teacher.lr`) and tags it (the caller adds the
     data manifest hash once the manifest exists); the parent run collects the stages of one
-    pipeline execution.
+    pipeline execution. The run starts when the stage's process did (`started_at`), whenever
+    it is created, so the UI's Duration is the stage's.
     """
     from mlflow import MlflowClient
 
@@ -198,7 +198,8 @@ def open_stage_run(stage: str, params: Params, sections: list[str], root: Path) 
     execution, commit = execution_id(), git_commit(root)
     parent = _parent_run(client, experiment_id, execution, commit, root)
     tags = {"mlflow.parentRunId": parent, EXECUTION_TAG: execution, "dvc.stage": stage, "git.commit": commit}
-    run_id = client.create_run(experiment_id, run_name=stage, tags=tags).info.run_id
+    run_id = client.create_run(experiment_id, start_time=int(started_at * 1000), run_name=stage,
+                               tags=tags).info.run_id
     flat = {}
     for section in sections:
         flat |= flatten(section, section_dict(params, section))
@@ -208,29 +209,32 @@ def open_stage_run(stage: str, params: Params, sections: list[str], root: Path) 
 
 
 class StageRun:
-    """A stage execution's MLflow run (`open_stage_run`), opened when first asked for, or on a
+    """A stage execution's MLflow run (`open_stage_run`), created when first needed, or on a
     thread while the stage waits on its Ray job (`open_meanwhile`, called right before the job's
     blocking call): MLflow's imports, its store's first connection and the run's queries (about
     1.5 s of a core here) then use the core a job's start leaves idle, instead of delaying the
     job. (A thread started any earlier would share the stage's one busy core under the GIL.)"""
 
-    def __init__(self, stage: str, params: Params, sections: list[str], root: Path):
+    def __init__(self, stage: str, params: Params, sections: list[str], root: Path, started_at: float):
         self.tracking_uri = resolve_tracking_uri(params.mlflow, root)
-        self._open = lambda: open_stage_run(stage, params, sections, root)
+        self._open = lambda: open_stage_run(stage, params, sections, root, started_at)
         self._opener: threading.Thread | None = None
         self._run_id: str | None = None
         self._error: BaseException | None = None
-        self._active, self._activated = ExitStack(), False
+        self.active = False  # MLflow's active run: `mlflow.log_*` log to it
+
+    def check_reachable(self) -> None:
+        """Say a tracking server that does not answer now, before the stage works, not once it
+        has (`require_reachable`)."""
+        try:
+            require_reachable(self.tracking_uri)
+        except ConfigError as err:
+            self._error = err  # so that closing the failed stage does not try the server again
+            raise
 
     def open_meanwhile(self) -> None:
-        """Open the run on a thread. A tracking server that does not answer is said now, before
-        the job, not once it has trained."""
+        """Open the run on a thread."""
         if self._opener is None and self._run_id is None and self._error is None:
-            try:
-                require_reachable(self.tracking_uri)
-            except ConfigError as err:
-                self._error = err  # so that closing the failed stage does not try the server again
-                raise
             self._opener = threading.Thread(target=self._opening, daemon=True)
             self._opener.start()
 
@@ -240,9 +244,8 @@ class StageRun:
         except BaseException as err:  # noqa: BLE001 -- raised where the id is asked for
             self._error = err
 
-    @property
-    def run_id(self) -> str:
-        """The run's id, once it is open: waits for `open_meanwhile`'s thread, or opens it now."""
+    def opened_id(self) -> str:
+        """The run's id: waits for `open_meanwhile`'s thread, or opens the run now."""
         if self._opener is not None:
             self._opener.join()
         elif self._run_id is None and self._error is None:
@@ -252,30 +255,30 @@ class StageRun:
         return self._run_id
 
     def activate(self) -> str:
-        """Make the run MLflow's active run (`mlflow.log_*` log to it) until `close`; its id."""
+        """Make the run MLflow's active run until `close`; its id."""
         import mlflow
 
-        run_id = self.run_id
-        if not self._activated:
+        run_id = self.opened_id()
+        if not self.active:
             mlflow.set_tracking_uri(self.tracking_uri)
-            self._active.enter_context(mlflow.start_run(run_id=run_id))
-            self._activated = True
+            mlflow.start_run(run_id=run_id)
+            self.active = True
         return run_id
 
     def close(self, failure: BaseException | None = None) -> None:
         """End the run: FINISHED, or FAILED with `failure`, which also opens a run not opened
         yet, so that every failed stage execution is on record."""
+        import mlflow
+
         if failure is None:
             self.activate()
-            self._active.close()
+            mlflow.end_run("FINISHED")
             return
         try:
-            if self._activated:  # leaving MLflow's active run with the failure ends it FAILED
-                self._active.__exit__(type(failure), failure, failure.__traceback__)
+            if self.active:
+                mlflow.end_run("FAILED")
             else:
-                from mlflow import MlflowClient
-
-                MlflowClient(self.tracking_uri).set_terminated(self.run_id, "FAILED")
+                mlflow.MlflowClient(self.tracking_uri).set_terminated(self.opened_id(), "FAILED")
         except BaseException:  # noqa: BLE001, S110 -- the tracking store fails too: the stage's own error is the one to see
             pass
 

@@ -34,9 +34,11 @@ def plain_setup(job: JobConfig, device: torch.device = torch.device("cpu")) -> W
 
 def plain_launch(stage: str, recipe: Recipe, job: JobConfig, ray_cfg: RayConfig, inputs: list[Path],
                  run: StageRun | None = None) -> tuple[dict, dict]:
-    """What `launch` returns, trained in this process: the state and the final metrics. `run`
-    is not used: no epoch's metrics are logged, and the stage opens its MLflow run once this
-    returns."""
+    """What `launch` returns, trained in this process: the state and the final metrics. The
+    stage's MLflow `run` is opened first, as a stage with no job to wait on would; no epoch's
+    metrics are logged."""
+    if run is not None:
+        run.opened_id()
     started = time.perf_counter()
     rows = {name: rows_of(rows_type, read_rank_columns([str(f) for f in dataset_files(folders)],
                                                        list(rows_type._fields)))
