@@ -14,16 +14,26 @@ TRAIN_PHOTOS = ("astronaut", "coffee", "chelsea", "brick", "grass", "immunohisto
 VAL_PHOTOS = ("rocket", "gravel", "hubble_deep_field", "sklearn:flower.jpg")
 
 
+def sklearn_photo(name: str) -> np.ndarray:
+    """One of scikit-learn's sample photos, decoded as its `load_sample_images` decodes them,
+    read from the package's folder without importing scikit-learn (a second or more of every
+    `prepare`)."""
+    import importlib.util
+
+    package = importlib.util.find_spec("sklearn")
+    if package is None or package.origin is None:
+        raise ImportError("scikit-learn is not installed: its sample photos are backgrounds of the built-in datasets")
+    with Image.open(Path(package.origin).parent / "datasets" / "images" / name) as image:
+        return np.asarray(image)
+
+
 def load_photos(names: tuple[str, ...]) -> list[np.ndarray]:
     """The named photos as uint8 RGB arrays (grey ones repeated over the three channels)."""
     from skimage import data as skdata
-    from sklearn.datasets import load_sample_images
 
-    samples = load_sample_images()  # reads and decodes every sample photo: once
-    sklearn_photos = dict(zip((Path(p).name for p in samples.filenames), samples.images))
     photos = []
     for name in names:
-        photo = sklearn_photos[name.split(":", 1)[1]] if name.startswith("sklearn:") else getattr(skdata, name)()
+        photo = sklearn_photo(name.split(":", 1)[1]) if name.startswith("sklearn:") else getattr(skdata, name)()
         photo = photo[0] if isinstance(photo, tuple) else photo  # stereo pairs: the left view
         photos.append(np.ascontiguousarray(np.repeat(photo[..., None], 3, axis=2) if photo.ndim == 2 else photo[..., :3]))
     return photos
