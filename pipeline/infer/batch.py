@@ -28,6 +28,8 @@ from pipeline.infer.metrics import ValCounts, confusion_matrix
 from pipeline.runtime.storage import worker_uris
 
 if TYPE_CHECKING:  # the models (timm) are imported where a network is built: not by a stage's driver
+    from ray import ObjectRef
+
     from pipeline.models.transunet import SegmentationNet
 
 Batch = dict[str, np.ndarray]
@@ -77,10 +79,14 @@ def stored_png(example_id: str, value) -> np.ndarray:
 class SegmenterReplica:
     """One actor of the Ray Data pool: the models built once, then `predict_batch` per batch."""
 
-    def __init__(self, states: dict[str, dict], model: ModelConfig, num_classes: int, flip_tta: bool,
+    def __init__(self, states: ObjectRef, model: ModelConfig, num_classes: int, flip_tta: bool,
                  threads: int, use_gpu: bool):
+        """`states`: the models' state dicts by name, in Ray's object store."""
+        import ray
+
         from pipeline.models.transunet import build_network
 
+        states = ray.get(states)
         torch.set_num_threads(threads)
         device = torch.device("cuda" if use_gpu else "cpu")
         self.models = {}
@@ -114,8 +120,15 @@ def local_predictions(models: dict[str, SegmentationNet], split: Path, columns: 
 def ray_predictions(states: dict[str, dict], model: ModelConfig, num_classes: int, split: Path, columns: list[str],
                     batch_size: int, flip_tta: bool, ray_cfg: RayConfig) -> Iterator[Iterator[Batch]]:
     """`predict_batch` over a split as a Ray Data pipeline with `ray.inference_actors` model
-    replicas (one GPU each when `use_gpu`), batches returned in the split's order."""
-    with ray_map(SegmenterReplica, {"states": states, "model": model, "num_classes": num_classes, "flip_tta": flip_tta,
+    replicas (one GPU each when `use_gpu`), batches returned in the split's order. The weights
+    go to the replicas through Ray's object store as one reference: Ray Data writes out its
+    actors' arguments (`repr`, every tensor of every state dict, twice: ~0.5 s a model here)."""
+    from pipeline.runtime.ray_session import init_ray
+
+    init_ray(ray_cfg)
+    import ray
+
+    with ray_map(SegmenterReplica, {"states": ray.put(states), "model": model, "num_classes": num_classes, "flip_tta": flip_tta,
                                     "threads": ray_cfg.cpus_per_worker, "use_gpu": ray_cfg.use_gpu},
                  split, columns, batch_size, ray_cfg) as batches:
         yield batches
