@@ -50,6 +50,7 @@ def main() -> None:
         import_meanwhile("matplotlib.pyplot", *(["pipeline.infer.registry"] if cfg.registered_model else []))
         with ray_predictions(models, model, len(classes), args.prepared / "val", ["id", "image", "mask"],
                              cfg.batch_size, False, ctx.params.ray) as predictions:
+            ctx.run.open_meanwhile()  # Ray Data starts on the first batch asked for: its actors' start leaves a core idle
             counts, samples = counts_and_samples(predictions, list(models), len(classes), cfg.grid_images)
         scores = {name: c.scores(classes) for name, c in counts.items()}
         write_text_atomic(args.metrics, json.dumps(scores, indent=2) + "\n")

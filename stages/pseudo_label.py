@@ -41,6 +41,7 @@ def main() -> None:
         with ray_predictions({"teacher": teacher}, ctx.params.model, manifest["num_classes"], unlabeled,
                              ["id", "image", "mask"], cfg.batch_size, cfg.flip_tta, ctx.params.ray) as predictions, \
                 staged(args.out) as tmp:
+            ctx.run.open_meanwhile()  # Ray Data starts on the first batch asked for: its actors' start leaves a core idle
             rows = pseudo_label_rows(predictions, "teacher", confusion)
             ctx.summary["images"] = write_shards(rows, PSEUDO_SCHEMA, tmp, ctx.params.data.shard_rows)
         if confusion.sum() > 0:
