@@ -223,3 +223,25 @@ def test_pipeline_run_starts_no_ray_for_a_dvc_already_gone_or_a_named_cluster(te
         running.kill()
         running.wait()
     assert not list(shared_dir().iterdir())
+
+
+@pytest.mark.slow
+def test_the_local_ray_starts_no_idle_workers_for_its_first_driver(temp_dir):
+    """Ray starts an idle Python worker per CPU when its first driver connects; a stage's job
+    asks for workers with its own runtime env, so those would only take the cores while the
+    first stage's job starts."""
+    script = textwrap.dedent("""
+        import time, psutil
+        from pipeline.runtime.local_ray import start_local_ray
+        start_local_ray(2, runtime_env={"env_vars": {"STAGE": "1"}})  # as a stage's `init_ray` does
+        time.sleep(6)  # they come within a few seconds of the driver's connection
+        print(sorted(p.name() for p in psutil.Process().children(recursive=True)))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "TMPDIR": str(temp_dir)}
+    for key in ("RAY_ADDRESS", "RAY_prestart_worker_first_driver"):
+        env.pop(key, None)
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    names = run.stdout.splitlines()[-1]
+    assert "raylet" in names and "ray::IDLE" not in names, names

@@ -39,6 +39,12 @@ from pipeline.runtime.execution import ProcessRef, dvc_process
 # while the worker imports torch) and a poller beside the training loop. A cluster keeps it.
 # A stage's driver passes them on to Ray Train's controller and workers.
 LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Read by the raylet of a Ray this pipeline starts. Ray starts one idle Python worker per CPU
+# when its first driver connects, for that driver's tasks; a stage's job asks for workers with
+# its own runtime env, which those do not have, so they only took the cores while the job of a
+# stage (or test) with a Ray of its own started: an empty Ray Train job on a new Ray 17.2 ->
+# 14.7 s here, medians of 4. (A repro's shared Ray is its own first driver, long before a stage.)
+LOCAL_RAY_ENV = {"RAY_prestart_worker_first_driver": "0"}
 # A Ray this pipeline starts serves this machine's stages alone, so every server of it (GCS, the
 # raylet's node and object managers, each driver's and worker's gRPC server, the runtime-env agent)
 # listens on loopback only. Ray binds them there only when its node IP is loopback, and on Linux it
@@ -67,9 +73,9 @@ def start_local_ray(num_cpus: int, **init_options):
     """Start a new local Ray (never attach to one already running on the machine, whose
     resources we do not know) whose servers all listen on loopback only (`LOOPBACK_ENV`), with
     this process's environment (and so its stages' and Ray's workers') given that setting and
-    the Ray Train settings for one machine, values already set winning for the latter; returns
+    the Ray Train and raylet settings for one machine, values already set winning for the latter; returns
     `ray.init`'s context. Best called before Ray is imported."""
-    for key, value in LOCAL_TRAIN_ENV.items():
+    for key, value in {**LOCAL_TRAIN_ENV, **LOCAL_RAY_ENV}.items():
         os.environ.setdefault(key, value)
     _use_loopback()
     import ray
