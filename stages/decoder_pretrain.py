@@ -10,7 +10,7 @@ from pipeline.data.manifest import pretraining_images, read_manifest
 from pipeline.infer.figures import denoising_triplets
 from pipeline.models.checkpoints import DENOISER, ENCODER, load_weights, save_weights
 from pipeline.models.denoising import DENOISE_CHANNELS, corrupt
-from pipeline.orchestrate.stage_run import import_meanwhile, stage, stage_parser
+from pipeline.orchestrate.stage_run import stage, stage_parser
 from pipeline.orchestrate.training import train
 from pipeline.train.loop import JobConfig
 from pipeline.train.recipes import DecoderPretrain
@@ -46,10 +46,10 @@ def main() -> None:
         manifest = read_manifest(args.prepared)
         encoder = load_weights(args.encoder, ENCODER, model)
         if cfg.mode != "none":
-            import_meanwhile("pipeline.models.transunet", "matplotlib.pyplot")  # for the figures after the job
             job = JobConfig(train=cfg, model=model, num_classes=manifest["num_classes"], init_state=encoder)
             state = train(ctx, DecoderPretrain(images=tuple(pretraining_images(args.prepared, manifest))), job,
-                              inputs=[args.prepared, args.encoder])
+                          inputs=[args.prepared, args.encoder],
+                          imports=("pipeline.models.transunet", "matplotlib.pyplot"))  # for the figures after it
         from pipeline.models.transunet import build_network
 
         torch.manual_seed(cfg.seed)  # mode none: this is the decoder the teacher starts from

@@ -16,7 +16,8 @@ from pipeline.infer.batch import pseudo_label_rows, ray_predictions
 from pipeline.infer.figures import pseudo_label_grid
 from pipeline.infer.metrics import segmentation_scores
 from pipeline.models.checkpoints import SEGMENTER, load_weights
-from pipeline.orchestrate.stage_run import import_meanwhile, stage, stage_parser
+from pipeline.orchestrate.stage_run import stage, stage_parser
+from pipeline.runtime.meanwhile import import_meanwhile
 
 EXAMPLES = 6  # images in the pseudo-label figure
 
@@ -36,12 +37,12 @@ def main() -> None:
         manifest = read_manifest(args.prepared)
         teacher = load_weights(args.teacher, SEGMENTER, ctx.params.model, manifest["classes"])
         confusion = torch.zeros(manifest["num_classes"], manifest["num_classes"], dtype=torch.long)
-        if args.figures:
-            import_meanwhile("matplotlib.pyplot")
         with ray_predictions({"teacher": teacher}, ctx.params.model, manifest["num_classes"], unlabeled,
                              ["id", "image", "mask"], cfg.batch_size, cfg.flip_tta, ctx.params.ray) as predictions, \
                 staged(args.out) as tmp:
-            ctx.run.open_meanwhile()  # Ray Data starts on the first batch asked for: its actors' start leaves a core idle
+            # Ray Data starts on the first batch asked for: its actors' start leaves a core idle.
+            ctx.run.open_meanwhile()
+            import_meanwhile(*(["matplotlib.pyplot"] if args.figures else []))
             rows = pseudo_label_rows(predictions, "teacher", confusion)
             ctx.summary["images"] = write_shards(rows, PSEUDO_SCHEMA, tmp, ctx.params.data.shard_rows)
         if confusion.sum() > 0:

@@ -241,7 +241,7 @@ def test_the_local_ray_starts_no_idle_workers_for_its_first_driver(temp_dir):
     for key in ("RAY_ADDRESS", "RAY_prestart_worker_first_driver"):
         env.pop(key, None)
     run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     names = run.stdout.splitlines()[-1]
     assert "raylet" in names and "ray::IDLE" not in names, names

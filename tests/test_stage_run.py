@@ -100,7 +100,7 @@ def test_modules_imported_meanwhile_arrive_without_the_stage_importing_them(monk
     import sys
     import time
 
-    from pipeline.orchestrate.stage_run import import_meanwhile
+    from pipeline.runtime.meanwhile import import_meanwhile
 
     monkeypatch.delitem(sys.modules, "wave", raising=False)
     import_meanwhile("wave")

@@ -28,16 +28,6 @@ def process_started_at() -> float:
     return time.time() - seconds_since_start(os.getpid())
 
 
-def import_meanwhile(*modules: str) -> None:
-    """Import `modules` on a daemon thread while this stage's Ray job starts and runs: the driver
-    mostly waits on Ray then, with a core to spare on a small machine, and the stage's own
-    import of the same module after the job waits for this one instead of starting over."""
-    import importlib
-    import threading
-
-    threading.Thread(target=lambda: [importlib.import_module(m) for m in modules], daemon=True).start()
-
-
 def collect_nothing_at_exit() -> None:
     """A stage's process exits once its work is done, and Python's exit would then run full
     garbage-collection passes over the ~500,000 objects torch, timm, Ray and MLflow made: 1.5-2 s

@@ -11,9 +11,10 @@ from pipeline.train.loop import JobConfig
 from pipeline.train.recipes import Recipe
 
 
-def train(ctx: StageContext, recipe: Recipe, job: JobConfig, inputs: list[Path]) -> dict:
-    """Train `recipe` as the stage's Ray Train job, its MLflow run opened meanwhile; return the
-    final state dict."""
+def train(ctx: StageContext, recipe: Recipe, job: JobConfig, inputs: list[Path],
+          imports: tuple[str, ...] = ()) -> dict:
+    """Train `recipe` as the stage's Ray Train job, its MLflow run opened and `imports` (what the
+    stage needs after it) imported meanwhile; return the final state dict."""
     from pipeline.data.shards import check_rows
     # Imported here, not at the top: the benchmark's baseline (`pipeline.tools.plain`) replaces `launch`.
     from pipeline.train.launch import job_phases, launch
@@ -23,7 +24,7 @@ def train(ctx: StageContext, recipe: Recipe, job: JobConfig, inputs: list[Path])
     job.cpus_per_worker = ctx.params.ray.cpus_per_worker
     launched_at = time.time()
     ctx.summary["startup_s"] = launched_at - ctx.started_at
-    state, metrics = launch(ctx.name, recipe, job, ctx.params.ray, inputs, ctx.run)
+    state, metrics = launch(ctx.name, recipe, job, ctx.params.ray, inputs, ctx.run, imports)
     ctx.trained_at = time.time()
     ctx.summary |= job_phases(launched_at, metrics, ctx.trained_at)
     run_id = ctx.active_run_id()  # the stage's own `mlflow.log_*` calls log to it from here

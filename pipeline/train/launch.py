@@ -16,6 +16,7 @@ import torch
 
 from pipeline.config.params import RayConfig
 from pipeline.data.shards import dataset_files, read_rank_columns
+from pipeline.runtime.meanwhile import import_meanwhile
 from pipeline.runtime.ray_logging import verbose
 from pipeline.runtime.ray_session import init_ray
 from pipeline.runtime.storage import worker_uris
@@ -59,15 +60,16 @@ def job_configs(ray_cfg: RayConfig, name: str, storage: str) -> dict:
 
 
 def launch(stage: str, recipe: Recipe, job: JobConfig, ray_cfg: RayConfig, inputs: list[Path],
-           run: StageRun | None = None) -> tuple[dict, dict]:
+           run: StageRun | None = None, imports: tuple[str, ...] = ()) -> tuple[dict, dict]:
     """Train `recipe` as a Ray Train job; return (final state dict, final reported metrics).
 
     Each worker reads its share of the recipe's Parquet shards itself (`worker_entry`).
     Checkpoints live under `ray.storage_path` while the job runs and are removed once the final
     state is back, since the stage exports it as its DVC output; so do the epochs' metrics that
     rank 0 writes there and this process logs to the stage's MLflow `run`, which it opens while
-    the job starts (`runtime.epoch_log`, `runtime.tracking.StageRun`). The driver never imports
-    the models (timm and torchvision cost seconds per stage); only the workers do, in `recipe.build`.
+    the job starts (`runtime.epoch_log`, `runtime.tracking.StageRun`), and imports `imports` (what
+    the stage needs after the job) meanwhile. The driver never imports the models for the job
+    (timm and torchvision cost seconds per stage); only the workers do, in `recipe.build`.
     """
     init_ray(ray_cfg)
     from ray.train.torch import TorchTrainer
@@ -83,6 +85,7 @@ def launch(stage: str, recipe: Recipe, job: JobConfig, ray_cfg: RayConfig, input
                            **job_configs(ray_cfg, name, storage))
     if run:
         run.open_meanwhile()
+    import_meanwhile(*imports)
     with EpochLogTail(job.epoch_log_uri, run) if run else nullcontext():
         result = trainer.fit()
     with result.checkpoint.as_directory() as ckpt_dir:
