@@ -157,3 +157,4 @@ def test_logging_to_mlflow_before_asking_for_the_run_is_a_bug_said_by_name(proje
 
     with pytest.raises(RuntimeError, match="evaluate: the stage logged to MLflow before"), stage("evaluate", ["evaluate"]):
         mlflow.log_metric("x", 1.0)  # MLflow starts a run of its own for this
+    assert mlflow.active_run() is None  # ended, not left for whatever runs next in the process

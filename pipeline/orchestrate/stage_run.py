@@ -146,9 +146,10 @@ def stage(name: str, sections: list[str], prepared: Path | None = None,
         run.check_reachable()
         ctx = StageContext(name, params, Path.cwd(), run, started_at, curves=curves)
         yield ctx
-        if not run.active and "mlflow" in sys.modules and sys.modules["mlflow"].active_run() is not None:
+        if not run.active and "mlflow" in sys.modules and (stray := sys.modules["mlflow"].active_run()) is not None:
+            sys.modules["mlflow"].end_run("FAILED")
             raise RuntimeError(f"{name}: the stage logged to MLflow before `ctx.active_run_id()`, so MLflow "
-                               "started a run of its own")
+                               f"started a run of its own ({stray.info.run_id}, ended FAILED)")
         run_id = ctx.active_run_id()
         if prepared is not None:  # read at the end: `prepare` writes the manifest itself
             digest = manifest_hash(prepared)
