@@ -18,7 +18,6 @@ from pipeline.infer.batch import counts_and_samples, ray_predictions
 from pipeline.infer.figures import confusion_figure, per_class_bars, prediction_grid
 from pipeline.models.checkpoints import SEGMENTER, load_weights
 from pipeline.orchestrate.stage_run import stage, stage_parser
-from pipeline.runtime.meanwhile import import_meanwhile
 
 
 def per_class_csv(scores: dict, classes: list[str]) -> str:
@@ -51,8 +50,7 @@ def main() -> None:
         with ray_predictions(models, model, len(classes), args.prepared / "val", ["id", "image", "mask"],
                              cfg.batch_size, False, ctx.params.ray) as predictions:
             # Ray Data starts on the first batch asked for: its actors' start leaves a core idle.
-            ctx.run.open_meanwhile()
-            import_meanwhile("matplotlib.pyplot", *(["pipeline.infer.registry"] if cfg.registered_model else []))
+            ctx.while_job_starts("matplotlib.pyplot", *(["pipeline.infer.registry"] if cfg.registered_model else []))
             counts, samples = counts_and_samples(predictions, list(models), len(classes), cfg.grid_images)
         scores = {name: c.scores(classes) for name, c in counts.items()}
         write_text_atomic(args.metrics, json.dumps(scores, indent=2) + "\n")

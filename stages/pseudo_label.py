@@ -17,7 +17,6 @@ from pipeline.infer.figures import pseudo_label_grid
 from pipeline.infer.metrics import segmentation_scores
 from pipeline.models.checkpoints import SEGMENTER, load_weights
 from pipeline.orchestrate.stage_run import stage, stage_parser
-from pipeline.runtime.meanwhile import import_meanwhile
 
 EXAMPLES = 6  # images in the pseudo-label figure
 
@@ -41,8 +40,7 @@ def main() -> None:
                              ["id", "image", "mask"], cfg.batch_size, cfg.flip_tta, ctx.params.ray) as predictions, \
                 staged(args.out) as tmp:
             # Ray Data starts on the first batch asked for: its actors' start leaves a core idle.
-            ctx.run.open_meanwhile()
-            import_meanwhile(*(["matplotlib.pyplot"] if args.figures else []))
+            ctx.while_job_starts(*(["matplotlib.pyplot"] if args.figures else []))
             rows = pseudo_label_rows(predictions, "teacher", confusion)
             ctx.summary["images"] = write_shards(rows, PSEUDO_SCHEMA, tmp, ctx.params.data.shard_rows)
         if confusion.sum() > 0:

@@ -113,13 +113,29 @@ def test_modules_imported_meanwhile_arrive_without_the_stage_importing_them(monk
     assert wave.open
 
 
+def test_a_stage_with_no_job_to_wait_on_has_its_run_and_imports_when_while_job_starts_returns(project, monkeypatch):
+    """The benchmark's plain baseline (`job_starting(wait=True)`): nothing left on a thread
+    beside its training."""
+    import sys
+
+    import mlflow
+
+    monkeypatch.delitem(sys.modules, "wave", raising=False)
+    with stage("teacher_finetune", ["teacher"]) as ctx:
+        ctx.while_job_starts("wave", wait=True)
+        assert "wave" in sys.modules and ctx.run._opener is not None and not ctx.run._opener.is_alive()
+        assert mlflow.active_run() is None  # opened, not made MLflow's active run
+        run_id = ctx.active_run_id()
+    assert mlflow.MlflowClient().get_run(run_id).info.status == "FINISHED"
+
+
 def test_a_run_opened_with_the_job_is_opened_meanwhile_active_after_it_and_failed_when_the_stage_fails(project):
     import mlflow
     from mlflow import MlflowClient
 
     with stage("teacher_finetune", ["teacher"]) as ctx:
         assert mlflow.active_run() is None  # nothing opened before the job
-        ctx.run.open_meanwhile()  # what `launch` does right before its blocking call
+        ctx.while_job_starts()  # what a stage does right before its job blocks
         run_id = ctx.run.opened_id()  # waits for the thread
         assert mlflow.active_run() is None
         assert ctx.active_run_id() == run_id == mlflow.active_run().info.run_id  # active for the stage's own log calls

@@ -52,6 +52,20 @@ class StageContext:
         on: a stage body calls this before its own `mlflow.log_*` calls."""
         return self.run.activate()
 
+    def while_job_starts(self, *imports: str, wait: bool = False) -> None:
+        """Call right before the stage's Ray job blocks (Train's `fit()`, the first batch asked of
+        a Ray Data pipeline): the MLflow run is opened, and `imports` (what the stage needs after
+        the job) imported, on threads that use the core a job's start leaves idle. With `wait`,
+        both are done when this returns: a stage with no job to wait on (the benchmark's plain
+        baseline) does them before its work, not beside it."""
+        from pipeline.runtime.meanwhile import import_meanwhile
+
+        self.run.open_meanwhile()
+        importing = import_meanwhile(*imports)
+        if wait:
+            importing.join()
+            self.run.opened_id()
+
 
 UNWRITABLE = (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM)
 EXIT_GRACE_S = 20
@@ -130,7 +144,7 @@ def stage(name: str, sections: list[str], prepared: Path | None = None,
     """Run a stage body as one MLflow run; logs wall time and prints the summary line.
 
     The run is created when first needed, not at the start: on a thread while the stage's Ray
-    Train job starts (`training.train`), or when the body asks for it (`ctx.active_run_id()`,
+    job starts (`ctx.while_job_starts`), or when the body asks for it (`ctx.active_run_id()`,
     before its own `mlflow.log_*` calls), or here at the end; it starts when the process did,
     whenever it is created. A tracking server that does not answer is said at the start."""
     name = dvc_stage_name(name)

@@ -4,6 +4,7 @@ curves and summary, and scores the weights on val when asked."""
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 from pipeline.orchestrate.stage_run import StageContext
@@ -14,7 +15,8 @@ from pipeline.train.recipes import Recipe
 def train(ctx: StageContext, recipe: Recipe, job: JobConfig, inputs: list[Path],
           imports: tuple[str, ...] = ()) -> dict:
     """Train `recipe` as the stage's Ray Train job, its MLflow run opened and `imports` (what the
-    stage needs after it) imported meanwhile; return the final state dict."""
+    stage needs after it) imported while the job starts (`ctx.while_job_starts`); return the
+    final state dict."""
     from pipeline.data.shards import check_rows
     # Imported here, not at the top: the benchmark's baseline (`pipeline.tools.plain`) replaces `launch`.
     from pipeline.train.launch import job_phases, launch
@@ -24,7 +26,8 @@ def train(ctx: StageContext, recipe: Recipe, job: JobConfig, inputs: list[Path],
     job.cpus_per_worker = ctx.params.ray.cpus_per_worker
     launched_at = time.time()
     ctx.summary["startup_s"] = launched_at - ctx.started_at
-    state, metrics = launch(ctx.name, recipe, job, ctx.params.ray, inputs, ctx.run, imports)
+    state, metrics = launch(ctx.name, recipe, job, ctx.params.ray, inputs, ctx.run,
+                            partial(ctx.while_job_starts, *imports))
     ctx.trained_at = time.time()
     ctx.summary |= job_phases(launched_at, metrics, ctx.trained_at)
     run_id = ctx.active_run_id()  # the stage's own `mlflow.log_*` calls log to it from here

@@ -24,6 +24,8 @@ from pipeline.train.loop import JobConfig, WorkerSetup, threads_and_seed, train_
 from pipeline.train.recipes import Recipe, rows_of
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pipeline.runtime.tracking import StageRun
 
 
@@ -33,16 +35,12 @@ def plain_setup(job: JobConfig, device: torch.device = torch.device("cpu")) -> W
 
 
 def plain_launch(stage: str, recipe: Recipe, job: JobConfig, ray_cfg: RayConfig, inputs: list[Path],
-                 run: StageRun | None = None, imports: tuple[str, ...] = ()) -> tuple[dict, dict]:
-    """What `launch` returns, trained in this process: the state and the final metrics. The
-    stage's MLflow `run` is opened and `imports` imported first, as a stage with no job to wait
-    on would; no epoch's metrics are logged."""
-    import importlib
-
-    if run is not None:
-        run.opened_id()
-    for module in imports:
-        importlib.import_module(module)
+                 run: StageRun | None = None, job_starting: Callable[..., None] | None = None) -> tuple[dict, dict]:
+    """What `launch` returns, trained in this process: the state and the final metrics.
+    `job_starting` (the stage's run opened, its imports) is done first, as a stage with no job
+    to wait on would; no epoch's metrics are logged."""
+    if job_starting is not None:
+        job_starting(wait=True)
     started = time.perf_counter()
     rows = {name: rows_of(rows_type, read_rank_columns([str(f) for f in dataset_files(folders)],
                                                        list(rows_type._fields)))

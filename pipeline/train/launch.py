@@ -16,7 +16,6 @@ import torch
 
 from pipeline.config.params import RayConfig
 from pipeline.data.shards import dataset_files, read_rank_columns
-from pipeline.runtime.meanwhile import import_meanwhile
 from pipeline.runtime.ray_logging import verbose
 from pipeline.runtime.ray_session import init_ray
 from pipeline.runtime.storage import worker_uris
@@ -24,6 +23,8 @@ from pipeline.train.loop import STATE_FILE, JobConfig, WorkerSetup, run_epochs
 from pipeline.train.recipes import Recipe, rows_of
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pipeline.runtime.tracking import StageRun
 
 
@@ -60,15 +61,15 @@ def job_configs(ray_cfg: RayConfig, name: str, storage: str) -> dict:
 
 
 def launch(stage: str, recipe: Recipe, job: JobConfig, ray_cfg: RayConfig, inputs: list[Path],
-           run: StageRun | None = None, imports: tuple[str, ...] = ()) -> tuple[dict, dict]:
+           run: StageRun | None = None, job_starting: Callable[..., None] | None = None) -> tuple[dict, dict]:
     """Train `recipe` as a Ray Train job; return (final state dict, final reported metrics).
 
     Each worker reads its share of the recipe's Parquet shards itself (`worker_entry`).
     Checkpoints live under `ray.storage_path` while the job runs and are removed once the final
     state is back, since the stage exports it as its DVC output; so do the epochs' metrics that
-    rank 0 writes there and this process logs to the stage's MLflow `run`, which it opens while
-    the job starts (`runtime.epoch_log`, `runtime.tracking.StageRun`), and imports `imports` (what
-    the stage needs after the job) meanwhile. The driver never imports the models for the job
+    rank 0 writes there and this process logs to the stage's MLflow `run` (`runtime.epoch_log`).
+    `job_starting` is called right before the job blocks (the stage's `while_job_starts`: its
+    run opened, what it needs after the job imported). The driver never imports the models for the job
     (timm and torchvision cost seconds per stage); only the workers do, in `recipe.build`.
     """
     init_ray(ray_cfg)
@@ -83,9 +84,8 @@ def launch(stage: str, recipe: Recipe, job: JobConfig, ray_cfg: RayConfig, input
     job = replace(job, epoch_log_uri=f"{storage.rstrip('/')}/{name}/epochs" if run else None)
     trainer = TorchTrainer(worker_entry, train_loop_config={"job": job, "recipe": recipe, "shards": shards},
                            **job_configs(ray_cfg, name, storage))
-    if run:
-        run.open_meanwhile()
-    import_meanwhile(*imports)
+    if job_starting is not None:
+        job_starting()
     with EpochLogTail(job.epoch_log_uri, run) if run else nullcontext():
         result = trainer.fit()
     with result.checkpoint.as_directory() as ckpt_dir:
