@@ -120,25 +120,21 @@ def local_predictions(models: dict[str, SegmentationNet], split: Path, columns: 
 def ray_predictions(states: dict[str, dict], model: ModelConfig, num_classes: int, split: Path, columns: list[str],
                     batch_size: int, flip_tta: bool, ray_cfg: RayConfig) -> Iterator[Iterator[Batch]]:
     """`predict_batch` over a split as a Ray Data pipeline with `ray.inference_actors` model
-    replicas (one GPU each when `use_gpu`), batches returned in the split's order. The weights
-    go to the replicas through Ray's object store as one reference: Ray Data writes out its
-    actors' arguments (`repr`, every tensor of every state dict, twice: ~0.5 s a model here)."""
-    from pipeline.runtime.ray_session import init_ray
-
-    init_ray(ray_cfg)
-    import ray
-
-    with ray_map(SegmenterReplica, {"states": ray.put(states), "model": model, "num_classes": num_classes, "flip_tta": flip_tta,
+    replicas (one GPU each when `use_gpu`), batches returned in the split's order."""
+    with ray_map(SegmenterReplica, {"states": states, "model": model, "num_classes": num_classes, "flip_tta": flip_tta,
                                     "threads": ray_cfg.cpus_per_worker, "use_gpu": ray_cfg.use_gpu},
-                 split, columns, batch_size, ray_cfg) as batches:
+                 split, columns, batch_size, ray_cfg, by_reference=("states",)) as batches:
         yield batches
 
 
 @contextmanager
 def ray_map(actor: type, actor_kwargs: dict, split: Path, columns: list[str], batch_size: int,
-            ray_cfg: RayConfig) -> Iterator[Iterator[Batch]]:
+            ray_cfg: RayConfig, by_reference: tuple[str, ...] = ()) -> Iterator[Iterator[Batch]]:
     """A split's `columns` through a pool of `ray.inference_actors` `actor(**actor_kwargs)`
-    (called on each batch) as a Ray Data pipeline, batches in the split's order.
+    (called on each batch) as a Ray Data pipeline, batches in the split's order. The kwargs named
+    in `by_reference` reach the actors as one reference each into Ray's object store (the actor
+    `ray.get`s them): Ray Data writes out its actors' arguments (`repr`, twice), which for a
+    model's state dict is every tensor, ~0.5 s a model here.
 
     A context manager: leaving it, however it is left, stops the pipeline and its actors while
     Ray is still up. A pipeline left to Python's exit would be stopped after Ray's own exit
@@ -150,6 +146,7 @@ def ray_map(actor: type, actor_kwargs: dict, split: Path, columns: list[str], ba
     import ray
     import ray.data
 
+    actor_kwargs = {name: ray.put(value) if name in by_reference else value for name, value in actor_kwargs.items()}
     quiet_ray_data_console()
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
