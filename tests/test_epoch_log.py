@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.runtime.epoch_log import EpochLogTail, write_epoch
+from pipeline.runtime.epoch_log import EpochLogTail, next_interval, write_epoch
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +76,26 @@ def test_the_jobs_own_error_is_the_one_raised_when_the_last_sweep_fails_too(run,
     # Without it, the tracking store's error is raised.
     with pytest.raises(Exception, match="no-such-run"), EpochLogTail(str(folder), missing, interval=60):
         pass
+
+
+def test_the_folder_is_listed_at_about_the_epochs_pace_not_every_second():
+    """Each sweep lists the folder: a paid request on an object store."""
+    assert [next_interval([], waited, 1, 60) for waited in (1, 2, 32, 60)] == [2, 4, 60, 60]  # the job starting
+    assert next_interval([5_000], 8, 1, 60) == 8  # one epoch: its pace not known yet
+    assert next_interval([0, 20_000, 40_000], 8, 1, 60) == 20  # 20-second epochs
+    assert next_interval([0, 20_000, 40_000, 400_000, 420_000], 60, 1, 60) == 20  # a relaunch's gap left out
+    assert next_interval([0, 300, 600], 2, 1, 60) == 1  # epochs faster than the shortest
+    assert next_interval([0, 3_600_000], 2, 1, 60) == 60  # hour-long epochs: still seen within a minute
+
+
+def test_the_tail_sweeps_less_often_while_no_epoch_arrives(run, tmp_path, monkeypatch):
+    uri, _, run_id = run
+    sweeps = []
+    monkeypatch.setattr(EpochLogTail, "sweep", lambda self: sweeps.append(time.monotonic()) or [])
+    with EpochLogTail(str(tmp_path / "epochs"), SimpleNamespace(tracking_uri=uri, opened_id=lambda: run_id),
+                      interval=0.05):
+        time.sleep(1.7)  # doubling from 0.05 s: sweeps at 0.05, 0.15, 0.35, 0.75, 1.55 s
+    # The five and the one on leaving (34 at a fixed 0.05 s); a busy machine only delays them.
+    assert 3 <= len(sweeps) <= 6
+    gaps = [b - a for a, b in zip(sweeps, sweeps[1:-1])]
+    assert all(gap >= 0.1 * 2**i * 0.99 for i, gap in enumerate(gaps))

@@ -12,6 +12,7 @@ opened) stays for the relaunch, which resumes the same run folder and logs it to
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import threading
 import time
@@ -42,17 +43,30 @@ def written_at_ms(path: str) -> int:
     return int(path.rsplit("-", 1)[1].removesuffix(SUFFIX)) // 1_000_000
 
 
-class EpochLogTail:
-    """The stage's side, around its job: every `interval` seconds a thread logs the epoch files
-    in the folder to the stage's MLflow `run` (once it is open), at step = epoch, and deletes
-    them; leaving the block logs the rest. A sweep that fails is tried again at the next one, and
-    the sweep after the job raises its error."""
+def next_interval(written_ms: list[int], previous: float, shortest: float, longest: float) -> float:
+    """Seconds to the next sweep, within [shortest, longest]: the epochs' pace once two epoch
+    files were seen (the median gap between when rank 0 wrote them, so that a gap a relaunch
+    left does not count); doubling from `previous` while none was (a job's start takes seconds
+    to minutes, its epochs anywhere from a second to hours), `previous` again after the first."""
+    if len(written_ms) < 2:
+        return min(max(previous if written_ms else 2 * previous, shortest), longest)
+    ordered = sorted(written_ms)
+    pace_s = statistics.median(b - a for a, b in zip(ordered, ordered[1:])) / 1000
+    return min(max(pace_s, shortest), longest)
 
-    def __init__(self, folder_uri: str, run: StageRun, interval: float = 1.0):
+
+class EpochLogTail:
+    """The stage's side, around its job: a thread sweeps the folder at about the epochs' pace
+    (`next_interval`, from `interval` to `longest` seconds apart: each sweep lists the folder, a
+    paid request on an object store), logs the epoch files in it to the stage's MLflow `run`
+    (once it is open), at step = epoch, and deletes them; leaving the block logs the rest. A
+    sweep that fails is tried again at the next one, and the sweep after the job raises its error."""
+
+    def __init__(self, folder_uri: str, run: StageRun, interval: float = 1.0, longest: float = 60.0):
         import pyarrow.fs as pafs
 
         self.filesystem, self.folder = pafs.FileSystem.from_uri(folder_uri)
-        self.run, self.interval = run, interval
+        self.run, self.interval, self.longest = run, interval, longest
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -71,25 +85,27 @@ class EpochLogTail:
             # The job's own error is the one to see; the files not logged stay for the relaunch.
 
     def _poll(self) -> None:
-        said = False
-        while not self._stop.wait(self.interval):
+        said, interval, written = False, self.interval, []
+        while not self._stop.wait(interval):
             try:
-                self.sweep()
+                written += self.sweep()
             except Exception as err:  # noqa: BLE001 -- tried again next time, raised by the sweep after the job
                 if not said:
                     print(f"warning: this stage's epochs cannot reach its MLflow run yet ({err}); the stage fails "
                           "when its job ends unless that passes (Ctrl-C stops it now; a rerun resumes it)",
                           file=sys.stderr, flush=True)
                     said = True
+            interval = next_interval(written, interval, self.interval, self.longest)
 
-    def sweep(self) -> None:
-        """Log every epoch file in the folder, in order, then delete them."""
+    def sweep(self) -> list[int]:
+        """Log every epoch file in the folder, in order, then delete them; when each was written
+        (`written_at_ms`)."""
         import pyarrow.fs as pafs
 
         found = self.filesystem.get_file_info(pafs.FileSelector(self.folder, allow_not_found=True))
         paths = sorted(info.path for info in found if info.path.endswith(SUFFIX))
         if not paths:
-            return
+            return []
         epochs = []
         for path in paths:
             with self.filesystem.open_input_stream(path) as f:
@@ -98,3 +114,4 @@ class EpochLogTail:
         log_metric_steps(self.run.tracking_uri, self.run.opened_id(), epochs)
         for path in paths:  # logged: the next sweep, or a relaunch, must not log them again
             self.filesystem.delete_file(path)
+        return [written_at_ms(path) for path in paths]
