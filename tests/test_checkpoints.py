@@ -130,6 +130,18 @@ def test_an_exported_segmenter_without_its_config_or_with_another_networks_weigh
         load_exported_segmenter(missing)
 
 
+def test_an_exported_segmenter_saved_in_half_precision_predicts_in_float32(tmp_path):
+    net = build_model(MODEL.preset, MODEL.decoder_in_channels, MODEL.decoder_channels, len(CLASSES)).eval()
+    half = tmp_path / "half.pt"
+    save_weights(half, {k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()},
+                 SEGMENTER, MODEL, CLASSES)
+    loaded, classes = load_exported_segmenter(half)
+    assert classes == CLASSES and {p.dtype for p in loaded.parameters()} == {torch.float32}
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), net(x), atol=0.05)
+
+
 # `encoder.init: timm`, offline: the weights a release publishes are stood in for by timm's own
 # model of that architecture, saved where the hub (or a user's download) would put them.
 R50 = "r50_vit_b16"

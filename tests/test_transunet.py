@@ -2,6 +2,7 @@ import pytest
 import timm
 import torch
 
+from pipeline.config.params import ModelConfig
 from pipeline.models.checkpoints import segmenter_state
 from pipeline.models.transunet import (
     ENCODER_PRESETS,
@@ -11,6 +12,7 @@ from pipeline.models.transunet import (
     build_model,
     build_vit,
     mixed_precision,
+    unfilled_network,
 )
 
 
@@ -30,6 +32,14 @@ def test_shapes_for_every_preset(preset, size, widths, din):
     assert tokens.shape == (2, spec.embed_dim, size // spec.token_stride, size // spec.token_stride)
     assert len(model.decoder.blocks) == spec.decoder_blocks == len(widths)
     assert out.shape == (2, 5, size, size)
+    # Built for a state dict to fill: nothing initialised, then every tensor the state's.
+    unfilled = unfilled_network(ModelConfig(preset, din, widths), 5)
+    assert all(t.is_meta for t in unfilled.state_dict().values())
+    unfilled.load_state_dict(model.state_dict(), assign=True)
+    # A buffer outside the state dict (persistent=False) would stay on the meta device.
+    assert not any(t.is_meta for t in [*unfilled.parameters(), *unfilled.buffers()])
+    with torch.no_grad():
+        assert torch.equal(unfilled.eval()(x), out)
 
 
 def test_presets_put_their_skips_below_the_tokens_stride():

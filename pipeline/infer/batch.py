@@ -84,15 +84,15 @@ class SegmenterReplica:
         """`states`: the models' state dicts by name, in Ray's object store."""
         import ray
 
-        from pipeline.models.transunet import build_network
+        from pipeline.models.transunet import unfilled_network
 
         states = ray.get(states)
         torch.set_num_threads(threads)
         device = torch.device("cuda" if use_gpu else "cpu")
         self.models = {}
         for name, state in states.items():
-            net = build_network(model, num_classes)
-            net.load_state_dict(state)
+            net = unfilled_network(model, num_classes)
+            net.load_state_dict(state, assign=True)
             self.models[name] = net.eval().to(device)
         self.flip_tta = flip_tta
 

@@ -54,11 +54,11 @@ def write_val_metrics(ctx: StageContext, state: dict, prepared: Path, path: Path
     from pipeline.data.atomic import write_text_atomic
     from pipeline.data.manifest import read_manifest
     from pipeline.infer.batch import evaluate_split
-    from pipeline.models.transunet import build_network
+    from pipeline.models.transunet import unfilled_network
 
     manifest = read_manifest(prepared)
-    net = build_network(ctx.params.model, manifest["num_classes"])
-    net.load_state_dict(state)
+    net = unfilled_network(ctx.params.model, manifest["num_classes"])
+    net.load_state_dict(state, assign=True)
     counts, _ = evaluate_split({"model": net.eval()}, prepared / "val", ctx.params.evaluate.batch_size,
                                manifest["num_classes"], 0)
     scores = counts["model"].scores(manifest["classes"])
