@@ -1,3 +1,4 @@
+import itertools
 import time
 from types import SimpleNamespace
 
@@ -97,5 +98,5 @@ def test_the_tail_sweeps_less_often_while_no_epoch_arrives(run, tmp_path, monkey
         time.sleep(1.7)  # doubling from 0.05 s: sweeps at 0.05, 0.15, 0.35, 0.75, 1.55 s
     # The five and the one on leaving (34 at a fixed 0.05 s); a busy machine only delays them.
     assert 3 <= len(sweeps) <= 6
-    gaps = [b - a for a, b in zip(sweeps, sweeps[1:-1])]
+    gaps = [b - a for a, b in itertools.pairwise(sweeps[:-1])]
     assert all(gap >= 0.1 * 2**i * 0.99 for i, gap in enumerate(gaps))

@@ -11,6 +11,7 @@ opened) stays for the relaunch, which resumes the same run folder and logs it to
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import sys
@@ -51,7 +52,7 @@ def next_interval(written_ms: list[int], previous: float, shortest: float, longe
     if len(written_ms) < 2:
         return min(max(previous if written_ms else 2 * previous, shortest), longest)
     ordered = sorted(written_ms)
-    pace_s = statistics.median(b - a for a, b in zip(ordered, ordered[1:])) / 1000
+    pace_s = statistics.median(b - a for a, b in itertools.pairwise(ordered)) / 1000
     return min(max(pace_s, shortest), longest)
 
 
