@@ -36,7 +36,7 @@ def test_each_epoch_rank_0_writes_reaches_the_run_while_the_job_runs_and_the_res
     uri, client, run_id = run
     folder = tmp_path / "storage" / "run" / "epochs"
     write_epoch(str(folder), {"epoch": 1, "loss": 2.0})  # left by a launch killed before it logged it
-    with EpochLogTail(str(folder), SimpleNamespace(tracking_uri=uri, opened_id=lambda: run_id), interval=0.05):
+    with EpochLogTail(str(folder), SimpleNamespace(tracking_uri=uri, opened_id=lambda: run_id), shortest=0.05):
         assert wait_for(lambda: history(client, run_id, "loss") == [(1, 2.0)])  # while the job runs
         assert not any(folder.iterdir())  # logged files are gone: never logged twice
         (folder / "000002-1.part").write_text('{"epoch": 2, "lo')  # being written: never read
@@ -60,7 +60,7 @@ def test_a_failed_sweep_is_tried_again_and_loses_no_epoch(run, tmp_path, monkeyp
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(MlflowClient, "log_batch", flaky)
-    with EpochLogTail(str(folder), SimpleNamespace(tracking_uri=uri, opened_id=lambda: run_id), interval=0.05):
+    with EpochLogTail(str(folder), SimpleNamespace(tracking_uri=uri, opened_id=lambda: run_id), shortest=0.05):
         write_epoch(str(folder), {"epoch": 1, "loss": 2.0})
         assert wait_for(lambda: history(client, run_id, "loss") == [(1, 2.0)])
     assert "cannot reach its MLflow run yet (tracking server restarting)" in capsys.readouterr().err
@@ -70,33 +70,38 @@ def test_a_failed_sweep_is_tried_again_and_loses_no_epoch(run, tmp_path, monkeyp
 def test_the_jobs_own_error_is_the_one_raised_when_the_last_sweep_fails_too(run, tmp_path):
     uri, _, _ = run
     folder, missing = tmp_path / "epochs", SimpleNamespace(tracking_uri=uri, opened_id=lambda: "no-such-run")
-    with pytest.raises(RuntimeError, match="the job failed"), EpochLogTail(str(folder), missing, interval=60):
+    with pytest.raises(RuntimeError, match="the job failed"), EpochLogTail(str(folder), missing, shortest=60):
         write_epoch(str(folder), {"epoch": 1, "loss": 2.0})
         raise RuntimeError("the job failed")
     assert len(list(folder.iterdir())) == 1  # kept for the relaunch
     # Without it, the tracking store's error is raised.
-    with pytest.raises(Exception, match="no-such-run"), EpochLogTail(str(folder), missing, interval=60):
+    with pytest.raises(Exception, match="no-such-run"), EpochLogTail(str(folder), missing, shortest=60):
         pass
 
 
 def test_the_folder_is_listed_at_about_the_epochs_pace_not_every_second():
     """Each sweep lists the folder: a paid request on an object store."""
-    assert [next_interval([], waited, 1, 60) for waited in (1, 2, 32, 60)] == [2, 4, 60, 60]  # the job starting
-    assert next_interval([5_000], 8, 1, 60) == 8  # one epoch: its pace not known yet
-    assert next_interval([0, 20_000, 40_000], 8, 1, 60) == 20  # 20-second epochs
-    assert next_interval([0, 20_000, 40_000, 400_000, 420_000], 60, 1, 60) == 20  # a relaunch's gap left out
-    assert next_interval([0, 300, 600], 2, 1, 60) == 1  # epochs faster than the shortest
-    assert next_interval([0, 3_600_000], 2, 1, 60) == 60  # hour-long epochs: still seen within a minute
+    start = 1_000_000  # ms, when the tail started
+    # The job starting: as long again as nothing has come, up to a minute.
+    assert [next_interval([], start, start + ms, 1, 60) for ms in (500, 2_000, 32_000, 90_000)] == [1, 2, 32, 60]
+    # Its first epoch in: the wait starts over from it.
+    assert next_interval([start + 64_000], start, start + 66_000, 1, 60) == 2
+    assert next_interval([start, start + 20_000, start + 40_000], start, start + 41_000, 1, 60) == 20  # 20-s epochs
+    stalled = [start, start + 20_000, start + 40_000, start + 400_000, start + 420_000]
+    assert next_interval(stalled, start, start + 421_000, 1, 60) == 20  # a stall sets no pace
+    # A relaunch's file from before the tail started sets no pace either.
+    assert next_interval([start - 3_600_000, start + 15_000], start, start + 16_000, 1, 60) == 1
+    assert next_interval([start, start + 300, start + 600], start, start + 700, 1, 60) == 1  # faster than the shortest
+    assert next_interval([start, start + 3_600_000], start, start + 3_600_500, 1, 60) == 60  # hour-long epochs
 
 
-def test_the_tail_sweeps_less_often_while_no_epoch_arrives(run, tmp_path, monkeypatch):
-    uri, _, run_id = run
+def test_the_tail_sweeps_less_often_while_no_epoch_arrives(tmp_path, monkeypatch):
     sweeps = []
     monkeypatch.setattr(EpochLogTail, "sweep", lambda self: sweeps.append(time.monotonic()) or [])
-    with EpochLogTail(str(tmp_path / "epochs"), SimpleNamespace(tracking_uri=uri, opened_id=lambda: run_id),
-                      interval=0.05):
-        time.sleep(1.7)  # doubling from 0.05 s: sweeps at 0.05, 0.15, 0.35, 0.75, 1.55 s
-    # The five and the one on leaving (34 at a fixed 0.05 s); a busy machine only delays them.
-    assert 3 <= len(sweeps) <= 6
+    with EpochLogTail(str(tmp_path / "epochs"), SimpleNamespace(tracking_uri=None, opened_id=lambda: "unused"),
+                      shortest=0.05):
+        time.sleep(1.7)  # the wait doubling from 0.05 s: sweeps at 0.05, 0.1, 0.2, 0.4, 0.8, 1.6 s
+    # Those and the one on leaving (34 at a fixed 0.05 s); a busy machine only delays them.
+    assert 3 <= len(sweeps) <= 7
     gaps = [b - a for a, b in itertools.pairwise(sweeps[:-1])]
-    assert all(gap >= 0.1 * 2**i * 0.99 for i, gap in enumerate(gaps))
+    assert all(gap >= 0.05 * 2**i * 0.99 for i, gap in enumerate(gaps))

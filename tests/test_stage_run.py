@@ -114,7 +114,7 @@ def test_modules_imported_meanwhile_arrive_without_the_stage_importing_them(monk
 
 
 def test_a_stage_with_no_job_to_wait_on_has_its_run_and_imports_when_while_job_starts_returns(project, monkeypatch):
-    """The benchmark's plain baseline (`job_starting(wait=True)`): nothing left on a thread
+    """The benchmark's plain baseline (`while_job_starts(wait=True)`): nothing left on a thread
     beside its training."""
     import sys
 
@@ -123,9 +123,11 @@ def test_a_stage_with_no_job_to_wait_on_has_its_run_and_imports_when_while_job_s
     monkeypatch.delitem(sys.modules, "wave", raising=False)
     with stage("teacher_finetune", ["teacher"]) as ctx:
         ctx.while_job_starts("wave", wait=True)
-        assert "wave" in sys.modules and ctx.run._opener is not None and not ctx.run._opener.is_alive()
+        assert "wave" in sys.modules
+        run_id = ctx.run.opened_id()
+        assert mlflow.MlflowClient(ctx.run.tracking_uri).get_run(run_id).info.status == "RUNNING"
         assert mlflow.active_run() is None  # opened, not made MLflow's active run
-        run_id = ctx.active_run_id()
+        assert ctx.active_run_id() == run_id
     assert mlflow.MlflowClient().get_run(run_id).info.status == "FINISHED"
 
 

@@ -11,6 +11,7 @@ from pipeline.models.transunet import (
     ProjectedSegmenter,
     build_model,
     build_vit,
+    fill_network,
     mixed_precision,
     unfilled_network,
 )
@@ -35,7 +36,7 @@ def test_shapes_for_every_preset(preset, size, widths, din):
     # Built for a state dict to fill: nothing initialised, then every tensor the state's.
     unfilled = unfilled_network(ModelConfig(preset, din, widths), 5)
     assert all(t.is_meta for t in unfilled.state_dict().values())
-    unfilled.load_state_dict(model.state_dict(), assign=True)
+    assert fill_network(unfilled, model.state_dict()) is unfilled
     # A buffer outside the state dict (persistent=False) would stay on the meta device.
     assert not any(t.is_meta for t in [*unfilled.parameters(), *unfilled.buffers()])
     with torch.no_grad():

@@ -84,16 +84,13 @@ class SegmenterReplica:
         """`states`: the models' state dicts by name, in Ray's object store."""
         import ray
 
-        from pipeline.models.transunet import unfilled_network
+        from pipeline.models.transunet import fill_network, unfilled_network
 
         states = ray.get(states)
         torch.set_num_threads(threads)
         device = torch.device("cuda" if use_gpu else "cpu")
-        self.models = {}
-        for name, state in states.items():
-            net = unfilled_network(model, num_classes)
-            net.load_state_dict(state, assign=True)
-            self.models[name] = net.eval().to(device)
+        self.models = {name: fill_network(unfilled_network(model, num_classes), state).eval().to(device)
+                       for name, state in states.items()}
         self.flip_tta = flip_tta
 
     def __call__(self, batch: Batch) -> Batch:

@@ -92,11 +92,9 @@ def segmenter_state(state: dict) -> dict:
 
 def load_segmenter(path: Path, model: ModelConfig, classes: list[str]) -> SegmentationNet:
     """A fine-tuned network ready for inference."""
-    from pipeline.models.transunet import unfilled_network
+    from pipeline.models.transunet import fill_network, unfilled_network
 
-    net = unfilled_network(model, len(classes))
-    net.load_state_dict(load_weights(path, SEGMENTER, model, classes), assign=True)
-    return net.eval()
+    return fill_network(unfilled_network(model, len(classes)), load_weights(path, SEGMENTER, model, classes)).eval()
 
 
 def load_exported_segmenter(path: Path) -> tuple[SegmentationNet, list[str]]:
@@ -123,8 +121,8 @@ def load_exported_segmenter(path: Path) -> tuple[SegmentationNet, list[str]]:
 
 
 def load_fitting(net: torch.nn.Module, state: dict, path: Path) -> None:
-    """`net.load_state_dict(state, assign=True)` (`net` may be `unfilled_network`'s), with a
-    mismatch named in one line: torch's message is many lines of every key."""
+    """`fill_network(net, state)` (`net` from `unfilled_network`), with a mismatch named in one
+    line: torch's message is many lines of every key."""
     expected = net.state_dict()
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: its state_dict is not a mapping of names to tensors")
@@ -134,9 +132,9 @@ def load_fitting(net: torch.nn.Module, state: dict, path: Path) -> None:
         named = [f"{what} {keys[:3]}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
                  for what, keys in problems.items() if keys]
         raise CheckpointError(f"{path}: does not fit its own model config: {', '.join(named)}")
-    # Assigned, the state's tensors become the network's own: each in the network's dtype, as
-    # copying into it would leave them (a file saved in half precision).
-    net.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, assign=True)
+    from pipeline.models.transunet import fill_network
+
+    fill_network(net, state)
 
 
 def load_external_encoder(path: Path, preset: str) -> dict:

@@ -54,11 +54,10 @@ def write_val_metrics(ctx: StageContext, state: dict, prepared: Path, path: Path
     from pipeline.data.atomic import write_text_atomic
     from pipeline.data.manifest import read_manifest
     from pipeline.infer.batch import evaluate_split
-    from pipeline.models.transunet import unfilled_network
+    from pipeline.models.transunet import fill_network, unfilled_network
 
     manifest = read_manifest(prepared)
-    net = unfilled_network(ctx.params.model, manifest["num_classes"])
-    net.load_state_dict(state, assign=True)
+    net = fill_network(unfilled_network(ctx.params.model, manifest["num_classes"]), state)
     counts, _ = evaluate_split({"model": net.eval()}, prepared / "val", ctx.params.evaluate.batch_size,
                                manifest["num_classes"], 0)
     scores = counts["model"].scores(manifest["classes"])

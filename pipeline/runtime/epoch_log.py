@@ -44,30 +44,32 @@ def written_at_ms(path: str) -> int:
     return int(path.rsplit("-", 1)[1].removesuffix(SUFFIX)) // 1_000_000
 
 
-def next_interval(written_ms: list[int], previous: float, shortest: float, longest: float) -> float:
-    """Seconds to the next sweep, within [shortest, longest]: the epochs' pace once two epoch
-    files were seen (the median gap between when rank 0 wrote them, so that a gap a relaunch
-    left does not count); doubling from `previous` while none was (a job's start takes seconds
-    to minutes, its epochs anywhere from a second to hours), `previous` again after the first."""
-    if len(written_ms) < 2:
-        return min(max(previous if written_ms else 2 * previous, shortest), longest)
-    ordered = sorted(written_ms)
-    pace_s = statistics.median(b - a for a, b in itertools.pairwise(ordered)) / 1000
-    return min(max(pace_s, shortest), longest)
+def next_interval(written_ms: list[int], started_ms: int, now_ms: int, shortest: float, longest: float) -> float:
+    """Seconds to the next sweep, within [shortest, longest]: the epochs' pace once the job has
+    written two since the tail started (the lower median gap between them: a stall does not set
+    it); until then as long again as no epoch has come, since the tail started or since the
+    first epoch, so that the wait doubles through a job's start (seconds to minutes) and starts
+    over at its first epoch. A relaunch's files from before the tail started set no pace."""
+    ours = sorted(ms for ms in written_ms if ms >= started_ms)
+    if len(ours) >= 2:
+        seconds = statistics.median_low(b - a for a, b in itertools.pairwise(ours)) / 1000
+    else:
+        seconds = (now_ms - max([started_ms, *ours])) / 1000
+    return min(max(seconds, shortest), longest)
 
 
 class EpochLogTail:
     """The stage's side, around its job: a thread sweeps the folder at about the epochs' pace
-    (`next_interval`, from `interval` to `longest` seconds apart: each sweep lists the folder, a
+    (`next_interval`, `shortest` to `longest` seconds apart: each sweep lists the folder, a
     paid request on an object store), logs the epoch files in it to the stage's MLflow `run`
     (once it is open), at step = epoch, and deletes them; leaving the block logs the rest. A
     sweep that fails is tried again at the next one, and the sweep after the job raises its error."""
 
-    def __init__(self, folder_uri: str, run: StageRun, interval: float = 1.0, longest: float = 60.0):
+    def __init__(self, folder_uri: str, run: StageRun, shortest: float = 1.0, longest: float = 60.0):
         import pyarrow.fs as pafs
 
         self.filesystem, self.folder = pafs.FileSystem.from_uri(folder_uri)
-        self.run, self.interval, self.longest = run, interval, longest
+        self.run, self.shortest, self.longest = run, shortest, longest
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -86,7 +88,7 @@ class EpochLogTail:
             # The job's own error is the one to see; the files not logged stay for the relaunch.
 
     def _poll(self) -> None:
-        said, interval, written = False, self.interval, []
+        said, interval, written, started_ms = False, self.shortest, [], time.time_ns() // 1_000_000
         while not self._stop.wait(interval):
             try:
                 written += self.sweep()
@@ -96,7 +98,7 @@ class EpochLogTail:
                           "when its job ends unless that passes (Ctrl-C stops it now; a rerun resumes it)",
                           file=sys.stderr, flush=True)
                     said = True
-            interval = next_interval(written, interval, self.interval, self.longest)
+            interval = next_interval(written, started_ms, time.time_ns() // 1_000_000, self.shortest, self.longest)
 
     def sweep(self) -> list[int]:
         """Log every epoch file in the folder, in order, then delete them; when each was written

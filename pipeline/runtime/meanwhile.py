@@ -6,12 +6,10 @@ import importlib
 import threading
 
 
-def import_meanwhile(*modules: str) -> threading.Thread:
+def import_meanwhile(*modules: str) -> None:
     """Import `modules` on a daemon thread. Call it right before the job's blocking call (the
     first `fit()`, or the first batch asked of a Ray Data pipeline): the driver then mostly waits
     on Ray, with a core to spare on a small machine; any earlier, the thread shares the driver's
     one busy core under the GIL (connecting to Ray, planning the job). The stage's own import of
     the same module afterwards waits for this one instead of starting over."""
-    thread = threading.Thread(target=lambda: [importlib.import_module(m) for m in modules], daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=lambda: [importlib.import_module(m) for m in modules], daemon=True).start()

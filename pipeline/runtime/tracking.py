@@ -210,8 +210,8 @@ def open_stage_run(stage: str, params: Params, sections: list[str], root: Path, 
 
 class StageRun:
     """A stage execution's MLflow run (`open_stage_run`), created when first needed, or on a
-    thread while the stage waits on its Ray job (`open_meanwhile`, through the stage's
-    `while_job_starts` right before the job's blocking call): MLflow's imports, its store's
+    thread while the stage waits on its Ray job (`open_meanwhile`, called right before the job's
+    blocking call): MLflow's imports, its store's
     first connection and the run's queries (about 1.5 s of a core here) then use the core a
     job's start leaves idle, instead of delaying the job. (A thread started any earlier would
     share the stage's one busy core under the GIL.)"""

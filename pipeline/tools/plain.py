@@ -35,12 +35,12 @@ def plain_setup(job: JobConfig, device: torch.device = torch.device("cpu")) -> W
 
 
 def plain_launch(stage: str, recipe: Recipe, job: JobConfig, ray_cfg: RayConfig, inputs: list[Path],
-                 run: StageRun | None = None, job_starting: Callable[..., None] | None = None) -> tuple[dict, dict]:
+                 run: StageRun | None = None, while_job_starts: Callable[..., None] | None = None) -> tuple[dict, dict]:
     """What `launch` returns, trained in this process: the state and the final metrics.
-    `job_starting` (the stage's run opened, its imports) is done first, as a stage with no job
-    to wait on would; no epoch's metrics are logged."""
-    if job_starting is not None:
-        job_starting(wait=True)
+    `while_job_starts` (the stage's run opened, its imports) is done first, `wait=True`, as a
+    stage with no job to wait on would; no epoch's metrics are logged."""
+    if while_job_starts is not None:
+        while_job_starts(wait=True)
     started = time.perf_counter()
     rows = {name: rows_of(rows_type, read_rank_columns([str(f) for f in dataset_files(folders)],
                                                        list(rows_type._fields)))

@@ -61,15 +61,16 @@ def job_configs(ray_cfg: RayConfig, name: str, storage: str) -> dict:
 
 
 def launch(stage: str, recipe: Recipe, job: JobConfig, ray_cfg: RayConfig, inputs: list[Path],
-           run: StageRun | None = None, job_starting: Callable[..., None] | None = None) -> tuple[dict, dict]:
+           run: StageRun | None = None, while_job_starts: Callable[..., None] | None = None) -> tuple[dict, dict]:
     """Train `recipe` as a Ray Train job; return (final state dict, final reported metrics).
 
     Each worker reads its share of the recipe's Parquet shards itself (`worker_entry`).
     Checkpoints live under `ray.storage_path` while the job runs and are removed once the final
     state is back, since the stage exports it as its DVC output; so do the epochs' metrics that
     rank 0 writes there and this process logs to the stage's MLflow `run` (`runtime.epoch_log`).
-    `job_starting` is called right before the job blocks (the stage's `while_job_starts`: its
-    run opened, what it needs after the job imported). The driver never imports the models for the job
+    `while_job_starts` (the stage's: its run opened, what it needs after the job imported, on
+    threads) is called right before the job blocks; a replacement of `launch` with no job to
+    wait on calls it with `wait=True`, as `pipeline.tools.plain` does. The driver never imports the models for the job
     (timm and torchvision cost seconds per stage); only the workers do, in `recipe.build`.
     """
     init_ray(ray_cfg)
@@ -84,8 +85,8 @@ def launch(stage: str, recipe: Recipe, job: JobConfig, ray_cfg: RayConfig, input
     job = replace(job, epoch_log_uri=f"{storage.rstrip('/')}/{name}/epochs" if run else None)
     trainer = TorchTrainer(worker_entry, train_loop_config={"job": job, "recipe": recipe, "shards": shards},
                            **job_configs(ray_cfg, name, storage))
-    if job_starting is not None:
-        job_starting()
+    if while_job_starts is not None:
+        while_job_starts()
     with EpochLogTail(job.epoch_log_uri, run) if run else nullcontext():
         result = trainer.fit()
     with result.checkpoint.as_directory() as ckpt_dir:
