@@ -1,6 +1,7 @@
 import pytest
 import timm
 import torch
+from timm.layers import HybridEmbed
 
 from pipeline.config.params import ModelConfig
 from pipeline.models.checkpoints import segmenter_state
@@ -9,11 +10,12 @@ from pipeline.models.transunet import (
     EncoderClassifier,
     HybridEncoder,
     ProjectedSegmenter,
+    SizedHybridEmbed,
+    StateMismatch,
     build_model,
     build_vit,
-    fill_network,
     mixed_precision,
-    unfilled_network,
+    network_from_state,
 )
 
 
@@ -34,13 +36,35 @@ def test_shapes_for_every_preset(preset, size, widths, din):
     assert len(model.decoder.blocks) == spec.decoder_blocks == len(widths)
     assert out.shape == (2, 5, size, size)
     # Built for a state dict to fill: nothing initialised, then every tensor the state's.
-    unfilled = unfilled_network(ModelConfig(preset, din, widths), 5)
-    assert all(t.is_meta for t in unfilled.state_dict().values())
-    assert fill_network(unfilled, model.state_dict()) is unfilled
+    filled = network_from_state(ModelConfig(preset, din, widths), 5, model.state_dict())
     # A buffer outside the state dict (persistent=False) would stay on the meta device.
-    assert not any(t.is_meta for t in [*unfilled.parameters(), *unfilled.buffers()])
+    assert not any(t.is_meta for t in [*filled.parameters(), *filled.buffers()])
     with torch.no_grad():
-        assert torch.equal(unfilled.eval()(x), out)
+        assert torch.equal(filled.eval()(x), out)
+
+
+def test_a_state_that_does_not_fit_is_named_in_one_line():
+    model = ModelConfig("tiny", 128, [64, 32, 16, 16])
+    state = build_model("tiny", 128, [64, 32, 16, 16], 5).state_dict()
+    state["head.weight"] = state["head.weight"][:3]
+    del state["head.bias"]
+    state["extra"] = torch.zeros(1)
+    with pytest.raises(StateMismatch, match=r"^wrong shape \['head.weight'\], missing \['head.bias'\], "
+                                            r"unexpected \['extra'\]$"):
+        network_from_state(model, 5, state)
+
+
+@pytest.mark.parametrize("preset", sorted(ENCODER_PRESETS))
+def test_the_cnn_maps_size_given_is_the_size_timm_measures_by_running_it(preset):
+    """`SizedHybridEmbed` is told what timm's `HybridEmbed` learns from a dummy forward."""
+    told = build_vit(ENCODER_PRESETS[preset]).patch_embed
+    assert isinstance(told, SizedHybridEmbed)
+    measured = HybridEmbed(told.backbone, img_size=told.img_size, patch_size=told.patch_size,
+                           embed_dim=told.proj.out_channels)
+    def sizes(embed):
+        return [tuple(getattr(embed, k)) for k in ("img_size", "patch_size", "feature_size", "feature_ratio",
+                                                   "grid_size")] + [embed.feature_dim, embed.num_patches]
+    assert sizes(told) == sizes(measured)
 
 
 def test_presets_put_their_skips_below_the_tokens_stride():

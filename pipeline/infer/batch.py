@@ -84,12 +84,12 @@ class SegmenterReplica:
         """`states`: the models' state dicts by name, in Ray's object store."""
         import ray
 
-        from pipeline.models.transunet import fill_network, unfilled_network
+        from pipeline.models.transunet import network_from_state
 
         states = ray.get(states)
         torch.set_num_threads(threads)
         device = torch.device("cuda" if use_gpu else "cpu")
-        self.models = {name: fill_network(unfilled_network(model, num_classes), state).eval().to(device)
+        self.models = {name: network_from_state(model, num_classes, state).eval().to(device)
                        for name, state in states.items()}
         self.flip_tta = flip_tta
 

@@ -92,9 +92,9 @@ def segmenter_state(state: dict) -> dict:
 
 def load_segmenter(path: Path, model: ModelConfig, classes: list[str]) -> SegmentationNet:
     """A fine-tuned network ready for inference."""
-    from pipeline.models.transunet import fill_network, unfilled_network
+    from pipeline.models.transunet import network_from_state
 
-    return fill_network(unfilled_network(model, len(classes)), load_weights(path, SEGMENTER, model, classes)).eval()
+    return network_from_state(model, len(classes), load_weights(path, SEGMENTER, model, classes)).eval()
 
 
 def load_exported_segmenter(path: Path) -> tuple[SegmentationNet, list[str]]:
@@ -113,28 +113,15 @@ def load_exported_segmenter(path: Path) -> tuple[SegmentationNet, list[str]]:
         model = ModelConfig(**payload["model"])
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: its model config does not fit this version ({err})") from None
-    from pipeline.models.transunet import unfilled_network
+    from pipeline.models.transunet import StateMismatch, network_from_state
 
-    net = unfilled_network(model, len(classes))
-    load_fitting(net, payload["state_dict"], path)
-    return net.eval(), classes
-
-
-def load_fitting(net: torch.nn.Module, state: dict, path: Path) -> None:
-    """`fill_network(net, state)` (`net` from `unfilled_network`), with a mismatch named in one
-    line: torch's message is many lines of every key."""
-    expected = net.state_dict()
+    state = payload["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: its state_dict is not a mapping of names to tensors")
-    problems = {"wrong shape": sorted(k for k in expected if k in state and state[k].shape != expected[k].shape),
-                "missing": sorted(set(expected) - set(state)), "unexpected": sorted(set(state) - set(expected))}
-    if any(problems.values()):
-        named = [f"{what} {keys[:3]}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
-                 for what, keys in problems.items() if keys]
-        raise CheckpointError(f"{path}: does not fit its own model config: {', '.join(named)}")
-    from pipeline.models.transunet import fill_network
-
-    fill_network(net, state)
+    try:
+        return network_from_state(model, len(classes), state).eval(), classes
+    except StateMismatch as err:
+        raise CheckpointError(f"{path}: does not fit its own model config: {err}") from None
 
 
 def load_external_encoder(path: Path, preset: str) -> dict:

@@ -10,7 +10,6 @@ checkpoint loads); `tiny` is the same thing narrower and shallower for a CPU.
 from __future__ import annotations
 
 from functools import partial
-from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +22,21 @@ from torch import nn
 from pipeline.config.params import ModelConfig
 from pipeline.config.presets import ENCODER_PRESETS, EncoderSpec
 
-Net = TypeVar("Net", bound=nn.Module)
+
+class SizedHybridEmbed(HybridEmbed):
+    """timm's `HybridEmbed` told its CNN map's size and stride, and so its width from the CNN's
+    `num_features`, instead of learning them by running the CNN on a dummy image: on the meta
+    device that forward is half of a network's build. (timm reads the width from `feature_info`,
+    which `ResNetV2` keeps as a plain list, so it cannot be told the size without this.)"""
+
+    def _init_backbone(self, *args, **kwargs):
+        return super()._init_backbone(*args, feature_dim=self.backbone.num_features, **kwargs)
 
 
-def build_vit(spec: EncoderSpec, num_classes: int = 0) -> VisionTransformer:
+def build_vit(spec: EncoderSpec, num_classes: int = 0, initialise: bool = True) -> VisionTransformer:
     """timm's hybrid ViT for a preset: ResNetV2 stages (or, with none, its stem alone, as timm
-    builds R-Ti), then patches of their last map into transformer blocks."""
+    builds R-Ti), then patches of their last map into transformer blocks. Without `initialise`,
+    timm's ViT initialisers are skipped: for weights that a state dict fills at once."""
     norm_layer = partial(GroupNormAct, num_groups=spec.norm_groups)
     if spec.cnn_layers:
         backbone = ResNetV2(
@@ -39,11 +47,15 @@ def build_vit(spec: EncoderSpec, num_classes: int = 0) -> VisionTransformer:
     else:
         backbone = create_resnetv2_stem(3, spec.stem_channels, stem_type="same", preact=False,
                                         conv_layer=StdConv2dSame, norm_layer=norm_layer)
+        backbone.num_features = spec.stem_channels
+    cnn_stride = spec.token_stride // spec.patch_size
+    embed = partial(SizedHybridEmbed, backbone=backbone, feature_size=spec.img_size // cnn_stride,
+                    feature_ratio=cnn_stride)
     return VisionTransformer(
         img_size=spec.img_size, patch_size=spec.patch_size, embed_dim=spec.embed_dim, depth=spec.depth,
         num_heads=spec.num_heads, mlp_ratio=spec.mlp_ratio, num_classes=num_classes, global_pool=spec.global_pool,
         fc_norm=False,  # normalise the tokens themselves: the decoder reads them, not only the pooled head
-        embed_layer=partial(HybridEmbed, backbone=backbone), dynamic_img_size=True,
+        embed_layer=embed, dynamic_img_size=True, weight_init="" if initialise else "skip",
     )
 
 
@@ -51,10 +63,10 @@ class HybridEncoder(nn.Module):
     """Returns the CNN skips (`spec.skips`, finest first) and the transformer output as a map
     at the tokens' stride (16 for the presets with three stages)."""
 
-    def __init__(self, spec: EncoderSpec):
+    def __init__(self, spec: EncoderSpec, initialise: bool = True):
         super().__init__()
         self.spec = spec
-        self.vit = build_vit(spec)
+        self.vit = build_vit(spec, initialise=initialise)
 
     def cnn_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every CNN map, finest first: the stem's convolution, then the pooled stem (no stages)
@@ -154,9 +166,9 @@ class SegmentationNet(nn.Module):
     takes the noise level (denoising only; fine-tuning starts from a network without it)."""
 
     def __init__(self, spec: EncoderSpec, decoder_in_channels: int, decoder_channels: tuple[int, ...],
-                 out_channels: int, sigma_conditioning: bool = False):
+                 out_channels: int, sigma_conditioning: bool = False, initialise: bool = True):
         super().__init__()
-        self.encoder = HybridEncoder(spec)
+        self.encoder = HybridEncoder(spec, initialise)
         self.decoder = UNetDecoder(spec, decoder_in_channels, tuple(decoder_channels))
         self.head = nn.Conv2d(self.decoder.out_channels, out_channels, 3, padding=1)
         self.noise_level = NoiseLevelEmbedding(decoder_in_channels) if sigma_conditioning else None
@@ -198,21 +210,25 @@ def build_network(model: ModelConfig, out_channels: int, sigma_conditioning: boo
                        sigma_conditioning)
 
 
-def unfilled_network(model: ModelConfig, out_channels: int) -> SegmentationNet:
-    """`build_network` without weights yet (on the meta device), for a network a state dict fills
-    at once (`fill_network`): nothing is initialised only to be overwritten. On one CPU thread
-    here the paper's preset takes 0.4-0.5 s so against 1.5 s initialised; `tiny`, whose
-    initialisation is cheap, 0.1 s against 0.03 s (the meta device's cost per call)."""
+class StateMismatch(ValueError):
+    """A state dict that does not fit the network it should fill, its differences in one line."""
+
+
+def network_from_state(model: ModelConfig, out_channels: int, state: dict) -> SegmentationNet:
+    """The network params' `model` describes holding every tensor of `state` (strict), each as its
+    own would be: in its dtype (a file saved in half precision) and contiguous. Built on the meta
+    device with timm's ViT initialisers skipped, so nothing is initialised only to be overwritten."""
     with torch.device("meta"):
-        return build_network(model, out_channels)
-
-
-def fill_network(net: Net, state: dict) -> Net:
-    """`net` (from `unfilled_network`) holding every tensor of `state` (strict), each as the
-    network's own would be: in its dtype (a file saved in half precision) and contiguous."""
+        net = SegmentationNet(ENCODER_PRESETS[model.preset], model.decoder_in_channels,
+                              tuple(model.decoder_channels), out_channels, initialise=False)
     own = net.state_dict()
+    problems = {"wrong shape": sorted(k for k in own if k in state and state[k].shape != own[k].shape),
+                "missing": sorted(set(own) - set(state)), "unexpected": sorted(set(state) - set(own))}
+    if any(problems.values()):
+        raise StateMismatch(", ".join(f"{what} {keys[:3]}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
+                                      for what, keys in problems.items() if keys))
     net.load_state_dict({key: value.to(dtype=own[key].dtype, memory_format=torch.contiguous_format)
-                         if key in own else value for key, value in state.items()}, assign=True)
+                         for key, value in state.items()}, assign=True)
     return net
 
 

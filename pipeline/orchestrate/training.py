@@ -54,10 +54,10 @@ def write_val_metrics(ctx: StageContext, state: dict, prepared: Path, path: Path
     from pipeline.data.atomic import write_text_atomic
     from pipeline.data.manifest import read_manifest
     from pipeline.infer.batch import evaluate_split
-    from pipeline.models.transunet import fill_network, unfilled_network
+    from pipeline.models.transunet import network_from_state
 
     manifest = read_manifest(prepared)
-    net = fill_network(unfilled_network(ctx.params.model, manifest["num_classes"]), state)
+    net = network_from_state(ctx.params.model, manifest["num_classes"], state)
     counts, _ = evaluate_split({"model": net.eval()}, prepared / "val", ctx.params.evaluate.batch_size,
                                manifest["num_classes"], 0)
     scores = counts["model"].scores(manifest["classes"])

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.infer.batch import iter_split
     from pipeline.models.checkpoints import DENOISER, CheckpointError, load_weights
     from pipeline.models.denoising import DENOISE_CHANNELS
-    from pipeline.models.transunet import fill_network, unfilled_network
+    from pipeline.models.transunet import network_from_state
 
     try:
         params = load_params()
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {err}")
     rows = {}
     for path, state in weights.items():
-        net = fill_network(unfilled_network(params.model, DENOISE_CHANNELS), state)
+        net = network_from_state(params.model, DENOISE_CHANNELS, state)
         rows[path] = denoising_losses(net, images, sigma)
     print(f"Denoising loss (MSE of the predicted noise; 1.0 = predicting none) on {len(images)} val images "
           f"of {args.prepared}, σ = {sigma:g}:\n")
