@@ -36,9 +36,11 @@ def plain_setup(job: JobConfig, device: torch.device = torch.device("cpu")) -> W
 
 def plain_launch(stage: str, recipe: Recipe, job: JobConfig, ray_cfg: RayConfig, inputs: list[Path],
                  run: StageRun | None = None, while_job_starts: Callable[..., None] | None = None) -> tuple[dict, dict]:
-    """What `launch` returns, trained in this process: the state and the final metrics.
-    `while_job_starts` (the stage's run opened, its imports) is done first, `wait=True`, as a
-    stage with no job to wait on would; no epoch's metrics are logged."""
+    """What `launch` returns, trained in this process: the state and the final metrics. It stands
+    in for `launch`, so it takes the same arguments; `stage`, `ray_cfg`, `inputs` and `run` serve
+    the Ray job (its name, cluster, checkpoint keys and epoch logging) and go unused here: no
+    epoch's metrics are logged. `while_job_starts` (the stage's run opened, its imports) is done
+    first, `wait=True`, as a stage with no job to wait on would."""
     if while_job_starts is not None:
         while_job_starts(wait=True)
     started = time.perf_counter()
