@@ -23,6 +23,9 @@ from pipeline.runtime.storage import make_folder
 from pipeline.runtime.tracking import StageRun, log_metric_steps
 
 SUFFIX = ".json"
+# Epochs whose times set the pace: enough for a median that one stall does not move, few enough
+# that the pace follows a job whose epochs slow down or speed up.
+PACE_EPOCHS = 9
 
 
 def write_epoch(folder_uri: str, metrics: dict) -> None:
@@ -59,11 +62,12 @@ def next_interval(written_ms: list[int], started_ms: int, now_ms: int, shortest:
 
 
 class EpochLogTail:
-    """The stage's side, around its job: a thread sweeps the folder at about the epochs' pace
-    (`next_interval`, `shortest` to `longest` seconds apart: each sweep lists the folder, a
-    paid request on an object store), logs the epoch files in it to the stage's MLflow `run`
-    (once it is open), at step = epoch, and deletes them; leaving the block logs the rest. A
-    sweep that fails is tried again at the next one, and the sweep after the job raises its error."""
+    """The stage's side, around its job: a thread sweeps the folder at about the pace of the
+    last `PACE_EPOCHS` epochs (`next_interval`, `shortest` to `longest` seconds apart: each
+    sweep lists the folder, a paid request on an object store), logs the epoch files in it to
+    the stage's MLflow `run` (once it is open), at step = epoch, and deletes them; leaving the
+    block logs the rest. A sweep that fails is tried again at the next one, and the sweep after
+    the job raises its error."""
 
     def __init__(self, folder_uri: str, run: StageRun, shortest: float = 1.0, longest: float = 60.0):
         import pyarrow.fs as pafs
@@ -91,7 +95,7 @@ class EpochLogTail:
         said, interval, written, started_ms = False, self.shortest, [], time.time_ns() // 1_000_000
         while not self._stop.wait(interval):
             try:
-                written += self.sweep()
+                written = (written + self.sweep())[-PACE_EPOCHS:]
             except Exception as err:  # noqa: BLE001 -- tried again next time, raised by the sweep after the job
                 if not said:
                     print(f"warning: this stage's epochs cannot reach its MLflow run yet ({err}); the stage fails "
