@@ -10,9 +10,12 @@ from pipeline.runtime.storage import worker_uris
 def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--out", type=Path, required=True, help="folder for the prepared splits")
+    parser.add_argument("--incremental", action="store_true",
+                        help="prepare params' incremental steps too (the pipeline's prepare; the study's has none)")
     args = parser.parse_args()
-    with stage("prepare", ["data"], prepared=args.out, overrides=args.overrides) as ctx:
-        manifest = prepare(ctx.params.data, args.out)
+    sections = ["data", "incremental"] if args.incremental else ["data"]
+    with stage("prepare", sections, prepared=args.out, overrides=args.overrides) as ctx:
+        manifest = prepare(ctx.params.data, args.out, ctx.params.incremental if args.incremental else None)
         ctx.summary = {"out": str(args.out), **manifest["counts"]}
         if ctx.params.ray.data_uri:  # the workers' copies, in place before the first training stage
             shards = sorted(args.out.glob("*/*.parquet"))

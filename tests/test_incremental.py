@@ -3,30 +3,44 @@ import re
 import numpy as np
 import pytest
 
+from pipeline.data.formats import VOC_CLASSES
 from pipeline.data.incremental import (
     present_classes,
     read_tags,
-    split_classes,
-    step_images,
+    step_classes,
     step_mask,
     step_tags,
+    steps_of,
 )
 from pipeline.data.shards import DataError
 
-VOC = 21  # background and 20 object classes
+VOC = list(VOC_CLASSES)
 
 
-def test_splits_are_named_as_the_field_names_them():
-    assert split_classes(VOC, "15-5") == [list(range(1, 16)), list(range(16, 21))]
-    assert split_classes(VOC, "15-1") == [list(range(1, 16)), *([c] for c in range(16, 21))]
-    assert split_classes(VOC, "10-10") == [list(range(1, 11)), list(range(11, 21))]
-    assert split_classes(7, "4-2") == [[1, 2, 3, 4], [5, 6]]
+def test_voc_15_5_keeps_the_order_and_15_1_too():
+    setting = step_classes(VOC, {"step1": ["pottedplant", "sheep", "sofa", "train", "tvmonitor"]})
+    assert setting.names == VOC and setting.steps == [list(range(1, 16)), list(range(16, 21))]
+    assert setting.table[:21].tolist() == list(range(21)) and setting.table[255] == 255
+    one_by_one = step_classes(VOC, {f"step{k}": [name] for k, name in enumerate(VOC[16:], 1)})
+    assert one_by_one.steps == [list(range(1, 16)), *([c] for c in range(16, 21))]
 
 
-@pytest.mark.parametrize("split", ["15", "a-b", "0-5", "20-1", "15-4", "15-0", "15-5-1"])
-def test_a_split_that_does_not_cover_the_classes_in_whole_steps_is_named(split):
-    with pytest.raises(DataError, match=f"incremental split '{split}': expected"):
-        split_classes(VOC, split)
+def test_new_classes_move_behind_the_base_classes_in_the_order_listed():
+    setting = step_classes(["bg", "a", "b", "c", "d"], {"step1": ["c", "a"]})
+    assert setting.names == ["bg", "b", "d", "c", "a"] and setting.steps == [[1, 2], [3, 4]]
+    mask = np.array([[0, 1, 2], [3, 4, 255]], dtype=np.uint8)
+    assert setting.remap(mask).tolist() == [[0, 4, 1], [3, 2, 255]]
+
+
+@pytest.mark.parametrize("new, message", [
+    ({"step1": ["bus"]}, (r"incremental.steps.step1.classes: 'bus' is not an object class of the dataset; "
+                          r"expected one of a, b")),
+    ({"step1": ["bg"]}, r"incremental.steps.step1.classes: 'bg' is not an object class"),
+    ({"step1": ["a"], "step2": ["b"]}, r"incremental.steps: every object class is new in some step"),
+])
+def test_a_step_naming_no_usable_class_is_named(new, message):
+    with pytest.raises(DataError, match=message):
+        step_classes(["bg", "a", "b"], new)
 
 
 def test_present_classes_leave_out_background_and_ignored_pixels():
@@ -34,25 +48,28 @@ def test_present_classes_leave_out_background_and_ignored_pixels():
     assert present_classes(np.zeros((2, 2), dtype=np.uint8)) == frozenset()
 
 
-# Steps of "2-1-1" over 4 object classes: base {1, 2}, then {3}, then {4}.
+# Base classes {1, 2}, then a step of {3}, then one of {4}.
 STEPS = [[1, 2], [3], [4]]
 PRESENT = {"base": frozenset({1, 2}), "base+3": frozenset({1, 3}), "3+4": frozenset({3, 4}),
            "4": frozenset({4}), "nothing": frozenset()}
 
 
+def images_by_step(protocol: str) -> list[list[str]]:
+    return [[eid for eid, classes in PRESENT.items() if step in steps_of(classes, STEPS, protocol)]
+            for step in range(len(STEPS))]
+
+
 def test_disjoint_puts_each_image_in_the_step_of_its_latest_class():
-    by_step = [step_images(PRESENT, STEPS, step, "disjoint") for step in range(3)]
-    assert by_step == [["base"], ["base+3"], ["3+4", "4"]]
+    assert images_by_step("disjoint") == [["base"], ["base+3"], ["3+4", "4"]]
 
 
 def test_overlap_takes_every_image_holding_one_of_the_steps_classes():
-    by_step = [step_images(PRESENT, STEPS, step, "overlap") for step in range(3)]
-    assert by_step == [["base", "base+3"], ["base+3", "3+4"], ["3+4", "4"]]
+    assert images_by_step("overlap") == [["base", "base+3"], ["base+3", "3+4"], ["3+4", "4"]]
 
 
 def test_an_unknown_protocol_is_named():
     with pytest.raises(DataError, match="incremental protocol 'mixed': expected one of disjoint, overlap"):
-        step_images(PRESENT, STEPS, 1, "mixed")
+        steps_of(frozenset({1}), STEPS, "mixed")
 
 
 def test_a_step_sees_only_its_own_classes():

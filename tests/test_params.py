@@ -238,6 +238,30 @@ def test_rounds_that_do_not_chain_name_the_key(rounds):
         parse_params({"self_training": {"rounds": rounds}})
 
 
+def test_incremental_steps_are_a_chain_of_new_classes():
+    steps = {"step1": {"classes": ["stripes", "dots"]}, "step2": {"after": "step1", "classes": ["star"]}}
+    config = parse_params({"incremental": {"steps": steps, "protocol": "overlap"}}).incremental
+    assert config.new_classes == [["stripes", "dots"], ["star"]] and config.steps["step1"].after == "base"
+    assert parse_params({}).incremental.steps == {}  # off by default
+
+
+@pytest.mark.parametrize("incremental, message", [
+    ({"steps": {"step2": {"classes": ["a"]}}}, r"incremental.steps: expected steps named step1, step2, … in order"),
+    ({"steps": {"step1": {"after": "teacher", "classes": ["a"]}}},
+     r"incremental.steps.step1.after: expected 'base' \(each step learns after the one before it\)"),
+    ({"steps": {"step1": {"classes": ["a"]}, "step2": {"after": "base", "classes": ["b"]}}},
+     r"incremental.steps.step2.after: expected 'step1'"),
+    ({"steps": {"step1": {"classes": []}}}, r"incremental.steps.step1.classes: expected at least one new class"),
+    ({"steps": {"step1": {"classes": ["a"]}, "step2": {"after": "step1", "classes": ["a"]}}},
+     r"incremental.steps.step2.classes: 'a' is already new in step1"),
+    ({"protocol": "mixed"}, r"incremental.protocol: expected one of disjoint, overlap, got 'mixed'"),
+    ({"steps": {"step1": {"classes": ["a"], "tags": "t.csv"}}}, r"incremental.steps.step1.tags: Key 'tags' not in"),
+])
+def test_incremental_steps_that_cannot_be_used_name_the_key(incremental, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_params({"incremental": incremental})
+
+
 def test_the_stand_in_encoder_is_found_per_preset_or_named_as_missing(tmp_path):
     from pipeline.config.params import STANDIN_ENCODERS, standin_encoder
 

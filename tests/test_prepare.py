@@ -207,3 +207,90 @@ def test_a_digit_scenes_tuning_val_split_is_more_train_scenes(tmp_path):
     assert all(np.array_equal(image, more[f"train-{20 + int(i[-5:]):05d}"]) for i, image in held_out.items())
     assert images("tuning", "unlabeled").keys() == images("plain", "unlabeled").keys()
     assert json.loads((tmp_path / "tuning" / MANIFEST).read_text())["tuning"] is True
+
+
+# Incremental steps: step 0's view of the data, and each later step's tagged images.
+SHAPE_STEPS = {"step1": {"classes": ["stripes", "dots"]}}
+
+
+def _shapes_incremental(tmp_path, protocol: str):
+    from pipeline.config.params import parse_params
+
+    params = parse_params({"data": {"shapes": {"train_scenes": 60, "val_scenes": 10}, "labeled_fraction": 0.3},
+                           "incremental": {"steps": SHAPE_STEPS, "protocol": protocol}})
+    out = tmp_path / protocol
+    return prepare(params.data, out, params.incremental), out
+
+
+def _classes_in(folder) -> list[set[int]]:
+    return [set(np.unique(decode_png(m)).tolist()) - {0, 255} for m in read_split(folder).column("mask").to_pylist()]
+
+
+@pytest.mark.parametrize("protocol", ["disjoint", "overlap"])
+def test_an_incremental_prepare_gives_step_0_the_base_classes_and_a_step_its_tags(tmp_path, protocol):
+    manifest, out = _shapes_incremental(tmp_path, protocol)
+    base, new = {1, 2, 3, 4}, {5, 6}  # wire, blob, ring, star; then stripes and dots, behind them
+    assert manifest["classes"] == ["background", "wire", "blob", "ring", "star"] and manifest["num_classes"] == 5
+    setting = manifest["incremental"]
+    assert setting["classes"][5:] == ["stripes", "dots"] and setting["steps"]["step1"]["classes"] == ["stripes", "dots"]
+    # Step 0 sees its classes only: a new class is background in its masks, val's included.
+    for split in ("labeled", "unlabeled", "val"):
+        assert all(classes <= base for classes in _classes_in(out / split))
+    assert any(classes & new for classes in _classes_in(out / "val_all"))
+    step = read_split(out / "steps" / "step1")
+    held_aside = _classes_in(out / "steps" / "step1")
+    assert len(step) == setting["steps"]["step1"]["images"] > 0
+    assert [set(tags) for tags in step.column("tags").to_pylist()] == held_aside  # the step's classes shown
+    assert all(classes and classes <= new for classes in held_aside)
+    step_ids, step0_ids = set(step.column("id").to_pylist()), set(manifest["ids"]["labeled"] + manifest["ids"]["unlabeled"])
+    if protocol == "disjoint":  # every train scene in exactly one step (each shows some class)
+        assert not step_ids & step0_ids and len(step_ids | step0_ids) == 60
+    else:
+        assert step_ids & step0_ids
+
+
+def test_an_earlier_incremental_output_is_replaced_and_rerunning_gives_the_same_bytes(tmp_path):
+    first, out = _shapes_incremental(tmp_path, "disjoint")
+    again, _ = _shapes_incremental(tmp_path, "disjoint")
+    assert again["content_sha256"] == first["content_sha256"]
+    plain = prepare(_smoke_cfg(), out)  # the same folder, now without steps
+    assert "incremental" not in plain and sorted(p.name for p in out.iterdir()) == ["labeled", MANIFEST, "unlabeled", "val"]
+
+
+def _tagged_folder(root):
+    _folder_dataset(root)  # classes sky (the background), road, car; masks of road or car
+    (root / "classes.txt").write_text("sky\nroad\ncar\nbus\n")
+    (root / "tags.csv").write_text("u0,bus\nu1,bus,road\n")
+
+
+def test_a_folder_step_learns_from_the_tags_of_unlabeled_images(tmp_path):
+    from pipeline.config.params import IncrementalConfig, IncrementalStep
+
+    _tagged_folder(tmp_path / "raw")
+    cfg = DataConfig(format="folder", root=str(tmp_path / "raw"), image_size=16, labeled_fraction=0.5, val_fraction=0.2)
+    manifest = prepare(cfg, tmp_path / "prepared", IncrementalConfig({"step1": IncrementalStep(classes=["bus"])}))
+    assert manifest["classes"] == ["sky", "road", "car"] and manifest["incremental"]["steps"]["step1"]["images"] == 2
+    step = read_split(tmp_path / "prepared" / "steps" / "step1")
+    assert step.column("id").to_pylist() == ["unlabeled-u0", "unlabeled-u1"]
+    assert step.column("tags").to_pylist() == [[3], [3]] and step.column("mask").to_pylist() == [None, None]
+    assert "unlabeled-u2" in manifest["ids"]["unlabeled"]  # untagged: step 0's, to learn from unlabeled
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda root: (root / "tags.csv").unlink(), r"tags.csv: missing; expected one row per tagged image"),
+    (lambda root: (root / "tags.csv").write_text("im1,bus\n"), r"tags.csv: line 1: 'im1' is not an image stem"),
+    (lambda root: (root / "tags.csv").write_text("u0,road\n"),
+     (r"incremental.steps.step1: no train image falls to it under the disjoint protocol; expected images that "
+      r"show its classes \(bus\)")),
+    (lambda root: (root / "classes.txt").write_text("sky\nroad\ncar\n"),
+     r"incremental.steps.step1.classes: 'bus' is not an object class of the dataset; expected one of road, car"),
+])
+def test_a_folder_steps_tags_that_cannot_be_used_are_named(tmp_path, breakage, message):
+    from pipeline.config.params import IncrementalConfig, IncrementalStep
+
+    _tagged_folder(tmp_path / "raw")
+    breakage(tmp_path / "raw")
+    cfg = DataConfig(format="folder", root=str(tmp_path / "raw"), image_size=16, labeled_fraction=0.5)
+    with pytest.raises(DataError, match=message):
+        prepare(cfg, tmp_path / "prepared", IncrementalConfig({"step1": IncrementalStep(classes=["bus"])}))
+    assert not (tmp_path / "prepared").exists()

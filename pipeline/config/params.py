@@ -417,6 +417,8 @@ class StudentConfig(FinetuneConfig):
 
 
 ROUND_TEACHER = "teacher"  # round 1 learns from the fine-tuned teacher
+BASE_STEP = "base"  # the first incremental step learns after the pipeline's own model (step 0)
+INCREMENTAL_PROTOCOLS = ("disjoint", "overlap")  # pipeline.data.incremental
 
 
 def default_rounds() -> dict[str, str]:
@@ -443,6 +445,52 @@ class SelfTrainingConfig:
     @property
     def last(self) -> str:
         return list(self.rounds)[-1]
+
+
+@dataclass
+class IncrementalStep:
+    """One weakly incremental step: the step it learns after (`base`, the pipeline's own model,
+    for the first) and the new classes it brings, named as the dataset names them."""
+
+    after: str = BASE_STEP
+    classes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class IncrementalConfig:
+    """Weakly incremental learning (FMWISS): each entry of `steps` brings new classes that its
+    images show only by their tags, never by masks; the pipeline's own stages are step 0 and
+    learn every other class (the base classes) from pixel labels. `protocol` decides which train
+    images each step gets (`pipeline.data.incremental`: disjoint or overlap). A mapping, as
+    `self_training.rounds`, because DVC's `foreach` ranges over one and a step's stages must
+    name the step before it. None (the default): no incremental steps, every class is learned
+    from pixel labels."""
+
+    steps: dict[str, IncrementalStep] = field(default_factory=dict)
+    protocol: str = "disjoint"
+
+    def __post_init__(self) -> None:
+        _require(self.protocol in INCREMENTAL_PROTOCOLS, "incremental.protocol",
+                 f"expected one of {', '.join(INCREMENTAL_PROTOCOLS)}, got {self.protocol!r}")
+        names = list(self.steps)
+        expected = [f"step{k}" for k in range(1, len(names) + 1)]
+        _require(names == expected, "incremental.steps",
+                 f"expected steps named step1, step2, … in order, got {', '.join(names)}")
+        seen: dict[str, str] = {}
+        for k, (name, step) in enumerate(self.steps.items()):
+            before = BASE_STEP if k == 0 else names[k - 1]
+            _require(step.after == before, f"incremental.steps.{name}.after",
+                     f"expected {before!r} (each step learns after the one before it), got {step.after!r}")
+            _require(bool(step.classes), f"incremental.steps.{name}.classes", "expected at least one new class")
+            for cls in step.classes:
+                _require(cls not in seen, f"incremental.steps.{name}.classes",
+                         f"{cls!r} is already new in {seen.get(cls)}; expected each class in one step")
+                seen[cls] = name
+
+    @property
+    def new_classes(self) -> list[list[str]]:
+        """Each step's new classes, in step order."""
+        return [list(step.classes) for step in self.steps.values()]
 
 
 @dataclass
@@ -584,6 +632,7 @@ class Params:
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
+    incremental: IncrementalConfig = field(default_factory=IncrementalConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     ray: RayConfig = field(default_factory=RayConfig)

@@ -2,10 +2,9 @@
 train images belong to which step, and what each step may know of them.
 
 Step 0 learns the base classes from pixel labels; each later step t brings new classes C^t and
-knows its images only by their tags (the classes of C^t present), never by masks. Splits are
-named as the field names them: "15-5" is 15 base classes then one step of 5, "15-1" is 15 base
-classes then 5 steps of 1 (PASCAL VOC's 20 object classes, in index order). Background (class
-0) belongs to every step.
+knows its images only by their tags (the classes of C^t present), never by masks. The field's
+named splits are step lists: PASCAL VOC's "15-5" is its first 15 object classes as the base,
+then one step of the last 5; "15-1" five steps of one. Background belongs to every step.
 
 - **disjoint**: a step's images hold at least one of its classes and none from a later step, so
   each image belongs to exactly one step (the step of its latest class).
@@ -19,30 +18,50 @@ them only through the previous model) and future ones alike.
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Mapping
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.config.params import INCREMENTAL_PROTOCOLS
 from pipeline.data.shards import IGNORE_INDEX, DataError
 
-PROTOCOLS = ("disjoint", "overlap")
+
+@dataclass(frozen=True)
+class StepClasses:
+    """The classes of an incremental setting in the order its models hold them: background, the
+    base classes (step 0's, in the dataset's order), then each step's new ones as listed."""
+
+    names: list[str]
+    steps: list[list[int]]  # the ids (in that order) of each step's classes; step 0: the base classes
+    table: np.ndarray  # a dataset class id -> its id in that order; ignored pixels stay ignored
+
+    def remap(self, mask: np.ndarray) -> np.ndarray:
+        return self.table[mask]
 
 
-def split_classes(num_classes: int, split: str) -> list[list[int]]:
-    """The class ids of each step for a split named "B-N" over classes 1..num_classes - 1 (0 is
-    background): step 0 the first B, then steps of N in index order until none are left."""
-    objects = num_classes - 1
-    try:
-        base, step = (int(part) for part in split.split("-"))
-    except ValueError:
-        raise DataError(f"incremental split {split!r}: expected 'B-N' (B base classes, then steps of N "
-                        "new classes), e.g. '15-5'") from None
-    if base < 1 or step < 1 or base >= objects or (objects - base) % step:
-        raise DataError(f"incremental split {split!r}: expected 1 <= B < {objects} base classes and the other "
-                        f"{objects} - B object classes in whole steps of N")
-    ids = list(range(1, num_classes))
-    return [ids[:base]] + [ids[start:start + step] for start in range(base, objects, step)]
+def step_classes(classes: list[str], new: dict[str, list[str]]) -> StepClasses:
+    """`classes` (the dataset's, background first) reordered for `new` (step name -> its new
+    classes, in step order): each new class named as the dataset names it, the background never
+    new, and at least one class left for step 0."""
+    known = {name: k for k, name in enumerate(classes)}
+    for step, names in new.items():
+        for name in names:
+            if name not in known or known[name] == 0:
+                raise DataError(f"incremental.steps.{step}.classes: {name!r} is not an object class of the "
+                                f"dataset; expected one of {', '.join(classes[1:])}")
+    later = {name for names in new.values() for name in names}
+    base = [name for name in classes[1:] if name not in later]
+    if not base:
+        raise DataError("incremental.steps: every object class is new in some step, leaving none for step 0 "
+                        "to learn from pixel labels; expected at least one base class")
+    names = [classes[0], *base, *(name for names in new.values() for name in names)]
+    table = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    table[[known[name] for name in names]] = np.arange(len(names), dtype=np.uint8)
+    bounds = np.cumsum([0, len(base), *(len(names) for names in new.values())]) + 1
+    return StepClasses(names, [list(range(a, b)) for a, b in itertools.pairwise(bounds)], table)
 
 
 def present_classes(mask: np.ndarray) -> frozenset[int]:
@@ -50,15 +69,12 @@ def present_classes(mask: np.ndarray) -> frozenset[int]:
     return frozenset(int(c) for c in np.unique(mask) if c not in (0, IGNORE_INDEX))
 
 
-def step_images(present: Mapping[str, frozenset[int]], steps: list[list[int]], step: int,
-                protocol: str) -> list[str]:
-    """The ids of `step`'s images under `protocol`, in the order of `present`."""
-    if protocol not in PROTOCOLS:
-        raise DataError(f"incremental protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
-    own = set(steps[step])
-    later = {c for classes in steps[step + 1:] for c in classes}
-    return [eid for eid, classes in present.items()
-            if classes & own and (protocol == "overlap" or not classes & later)]
+def steps_of(classes: frozenset[int], steps: list[list[int]], protocol: str) -> list[int]:
+    """The steps an image holding `classes` belongs to under `protocol`."""
+    if protocol not in INCREMENTAL_PROTOCOLS:
+        raise DataError(f"incremental protocol {protocol!r}: expected one of {', '.join(INCREMENTAL_PROTOCOLS)}")
+    held = [k for k, own in enumerate(steps) if classes & set(own)]
+    return held if protocol == "overlap" else held[-1:]
 
 
 def step_tags(classes: frozenset[int], steps: list[list[int]], step: int) -> list[int]:

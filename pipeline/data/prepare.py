@@ -6,30 +6,95 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.config.params import BUILT_IN_FORMATS, DataConfig
+from pipeline.config.params import BUILT_IN_FORMATS, DataConfig, IncrementalConfig
 from pipeline.data import digit_scenes, formats, shape_scenes
 from pipeline.data.atomic import staged
+from pipeline.data.incremental import (
+    StepClasses,
+    present_classes,
+    read_tags,
+    step_classes,
+    step_mask,
+    step_tags,
+    steps_of,
+)
 from pipeline.data.manifest import (
+    ALL_CLASSES_VAL,
     MANIFEST,
     SEGMENTATION_SPLITS,
+    STEPS_FOLDER,
     SplitWriter,
     nested_labeled_ids,
+    step_split,
     write_prepared,
 )
 from pipeline.data.shards import DataError
 
 
-def prepare_generated(cfg: DataConfig, out_dir: Path, classes: list[str], examples) -> dict:
+class Router:
+    """Writes a dataset of `classes` into the splits under `tmp`, example by example. With
+    incremental steps, masks are remapped to the setting's class order (`step_classes`), and a
+    train image goes to the steps its protocol gives it: to its split (labeled or unlabeled) with
+    step 0's view of its mask, and to a later step's `steps/<name>` with its tags (the step's
+    classes it shows, read off its mask or, for an image with none, the user's tags.csv) and the
+    step's view of its mask held aside. Val images go to val with step 0's view, and to val_all
+    whole. The manifest's classes, and so the models' heads, are then step 0's."""
+
+    def __init__(self, classes: list[str], incremental: IncrementalConfig, tmp: Path, shard_rows: int):
+        self.classes, self.protocol, self.step_names = classes, incremental.protocol, list(incremental.steps)
+        self.setting: StepClasses | None = None
+        if incremental.steps:
+            self.setting = step_classes(classes, {name: step.classes for name, step in incremental.steps.items()})
+            self.classes = self.setting.names[:1 + len(self.setting.steps[0])]
+        self.writer = SplitWriter(len(self.classes), tmp, shard_rows, self.step_names)
+
+    def add(self, split: str, eid: str, image, mask, tags: list[int] = ()) -> None:
+        setting, writer = self.setting, self.writer
+        if setting is None:
+            writer.add(split, eid, image, mask)
+            return
+        mask = None if mask is None else setting.remap(mask)
+        if split == "val":
+            writer.add("val", eid, image, step_mask(mask, setting.steps, 0))
+            writer.add(ALL_CLASSES_VAL, eid, image, mask)
+            return
+        if mask is None and not tags:  # an untagged image without a mask: step 0's to learn from unlabeled
+            writer.add(split, eid, image, None)
+            return
+        present = frozenset(int(setting.table[c]) for c in tags) if mask is None else present_classes(mask)
+        steps = steps_of(present, setting.steps, self.protocol)
+        writer.unassigned += not steps
+        for step in steps:
+            view = None if mask is None else step_mask(mask, setting.steps, step)
+            if step == 0:
+                writer.add(split, eid, image, view)
+            else:
+                writer.add(step_split(self.step_names[step - 1]), eid, image, view, step_tags(present, setting.steps, step))
+
+    def close(self, cfg: DataConfig, tmp: Path) -> dict:
+        """Close the splits and write the manifest; return it."""
+        incremental = None
+        if self.setting is not None:
+            names = self.setting.names
+            incremental = {"protocol": self.protocol, "classes": names,
+                           "base": [names[c] for c in self.setting.steps[0]],
+                           "steps": {step: {"classes": [names[c] for c in ids]}
+                                     for step, ids in zip(self.step_names, self.setting.steps[1:])}}
+        return write_prepared(self.writer, self.classes, cfg, tmp, incremental)
+
+
+def prepare_generated(cfg: DataConfig, out_dir: Path, classes: list[str], examples,
+                      incremental: IncrementalConfig) -> dict:
     """A built-in dataset from its generator's (split, id, image, mask) examples: train scenes
     split into labeled and unlabeled, and val scenes."""
     examples = list(examples)
     train_ids = [eid for split, eid, _, _ in examples if split == "train"]
     labeled = set(nested_labeled_ids(train_ids, cfg.labeled_fraction, cfg.seed))
     with staged(out_dir) as tmp:
-        writer = SplitWriter(len(classes), tmp, cfg.shard_rows)
+        router = Router(classes, incremental, tmp, cfg.shard_rows)
         for split, eid, image, mask in examples:
-            writer.add("val" if split == "val" else ("labeled" if eid in labeled else "unlabeled"), eid, image, mask)
-        return write_prepared(writer, classes, cfg, tmp)
+            router.add("val" if split == "val" else ("labeled" if eid in labeled else "unlabeled"), eid, image, mask)
+        return router.close(cfg, tmp)
 
 
 def generated_examples(cfg: DataConfig) -> tuple[list[str], Iterator]:
@@ -57,7 +122,7 @@ def choose_labeled(train: list[formats.Example], cfg: DataConfig) -> set[str]:
     return {by_name[name] for name in listed}
 
 
-def prepare_files(cfg: DataConfig, out_dir: Path) -> dict:
+def prepare_files(cfg: DataConfig, out_dir: Path, incremental: IncrementalConfig) -> dict:
     """A dataset on disk in one of the `pipeline.data.formats` layouts."""
     fmt = formats.get_format(cfg.format)
     root = Path(cfg.root)
@@ -66,17 +131,29 @@ def prepare_files(cfg: DataConfig, out_dir: Path) -> dict:
     examples = fmt.list_examples(root, cfg)
     labeled = choose_labeled([ex for ex in examples if ex.split == "train"], cfg)
     with staged(out_dir) as tmp:
-        writer = SplitWriter(len(classes), tmp, cfg.shard_rows)
+        router = Router(classes, incremental, tmp, cfg.shard_rows)  # the steps' classes checked first
+        tags = folder_tags(root, classes, examples, incremental) if cfg.format == "folder" else {}
         for example in examples:
             split = {"train": "labeled" if example.id in labeled else "unlabeled"}.get(example.split, example.split)
             for eid, image, mask in formats.load_example(example, fmt, table, cfg):
-                writer.add(split, eid, image, mask)
-        return write_prepared(writer, classes, cfg, tmp)
+                router.add(split, eid, image, mask, tags.get(example.id, ()))
+        return router.close(cfg, tmp)
+
+
+def folder_tags(root: Path, classes: list[str], examples: list[formats.Example],
+                incremental: IncrementalConfig) -> dict[str, list[int]]:
+    """Example id -> the dataset class ids of its tags (`root/tags.csv`, rows for images of
+    `root/unlabeled`), read when there are incremental steps; their images have no masks."""
+    if not incremental.steps:
+        return {}
+    by_stem = {ex.image.stem: ex.id for ex in examples if ex.split == "unlabeled"}
+    tagged = read_tags(root / "tags.csv", classes, by_stem)
+    return {by_stem[stem]: [classes.index(name) for name in names] for stem, names in tagged.items()}
 
 
 # What an earlier output of `prepare` holds (`classify`: of versions that trained the supervised
 # encoder in the pipeline), and the keys its manifest has (`write_prepared`).
-OUTPUT_ENTRIES = {MANIFEST, "classify", *SEGMENTATION_SPLITS}
+OUTPUT_ENTRIES = {MANIFEST, "classify", *SEGMENTATION_SPLITS, STEPS_FOLDER, ALL_CLASSES_VAL}
 MANIFEST_KEYS = {"classes", "num_classes", "counts", "ids"}
 REPLACED = "it would be replaced whole"
 
@@ -117,12 +194,14 @@ def check_output(cfg: DataConfig, out_dir: Path) -> None:
                         "expected a new path, an empty folder or an earlier output of prepare")
 
 
-def prepare(cfg: DataConfig, out_dir: Path) -> dict:
-    """Write the prepared splits for `cfg.format` to `out_dir`; return the manifest."""
+def prepare(cfg: DataConfig, out_dir: Path, incremental: IncrementalConfig | None = None) -> dict:
+    """Write the prepared splits for `cfg.format` to `out_dir`, step 0's view of them and the
+    later steps' tagged images when `incremental` has steps; return the manifest."""
+    incremental = incremental or IncrementalConfig()
     check_output(cfg, out_dir)
     if cfg.format in BUILT_IN_FORMATS:
-        return prepare_generated(cfg, out_dir, *generated_examples(cfg))
-    return prepare_files(cfg, out_dir)
+        return prepare_generated(cfg, out_dir, *generated_examples(cfg), incremental)
+    return prepare_files(cfg, out_dir, incremental)
 
 
 def labeled_subset(prepared: Path, fraction: float, seed: int, out_dir: Path, shard_rows: int,

@@ -3,7 +3,8 @@ writers and readers.
 
 Segmentation splits (`labeled`, `unlabeled`, `val`) share one schema; on `unlabeled` the mask
 column holds the held-aside ground truth (only used to score pseudo-labels, never to train)
-or null when there is none. `CLASSIFY_SCHEMA` holds image-level labels: the stand-in encoder's
+or null when there is none. An incremental step's images add their tags (`TAGGED_SCHEMA`).
+`CLASSIFY_SCHEMA` holds image-level labels: the stand-in encoder's
 letters (`glyphs.write_letters`)."""
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ SEGMENTATION_SCHEMA = pa.schema([
 ])
 
 
+# An incremental step's images (`prepare` with `incremental.steps`): their tags, the ids of the
+# step's classes they show, are all the step trains on; the mask is held aside as on `unlabeled`.
+TAGGED_SCHEMA = SEGMENTATION_SCHEMA.append(pa.field("tags", pa.list_(pa.int32())))
 CLASSIFY_SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("label", pa.int32())])
 PSEUDO_SCHEMA = pa.schema([
     ("id", pa.string()), ("image", pa.binary()), ("pseudo_label", pa.binary()), ("confidence", pa.binary()),
