@@ -417,7 +417,6 @@ class StudentConfig(FinetuneConfig):
 
 
 ROUND_TEACHER = "teacher"  # round 1 learns from the fine-tuned teacher
-BASE_STEP = "base"  # the first incremental step learns after the pipeline's own model (step 0)
 INCREMENTAL_PROTOCOLS = ("disjoint", "overlap")  # pipeline.data.incremental
 
 
@@ -449,10 +448,11 @@ class SelfTrainingConfig:
 
 @dataclass
 class IncrementalStep:
-    """One weakly incremental step: the step it learns after (`base`, the pipeline's own model,
-    for the first) and the new classes it brings, named as the dataset names them."""
+    """One weakly incremental step: the model it learns after (for the first step, the pipeline's
+    last self-training round; then the step before) and the new classes it brings, named as the
+    dataset names them."""
 
-    after: str = BASE_STEP
+    after: str = ""
     classes: list[str] = field(default_factory=list)
 
 
@@ -463,11 +463,21 @@ class IncrementalConfig:
     learn every other class (the base classes) from pixel labels. `protocol` decides which train
     images each step gets (`pipeline.data.incremental`: disjoint or overlap). A mapping, as
     `self_training.rounds`, because DVC's `foreach` ranges over one and a step's stages must
-    name the step before it. None (the default): no incremental steps, every class is learned
-    from pixel labels."""
+    name the model before it (`after`: the first step the last self-training round, as in
+    `step1: {after: round2, classes: [...]}`). None (the default): no incremental steps, every
+    class is learned from pixel labels."""
 
     steps: dict[str, IncrementalStep] = field(default_factory=dict)
     protocol: str = "disjoint"
+
+    def check_chain(self, last_round: str) -> None:
+        """Each step learns after the model before it: the first after `last_round`."""
+        names = list(self.steps)
+        for k, (name, step) in enumerate(self.steps.items()):
+            before = last_round if k == 0 else names[k - 1]
+            what = "the pipeline's last self-training round" if k == 0 else "the step before it"
+            _require(step.after == before, f"incremental.steps.{name}.after",
+                     f"expected {before!r} ({what}: each step learns after the model before it), got {step.after!r}")
 
     def __post_init__(self) -> None:
         _require(self.protocol in INCREMENTAL_PROTOCOLS, "incremental.protocol",
@@ -477,20 +487,12 @@ class IncrementalConfig:
         _require(names == expected, "incremental.steps",
                  f"expected steps named step1, step2, … in order, got {', '.join(names)}")
         seen: dict[str, str] = {}
-        for k, (name, step) in enumerate(self.steps.items()):
-            before = BASE_STEP if k == 0 else names[k - 1]
-            _require(step.after == before, f"incremental.steps.{name}.after",
-                     f"expected {before!r} (each step learns after the one before it), got {step.after!r}")
+        for name, step in self.steps.items():
             _require(bool(step.classes), f"incremental.steps.{name}.classes", "expected at least one new class")
             for cls in step.classes:
                 _require(cls not in seen, f"incremental.steps.{name}.classes",
                          f"{cls!r} is already new in {seen.get(cls)}; expected each class in one step")
                 seen[cls] = name
-
-    @property
-    def new_classes(self) -> list[list[str]]:
-        """Each step's new classes, in step order."""
-        return [list(step.classes) for step in self.steps.values()]
 
 
 @dataclass
@@ -647,6 +649,7 @@ class Params:
         _require(self.encoder.init != "timm" or self.encoder.release(preset) is not None, "encoder.init",
                  f"'timm' loads a preset's published weights, and model.preset {preset!r} has none; presets that do: "
                  + ", ".join(f"{name} ({spec.timm_name})" for name, spec in ENCODER_PRESETS.items() if spec.timm_name))
+        self.incremental.check_chain(self.self_training.last)
         workers = self.ray.num_workers
         batches = {f"{name}.batch_size": getattr(self, name).batch_size
                    for name in ("encoder", "decoder_pretrain", "teacher", "student")}

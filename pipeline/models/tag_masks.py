@@ -1,0 +1,82 @@
+"""Pseudo masks from image tags: FMWISS's two sources and their fusion, with the local
+substitutes this machine can run (no CLIP or DINO weights here).
+
+- **Initial mask (category-aware)**: FMWISS scores each pixel against CLIP's text embedding of
+  each tagged class. Here a `TagClassifier` (a 1×1 convolution over an encoder's token map,
+  global average pooled, trained with BCE on the tags) gives each class its activation map
+  (CAM); each pixel takes the tagged class whose map is highest there, or the background where
+  no map reaches `background` (maps scaled to a maximum of 1 per image and class).
+- **Seeds guidance (category-agnostic)**: FMWISS samples seed points inside each class's initial
+  mask and averages a self-supervised ViT's last-block attention from them. Here the attention is
+  the cosine affinity of a self-supervised network's dense features between the seeds and every
+  pixel, averaged over the seeds and thresholded: it grows a class's mask over the whole of the
+  object the seeds fell on, where a CAM lights only its most telling part.
+- **Fusion**: the union of the two, per class (FMWISS found it beat their intersection and
+  either alone). Classes are not exclusive here: the masks train a plug-in teacher with
+  pixel-wise BCE, one binary map per class.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.models.transunet import HybridEncoder
+
+
+class TagClassifier(nn.Module):
+    """Multi-label classification over an encoder's token map: a 1×1 convolution scores every
+    token for every class (the class activation maps), and their mean is the image's score."""
+
+    def __init__(self, encoder: HybridEncoder, num_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.scores = nn.Conv2d(encoder.spec.embed_dim, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image logits N×K, class activation maps N×K×h×w at the tokens' stride)."""
+        maps = self.scores(self.encoder(x)[-1])
+        return maps.mean(dim=(2, 3)), maps
+
+
+def activation_maps(maps: torch.Tensor, tags: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The tagged classes' activation maps at `size`, each scaled to [0, 1] (negative scores cut,
+    divided by its maximum); zero for a class the image is not tagged with. `tags`: N×K bool."""
+    maps = F.interpolate(maps.float().relu(), size=size, mode="bilinear", align_corners=False)
+    peak = maps.amax(dim=(2, 3), keepdim=True).clamp(min=1e-6)
+    return maps / peak * tags[:, :, None, None]
+
+
+def initial_masks(cams: torch.Tensor, background: float) -> torch.Tensor:
+    """Each pixel's class from the scaled maps (N×K×H×W): 1 + the index of the highest map, or 0
+    (background) where none reaches `background`. uint8 N×H×W."""
+    best, index = cams.max(dim=1)
+    return torch.where(best >= background, index + 1, 0).to(torch.uint8)
+
+
+def seeds_guidance(features: torch.Tensor, initial: torch.Tensor, num_classes: int, seeds: int,
+                   threshold: float, generator: torch.Generator) -> torch.Tensor:
+    """Per class, the pixels whose features (N×D×h×w, upsampled to the masks' size) are like
+    those at `seeds` points drawn at random inside the class's initial mask: their mean cosine
+    similarity above `threshold`. bool N×K×H×W; all False for a class with no initial pixel."""
+    size = initial.shape[-2:]
+    dense = F.normalize(F.interpolate(features.float(), size=size, mode="bilinear", align_corners=False), dim=1)
+    guided = torch.zeros(len(initial), num_classes, *size, dtype=torch.bool)
+    for n in range(len(initial)):
+        flat = dense[n].flatten(1)  # D×HW
+        for k in range(num_classes):
+            inside = (initial[n].flatten() == k + 1).nonzero().squeeze(1)
+            if len(inside) == 0:
+                continue
+            chosen = inside[torch.randint(len(inside), (seeds,), generator=generator)]
+            affinity = (flat[:, chosen].T @ flat).mean(dim=0)
+            guided[n, k] = (affinity > threshold).view(size)
+    return guided
+
+
+def fuse(initial: torch.Tensor, guided: torch.Tensor) -> torch.Tensor:
+    """The union of the initial mask and the seeds' guidance, per class: bool N×K×H×W."""
+    num_classes = guided.shape[1]
+    own = F.one_hot(initial.long(), num_classes + 1)[..., 1:].permute(0, 3, 1, 2).bool()
+    return own | guided

@@ -1,0 +1,59 @@
+import torch
+
+from pipeline.models.tag_masks import (
+    TagClassifier,
+    activation_maps,
+    fuse,
+    initial_masks,
+    seeds_guidance,
+)
+from pipeline.models.transunet import ENCODER_PRESETS, HybridEncoder
+
+
+def test_the_classifier_scores_images_by_the_mean_of_its_activation_maps():
+    model = TagClassifier(HybridEncoder(ENCODER_PRESETS["tiny"]), 3).eval()
+    with torch.no_grad():
+        logits, maps = model(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 3) and maps.shape == (2, 3, 4, 4)  # tokens at stride 16
+    torch.testing.assert_close(logits, maps.mean(dim=(2, 3)))
+
+
+def test_activation_maps_are_scaled_per_class_and_only_for_the_tags():
+    maps = torch.tensor([[[[2.0, -1.0], [1.0, 0.0]], [[0.5, 0.5], [0.5, 0.25]]]])  # 1×2×2×2
+    cams = activation_maps(maps, torch.tensor([[True, False]]), (2, 2))
+    assert cams[0, 0].tolist() == [[1.0, 0.0], [0.5, 0.0]]  # negative scores cut, peak at 1
+    assert not cams[0, 1].any()  # an untagged class lights nothing, however high its scores
+    assert activation_maps(maps, torch.tensor([[True, True]]), (4, 4)).shape == (1, 2, 4, 4)
+
+
+def test_the_initial_mask_takes_the_highest_map_above_the_background_level():
+    cams = torch.tensor([[[[0.9, 0.2, 0.6]], [[0.1, 0.3, 0.7]]]])  # 1×2×1×3
+    assert initial_masks(cams, background=0.5).tolist() == [[[1, 0, 2]]]
+    assert initial_masks(cams, background=0.8).tolist() == [[[1, 0, 0]]]
+    assert initial_masks(cams, background=0.5).dtype == torch.uint8
+
+
+def _two_objects():
+    """A 1×2×4×6 feature map: the left four columns one object (feature a), the right two
+    another (feature b, orthogonal to a)."""
+    features = torch.zeros(1, 2, 4, 6)
+    features[0, 0, :, :4] = 1.0
+    features[0, 1, :, 4:] = 1.0
+    return features
+
+
+def test_seeds_grow_a_class_over_the_whole_object_they_fall_on():
+    initial = torch.zeros(1, 4, 6, dtype=torch.uint8)
+    initial[0, 1, 1] = 1  # the CAM lit one pixel of the left object
+    guided = seeds_guidance(_two_objects(), initial, 2, seeds=9, threshold=0.5,
+                            generator=torch.Generator().manual_seed(0))
+    expected = torch.zeros(4, 6, dtype=torch.bool)
+    expected[:, :4] = True
+    assert torch.equal(guided[0, 0], expected)
+    assert not guided[0, 1].any()  # no initial pixel, no seeds
+
+
+def test_fusion_is_the_union_per_class():
+    initial = torch.tensor([[[1, 0, 2]]], dtype=torch.uint8)
+    guided = torch.tensor([[[[False, True, False]], [[False, False, False]]]])
+    assert fuse(initial, guided).tolist() == [[[[True, True, False]], [[False, False, True]]]]
