@@ -250,8 +250,8 @@ def test_incremental_steps_are_a_chain_of_new_classes_after_the_last_round():
     ({"steps": {"step2": {"after": "round1", "classes": ["a"]}}},
      r"incremental.steps: expected steps named step1, step2, … in order"),
     ({"steps": {"step1": {"classes": ["a"]}}},
-     r"incremental.steps.step1.after: expected 'round1' \(the pipeline's last self-training round: each step "
-     r"learns after the model before it\), got ''"),
+     (r"incremental.steps.step1.after: expected 'round1' \(the pipeline's last self-training round: each step "
+      r"learns after the model before it\), got ''")),
     ({"steps": {"step1": {"after": "round1", "classes": ["a"]}, "step2": {"after": "round1", "classes": ["b"]}}},
      r"incremental.steps.step2.after: expected 'step1' \(the step before it"),
     ({"steps": {"step1": {"after": "round1", "classes": []}}},
