@@ -16,8 +16,11 @@ from pipeline.train.recipes import (
     EncoderDenseCL,
     Images,
     Labeled,
+    TagClassify,
+    Tagged,
     Teacher,
     _finetune_optimizer,
+    multi_hot,
 )
 from pipeline.train.steps import student_step
 
@@ -43,13 +46,18 @@ def _recipe_parts(recipe: str, device: torch.device):
             "decoder_pretrain": (DecoderPretrain(()), DecoderPretrainConfig(batch_size=2), {"images": Images(images)},
                                  {"init_state": encoder}),
             "teacher": (Teacher(()), FinetuneConfig(batch_size=2), {"labeled": Labeled(images, masks)},
-                        {"init_state": denoiser, "init_from_denoiser": True})}
+                        {"init_state": denoiser, "init_from_denoiser": True}),
+            "tag_classify": (TagClassify((), first_class=2), FinetuneConfig(batch_size=2),
+                             {"tagged": Tagged(images, masks[:, :2, 0] + 2)}, {"init_state": encoder})}
     made, train, rows, init = jobs[recipe]
     job = JobConfig(train=train, model=MODEL, num_classes=4, **init)
     return made.build(job, plain_setup(job, device), **rows)
 
 
-@pytest.mark.parametrize("recipe", ["encoder_classify", "encoder_densecl", "decoder_pretrain", "teacher"])
+RECIPES = ["encoder_classify", "encoder_densecl", "decoder_pretrain", "teacher", "tag_classify"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
 def test_a_step_keeps_its_batch_on_the_models_device(recipe):
     """On a GPU the batch moves before it is augmented, and every draw from the host generator
     follows it there. On the meta device any host tensor that meets the batch raises, so this
@@ -62,7 +70,7 @@ def test_a_step_keeps_its_batch_on_the_models_device(recipe):
     assert all(p.grad is None or p.grad.device.type == "meta" for p in parts.model.parameters())
 
 
-@pytest.mark.parametrize("recipe", ["encoder_classify", "encoder_densecl", "decoder_pretrain", "teacher"])
+@pytest.mark.parametrize("recipe", RECIPES)
 def test_on_the_cpu_each_stage_steps_with_the_fused_adamw(recipe):
     """One kernel over every tensor (the per-tensor loop costs ~5% of a teacher step here);
     the meta device above, which has no fused kernel, gets the plain loop."""
@@ -210,3 +218,44 @@ def test_a_denoisers_head_never_becomes_the_class_head_even_with_three_classes(c
     assert not (net["head.weight"].shape == denoiser["head.weight"].shape
                 and torch.equal(net["head.weight"], denoiser["head.weight"]))
     assert torch.equal(net["decoder.conv_more.0.weight"], denoiser["decoder.conv_more.0.weight"])  # the rest is kept
+
+
+def test_tags_become_multi_hot_targets_over_the_steps_own_classes():
+    tags = torch.tensor([[5, -1, -1], [6, 5, -1], [2, 7, 6]])  # the step's classes are 5 and 6
+    assert multi_hot(tags, 5, 2).tolist() == [[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]
+
+
+def test_a_tag_classifier_learns_which_images_show_a_class_and_where():
+    """Images tagged with class 5 show a bright square, somewhere; the others do not. After a
+    short training the classifier tells them apart, and the class's activation map is higher
+    inside the square than outside it."""
+    from pipeline.models.tag_masks import activation_maps
+
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(16, 3, 64, 64, generator=g) * 80).to(torch.uint8)
+    tags = torch.full((16, 1), -1)
+    corners = torch.randint(0, 40, (16, 2), generator=g)
+    for n in range(0, 16, 2):  # every other image shows the class
+        y, x = corners[n].tolist()
+        images[n, :, y:y + 24, x:x + 24] = 255
+        tags[n, 0] = 5
+    encoder = {k[len("encoder."):]: v for k, v in build_network(MODEL, 3).state_dict().items()
+               if k.startswith("encoder.")}
+    job = JobConfig(train=FinetuneConfig(batch_size=8, lr=3e-3, encoder_lr_scale=1.0, crop_scale_min=1.0, hflip=False),
+                    model=MODEL, num_classes=1, init_state=encoder)
+    parts = TagClassify((), first_class=5).build(job, plain_setup(job, torch.device("cpu")),
+                                                 tagged=Tagged(images, tags))
+    for _ in range(60):
+        parts.optimizer.zero_grad()
+        parts.step()["loss"].backward()
+        parts.optimizer.step()
+    model = parts.model.eval()
+    with torch.no_grad():
+        logits, maps = model(images.float() / 127.5 - 1)
+    assert ((logits[:, 0] > 0) == (tags[:, 0] == 5)).all()
+    cams = activation_maps(maps, torch.ones(16, 1, dtype=torch.bool), (64, 64))
+    for n in range(0, 16, 2):
+        y, x = corners[n].tolist()
+        inside = torch.zeros(64, 64, dtype=torch.bool)
+        inside[y:y + 24, x:x + 24] = True
+        assert cams[n, 0][inside].mean() > cams[n, 0][~inside].mean()

@@ -4,6 +4,7 @@ import pytest
 from pipeline.data.png import decode_png, encode_png
 from pipeline.data.shards import (
     SEGMENTATION_SCHEMA,
+    TAGGED_SCHEMA,
     DataError,
     check_rows,
     read_rank_columns,
@@ -45,3 +46,12 @@ def test_each_rank_reads_its_contiguous_share_and_the_shares_hold_every_row_once
         assert values == list(range(11))  # file order, each row once
         assert all(share["image"].shape[1:] == (3, 2, 2) for share in shares)
     assert read_rank_columns([(tmp_path / "split/part-00001.parquet").as_uri()], ["mask"])["mask"].shape == (4, 2, 2)
+
+
+def test_an_incremental_steps_tags_are_read_as_rows_padded_with_minus_one(tmp_path):
+    image = encode_png(np.zeros((4, 4, 3), np.uint8))
+    rows = [{"id": eid, "height": 4, "width": 4, "image": image, "mask": None, "tags": tags}
+            for eid, tags in (("a", [5]), ("b", [5, 6]))]
+    write_shards(rows, TAGGED_SCHEMA, tmp_path, 10)
+    columns = read_rank_columns([str(f) for f in sorted(tmp_path.glob("*.parquet"))], ["image", "tags"])
+    assert columns["image"].shape == (2, 3, 4, 4) and columns["tags"].tolist() == [[5, -1], [5, 6]]

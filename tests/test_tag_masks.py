@@ -14,7 +14,7 @@ def test_the_classifier_scores_images_by_the_mean_of_its_activation_maps():
     model = TagClassifier(HybridEncoder(ENCODER_PRESETS["tiny"]), 3).eval()
     with torch.no_grad():
         logits, maps = model(torch.randn(2, 3, 64, 64))
-    assert logits.shape == (2, 3) and maps.shape == (2, 3, 4, 4)  # tokens at stride 16
+    assert logits.shape == (2, 3) and maps.shape == (2, 3, 4, 4)  # the CNN's last map, at stride 16
     torch.testing.assert_close(logits, maps.mean(dim=(2, 3)))
 
 
@@ -57,3 +57,11 @@ def test_fusion_is_the_union_per_class():
     initial = torch.tensor([[[1, 0, 2]]], dtype=torch.uint8)
     guided = torch.tensor([[[[False, True, False]], [[False, False, False]]]])
     assert fuse(initial, guided).tolist() == [[[[True, True, False]], [[False, False, True]]]]
+
+
+def test_only_the_cnn_and_the_scores_train():
+    """What the forward pass does not use must not wait for a gradient (DDP on several workers)."""
+    model = TagClassifier(HybridEncoder(ENCODER_PRESETS["tiny"]), 2)
+    model(torch.randn(1, 3, 64, 64))[0].sum().backward()
+    assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
+    assert any(p.requires_grad for p in model.encoder.parameters())

@@ -447,6 +447,22 @@ class SelfTrainingConfig:
 
 
 @dataclass
+class TagClassifierConfig(FinetuneConfig):
+    """`tag_classifier@<step>`: a multi-label classifier of a step's new classes, trained with BCE
+    on its images' tags over the encoder of the model before the step (the encoder at
+    `encoder_lr_scale` × lr) under the weak augmentation; its activation maps are the step's
+    initial pseudo masks."""
+
+    epochs: int = 5
+    steps_per_epoch: int = 100
+    batch_size: int = 32
+    lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        self._check_finetune("incremental.classifier")
+
+
+@dataclass
 class IncrementalStep:
     """One weakly incremental step: the model it learns after (for the first step, the pipeline's
     last self-training round; then the step before) and the new classes it brings, named as the
@@ -469,6 +485,7 @@ class IncrementalConfig:
 
     steps: dict[str, IncrementalStep] = field(default_factory=dict)
     protocol: str = "disjoint"
+    classifier: TagClassifierConfig = field(default_factory=TagClassifierConfig)
 
     def check_chain(self, last_round: str) -> None:
         """Each step learns after the model before it: the first after `last_round`."""

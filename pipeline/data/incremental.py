@@ -64,6 +64,19 @@ def step_classes(classes: list[str], new: dict[str, list[str]]) -> StepClasses:
     return StepClasses(names, [list(range(a, b)) for a, b in itertools.pairwise(bounds)], table)
 
 
+def classes_at(manifest: dict, step: str) -> tuple[list[str], list[str]]:
+    """(the classes the model before `step` holds, the step's new ones), in the setting's order,
+    from a prepared manifest (`prepare` with incremental steps)."""
+    setting = manifest.get("incremental")
+    if not setting or step not in setting["steps"]:
+        have = ", ".join(setting["steps"]) if setting else "none"
+        raise DataError(f"incremental step {step!r}: the prepared data has no such step (its steps: {have}); "
+                        "rerun prepare with params' incremental.steps")
+    new = setting["steps"][step]["classes"]
+    first = setting["classes"].index(new[0])
+    return setting["classes"][:first], new
+
+
 def present_classes(mask: np.ndarray) -> frozenset[int]:
     """The object classes a mask holds (background and ignored pixels left out)."""
     return frozenset(int(c) for c in np.unique(mask) if c not in (0, IGNORE_INDEX))

@@ -20,7 +20,7 @@ from pipeline.data.atomic import staged
 if TYPE_CHECKING:
     from pipeline.models.transunet import SegmentationNet
 
-ENCODER, DENOISER, SEGMENTER = "encoder", "denoiser", "segmenter"
+ENCODER, DENOISER, SEGMENTER, TAG_CLASSIFIER = "encoder", "denoiser", "segmenter", "tag_classifier"
 
 
 class CheckpointError(ValueError):

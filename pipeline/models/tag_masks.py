@@ -2,7 +2,7 @@
 substitutes this machine can run (no CLIP or DINO weights here).
 
 - **Initial mask (category-aware)**: FMWISS scores each pixel against CLIP's text embedding of
-  each tagged class. Here a `TagClassifier` (a 1×1 convolution over an encoder's token map,
+  each tagged class. Here a `TagClassifier` (a 1×1 convolution over an encoder's CNN map,
   global average pooled, trained with BCE on the tags) gives each class its activation map
   (CAM); each pixel takes the tagged class whose map is highest there, or the background where
   no map reaches `background` (maps scaled to a maximum of 1 per image and class).
@@ -26,17 +26,25 @@ from pipeline.models.transunet import HybridEncoder
 
 
 class TagClassifier(nn.Module):
-    """Multi-label classification over an encoder's token map: a 1×1 convolution scores every
-    token for every class (the class activation maps), and their mean is the image's score."""
+    """Multi-label classification over an encoder's CNN: a 1×1 convolution scores every position
+    of the CNN's last map (what the transformer reads) for every class, the class activation
+    maps, and their mean is the image's score. Not over the transformer's tokens: attention
+    mixes the whole image into each token, and trained so on images that show a square
+    somewhere, their maps came out higher around the square than on it, where the CNN's were
+    higher on it (the test in tests/test_recipes.py trains this one)."""
 
     def __init__(self, encoder: HybridEncoder, num_classes: int):
         super().__init__()
         self.encoder = encoder
-        self.scores = nn.Conv2d(encoder.spec.embed_dim, num_classes, 1)
+        self.scores = nn.Conv2d(encoder.vit.patch_embed.feature_dim, num_classes, 1)
+        # The transformer gets no gradient here; frozen, it is not waited for by DDP's all-reduce.
+        cnn = {id(p) for p in encoder.vit.patch_embed.backbone.parameters()}
+        for param in encoder.parameters():
+            param.requires_grad_(id(param) in cnn)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image logits N×K, class activation maps N×K×h×w at the tokens' stride)."""
-        maps = self.scores(self.encoder(x)[-1])
+        """(image logits N×K, class activation maps N×K×h×w at the CNN's last stride)."""
+        maps = self.scores(self.encoder.cnn_features(x)[-1])
         return maps.mean(dim=(2, 3)), maps
 
 

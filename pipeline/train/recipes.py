@@ -41,6 +41,11 @@ class Labeled(NamedTuple):
     mask: torch.Tensor  # uint8 N×H×W, IGNORE_INDEX where unlabeled
 
 
+class Tagged(NamedTuple):
+    image: torch.Tensor
+    tags: torch.Tensor  # int64 N×L: the class ids each image is tagged with, -1 after the last
+
+
 class PseudoLabeled(NamedTuple):
     image: torch.Tensor
     pseudo_label: torch.Tensor  # uint8 N×H×W
@@ -201,4 +206,35 @@ class Student(Recipe):
                                 setup.generator, excluded)
         batches = (setup.per_worker(cfg.batch_size), setup.per_worker(cfg.unlabeled_batch_size))
         step = student_step(model, tuple(labeled), tuple(pseudo), cfg, batches, setup.generator, setup.device, bank)
+        return Trainable(model, _finetune_optimizer(model, job.train, setup.device), step)
+
+
+def multi_hot(tags: torch.Tensor, first_class: int, num_classes: int) -> torch.Tensor:
+    """Tags (N×L class ids, -1 padding) as N×`num_classes` float targets over the classes
+    `first_class` … `first_class + num_classes - 1`; any other id counts for none."""
+    local = tags - first_class
+    index = torch.where((local >= 0) & (local < num_classes), local, num_classes)
+    return torch.zeros(len(tags), num_classes + 1).scatter_(1, index, 1.0)[:, :num_classes]
+
+
+@dataclass(frozen=True)
+class TagClassify(Recipe):
+    """An incremental step's tag classifier over the encoder of the model before the step
+    (`job.init_state`: that encoder's weights), for the step's classes, which start at
+    `first_class` in the setting's class order."""
+
+    tagged: tuple[Path, ...] = shards(Tagged)
+    first_class: int = 1
+
+    def build(self, job: JobConfig, setup: WorkerSetup, tagged: Tagged) -> Trainable:
+        from pipeline.models.tag_masks import TagClassifier
+        from pipeline.models.transunet import ENCODER_PRESETS, HybridEncoder
+        from pipeline.train.steps import tag_step
+
+        encoder = HybridEncoder(ENCODER_PRESETS[job.model.preset])
+        encoder.load_state_dict(job.init_state)
+        model = setup.prepare(TagClassifier(encoder, job.num_classes).to(memory_format=torch.channels_last))
+        targets = multi_hot(tagged.tags, self.first_class, job.num_classes)
+        step = tag_step(model, tagged.image, targets, setup.per_worker(job.train.batch_size), job.train.crop_scale_min,
+                        job.train.hflip, setup.generator, setup.device)
         return Trainable(model, _finetune_optimizer(model, job.train, setup.device), step)

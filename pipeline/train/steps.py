@@ -101,6 +101,18 @@ def supervised_step(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
     return step
 
 
+def tag_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, batch: int, crop_scale_min: float,
+             hflip: bool, generator: torch.Generator, device: torch.device) -> Step:
+    """A step's tag classifier: BCE of its image logits against the tags (N×K multi-hot) under
+    the weak augmentation (crops keep most of the image, so its tags still hold)."""
+    def step() -> dict:
+        x, y = to_device(device, *_draw(generator, batch, images, targets))
+        x, _ = weak_view(x, None, crop_scale_min, hflip, generator)
+        logits, _ = model(model_input(x, device))
+        return {"loss": nn.functional.binary_cross_entropy_with_logits(logits, y)}
+    return step
+
+
 def strong_view(images: torch.Tensor, label_maps: torch.Tensor, cfg: StudentConfig,
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """RandAugment intensity ops on the image alone, then zoom 0.5-2x with crop or padding
