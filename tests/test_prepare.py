@@ -294,3 +294,13 @@ def test_a_folder_steps_tags_that_cannot_be_used_are_named(tmp_path, breakage, m
     with pytest.raises(DataError, match=message):
         prepare(cfg, tmp_path / "prepared", IncrementalConfig({"step1": IncrementalStep("round1", ["bus"])}))
     assert not (tmp_path / "prepared").exists()
+
+
+def test_two_tagged_images_with_one_id_are_refused_as_any_two_are(tmp_path):
+    from pipeline.config.params import IncrementalConfig, IncrementalStep
+
+    _tagged_folder(tmp_path / "raw")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "raw" / "unlabeled" / "u0.jpg")
+    cfg = DataConfig(format="folder", root=str(tmp_path / "raw"), image_size=16, labeled_fraction=0.5)
+    with pytest.raises(DataError, match="'unlabeled-u0' occurs twice"):
+        prepare(cfg, tmp_path / "prepared", IncrementalConfig({"step1": IncrementalStep("round1", ["bus"])}))

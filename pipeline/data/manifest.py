@@ -48,7 +48,7 @@ class SplitWriter:
             self.shards |= {step_split(s): ShardWriter(out_dir / step_split(s), TAGGED_SCHEMA, shard_rows)
                             for s in steps}
         self.ids: dict[str, list[str]] = {s: [] for s in SEGMENTATION_SPLITS}
-        self.seen: set[str] = set()
+        self.seen: dict[str, set[str]] = {}
         self.pixel_counts = np.zeros(num_classes, dtype=np.int64)
         self.unassigned = 0  # incremental: train images that no step's protocol takes
 
@@ -57,11 +57,14 @@ class SplitWriter:
         if mask is not None and split == "labeled":
             self.pixel_counts += np.bincount(mask[mask != IGNORE_INDEX].ravel(),
                                              minlength=self.num_classes)[: self.num_classes]
-        if split in self.ids:  # a step's images (overlap) and val_all repeat ids of other splits
-            if example_id in self.seen:
-                raise DataError(f"id {example_id!r} occurs twice in the dataset (e.g. a.png and a.jpg, or an image "
-                                "named like another's tile <id>_t<k>); ids must be unique")
-            self.seen.add(example_id)
+        # Ids are unique across the segmentation splits, and within each other folder: a step's
+        # images (overlap) and val_all repeat ids of the segmentation splits.
+        seen = self.seen.setdefault("segmentation" if split in self.ids else split, set())
+        if example_id in seen:
+            raise DataError(f"id {example_id!r} occurs twice in the dataset (e.g. a.png and a.jpg, or an image "
+                            "named like another's tile <id>_t<k>); ids must be unique")
+        seen.add(example_id)
+        if split in self.ids:
             self.ids[split].append(example_id)
         row = {"id": example_id, "height": image.shape[0], "width": image.shape[1],
                "image": encode_png(image), "mask": None if mask is None else encode_png(mask)}

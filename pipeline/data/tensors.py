@@ -20,7 +20,7 @@ def columns_to_tensors(batches: Iterable[dict]) -> dict:
         for key, values in batch.items():
             if values.dtype != object:
                 parts.setdefault(key, []).append(values)
-            elif len(values) and not isinstance(values[0], bytes):
+            elif len(values) and isinstance(values[0], np.ndarray):  # a list column: pyarrow hands arrays
                 parts.setdefault(key, []).extend(torch.tensor(v, dtype=torch.int64) for v in values)
             else:
                 parts.setdefault(key, []).extend(decode_png(v) for v in values)
