@@ -11,6 +11,7 @@ from pipeline.data.incremental import (
     step_mask,
     step_tags,
     steps_of,
+    tag_targets,
 )
 from pipeline.data.shards import DataError
 
@@ -113,3 +114,10 @@ def test_a_missing_or_non_utf8_tags_csv_is_named(tmp_path):
     (tmp_path / "tags.csv").write_bytes(b"a,caf\xe9\n")
     with pytest.raises(DataError, match=r"tags.csv: not UTF-8 text \(byte 0xe9 at offset 5\)"):
         read_tags(tmp_path / "tags.csv", CLASSES, STEMS)
+
+
+def test_tags_become_targets_over_the_steps_own_classes():
+    import torch
+
+    tags = torch.tensor([[5, -1, -1], [6, 5, -1], [2, 7, 6]])  # the step's classes are 5 and 6
+    assert tag_targets(tags, 5, 2).tolist() == [[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]

@@ -20,7 +20,6 @@ from pipeline.train.recipes import (
     Tagged,
     Teacher,
     _finetune_optimizer,
-    multi_hot,
 )
 from pipeline.train.steps import student_step
 
@@ -218,11 +217,6 @@ def test_a_denoisers_head_never_becomes_the_class_head_even_with_three_classes(c
     assert not (net["head.weight"].shape == denoiser["head.weight"].shape
                 and torch.equal(net["head.weight"], denoiser["head.weight"]))
     assert torch.equal(net["decoder.conv_more.0.weight"], denoiser["decoder.conv_more.0.weight"])  # the rest is kept
-
-
-def test_tags_become_multi_hot_targets_over_the_steps_own_classes():
-    tags = torch.tensor([[5, -1, -1], [6, 5, -1], [2, 7, 6]])  # the step's classes are 5 and 6
-    assert multi_hot(tags, 5, 2).tolist() == [[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]
 
 
 def test_a_tag_classifier_learns_which_images_show_a_class_and_where():

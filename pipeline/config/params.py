@@ -463,6 +463,30 @@ class TagClassifierConfig(FinetuneConfig):
 
 
 @dataclass
+class StepMasksConfig:
+    """`pseudo_masks@<step>`: each tagged class's mask from the tag classifier's activation map
+    (scaled to a maximum of 1; `background`: the level under which a pixel is background),
+    grown by `seeds` points drawn inside it, to the pixels whose features (the denoising
+    pretrained network's decoder, self-supervised) have a mean cosine similarity to the seeds'
+    above `affinity`. `seed` draws the points, per image."""
+
+    background: float = 0.3
+    seeds: int = 9  # FMWISS's
+    affinity: float = 0.7
+    seed: int = 0
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        _require(0 < self.background < 1, "incremental.masks.background",
+                 f"expected a value in (0, 1), got {self.background}")
+        _require(-1 <= self.affinity < 1, "incremental.masks.affinity",
+                 f"expected a cosine similarity in [-1, 1), got {self.affinity}")
+        _positive("incremental.masks", seeds=self.seeds, batch_size=self.batch_size)
+        _require(0 <= self.seed < SEED_LIMIT, "incremental.masks.seed",
+                 f"expected a whole number in [0, 2**32), got {self.seed}")
+
+
+@dataclass
 class IncrementalStep:
     """One weakly incremental step: the model it learns after (for the first step, the pipeline's
     last self-training round; then the step before) and the new classes it brings, named as the
@@ -486,6 +510,7 @@ class IncrementalConfig:
     steps: dict[str, IncrementalStep] = field(default_factory=dict)
     protocol: str = "disjoint"
     classifier: TagClassifierConfig = field(default_factory=TagClassifierConfig)
+    masks: StepMasksConfig = field(default_factory=StepMasksConfig)
 
     def check_chain(self, last_round: str) -> None:
         """Each step learns after the model before it: the first after `last_round`."""

@@ -95,6 +95,16 @@ def step_tags(classes: frozenset[int], steps: list[list[int]], step: int) -> lis
     return sorted(classes & set(steps[step]))
 
 
+def tag_targets(tags, first_class: int, num_classes: int):
+    """Tags (an N×L tensor of class ids, -1 padding) as N×`num_classes` float targets over a
+    step's classes `first_class` … `first_class + num_classes - 1`; any other id counts for none."""
+    import torch
+
+    local = tags - first_class
+    index = torch.where((local >= 0) & (local < num_classes), local, num_classes)
+    return torch.zeros(len(tags), num_classes + 1).scatter_(1, index, 1.0)[:, :num_classes]
+
+
 def step_mask(mask: np.ndarray, steps: list[list[int]], step: int) -> np.ndarray:
     """A mask as `step` sees it (step 0's pixel labels; a later step's held-aside masks): every
     class but the step's own is background, ignored pixels stay ignored."""

@@ -25,6 +25,12 @@ SEGMENTATION_SCHEMA = pa.schema([
 # An incremental step's images (`prepare` with `incremental.steps`): their tags, the ids of the
 # step's classes they show, are all the step trains on; the mask is held aside as on `unlabeled`.
 TAGGED_SCHEMA = SEGMENTATION_SCHEMA.append(pa.field("tags", pa.list_(pa.int32())))
+# An incremental step's pseudo masks (`pseudo_masks@<step>`): per image, one PNG per step class
+# (1 where the fused mask has it) and its initial mask's classes (the setting's ids, 0 = background).
+STEP_MASKS_SCHEMA = pa.schema([
+    ("id", pa.string()), ("image", pa.binary()), ("tags", pa.list_(pa.int32())), ("masks", pa.list_(pa.binary())),
+    ("initial", pa.binary()),
+])
 CLASSIFY_SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("label", pa.int32())])
 PSEUDO_SCHEMA = pa.schema([
     ("id", pa.string()), ("image", pa.binary()), ("pseudo_label", pa.binary()), ("confidence", pa.binary()),

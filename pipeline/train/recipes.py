@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from pipeline.config.params import FinetuneConfig, StudentConfig, TrainConfig
+from pipeline.data.incremental import tag_targets
 from pipeline.models.denoising import DENOISE_CHANNELS
 from pipeline.train.loop import JobConfig, WorkerSetup, unwrap
 
@@ -209,14 +210,6 @@ class Student(Recipe):
         return Trainable(model, _finetune_optimizer(model, job.train, setup.device), step)
 
 
-def multi_hot(tags: torch.Tensor, first_class: int, num_classes: int) -> torch.Tensor:
-    """Tags (N×L class ids, -1 padding) as N×`num_classes` float targets over the classes
-    `first_class` … `first_class + num_classes - 1`; any other id counts for none."""
-    local = tags - first_class
-    index = torch.where((local >= 0) & (local < num_classes), local, num_classes)
-    return torch.zeros(len(tags), num_classes + 1).scatter_(1, index, 1.0)[:, :num_classes]
-
-
 @dataclass(frozen=True)
 class TagClassify(Recipe):
     """An incremental step's tag classifier over the encoder of the model before the step
@@ -234,7 +227,7 @@ class TagClassify(Recipe):
         encoder = HybridEncoder(ENCODER_PRESETS[job.model.preset])
         encoder.load_state_dict(job.init_state)
         model = setup.prepare(TagClassifier(encoder, job.num_classes).to(memory_format=torch.channels_last))
-        targets = multi_hot(tagged.tags, self.first_class, job.num_classes)
+        targets = tag_targets(tagged.tags, self.first_class, job.num_classes)
         step = tag_step(model, tagged.image, targets, setup.per_worker(job.train.batch_size), job.train.crop_scale_min,
                         job.train.hflip, setup.generator, setup.device)
         return Trainable(model, _finetune_optimizer(model, job.train, setup.device), step)

@@ -1,0 +1,121 @@
+"""An incremental step's pseudo masks, batch by batch (`pseudo_masks@<step>` runs them as a Ray
+Data pipeline): the tag classifier's activation maps give each tagged class its initial mask,
+seeds drawn inside it grow it over the object by the denoising-pretrained network's features,
+and the union of the two is the class's mask (`pipeline.models.tag_masks`)."""
+
+from __future__ import annotations
+
+import zlib
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from pipeline.config.params import ModelConfig, StepMasksConfig
+from pipeline.data.incremental import tag_targets
+from pipeline.data.png import encode_png, stack_decoded
+from pipeline.infer.batch import Batch, stored_png
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
+
+
+class StepMaskReplica:
+    """One actor of the Ray Data pool: the tag classifier and the feature network built once,
+    then `step_masks` per batch."""
+
+    def __init__(self, states: ObjectRef, model: ModelConfig, first_class: int, num_classes: int,
+                 cfg: StepMasksConfig, threads: int, use_gpu: bool):
+        """`states`: {"classifier": the tag classifier's weights, "features": the denoising
+        pretrained network's}, in Ray's object store."""
+        import ray
+
+        torch.set_num_threads(threads)
+        self.networks = step_mask_networks(ray.get(states), model, num_classes,
+                                           torch.device("cuda" if use_gpu else "cpu"))
+        self.first_class, self.num_classes, self.cfg = first_class, num_classes, cfg
+
+    def __call__(self, batch: Batch) -> Batch:
+        return step_masks(*self.networks, batch, self.first_class, self.num_classes, self.cfg)
+
+
+def step_mask_networks(states: dict, model: ModelConfig, num_classes: int,
+                       device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the tag classifier, the feature network) from their weights, for inference on `device`."""
+    from pipeline.models.denoising import DENOISE_CHANNELS
+    from pipeline.models.tag_masks import TagClassifier
+    from pipeline.models.transunet import ENCODER_PRESETS, HybridEncoder, network_from_state
+
+    classifier = TagClassifier(HybridEncoder(ENCODER_PRESETS[model.preset]), num_classes)
+    classifier.load_state_dict(states["classifier"])
+    # A noise-level embedding (sigma_conditioning) only shifts the decoder by the noise level;
+    # the features are taken from clean images, with none.
+    plain = {k: v for k, v in states["features"].items() if not k.startswith("noise_level.")}
+    features = network_from_state(model, DENOISE_CHANNELS, plain)
+    return classifier.eval().to(device), features.eval().to(device)
+
+
+def step_masks(classifier: torch.nn.Module, features: torch.nn.Module, batch: Batch, first_class: int,
+               num_classes: int, cfg: StepMasksConfig) -> Batch:
+    """The batch plus, per image, `masks` (one PNG per step class, 1 where the class is: the
+    fused mask) and `initial` (a PNG of the initial mask's classes, in the setting's ids, 0 =
+    background). An image's seeds are drawn from a generator seeded by `cfg.seed` and its id,
+    so its masks do not depend on the batch it comes in."""
+    from pipeline.data import augment
+    from pipeline.models.tag_masks import activation_maps, fuse, initial_masks, seeds_guidance
+
+    images = stack_decoded([stored_png(eid, v) for eid, v in zip(batch["id"], batch["image"])])
+    tags = torch.nn.utils.rnn.pad_sequence([torch.tensor(t, dtype=torch.int64) for t in batch["tags"]],
+                                           batch_first=True, padding_value=-1)
+    tagged = tag_targets(tags, first_class, num_classes).bool()
+    device = next(classifier.parameters()).device
+    x = augment.to_model_range(augment.to_unit_float(images.to(device)))
+    with torch.no_grad():
+        _, maps = classifier(x)
+        dense = features.decoder(features.encoder(x))
+    cams = activation_maps(maps, tagged.to(device), tuple(x.shape[-2:])).cpu()
+    initial = initial_masks(cams, cfg.background)
+    fused = []
+    for n, eid in enumerate(batch["id"]):
+        generator = torch.Generator().manual_seed(cfg.seed * 2**32 + zlib.crc32(str(eid).encode()))
+        guided = seeds_guidance(dense[n:n + 1].cpu(), initial[n:n + 1], num_classes, cfg.seeds, cfg.affinity,
+                                generator)
+        fused.append(fuse(initial[n:n + 1], guided)[0])
+    out = dict(batch)
+    out["masks"] = np.array([[encode_png(m.to(torch.uint8).numpy()) for m in image_masks] for image_masks in fused],
+                            dtype=object)
+    out["initial"] = np.array([encode_png(torch.where(m > 0, m + first_class - 1, 0).to(torch.uint8).numpy())
+                               for m in initial], dtype=object)
+    return out
+
+
+def mask_rows(batches, first_class: int, num_classes: int, overlap: np.ndarray):
+    """Shard rows (`STEP_MASKS_SCHEMA`) of `step_masks` batches. Where an image has its mask held
+    aside, adds to `overlap` (2 × K × 2: the initial and the fused masks; per step class, the
+    pixels where mask and truth both have it, and where either does), never used to train."""
+    from pipeline.data.png import decode_png
+    from pipeline.infer.batch import has_png
+
+    for batch in batches:
+        for n, eid in enumerate(batch["id"]):
+            masks, initial = list(batch["masks"][n]), batch["initial"][n]
+            held = batch["mask"][n] if "mask" in batch else None
+            if has_png(held):
+                truth = decode_png(held)
+                first_guess = decode_png(initial)
+                for k in range(num_classes):
+                    true = truth == first_class + k
+                    for kind, predicted in enumerate((first_guess == first_class + k, decode_png(masks[k]) > 0)):
+                        overlap[kind, k] += ((predicted & true).sum(), (predicted | true).sum())
+            yield {"id": eid, "image": batch["image"][n], "tags": [int(t) for t in batch["tags"][n]],
+                   "masks": masks, "initial": initial}
+
+
+def mask_scores(overlap: np.ndarray, classes: list[str]) -> dict:
+    """Per step class and on average, the IoU of the initial and of the fused masks with the
+    held-aside truth (a class in no mask and no truth counts for none)."""
+    scores = {}
+    for kind, name in enumerate(("initial", "fused")):
+        ious = {c: float(i / u) for c, (i, u) in zip(classes, overlap[kind]) if u > 0}
+        scores[name] = {"miou": float(np.mean(list(ious.values()))) if ious else float("nan"), "per_class_iou": ious}
+    return scores

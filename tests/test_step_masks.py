@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config.params import ModelConfig, StepMasksConfig
+from pipeline.data.png import decode_png, encode_png
+from pipeline.infer.step_masks import mask_rows, mask_scores, step_mask_networks, step_masks
+from pipeline.models.denoising import DENOISE_CHANNELS
+from pipeline.models.tag_masks import TagClassifier
+from pipeline.models.transunet import ENCODER_PRESETS, HybridEncoder, build_network
+
+MODEL = ModelConfig(preset="tiny", decoder_in_channels=32, decoder_channels=[16, 8, 8, 8])
+FIRST, STEP_CLASSES = 5, 2  # the step's classes are 5 and 6 in the setting's order
+
+
+@pytest.fixture(scope="module")
+def networks():
+    torch.manual_seed(0)
+    states = {"classifier": TagClassifier(HybridEncoder(ENCODER_PRESETS["tiny"]), STEP_CLASSES).state_dict(),
+              "features": build_network(MODEL, DENOISE_CHANNELS, sigma_conditioning=True).state_dict()}
+    return step_mask_networks(states, MODEL, STEP_CLASSES, torch.device("cpu"))
+
+
+def _batch(ids, tags):
+    rng = np.random.default_rng(0)
+    images = {eid: encode_png(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for eid in ("a", "b")}
+    tag_column = np.empty(len(ids), dtype=object)  # as Ray Data hands a list column: an array per row
+    for row, image_tags in enumerate(tags):
+        tag_column[row] = np.array(image_tags, dtype=np.int32)
+    return {"id": np.array(ids, dtype=object), "image": np.array([images[i] for i in ids], dtype=object),
+            "tags": tag_column}
+
+
+def test_each_tagged_class_gets_a_mask_and_an_untagged_one_none(networks):
+    out = step_masks(*networks, _batch(["a", "b"], [[5], [5, 6]]), FIRST, STEP_CLASSES, StepMasksConfig(background=0.2))
+    masks = [[decode_png(m) for m in image] for image in out["masks"]]
+    assert [len(image) for image in masks] == [2, 2] and masks[0][0].shape == (64, 64)
+    assert masks[0][0].any() and not masks[0][1].any()  # "a" is tagged 5 only
+    initial = [decode_png(v) for v in out["initial"]]
+    assert set(np.unique(initial[0])) <= {0, 5} and set(np.unique(initial[1])) <= {0, 5, 6}
+    # The fused mask holds the initial one (a union).
+    assert all(((init == FIRST + k) <= (mask > 0)).all() for image, init in zip(masks, initial)
+               for k, mask in enumerate(image))
+
+
+def test_an_images_masks_do_not_depend_on_its_batch(networks):
+    cfg = StepMasksConfig(background=0.2)
+    alone = step_masks(*networks, _batch(["b"], [[5, 6]]), FIRST, STEP_CLASSES, cfg)
+    together = step_masks(*networks, _batch(["a", "b"], [[5], [5, 6]]), FIRST, STEP_CLASSES, cfg)
+    assert list(alone["masks"][0]) == list(together["masks"][1]) and alone["initial"][0] == together["initial"][1]
+
+
+def test_the_masks_are_scored_per_class_against_the_held_aside_truth():
+    truth = np.zeros((2, 4), np.uint8)
+    truth[:, :2] = 5  # class 5 in the left half; class 6 nowhere
+    initial = np.zeros((2, 4), np.uint8)
+    initial[:, :1] = 5  # a quarter: IoU 0.5
+    fused = [(truth == 5).astype(np.uint8), np.zeros((2, 4), np.uint8)]
+    fused[1][0, 3] = 1  # class 6 where there is none: IoU 0
+    batch = {"id": np.array(["a"], dtype=object), "image": np.array([b"png"], dtype=object),
+             "mask": np.array([encode_png(truth)], dtype=object), "tags": [np.array([5, 6])],
+             "masks": [[encode_png(m) for m in fused]], "initial": np.array([encode_png(initial)], dtype=object)}
+    overlap = np.zeros((2, 2, 2), dtype=np.int64)
+    rows = list(mask_rows([batch], FIRST, STEP_CLASSES, overlap))
+    assert rows[0]["tags"] == [5, 6] and len(rows[0]["masks"]) == 2
+    scores = mask_scores(overlap, ["stripes", "dots"])
+    assert scores["initial"]["per_class_iou"] == {"stripes": 0.5}  # "dots": in neither, counts for none
+    assert scores["fused"]["per_class_iou"] == {"stripes": 1.0, "dots": 0.0} and scores["fused"]["miou"] == 0.5
