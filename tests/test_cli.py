@@ -34,7 +34,8 @@ def test_every_entry_point_has_help(entry):
 STAGE_OPTIONS = {"--prepared": "p", "--out": "o", "--teacher": "t.pt", "--student": "s.pt", "--encoder": "e.pt",
                  "--pretrained": "w.pt", "--pseudo": "q", "--metrics": "m.json", "--per-class": "c.csv",
                  "--figures": "f", "--fraction": "0.5", "--seed": "0", "--plan": "plan.yaml", "--rounds": "r",
-                 "--params": "params.yaml", "--letters": "8", "--size": "32"}
+                 "--params": "params.yaml", "--letters": "8", "--size": "32", "--step": "step1",
+                 "--previous": "b.pt", "--classifier": "k.pt", "--features": "d.pt"}
 
 
 @pytest.mark.parametrize("script", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "stages").glob("*.py")))
