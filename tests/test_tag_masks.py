@@ -7,7 +7,7 @@ from pipeline.models.tag_masks import (
     initial_masks,
     seeds_guidance,
 )
-from pipeline.models.transunet import ENCODER_PRESETS, HybridEncoder
+from pipeline.models.transunet import ENCODER_PRESETS, HybridEncoder, module_from_state
 
 
 def test_the_classifier_scores_images_by_the_mean_of_its_activation_maps():
@@ -17,6 +17,17 @@ def test_the_classifier_scores_images_by_the_mean_of_its_activation_maps():
     assert logits.shape == (2, 3) and maps.shape == (2, 3, 4, 4)  # the CNN's last map, at stride 16
     torch.testing.assert_close(logits, maps.mean(dim=(2, 3)))
 
+
+
+def test_a_classifier_its_weights_fill_scores_the_same_and_keeps_its_transformer_frozen():
+    source = TagClassifier(HybridEncoder(ENCODER_PRESETS["tiny"]), 3).eval()
+    filled = module_from_state(lambda: TagClassifier(HybridEncoder(ENCODER_PRESETS["tiny"], initialise=False), 3),
+                               source.state_dict()).eval()
+    assert [p.requires_grad for p in filled.parameters()] == [p.requires_grad for p in source.parameters()]
+    assert not all(p.requires_grad for p in filled.parameters())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(filled(x)[1], source(x)[1])
 
 def test_activation_maps_are_scaled_per_class_and_only_for_the_tags():
     maps = torch.tensor([[[[2.0, -1.0], [1.0, 0.0]], [[0.5, 0.5], [0.5, 0.25]]]])  # 1×2×2×2

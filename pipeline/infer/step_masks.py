@@ -44,10 +44,11 @@ def step_mask_networks(states: dict, model: ModelConfig, num_classes: int,
     """(the tag classifier, the feature network) from their weights, for inference on `device`."""
     from pipeline.models.denoising import DENOISE_CHANNELS
     from pipeline.models.tag_masks import TagClassifier
-    from pipeline.models.transunet import ENCODER_PRESETS, HybridEncoder, network_from_state
+    from pipeline.models.transunet import ENCODER_PRESETS, HybridEncoder, module_from_state, network_from_state
 
-    classifier = TagClassifier(HybridEncoder(ENCODER_PRESETS[model.preset]), num_classes)
-    classifier.load_state_dict(states["classifier"])
+    spec = ENCODER_PRESETS[model.preset]
+    classifier = module_from_state(lambda: TagClassifier(HybridEncoder(spec, initialise=False), num_classes),
+                                   states["classifier"])
     # A noise-level embedding (sigma_conditioning) only shifts the decoder by the noise level;
     # the features are taken from clean images, with none.
     plain = {k: v for k, v in states["features"].items() if not k.startswith("noise_level.")}

@@ -179,8 +179,8 @@ def _fitted_encoder(vit: dict, preset: str, source: str) -> dict:
     head is dropped, any missing or mis-shaped weight is an error naming the keys."""
     from pipeline.models.transunet import ENCODER_PRESETS, HybridEncoder
 
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
-        encoder = HybridEncoder(ENCODER_PRESETS[preset])
+    with torch.device("meta"):  # shapes only: no memory
+        encoder = HybridEncoder(ENCODER_PRESETS[preset], initialise=False)
     expected = {k.removeprefix("vit."): v.shape for k, v in encoder.state_dict().items()
                 if not k.startswith("vit.head.")}
     missing = sorted(set(expected) - set(vit))

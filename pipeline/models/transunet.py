@@ -9,6 +9,7 @@ checkpoint loads); `tiny` is the same thing narrower and shallower for a CPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -214,22 +215,30 @@ class StateMismatch(ValueError):
     """A state dict that does not fit the network it should fill, its differences in one line."""
 
 
-def network_from_state(model: ModelConfig, out_channels: int, state: dict) -> SegmentationNet:
-    """The network params' `model` describes holding every tensor of `state` (strict), each as its
-    own would be: in its dtype (a file saved in half precision) and contiguous. Built on the meta
-    device with timm's ViT initialisers skipped, so nothing is initialised only to be overwritten."""
+def module_from_state(build: Callable[[], nn.Module], state: dict) -> nn.Module:
+    """The module `build` makes (pass it `initialise=False` where it takes one), holding every
+    tensor of `state` (strict), each as its own would be: in its dtype (a file saved in half
+    precision) and contiguous. Built on the meta device, so nothing is initialised only to be
+    overwritten; a state that does not fit is a `StateMismatch`."""
     with torch.device("meta"):
-        net = SegmentationNet(ENCODER_PRESETS[model.preset], model.decoder_in_channels,
-                              tuple(model.decoder_channels), out_channels, initialise=False)
-    own = net.state_dict()
+        module = build()
+    own = module.state_dict()
     problems = {"wrong shape": sorted(k for k in own if k in state and state[k].shape != own[k].shape),
                 "missing": sorted(set(own) - set(state)), "unexpected": sorted(set(state) - set(own))}
     if any(problems.values()):
         raise StateMismatch(", ".join(f"{what} {keys[:3]}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
                                       for what, keys in problems.items() if keys))
-    net.load_state_dict({key: value.to(dtype=own[key].dtype, memory_format=torch.contiguous_format)
-                         for key, value in state.items()}, assign=True)
-    return net
+    # assign=True keeps the module's requires_grad, so a frozen part stays frozen.
+    module.load_state_dict({key: value.to(dtype=own[key].dtype, memory_format=torch.contiguous_format)
+                            for key, value in state.items()}, assign=True)
+    return module
+
+
+def network_from_state(model: ModelConfig, out_channels: int, state: dict) -> SegmentationNet:
+    """The network params' `model` describes, filled by `state` (`module_from_state`)."""
+    return module_from_state(lambda: SegmentationNet(ENCODER_PRESETS[model.preset], model.decoder_in_channels,
+                                                     tuple(model.decoder_channels), out_channels, initialise=False),
+                             state)
 
 
 def build_model(preset: str, decoder_in_channels: int, decoder_channels: list[int] | tuple[int, ...],

@@ -221,11 +221,11 @@ class TagClassify(Recipe):
 
     def build(self, job: JobConfig, setup: WorkerSetup, tagged: Tagged) -> Trainable:
         from pipeline.models.tag_masks import TagClassifier
-        from pipeline.models.transunet import ENCODER_PRESETS, HybridEncoder
+        from pipeline.models.transunet import ENCODER_PRESETS, HybridEncoder, module_from_state
         from pipeline.train.steps import tag_step
 
-        encoder = HybridEncoder(ENCODER_PRESETS[job.model.preset])
-        encoder.load_state_dict(job.init_state)
+        spec = ENCODER_PRESETS[job.model.preset]
+        encoder = module_from_state(lambda: HybridEncoder(spec, initialise=False), job.init_state)
         model = setup.prepare(TagClassifier(encoder, job.num_classes).to(memory_format=torch.channels_last))
         targets = tag_targets(tagged.tags, self.first_class, job.num_classes)
         step = tag_step(model, tagged.image, targets, setup.per_worker(job.train.batch_size), job.train.crop_scale_min,
