@@ -99,13 +99,15 @@ def write_prepared(writer: SplitWriter, classes: list[str], cfg: DataConfig, tmp
         "ids": writer.ids,
     }
     if incremental:
-        for step in incremental["steps"]:
+        steps = {}
+        for step, entry in incremental["steps"].items():
             if counts[step_split(step)] == 0:
                 raise DataError(f"incremental.steps.{step}: no train image falls to it under the "
                                 f"{incremental['protocol']} protocol; expected images that show its classes "
-                                f"({', '.join(incremental['steps'][step]['classes'])})")
-            incremental["steps"][step]["images"] = counts[step_split(step)]
-        manifest["incremental"] = incremental | {"val_all": counts[ALL_CLASSES_VAL], "unassigned": writer.unassigned}
+                                f"({', '.join(entry['classes'])})")
+            steps[step] = entry | {"images": counts[step_split(step)]}
+        manifest["incremental"] = incremental | {"steps": steps, "val_all": counts[ALL_CLASSES_VAL],
+                                                 "unassigned": writer.unassigned}
     manifest["content_sha256"] = _content_hash(tmp)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
