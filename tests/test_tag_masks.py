@@ -64,6 +64,18 @@ def test_seeds_grow_a_class_over_the_whole_object_they_fall_on():
     assert not guided[0, 1].any()  # no initial pixel, no seeds
 
 
+
+def test_seeds_guide_each_image_of_a_batch_by_its_own_classes():
+    initial = torch.zeros(2, 4, 6, dtype=torch.uint8)
+    initial[0, 2, 0] = 1  # image 0: the left object is class 1
+    initial[1, 0, 5] = 2  # image 1: the right object is class 2
+    guided = seeds_guidance(_two_objects().expand(2, -1, -1, -1), initial, 2, seeds=4, threshold=0.5,
+                            generator=torch.Generator().manual_seed(0))
+    left = torch.zeros(4, 6, dtype=torch.bool)
+    left[:, :4] = True
+    assert torch.equal(guided[0, 0], left) and torch.equal(guided[1, 1], ~left)
+    assert not guided[0, 1].any() and not guided[1, 0].any()
+
 def test_fusion_is_the_union_per_class():
     initial = torch.tensor([[[1, 0, 2]]], dtype=torch.uint8)
     guided = torch.tensor([[[[False, True, False]], [[False, False, False]]]])
