@@ -13,8 +13,9 @@ def verbose() -> bool:
 
 def quiet_worker_logs() -> None:
     """Without a dashboard, Ray Train's placement-group cleaner cannot reach the State API and
-    warns about it every second for the whole job; it still does its work, so only its own
-    logger is turned down."""
+    warns about it every second for the whole job; only its own logger is turned down. (It then
+    never learns that a training controller died, to free its CPUs: the local Ray ends with its
+    `dvc repro`, and a long-lived cluster runs a dashboard.)"""
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
     if not verbose():
         # Each epoch's "Reporting training result …" line, hundreds of characters, comes from a

@@ -34,7 +34,7 @@ def init_ray(ray_cfg: RayConfig) -> None:
 
     env_vars = {key: os.environ[key] for key in RAY_TRAIN_ENV} | {VERBOSE: os.environ.get(VERBOSE, "0")}
     job_options = {"logging_config": ray.LoggingConfig(log_level="WARNING"),
-                   "runtime_env": {"worker_process_setup_hook": "pipeline.runtime.ray_logging.quiet_worker_logs",
+                   "runtime_env": {"worker_process_setup_hook": "pipeline.runtime.ray_worker.setup_worker_process",
                                    "env_vars": env_vars}}
     if address:
         ray.init(address=address, **job_options)
