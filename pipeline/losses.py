@@ -111,3 +111,25 @@ def pixel_contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor, tempe
         return embeddings.sum() * 0.0
     mean_log_prob = torch.where(positive, log_prob, torch.zeros_like(log_prob)).sum(1) / positive.sum(1).clamp(min=1)
     return -mean_log_prob[has_positive].mean()
+
+
+def step_targets(old_scores: torch.Tensor | None, new_targets: torch.Tensor, pasted: torch.Tensor,
+                 num_classes: int) -> torch.Tensor:
+    """An incremental step's per-class BCE targets (N×K×H×W, the old classes first, background
+    at 0): the new classes' `new_targets` (N×K_new×H×W in [0, 1]); the old classes' the model
+    before the step's sigmoid scores `old_scores` (distillation), background's lowered where a
+    new class is (1 − the highest new target), for the model before the step saw background there.
+    With no `old_scores` (the forgetting floor), background wherever no new class is and every
+    other old class 0. A pixel of a pasted old-class object (`pasted`: its class, 0 elsewhere)
+    is that class alone."""
+    new_count = new_targets.shape[1]
+    not_new = 1 - new_targets.amax(dim=1, keepdim=True)
+    if old_scores is None:
+        old = torch.zeros(len(new_targets), num_classes - new_count, *new_targets.shape[2:],
+                          device=new_targets.device)
+        old[:, :1] = not_new
+    else:
+        old = torch.cat([old_scores[:, :1] * not_new, old_scores[:, 1:]], dim=1)
+    targets = torch.cat([old, new_targets], dim=1)
+    where = pasted[:, None] > 0
+    return torch.where(where, F.one_hot(pasted.long(), num_classes).permute(0, 3, 1, 2).float(), targets)

@@ -35,7 +35,7 @@ STAGE_OPTIONS = {"--prepared": "p", "--out": "o", "--teacher": "t.pt", "--studen
                  "--pretrained": "w.pt", "--pseudo": "q", "--metrics": "m.json", "--per-class": "c.csv",
                  "--figures": "f", "--fraction": "0.5", "--seed": "0", "--plan": "plan.yaml", "--rounds": "r",
                  "--params": "params.yaml", "--letters": "8", "--size": "32", "--step": "step1",
-                 "--previous": "b.pt", "--classifier": "k.pt", "--features": "d.pt"}
+                 "--previous": "b.pt", "--classifier": "k.pt", "--features": "d.pt", "--masks": "k"}
 
 
 @pytest.mark.parametrize("script", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "stages").glob("*.py")))

@@ -8,6 +8,7 @@ from pipeline.losses import (
     pixel_contrastive_loss,
     segmentation_ce,
     self_correction_loss,
+    step_targets,
     weighted_ce,
 )
 
@@ -114,3 +115,14 @@ def test_pixel_contrast_samples_per_class_and_skips_ignored_pixels():
     loss = pixel_contrastive_loss(z, labels, 0.1, points_per_class=4, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(loss) and loss > 0
     assert pixel_contrastive_loss(z, torch.full((2, 6, 6), IGNORE_INDEX), 0.1, 4).item() == 0.0
+
+
+def test_a_steps_targets_distil_the_old_classes_and_take_background_where_a_new_class_is():
+    old = torch.tensor([[0.9, 0.8, 0.1], [0.2, 0.1, 0.7]]).reshape(1, 2, 1, 3)  # background, cat; 3 pixels
+    new = torch.tensor([0.0, 0.5, 1.0]).reshape(1, 1, 1, 3)
+    pasted = torch.tensor([[[0, 0, 1]]])  # a pasted cat on the third pixel
+    targets = step_targets(old, new, pasted, 3)
+    torch.testing.assert_close(targets[0, :, 0, :2], torch.tensor([[0.9, 0.4], [0.2, 0.1], [0.0, 0.5]]))
+    assert targets[0, :, 0, 2].tolist() == [0.0, 1.0, 0.0]  # the pasted object is its class alone
+    floor = step_targets(None, new, torch.zeros_like(pasted), 3)  # no distillation: old classes forgotten
+    assert floor[0, :, 0].tolist() == [[1.0, 0.5, 0.0], [0.0, 0.0, 0.0], [0.0, 0.5, 1.0]]

@@ -238,10 +238,9 @@ def test_rounds_that_do_not_chain_name_the_key(rounds):
         parse_params({"self_training": {"rounds": rounds}})
 
 
-def test_incremental_steps_are_a_chain_of_new_classes_after_the_last_round():
-    steps = {"step1": {"after": "round2", "classes": ["stripes", "dots"]}, "step2": {"after": "step1", "classes": ["star"]}}
-    params = parse_params({"self_training": {"rounds": {"round1": "teacher", "round2": "round1"}},
-                           "incremental": {"steps": steps, "protocol": "overlap"}})
+def test_incremental_steps_are_a_chain_of_new_classes_after_the_student():
+    steps = {"step1": {"after": "student", "classes": ["stripes", "dots"]}, "step2": {"after": "step1", "classes": ["star"]}}
+    params = parse_params({"incremental": {"steps": steps, "protocol": "overlap"}})
     assert [step.classes for step in params.incremental.steps.values()] == [["stripes", "dots"], ["star"]]
     assert parse_params({}).incremental.steps == {}  # off by default
 
@@ -250,13 +249,15 @@ def test_incremental_steps_are_a_chain_of_new_classes_after_the_last_round():
     ({"steps": {"step2": {"after": "round1", "classes": ["a"]}}},
      r"incremental.steps: expected steps named step1, step2, … in order"),
     ({"steps": {"step1": {"classes": ["a"]}}},
-     (r"incremental.steps.step1.after: expected 'round1' \(the pipeline's last self-training round: each step "
+     (r"incremental.steps.step1.after: expected 'student' \(the pipeline's student: each step "
       r"learns after the model before it\), got ''")),
-    ({"steps": {"step1": {"after": "round1", "classes": ["a"]}, "step2": {"after": "round1", "classes": ["b"]}}},
+    ({"steps": {"step1": {"after": "round1", "classes": ["a"]}}},
+     r"incremental.steps.step1.after: expected 'student' \(the pipeline's student"),
+    ({"steps": {"step1": {"after": "student", "classes": ["a"]}, "step2": {"after": "student", "classes": ["b"]}}},
      r"incremental.steps.step2.after: expected 'step1' \(the step before it"),
-    ({"steps": {"step1": {"after": "round1", "classes": []}}},
+    ({"steps": {"step1": {"after": "student", "classes": []}}},
      r"incremental.steps.step1.classes: expected at least one new class"),
-    ({"steps": {"step1": {"after": "round1", "classes": ["a"]}, "step2": {"after": "step1", "classes": ["a"]}}},
+    ({"steps": {"step1": {"after": "student", "classes": ["a"]}, "step2": {"after": "step1", "classes": ["a"]}}},
      r"incremental.steps.step2.classes: 'a' is already new in step1"),
     ({"protocol": "mixed"}, r"incremental.protocol: expected one of disjoint, overlap, got 'mixed'"),
     ({"steps": {"step1": {"classes": ["a"], "tags": "t.csv"}}}, r"incremental.steps.step1.tags: Key 'tags' not in"),

@@ -210,7 +210,7 @@ def test_a_digit_scenes_tuning_val_split_is_more_train_scenes(tmp_path):
 
 
 # Incremental steps: step 0's view of the data, and each later step's tagged images.
-SHAPE_STEPS = {"step1": {"after": "round1", "classes": ["stripes", "dots"]}}
+SHAPE_STEPS = {"step1": {"after": "student", "classes": ["stripes", "dots"]}}
 
 
 def _shapes_incremental(tmp_path, protocol: str):
@@ -268,7 +268,7 @@ def test_a_folder_step_learns_from_the_tags_of_unlabeled_images(tmp_path):
 
     _tagged_folder(tmp_path / "raw")
     cfg = DataConfig(format="folder", root=str(tmp_path / "raw"), image_size=16, labeled_fraction=0.5, val_fraction=0.2)
-    manifest = prepare(cfg, tmp_path / "prepared", IncrementalConfig({"step1": IncrementalStep("round1", ["bus"])}))
+    manifest = prepare(cfg, tmp_path / "prepared", IncrementalConfig({"step1": IncrementalStep("student", ["bus"])}))
     assert manifest["classes"] == ["sky", "road", "car"] and manifest["incremental"]["steps"]["step1"]["images"] == 2
     step = read_split(tmp_path / "prepared" / "steps" / "step1")
     assert step.column("id").to_pylist() == ["unlabeled-u0", "unlabeled-u1"]
@@ -292,7 +292,7 @@ def test_a_folder_steps_tags_that_cannot_be_used_are_named(tmp_path, breakage, m
     breakage(tmp_path / "raw")
     cfg = DataConfig(format="folder", root=str(tmp_path / "raw"), image_size=16, labeled_fraction=0.5)
     with pytest.raises(DataError, match=message):
-        prepare(cfg, tmp_path / "prepared", IncrementalConfig({"step1": IncrementalStep("round1", ["bus"])}))
+        prepare(cfg, tmp_path / "prepared", IncrementalConfig({"step1": IncrementalStep("student", ["bus"])}))
     assert not (tmp_path / "prepared").exists()
 
 
@@ -303,4 +303,4 @@ def test_two_tagged_images_with_one_id_are_refused_as_any_two_are(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "raw" / "unlabeled" / "u0.jpg")
     cfg = DataConfig(format="folder", root=str(tmp_path / "raw"), image_size=16, labeled_fraction=0.5)
     with pytest.raises(DataError, match="'unlabeled-u0' occurs twice"):
-        prepare(cfg, tmp_path / "prepared", IncrementalConfig({"step1": IncrementalStep("round1", ["bus"])}))
+        prepare(cfg, tmp_path / "prepared", IncrementalConfig({"step1": IncrementalStep("student", ["bus"])}))

@@ -3,7 +3,14 @@ import time
 import pytest
 import torch
 
-from pipeline.config.params import DecoderPretrainConfig, EncoderConfig, FinetuneConfig, ModelConfig, StudentConfig
+from pipeline.config.params import (
+    DecoderPretrainConfig,
+    EncoderConfig,
+    FinetuneConfig,
+    ModelConfig,
+    StepTrainConfig,
+    StudentConfig,
+)
 from pipeline.data.copy_paste import InstanceBank
 from pipeline.models.dsbn import DualBatchNorm2d, add_auxiliary_bn
 from pipeline.models.transunet import ProjectedSegmenter, build_network
@@ -16,6 +23,8 @@ from pipeline.train.recipes import (
     EncoderDenseCL,
     Images,
     Labeled,
+    LearnStep,
+    StepMasked,
     TagClassify,
     Tagged,
     Teacher,
@@ -47,13 +56,20 @@ def _recipe_parts(recipe: str, device: torch.device):
             "teacher": (Teacher(()), FinetuneConfig(batch_size=2), {"labeled": Labeled(images, masks)},
                         {"init_state": denoiser, "init_from_denoiser": True}),
             "tag_classify": (TagClassify((), first_class=2), FinetuneConfig(batch_size=2),
-                             {"tagged": Tagged(images, masks[:, :2, 0] + 2)}, {"init_state": encoder})}
+                             {"tagged": Tagged(images, masks[:, :2, 0] + 2)}, {"init_state": encoder}),
+            # The dense contrast reads values (which meta tensors have none of): tested on the CPU below.
+            "learn_step": (LearnStep((), (), first_class=2),
+                           StepTrainConfig(batch_size=2, warmup_steps=0, dense_contrast_weight=0.0,
+                                           copy_paste_probability=1.0, plugin_channels=8),
+                           {"masks": StepMasked(images, torch.stack([masks == 2, masks == 3], 1).to(torch.uint8)),
+                            "labeled": Labeled(images, torch.where(masks >= 2, 0, masks).to(torch.uint8))},
+                           {"init_state": build_network(MODEL, 2).state_dict()})}
     made, train, rows, init = jobs[recipe]
     job = JobConfig(train=train, model=MODEL, num_classes=4, **init)
     return made.build(job, plain_setup(job, device), **rows)
 
 
-RECIPES = ["encoder_classify", "encoder_densecl", "decoder_pretrain", "teacher", "tag_classify"]
+RECIPES = ["encoder_classify", "encoder_densecl", "decoder_pretrain", "teacher", "tag_classify", "learn_step"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -107,6 +123,30 @@ def test_student_step_gives_finite_losses_that_train(overrides):
     losses["loss"].backward()
     assert net.head.weight.grad is not None and net.head.weight.grad.abs().sum() > 0
 
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({}, {"loss", "segmentation", "plugin", "dense_contrast"}),  # FMWISS's every piece
+    ({"plugin_teacher": False, "distill": False, "copy_paste_probability": 0.0}, {"loss", "segmentation"}),  # the floor
+])
+def test_an_incremental_step_trains_the_new_model_and_never_the_one_before(overrides, expected):
+    torch.manual_seed(0)
+    (images, masks), _ = _data()
+    job = JobConfig(train=StepTrainConfig(batch_size=2, warmup_steps=1, plugin_channels=8, **overrides), model=MODEL,
+                    num_classes=4, init_state=build_network(MODEL, 2).state_dict())
+    new = torch.stack([masks == 2, masks == 3], 1).to(torch.uint8)
+    parts = LearnStep((), (), first_class=2).build(job, plain_setup(job, torch.device("cpu")),
+                                                  masks=StepMasked(images, new),
+                                                  labeled=Labeled(images, torch.where(masks >= 2, 0, masks).to(torch.uint8)))
+    before = {k: v.clone() for k, v in job.init_state.items()}
+    for _ in range(3):  # the third after the warm-up: the plug-in teacher's targets
+        losses = parts.step()
+        assert set(losses) == expected and all(torch.isfinite(v) for v in losses.values())
+        parts.optimizer.zero_grad()
+        losses["loss"].backward()
+        parts.optimizer.step()
+    assert parts.model.net.head.out_channels == 4
+    assert all(torch.equal(before[k], v) for k, v in job.init_state.items())  # the model before, untouched
 
 def test_with_dsbn_the_pseudo_labeled_half_goes_through_the_auxiliary_bns():
     cfg = StudentConfig(batch_size=2, unlabeled_batch_size=2, hflip=False)

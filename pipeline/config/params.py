@@ -487,10 +487,57 @@ class StepMasksConfig:
 
 
 @dataclass
+class StepTrainConfig(FinetuneConfig):
+    """`step_train@<step>` (FMWISS's training of a step): the model before the step, its head
+    given a channel per new class, learns with pixel-wise BCE: for the old classes against the
+    model before the step (`distill`; off: the old classes are background wherever the new ones
+    are not, the forgetting floor), for the new ones against a plug-in teacher (`plugin_teacher`:
+    an ASPP head on the decoder's features, dropped from the saved model) that learns from the
+    step's pseudo masks with BCE and the dense contrastive loss (`dense_contrast_weight`), from
+    its first `warmup_steps` on (before, and with no plug-in teacher, the masks themselves);
+    objects of the old classes from the labeled split are pasted in (`copy_paste_probability`)."""
+
+    epochs: int = 5
+    steps_per_epoch: int = 100
+    batch_size: int = 16
+    lr: float = 1e-3
+    distill: bool = True
+    plugin_teacher: bool = True
+    warmup_steps: int = 100
+    plugin_channels: int = 64
+    dense_contrast_weight: float = 0.1  # FMWISS's λ
+    dense_contrast_temperature: float = 0.1
+    dense_contrast_points: int = 10
+    copy_paste_probability: float = 0.5  # 0 = off
+    copy_paste_count: int = 1
+    copy_paste_bank: int = 32
+
+    def __post_init__(self) -> None:
+        self._check_finetune("incremental.training")
+        _require(self.warmup_steps >= 0, "incremental.training.warmup_steps",
+                 f"expected a whole number >= 0, got {self.warmup_steps}")
+        _require(self.dense_contrast_weight >= 0, "incremental.training.dense_contrast_weight",
+                 f"expected a value >= 0, got {self.dense_contrast_weight}")
+        _require(self.dense_contrast_temperature > 0, "incremental.training.dense_contrast_temperature",
+                 f"expected a positive temperature, got {self.dense_contrast_temperature}")
+        _require(0 <= self.copy_paste_probability <= 1, "incremental.training.copy_paste_probability",
+                 f"expected a value in [0, 1], got {self.copy_paste_probability}")
+        _require(self.plugin_channels % 8 == 0, "incremental.training.plugin_channels",
+                 f"expected a positive multiple of 8 (its group norms have 8 groups), got {self.plugin_channels}")
+        _positive("incremental.training", plugin_channels=self.plugin_channels,
+                  dense_contrast_points=self.dense_contrast_points, copy_paste_count=self.copy_paste_count,
+                  copy_paste_bank=self.copy_paste_bank)
+
+
+# The model the first incremental step learns after: `evaluate`'s export of the last round's student.
+FIRST_STEP_AFTER = "student"
+
+
+@dataclass
 class IncrementalStep:
     """One weakly incremental step: the model it learns after (for the first step, the pipeline's
-    last self-training round; then the step before) and the new classes it brings, named as the
-    dataset names them."""
+    student, `evaluate`'s `models/student.pt`; then the step before) and the new classes it
+    brings, named as the dataset names them."""
 
     after: str = ""
     classes: list[str] = field(default_factory=list)
@@ -503,23 +550,15 @@ class IncrementalConfig:
     learn every other class (the base classes) from pixel labels. `protocol` decides which train
     images each step gets (`pipeline.data.incremental`: disjoint or overlap). A mapping, as
     `self_training.rounds`, because DVC's `foreach` ranges over one and a step's stages must
-    name the model before it (`after`: the first step the last self-training round, as in
-    `step1: {after: round2, classes: [...]}`). None (the default): no incremental steps, every
+    name the model before it (`after`: the first step the pipeline's student, as in
+    `step1: {after: student, classes: [...]}`). None (the default): no incremental steps, every
     class is learned from pixel labels."""
 
     steps: dict[str, IncrementalStep] = field(default_factory=dict)
     protocol: str = "disjoint"
     classifier: TagClassifierConfig = field(default_factory=TagClassifierConfig)
     masks: StepMasksConfig = field(default_factory=StepMasksConfig)
-
-    def check_chain(self, last_round: str) -> None:
-        """Each step learns after the model before it: the first after `last_round`."""
-        names = list(self.steps)
-        for k, (name, step) in enumerate(self.steps.items()):
-            before = last_round if k == 0 else names[k - 1]
-            what = "the pipeline's last self-training round" if k == 0 else "the step before it"
-            _require(step.after == before, f"incremental.steps.{name}.after",
-                     f"expected {before!r} ({what}: each step learns after the model before it), got {step.after!r}")
+    training: StepTrainConfig = field(default_factory=StepTrainConfig)
 
     def __post_init__(self) -> None:
         _require(self.protocol in INCREMENTAL_PROTOCOLS, "incremental.protocol",
@@ -535,6 +574,11 @@ class IncrementalConfig:
                 _require(cls not in seen, f"incremental.steps.{name}.classes",
                          f"{cls!r} is already new in {seen.get(cls)}; expected each class in one step")
                 seen[cls] = name
+        for k, (name, step) in enumerate(self.steps.items()):
+            before = FIRST_STEP_AFTER if k == 0 else names[k - 1]
+            what = "the pipeline's student" if k == 0 else "the step before it"
+            _require(step.after == before, f"incremental.steps.{name}.after",
+                     f"expected {before!r} ({what}: each step learns after the model before it), got {step.after!r}")
 
 
 @dataclass
@@ -691,7 +735,6 @@ class Params:
         _require(self.encoder.init != "timm" or self.encoder.release(preset) is not None, "encoder.init",
                  f"'timm' loads a preset's published weights, and model.preset {preset!r} has none; presets that do: "
                  + ", ".join(f"{name} ({spec.timm_name})" for name, spec in ENCODER_PRESETS.items() if spec.timm_name))
-        self.incremental.check_chain(self.self_training.last)
         workers = self.ray.num_workers
         batches = {f"{name}.batch_size": getattr(self, name).batch_size
                    for name in ("encoder", "decoder_pretrain", "teacher", "student")}

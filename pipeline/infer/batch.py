@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from pipeline.config.params import ModelConfig, RayConfig
 from pipeline.data.png import decode_png, encode_png, stack_decoded
-from pipeline.data.shards import DataError, parquet_files
+from pipeline.data.shards import IGNORE_INDEX, DataError, parquet_files
 from pipeline.infer.metrics import ValCounts, confusion_matrix
 from pipeline.runtime.storage import worker_uris
 
@@ -218,10 +218,12 @@ def pseudo_label_rows(batches: Iterator[Batch], name: str, confusion: torch.Tens
                    "confidence": encode_png(confidences[i])}
 
 
-def counts_and_samples(batches: Iterator[Batch], names: list[str], num_classes: int,
-                       keep: int) -> tuple[dict[str, ValCounts], dict[str, torch.Tensor]]:
+def counts_and_samples(batches: Iterator[Batch], names: list[str], num_classes: int, keep: int,
+                       later_as_background: bool = False) -> tuple[dict[str, ValCounts], dict[str, torch.Tensor]]:
     """Per model, the val counts (confusion matrix, boundary pixels) over every val pixel; plus
-    the first `keep` images, masks and predictions for the figures."""
+    the first `keep` images, masks and predictions for the figures. With `later_as_background`
+    (an incremental step scored on val with every class), a class from `num_classes` on, which
+    the models were not yet taught, is background in the masks, as the field scores a step."""
     counts = {name: ValCounts.zeros(num_classes) for name in names}
     samples: dict[str, list] = {"image": [], "mask": [], **{name: [] for name in names}}
     taken = 0
@@ -232,6 +234,8 @@ def counts_and_samples(batches: Iterator[Batch], names: list[str], num_classes: 
         if len(rows) < len(batch["id"]):
             missing = [eid for i, eid in enumerate(batch["id"]) if i not in rows]
             raise DataError(f"image {missing[0]!r} has no mask; every image scored needs its ground truth")
+        if later_as_background:
+            masks = torch.where((masks >= num_classes) & (masks != IGNORE_INDEX), 0, masks)
         room = max(0, keep - taken)
         preds = {name: _tensor(batch[f"{name}_label"]).long() for name in names}
         for name, pred in preds.items():
@@ -246,7 +250,7 @@ def counts_and_samples(batches: Iterator[Batch], names: list[str], num_classes: 
 
 
 def evaluate_split(models: dict[str, SegmentationNet], val: Path, batch_size: int, num_classes: int,
-                   keep: int) -> tuple[dict[str, ValCounts], dict[str, torch.Tensor]]:
+                   keep: int, later_as_background: bool = False) -> tuple[dict[str, ValCounts], dict[str, torch.Tensor]]:
     """`counts_and_samples` of the val split, in this process."""
     batches = local_predictions(models, val, ["id", "image", "mask"], batch_size, False, "evaluate")
-    return counts_and_samples(batches, list(models), num_classes, keep)
+    return counts_and_samples(batches, list(models), num_classes, keep, later_as_background)

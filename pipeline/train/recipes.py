@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from pipeline.config.params import FinetuneConfig, StudentConfig, TrainConfig
+from pipeline.config.params import FinetuneConfig, StepTrainConfig, StudentConfig, TrainConfig
 from pipeline.data.incremental import tag_targets
 from pipeline.models.denoising import DENOISE_CHANNELS
 from pipeline.train.loop import JobConfig, WorkerSetup, unwrap
@@ -45,6 +45,11 @@ class Labeled(NamedTuple):
 class Tagged(NamedTuple):
     image: torch.Tensor
     tags: torch.Tensor  # int64 N×L: the class ids each image is tagged with, -1 after the last
+
+
+class StepMasked(NamedTuple):
+    image: torch.Tensor
+    masks: torch.Tensor  # uint8 N×K×H×W: an incremental step's pseudo mask of each new class, 1 where it is
 
 
 class PseudoLabeled(NamedTuple):
@@ -231,3 +236,37 @@ class TagClassify(Recipe):
         step = tag_step(model, tagged.image, targets, setup.per_worker(job.train.batch_size), job.train.crop_scale_min,
                         job.train.hflip, setup.generator, setup.device)
         return Trainable(model, _finetune_optimizer(model, job.train, setup.device), step)
+
+
+@dataclass(frozen=True)
+class LearnStep(Recipe):
+    """An incremental step's training (`job.init_state`: the model before the step, holding
+    `first_class` classes; `job.num_classes` counts the step's new ones too) on its images'
+    pseudo masks, with objects of the labeled split's old classes to paste in."""
+
+    masks: tuple[Path, ...] = shards(StepMasked)
+    labeled: tuple[Path, ...] = shards(Labeled)
+    first_class: int = 1
+
+    def build(self, job: JobConfig, setup: WorkerSetup, masks: StepMasked, labeled: Labeled) -> Trainable:
+        from pipeline.models.step_model import StepModel, add_classes
+        from pipeline.models.transunet import network_from_state
+        from pipeline.train.steps import incremental_step
+
+        cfg: StepTrainConfig = job.train
+        previous = network_from_state(job.model, self.first_class, job.init_state).eval().requires_grad_(False)
+        # A copy of its own: a network from a state holds the state's very tensors.
+        net = network_from_state(job.model, self.first_class, {k: v.clone() for k, v in job.init_state.items()})
+        model = StepModel(add_classes(net, job.num_classes - self.first_class), job.num_classes - self.first_class,
+                          cfg.plugin_channels if cfg.plugin_teacher else None)
+        model = setup.prepare(model.to(memory_format=torch.channels_last))
+        bank = None
+        if cfg.copy_paste_probability > 0:
+            from pipeline.data.copy_paste import InstanceBank
+
+            bank = InstanceBank(labeled.image, labeled.mask, self.first_class, cfg.copy_paste_bank, setup.generator,
+                                frozenset({0}))
+        step = incremental_step(model, previous.to(setup.device, memory_format=torch.channels_last), masks.image,
+                                masks.masks, cfg, setup.per_worker(cfg.batch_size), setup.generator, setup.device,
+                                bank)
+        return Trainable(model, _finetune_optimizer(model, cfg, setup.device), step)

@@ -11,13 +11,14 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from pipeline.config.params import DecoderPretrainConfig, StudentConfig
+from pipeline.config.params import DecoderPretrainConfig, StepTrainConfig, StudentConfig
 from pipeline.data import augment
 from pipeline.data.copy_paste import InstanceBank
 from pipeline.data.shards import IGNORE_INDEX
 from pipeline.losses import (
     denoising_loss,
     pixel_contrastive_loss,
+    step_targets,
     segmentation_ce,
     self_correction_loss,
     weighted_ce,
@@ -171,5 +172,52 @@ def student_step(model: nn.Module, labeled: tuple[torch.Tensor, torch.Tensor],
                                               cfg.dense_contrast_temperature, cfg.dense_contrast_points, generator)
             losses["loss"] = losses["loss"] + cfg.dense_contrast_weight * contrast
             losses["dense_contrast"] = contrast
+        return losses
+    return step
+
+
+def incremental_step(model: nn.Module, previous: nn.Module, images: torch.Tensor, masks: torch.Tensor,
+                     cfg: StepTrainConfig, batch: int, generator: torch.Generator, device: torch.device,
+                     bank: InstanceBank | None = None) -> Step:
+    """An incremental step (FMWISS): images of the step with their pseudo masks (uint8 N×K×H×W,
+    one per new class), old-class objects from `bank` pasted in, under the weak augmentation.
+    The model learns with BCE per class (`losses.step_targets`): the old classes from `previous`
+    (frozen, the model before the step) on the same view, the new ones from the plug-in
+    teacher's sigmoid once `cfg.warmup_steps` have passed (before, and without one: the masks);
+    the plug-in teacher learns from the masks with BCE plus the dense contrastive loss."""
+    steps_taken = 0
+
+    def step() -> dict:
+        nonlocal steps_taken
+        x, m = _draw(generator, batch, images, masks)
+        # Channel 0 gets a pasted object's class (0 elsewhere); the masks are 0 under it.
+        maps = torch.cat([torch.zeros_like(m[:, :1]), m], dim=1)
+        if bank is not None:
+            x, maps = bank.paste(x, maps, cfg.copy_paste_count, cfg.copy_paste_probability, generator,
+                                 (0,) * m.shape[1])
+        x, maps = weak_view(*to_device(device, x, maps.long()), cfg.crop_scale_min, cfg.hflip, generator)
+        x = model_input(x, device)
+        pasted, new_masks = maps[:, 0], maps[:, 1:].float()
+        with torch.no_grad():
+            old_scores = torch.sigmoid(previous(x).float())
+        logits, plugin_logits, embeddings = model(x)
+        taught = plugin_logits is not None and steps_taken >= cfg.warmup_steps
+        new_targets = torch.sigmoid(plugin_logits.detach().float()) if taught else new_masks
+        targets = step_targets(old_scores if cfg.distill else None, new_targets, pasted, logits.shape[1])
+        segmentation = nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)
+        losses = {"loss": segmentation, "segmentation": segmentation}
+        if plugin_logits is not None:
+            plugin = nn.functional.binary_cross_entropy_with_logits(plugin_logits.float(), new_masks)
+            losses["plugin"] = plugin
+            losses["loss"] = losses["loss"] + plugin
+            if cfg.dense_contrast_weight > 0:
+                # Each pixel's class for the contrast: its first new class, else 0; pasted ones left out.
+                labels = torch.where(new_masks.amax(1) > 0, new_masks.argmax(1) + 1, 0)
+                labels = torch.where(pasted > 0, IGNORE_INDEX, labels)
+                contrast = pixel_contrastive_loss(embeddings, labels, cfg.dense_contrast_temperature,
+                                                  cfg.dense_contrast_points, generator)
+                losses["dense_contrast"] = contrast
+                losses["loss"] = losses["loss"] + cfg.dense_contrast_weight * contrast
+        steps_taken += 1
         return losses
     return step
