@@ -44,7 +44,12 @@ def step_mask_networks(states: dict, model: ModelConfig, num_classes: int,
     """(the tag classifier, the feature network) from their weights, for inference on `device`."""
     from pipeline.models.denoising import DENOISE_CHANNELS
     from pipeline.models.tag_masks import TagClassifier
-    from pipeline.models.transunet import ENCODER_PRESETS, HybridEncoder, module_from_state, network_from_state
+    from pipeline.models.transunet import (
+        ENCODER_PRESETS,
+        HybridEncoder,
+        module_from_state,
+        network_from_state,
+    )
 
     spec = ENCODER_PRESETS[model.preset]
     classifier = module_from_state(lambda: TagClassifier(HybridEncoder(spec, initialise=False), num_classes),

@@ -18,9 +18,9 @@ from pipeline.data.shards import IGNORE_INDEX
 from pipeline.losses import (
     denoising_loss,
     pixel_contrastive_loss,
-    step_targets,
     segmentation_ce,
     self_correction_loss,
+    step_targets,
     weighted_ce,
 )
 from pipeline.models.denoising import corrupt
