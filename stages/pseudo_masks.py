@@ -1,7 +1,8 @@
 """DVC stage `pseudo_masks@<step>`: the pseudo masks of an incremental step's new classes on its
 tagged images (a Ray Data pipeline with `ray.inference_actors` replicas): the tag classifier's
-activation maps, grown from seeds by the denoising-pretrained network's features, fused
-(FMWISS's initial mask, seeds guidance and union, with local stand-ins for CLIP and DINO)."""
+activation maps (or CLIP's scores, `incremental.masks.clip`), grown from seeds by the
+denoising-pretrained network's features (or DINO's attention, `incremental.masks.dino`), fused:
+FMWISS's initial mask, seeds guidance and union."""
 
 import json
 from pathlib import Path
@@ -18,6 +19,18 @@ from pipeline.models.checkpoints import DENOISER, TAG_CLASSIFIER, load_weights
 from pipeline.orchestrate.stage_run import stage, stage_parser
 
 
+def check_foundation_models(cfg, classes: list[str]) -> None:
+    """Load the foundation models params name, once, before any Ray work: one that cannot be
+    loaded (offline and not cached, a wrong name or file) is one `error:` line from here, not
+    an actor's traceback."""
+    from pipeline.models.foundation import load_clip, load_dino
+
+    if cfg.clip:
+        load_clip(cfg.clip, classes)
+    if cfg.dino:
+        load_dino(cfg.dino, cfg.dino_weights_path)
+
+
 def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--prepared", type=Path, required=True)
@@ -30,12 +43,13 @@ def main() -> None:
     with stage("pseudo_masks", ["incremental", "model"], args.prepared, overrides=args.overrides) as ctx:
         cfg, model, ray_cfg = ctx.params.incremental.masks, ctx.params.model, ctx.params.ray
         before, new = classes_at(read_manifest(args.prepared), args.step)
+        check_foundation_models(cfg, new)
         states = {"classifier": load_weights(args.classifier, TAG_CLASSIFIER, model, new),
                   "features": load_weights(args.features, DENOISER, model)}
         overlap = np.zeros((2, len(new), 2), dtype=np.int64)
         tagged = args.prepared / step_split(args.step)
-        with ray_map(StepMaskReplica, {"states": states, "model": model, "first_class": len(before),
-                                       "num_classes": len(new), "cfg": cfg, "threads": ray_cfg.cpus_per_worker,
+        with ray_map(StepMaskReplica, {"states": states, "model": model, "classes": new, "first_class": len(before),
+                                       "cfg": cfg, "threads": ray_cfg.cpus_per_worker,
                                        "use_gpu": ray_cfg.use_gpu},
                      tagged, ["id", "image", "mask", "tags"], cfg.batch_size, ray_cfg,
                      by_reference=("states",)) as batches, staged(args.out) as tmp:

@@ -11,7 +11,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # The longest files first: under `make test`'s two workers, which take whole files in this order
 # (`--dist loadfile --no-loadscope-reorder`), each starts on one at once and the short files
 # fill the other worker meanwhile.
-LONGEST_FIRST = ("test_pipeline_e2e.py", "test_cluster_e2e.py")
+LONGEST_FIRST = ("test_pipeline_e2e.py", "test_cluster_e2e.py", "test_incremental_e2e.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -81,3 +81,41 @@ def s3_server():
     server.start()
     yield S3Server(f"http://127.0.0.1:{port}")
     server.stop()
+
+
+# A CLIP small enough to save in a test, as open_clip builds it from a config.
+TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+DINO = "vit_small_patch16_224.dino"
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    """(an open_clip `local-dir:` folder, the layout of an `hf-hub:` repository, of a tiny
+    seeded CLIP; the model it holds)."""
+    import json
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY_CLIP).eval()
+    folder = tmp_path_factory.mktemp("clip")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder, model
+
+
+@pytest.fixture(scope="session")
+def dino_file(tmp_path_factory):
+    """(a weights file of timm's DINO ViT-S/16, seeded, not trained; the model it holds)."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model(DINO, pretrained=False).eval()
+    path = tmp_path_factory.mktemp("dino") / "dino.safetensors"
+    save_file(model.state_dict(), str(path))
+    return path, model

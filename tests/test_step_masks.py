@@ -1,24 +1,35 @@
 import numpy as np
 import pytest
 import torch
+from conftest import DINO
 
 from pipeline.config.params import ModelConfig, StepMasksConfig
 from pipeline.data.png import decode_png, encode_png
-from pipeline.infer.step_masks import mask_rows, mask_scores, step_mask_networks, step_masks
+from pipeline.infer.step_masks import mask_rows, mask_scores, mask_sources, step_masks
 from pipeline.models.denoising import DENOISE_CHANNELS
 from pipeline.models.tag_masks import TagClassifier
 from pipeline.models.transunet import ENCODER_PRESETS, HybridEncoder, build_network
 
 MODEL = ModelConfig(preset="tiny", decoder_in_channels=32, decoder_channels=[16, 8, 8, 8])
 FIRST, STEP_CLASSES = 5, 2  # the step's classes are 5 and 6 in the setting's order
+NAMES = ["stripes", "dots"]
 
 
-@pytest.fixture(scope="module")
-def networks():
+def _states():
     torch.manual_seed(0)
-    states = {"classifier": TagClassifier(HybridEncoder(ENCODER_PRESETS["tiny"]), STEP_CLASSES).state_dict(),
-              "features": build_network(MODEL, DENOISE_CHANNELS, sigma_conditioning=True).state_dict()}
-    return step_mask_networks(states, MODEL, STEP_CLASSES, torch.device("cpu"))
+    return {"classifier": TagClassifier(HybridEncoder(ENCODER_PRESETS["tiny"]), STEP_CLASSES).state_dict(),
+            "features": build_network(MODEL, DENOISE_CHANNELS, sigma_conditioning=True).state_dict()}
+
+
+@pytest.fixture(scope="module", params=["local", "foundation"])
+def networks(request):
+    """The step's mask sources: the local stand-ins, or CLIP and DINO from weights a test saved."""
+    if request.param == "local":
+        return mask_sources(_states(), MODEL, NAMES, StepMasksConfig(), torch.device("cpu"))
+    folder, _ = request.getfixturevalue("clip_dir")
+    weights, _ = request.getfixturevalue("dino_file")
+    cfg = StepMasksConfig(clip=f"local-dir:{folder}", dino=DINO, dino_weights=str(weights))
+    return mask_sources({}, MODEL, NAMES, cfg, torch.device("cpu"))
 
 
 def _batch(ids, tags):
@@ -32,7 +43,7 @@ def _batch(ids, tags):
 
 
 def test_each_tagged_class_gets_a_mask_and_an_untagged_one_none(networks):
-    out = step_masks(*networks, _batch(["a", "b"], [[5], [5, 6]]), FIRST, STEP_CLASSES, StepMasksConfig(background=0.2))
+    out = step_masks(networks, _batch(["a", "b"], [[5], [5, 6]]), FIRST, STEP_CLASSES, StepMasksConfig(background=0.2))
     masks = [[decode_png(m) for m in image] for image in out["masks"]]
     assert [len(image) for image in masks] == [2, 2] and masks[0][0].shape == (64, 64)
     assert masks[0][0].any() and not masks[0][1].any()  # "a" is tagged 5 only
@@ -45,8 +56,8 @@ def test_each_tagged_class_gets_a_mask_and_an_untagged_one_none(networks):
 
 def test_an_images_masks_do_not_depend_on_its_batch(networks):
     cfg = StepMasksConfig(background=0.2)
-    alone = step_masks(*networks, _batch(["b"], [[5, 6]]), FIRST, STEP_CLASSES, cfg)
-    together = step_masks(*networks, _batch(["a", "b"], [[5], [5, 6]]), FIRST, STEP_CLASSES, cfg)
+    alone = step_masks(networks, _batch(["b"], [[5, 6]]), FIRST, STEP_CLASSES, cfg)
+    together = step_masks(networks, _batch(["a", "b"], [[5], [5, 6]]), FIRST, STEP_CLASSES, cfg)
     assert list(alone["masks"][0]) == list(together["masks"][1]) and alone["initial"][0] == together["initial"][1]
 
 

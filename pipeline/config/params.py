@@ -475,8 +475,25 @@ class StepMasksConfig:
     affinity: float = 0.7
     seed: int = 0
     batch_size: int = 32
+    # The foundation models FMWISS uses, where the user has them (`pipeline.models.foundation`):
+    # `clip`, an open_clip model (`hf-hub:laion/CLIP-ViT-B-16-laion2B-s34B-b88K`, `local-dir:/path`,
+    # or `ViT-B-16@openai`), whose scores replace the tag classifier's maps; `dino`, a timm
+    # self-supervised ViT (`vit_small_patch16_224.dino`; its weights from `dino_weights` where
+    # given, else timm's hub), whose last-block attention from the seeds, scaled to a peak of 1,
+    # above `attention`, replaces the feature affinity.
+    clip: str | None = None
+    dino: str | None = None
+    dino_weights: str | None = None
+    attention: float = 0.5
+
+    @property
+    def dino_weights_path(self) -> Path | None:
+        return Path(self.dino_weights) if self.dino_weights else None
 
     def __post_init__(self) -> None:
+        _require(self.dino_weights is None or bool(self.dino), "incremental.masks.dino_weights",
+                 "expected null without incremental.masks.dino (the timm model they are weights of)")
+        _require(0 < self.attention < 1, "incremental.masks.attention", f"expected a value in (0, 1), got {self.attention}")
         _require(0 < self.background < 1, "incremental.masks.background",
                  f"expected a value in (0, 1), got {self.background}")
         _require(-1 <= self.affinity < 1, "incremental.masks.affinity",

@@ -1,11 +1,14 @@
 """An incremental step's pseudo masks, batch by batch (`pseudo_masks@<step>` runs them as a Ray
-Data pipeline): the tag classifier's activation maps give each tagged class its initial mask,
-seeds drawn inside it grow it over the object by the denoising-pretrained network's features,
-and the union of the two is the class's mask (`pipeline.models.tag_masks`)."""
+Data pipeline): class maps give each tagged class its initial mask, seeds drawn inside it grow it
+over the object, and the union of the two is the class's mask. The maps are the tag classifier's
+activation maps or CLIP's scores, the growing the denoising-pretrained network's feature
+affinity or DINO's attention (`pipeline.models.tag_masks`, `pipeline.models.foundation`)."""
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,29 +24,43 @@ if TYPE_CHECKING:
 
 
 class StepMaskReplica:
-    """One actor of the Ray Data pool: the tag classifier and the feature network built once,
-    then `step_masks` per batch."""
+    """One actor of the Ray Data pool: the step's mask sources built once, then `step_masks` per batch."""
 
-    def __init__(self, states: ObjectRef, model: ModelConfig, first_class: int, num_classes: int,
+    def __init__(self, states: ObjectRef, model: ModelConfig, classes: list[str], first_class: int,
                  cfg: StepMasksConfig, threads: int, use_gpu: bool):
         """`states`: {"classifier": the tag classifier's weights, "features": the denoising
-        pretrained network's}, in Ray's object store."""
+        pretrained network's}, in Ray's object store; `classes`: the step's new classes."""
         import ray
 
         torch.set_num_threads(threads)
-        self.networks = step_mask_networks(ray.get(states), model, num_classes,
-                                           torch.device("cuda" if use_gpu else "cpu"))
-        self.first_class, self.num_classes, self.cfg = first_class, num_classes, cfg
+        self.sources = mask_sources(ray.get(states), model, classes, cfg, torch.device("cuda" if use_gpu else "cpu"))
+        self.first_class, self.num_classes, self.cfg = first_class, len(classes), cfg
 
     def __call__(self, batch: Batch) -> Batch:
-        return step_masks(*self.networks, batch, self.first_class, self.num_classes, self.cfg)
+        return step_masks(self.sources, batch, self.first_class, self.num_classes, self.cfg)
 
 
-def step_mask_networks(states: dict, model: ModelConfig, num_classes: int,
-                       device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(the tag classifier, the feature network) from their weights, for inference on `device`."""
-    from pipeline.models.denoising import DENOISE_CHANNELS
-    from pipeline.models.tag_masks import TagClassifier
+@dataclass
+class MaskSources:
+    """FMWISS's two sources behind one interface. `class_maps(x, tagged, size)`: the tagged
+    classes' maps scaled to [0, 1] (N×K×H×W), from which the initial masks are cut;
+    `agnostic(x)`: what the seeds guidance reads per image (dense features, or attention);
+    `grow(agnostic[n:n+1], initial, num_classes, seeds, threshold, generator)`: the guidance;
+    `threshold`: its level (`affinity`, or `attention` for DINO's)."""
+
+    class_maps: Callable[[torch.Tensor, torch.Tensor, tuple[int, int]], torch.Tensor]
+    agnostic: Callable[[torch.Tensor], torch.Tensor]
+    grow: Callable[..., torch.Tensor]
+    threshold: float
+    device: torch.device
+
+
+def mask_sources(states: dict, model: ModelConfig, classes: list[str], cfg: StepMasksConfig,
+                 device: torch.device) -> MaskSources:
+    """CLIP's scores where `cfg.clip` names a model, else the tag classifier's activation maps;
+    DINO's attention where `cfg.dino` does, else the denoising-pretrained network's features."""
+    from pipeline.models.foundation import attention_guidance, load_clip, load_dino
+    from pipeline.models.tag_masks import TagClassifier, activation_maps, seeds_guidance
     from pipeline.models.transunet import (
         ENCODER_PRESETS,
         HybridEncoder,
@@ -51,41 +68,50 @@ def step_mask_networks(states: dict, model: ModelConfig, num_classes: int,
         network_from_state,
     )
 
-    spec = ENCODER_PRESETS[model.preset]
-    classifier = module_from_state(lambda: TagClassifier(HybridEncoder(spec, initialise=False), num_classes),
-                                   states["classifier"])
+    if cfg.clip:
+        class_maps = load_clip(cfg.clip, classes).to(device).class_maps
+    else:
+        spec = ENCODER_PRESETS[model.preset]
+        classifier = module_from_state(lambda: TagClassifier(HybridEncoder(spec, initialise=False), len(classes)),
+                                       states["classifier"]).eval().to(device)
+
+        def class_maps(x: torch.Tensor, tagged: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+            return activation_maps(classifier(x)[1], tagged, size)
+    if cfg.dino:
+        return MaskSources(class_maps, load_dino(cfg.dino, cfg.dino_weights_path).to(device), attention_guidance,
+                           cfg.attention, device)
+    from pipeline.models.denoising import DENOISE_CHANNELS
+
     # A noise-level embedding (sigma_conditioning) only shifts the decoder by the noise level;
     # the features are taken from clean images, with none.
     plain = {k: v for k, v in states["features"].items() if not k.startswith("noise_level.")}
-    features = network_from_state(model, DENOISE_CHANNELS, plain)
-    return classifier.eval().to(device), features.eval().to(device)
+    features = network_from_state(model, DENOISE_CHANNELS, plain).eval().to(device)
+    return MaskSources(class_maps, lambda x: features.decoder(features.encoder(x)), seeds_guidance, cfg.affinity,
+                       device)
 
 
-def step_masks(classifier: torch.nn.Module, features: torch.nn.Module, batch: Batch, first_class: int,
-               num_classes: int, cfg: StepMasksConfig) -> Batch:
+def step_masks(sources: MaskSources, batch: Batch, first_class: int, num_classes: int, cfg: StepMasksConfig) -> Batch:
     """The batch plus, per image, `masks` (one PNG per step class, 1 where the class is: the
     fused mask) and `initial` (a PNG of the initial mask's classes, in the setting's ids, 0 =
     background). An image's seeds are drawn from a generator seeded by `cfg.seed` and its id,
     so its masks do not depend on the batch it comes in."""
     from pipeline.data import augment
-    from pipeline.models.tag_masks import activation_maps, fuse, initial_masks, seeds_guidance
+    from pipeline.models.tag_masks import fuse, initial_masks
 
     images = stack_decoded([stored_png(eid, v) for eid, v in zip(batch["id"], batch["image"])])
     tags = torch.nn.utils.rnn.pad_sequence([torch.tensor(t, dtype=torch.int64) for t in batch["tags"]],
                                            batch_first=True, padding_value=-1)
     tagged = tag_targets(tags, first_class, num_classes).bool()
-    device = next(classifier.parameters()).device
-    x = augment.to_model_range(augment.to_unit_float(images.to(device)))
+    x = augment.to_model_range(augment.to_unit_float(images.to(sources.device)))
     with torch.no_grad():
-        _, maps = classifier(x)
-        dense = features.decoder(features.encoder(x))
-    cams = activation_maps(maps, tagged.to(device), tuple(x.shape[-2:])).cpu()
+        cams = sources.class_maps(x, tagged.to(sources.device), tuple(x.shape[-2:])).cpu()
+        agnostic = sources.agnostic(x).cpu()
     initial = initial_masks(cams, cfg.background)
     fused = []
     for n, eid in enumerate(batch["id"]):
         generator = torch.Generator().manual_seed(cfg.seed * 2**32 + zlib.crc32(str(eid).encode()))
-        guided = seeds_guidance(dense[n:n + 1].cpu(), initial[n:n + 1], num_classes, cfg.seeds, cfg.affinity,
-                                generator)
+        guided = sources.grow(agnostic[n:n + 1], initial[n:n + 1], num_classes, cfg.seeds, sources.threshold,
+                              generator)
         fused.append(fuse(initial[n:n + 1], guided)[0])
     out = dict(batch)
     out["masks"] = np.array([[encode_png(m.to(torch.uint8).numpy()) for m in image_masks] for image_masks in fused],

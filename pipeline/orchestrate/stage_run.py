@@ -96,8 +96,9 @@ def fail(message: str) -> None:
 def known_errors() -> tuple[type[Exception], ...]:
     from pipeline.data.shards import DataError
     from pipeline.models.checkpoints import CheckpointError
+    from pipeline.models.foundation import FoundationError
 
-    return (ConfigError, DataError, CheckpointError)
+    return (ConfigError, DataError, CheckpointError, FoundationError)
 
 
 def known_cause(err: BaseException) -> Exception | None:
