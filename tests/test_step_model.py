@@ -21,14 +21,19 @@ def test_new_classes_start_by_sharing_backgrounds_score_and_leave_the_old_classe
     torch.testing.assert_close(after[:, 3], after[:, 0])
 
 
-@pytest.mark.parametrize("plugin_channels", [8, None])
-def test_the_step_model_gives_the_plugin_teachers_scores_and_embeddings_only_with_one(plugin_channels):
-    model = StepModel(add_classes(build_network(MODEL, 3), 2), 2, plugin_channels)
+@pytest.mark.parametrize("plugin_channels, embedded", [(8, True), (8, False), (None, False)])
+def test_the_step_model_gives_the_plugin_teachers_scores_and_embeddings_only_when_asked(plugin_channels, embedded):
+    model = StepModel(add_classes(build_network(MODEL, 3), 2), 2, plugin_channels, embeddings=embedded)
     logits, plugin, embeddings = model(torch.randn(2, 3, 32, 32))
     assert logits.shape == (2, 5, 32, 32)
-    if plugin_channels is None:
-        assert plugin is None and embeddings is None
-    else:
-        assert plugin.shape == (2, 2, 32, 32) and embeddings.shape == (2, 8, 32, 32)
+    assert (plugin is None) == (plugin_channels is None) and (embeddings is None) == (not embedded)
+    if plugin is not None:
+        assert plugin.shape == (2, 2, 32, 32)
+    if embedded:
+        assert embeddings.shape == (2, 8, 32, 32)
         torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(2, 32, 32))
+    # Every weight gets a gradient from the losses that use its outputs (DDP requires it).
+    loss = logits.sum() + (plugin.sum() if plugin is not None else 0) + (embeddings.sum() if embedded else 0)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
     assert set(model.state_dict()) >= {f"net.{k}" for k in build_network(MODEL, 5).state_dict()}

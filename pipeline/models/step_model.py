@@ -53,28 +53,30 @@ class ASPP(nn.Module):
 
 class PluginTeacher(nn.Module):
     """FMWISS's plug-in teacher: an ASPP head on the segmenter's decoder features that scores
-    each new class per pixel (logits, for BCE) and gives L2-normalised pixel embeddings for the
-    dense contrastive loss."""
+    each new class per pixel (logits, for BCE) and, with `embeddings`, gives L2-normalised pixel
+    embeddings for the dense contrastive loss (without, no projection: every weight of a model
+    DDP trains must get a gradient)."""
 
-    def __init__(self, in_channels: int, new_classes: int, channels: int):
+    def __init__(self, in_channels: int, new_classes: int, channels: int, embeddings: bool):
         super().__init__()
         self.aspp = ASPP(in_channels, channels)
         self.scores = nn.Conv2d(channels, new_classes, 1)
-        self.projection = nn.Conv2d(channels, channels, 1)
+        self.projection = nn.Conv2d(channels, channels, 1) if embeddings else None
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         hidden = self.aspp(features)
-        return self.scores(hidden), F.normalize(self.projection(hidden), dim=1)
+        embedded = None if self.projection is None else F.normalize(self.projection(hidden), dim=1)
+        return self.scores(hidden), embedded
 
 
 class StepModel(nn.Module):
     """The segmenter a step trains (`net`, its new channels added) and, where the step uses one,
-    its plug-in teacher on the same decoder features."""
+    its plug-in teacher on the same decoder features (with pixel embeddings: `embeddings`)."""
 
-    def __init__(self, net: SegmentationNet, new_classes: int, plugin_channels: int | None):
+    def __init__(self, net: SegmentationNet, new_classes: int, plugin_channels: int | None, embeddings: bool = False):
         super().__init__()
         self.net = net
-        self.plugin = (PluginTeacher(net.decoder.out_channels, new_classes, plugin_channels)
+        self.plugin = (PluginTeacher(net.decoder.out_channels, new_classes, plugin_channels, embeddings)
                        if plugin_channels else None)
 
     @property
@@ -82,7 +84,7 @@ class StepModel(nn.Module):
         return self.net.encoder
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(the segmenter's logits, the plug-in teacher's new-class logits and embeddings, or None)."""
+        """(the segmenter's logits, the plug-in teacher's new-class logits or None, its embeddings or None)."""
         features = self.net.decoder(self.net.encoder(x))
         logits = self.net.head(features)
         if self.plugin is None:

@@ -257,8 +257,9 @@ class LearnStep(Recipe):
         previous = network_from_state(job.model, self.first_class, job.init_state).eval().requires_grad_(False)
         # A copy of its own: a network from a state holds the state's very tensors.
         net = network_from_state(job.model, self.first_class, {k: v.clone() for k, v in job.init_state.items()})
-        model = StepModel(add_classes(net, job.num_classes - self.first_class), job.num_classes - self.first_class,
-                          cfg.plugin_channels if cfg.plugin_teacher else None)
+        new = job.num_classes - self.first_class
+        model = StepModel(add_classes(net, new), new, cfg.plugin_channels if cfg.plugin_teacher else None,
+                          embeddings=cfg.dense_contrast_weight > 0)
         model = setup.prepare(model.to(memory_format=torch.channels_last))
         bank = None
         if cfg.copy_paste_probability > 0:
@@ -266,7 +267,14 @@ class LearnStep(Recipe):
 
             bank = InstanceBank(labeled.image, labeled.mask, self.first_class, cfg.copy_paste_bank, setup.generator,
                                 frozenset({0}))
+        optimizer = _finetune_optimizer(model, cfg, setup.device)
+
+        def steps_done() -> int:
+            """The optimizer's own count, which a resumed job restores with it."""
+            state = next(iter(optimizer.state.values()), {})
+            return int(state.get("step", 0))
+
         step = incremental_step(model, previous.to(setup.device, memory_format=torch.channels_last), masks.image,
                                 masks.masks, cfg, setup.per_worker(cfg.batch_size), setup.generator, setup.device,
-                                bank)
-        return Trainable(model, _finetune_optimizer(model, cfg, setup.device), step)
+                                steps_done, bank)
+        return Trainable(model, optimizer, step)

@@ -178,17 +178,15 @@ def student_step(model: nn.Module, labeled: tuple[torch.Tensor, torch.Tensor],
 
 def incremental_step(model: nn.Module, previous: nn.Module, images: torch.Tensor, masks: torch.Tensor,
                      cfg: StepTrainConfig, batch: int, generator: torch.Generator, device: torch.device,
-                     bank: InstanceBank | None = None) -> Step:
+                     steps_done: Callable[[], int], bank: InstanceBank | None = None) -> Step:
     """An incremental step (FMWISS): images of the step with their pseudo masks (uint8 N×K×H×W,
     one per new class), old-class objects from `bank` pasted in, under the weak augmentation.
     The model learns with BCE per class (`losses.step_targets`): the old classes from `previous`
     (frozen, the model before the step) on the same view, the new ones from the plug-in
-    teacher's sigmoid once `cfg.warmup_steps` have passed (before, and without one: the masks);
-    the plug-in teacher learns from the masks with BCE plus the dense contrastive loss."""
-    steps_taken = 0
-
+    teacher's sigmoid once `cfg.warmup_steps` optimizer steps are done (`steps_done`; before,
+    and without one: the masks); the plug-in teacher learns from the masks with BCE plus the
+    dense contrastive loss."""
     def step() -> dict:
-        nonlocal steps_taken
         x, m = _draw(generator, batch, images, masks)
         # Channel 0 gets a pasted object's class (0 elsewhere); the masks are 0 under it.
         maps = torch.cat([torch.zeros_like(m[:, :1]), m], dim=1)
@@ -201,7 +199,7 @@ def incremental_step(model: nn.Module, previous: nn.Module, images: torch.Tensor
         with torch.no_grad():
             old_scores = torch.sigmoid(previous(x).float())
         logits, plugin_logits, embeddings = model(x)
-        taught = plugin_logits is not None and steps_taken >= cfg.warmup_steps
+        taught = plugin_logits is not None and steps_done() >= cfg.warmup_steps
         new_targets = torch.sigmoid(plugin_logits.detach().float()) if taught else new_masks
         targets = step_targets(old_scores if cfg.distill else None, new_targets, pasted, logits.shape[1])
         segmentation = nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)
@@ -218,6 +216,5 @@ def incremental_step(model: nn.Module, previous: nn.Module, images: torch.Tensor
                                                   cfg.dense_contrast_points, generator)
                 losses["dense_contrast"] = contrast
                 losses["loss"] = losses["loss"] + cfg.dense_contrast_weight * contrast
-        steps_taken += 1
         return losses
     return step
