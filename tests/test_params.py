@@ -203,6 +203,12 @@ def test_a_paper_preset_takes_its_encoder_weights_from_timms_hub_or_a_downloaded
 def test_a_batch_smaller_than_the_worker_count_is_refused():
     with pytest.raises(ConfigError, match="teacher.batch_size: a global batch of 2 cannot give each of ray.num_workers=4"):
         parse_params({"teacher": {"batch_size": 2}, "ray": {"num_workers": 4}})
+    four = {"batch_size": 4}
+    params = {"encoder": four, "decoder_pretrain": four, "teacher": four, "student": {**four, "unlabeled_batch_size": 4},
+              "incremental": {"steps": {"step1": {"after": "student", "classes": ["dots"]}}, "training": {"batch_size": 2}},
+              "ray": {"num_workers": 4}}
+    with pytest.raises(ConfigError, match="incremental.training.batch_size: a global batch of 2 cannot give each"):
+        parse_params(params)
 
 
 def test_env_overrides_ray_address(monkeypatch):

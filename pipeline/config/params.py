@@ -756,6 +756,9 @@ class Params:
         batches = {f"{name}.batch_size": getattr(self, name).batch_size
                    for name in ("encoder", "decoder_pretrain", "teacher", "student")}
         batches["student.unlabeled_batch_size"] = self.student.unlabeled_batch_size
+        if self.incremental.steps:
+            batches["incremental.classifier.batch_size"] = self.incremental.classifier.batch_size
+            batches["incremental.training.batch_size"] = self.incremental.training.batch_size
         for key, batch in batches.items():
             _require(batch >= workers, key, f"a global batch of {batch} cannot give each of ray.num_workers="
                                             f"{workers} workers an image; use a batch of at least {workers}")
