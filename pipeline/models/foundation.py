@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 
+from pipeline.models.tag_masks import draw_seeds
+
 # A short prompt ensemble from CLIP's ImageNet templates: the class name alone is a weaker query.
 TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a photo of a small {}.", "a photo of a large {}.",
              "a close-up photo of a {}.", "a cropped photo of a {}.", "there is a {} in the scene.",
@@ -141,10 +143,7 @@ def attention_guidance(attention: torch.Tensor, initial: torch.Tensor, num_class
     for a class with no initial pixel."""
     n, height, width = initial.shape
     grid = int(attention.shape[-1] ** 0.5)
-    inside = F.one_hot(initial.long().flatten(1), num_classes + 1)[..., 1:].transpose(1, 2)  # N×K×HW
-    present = inside.any(dim=2)
-    weights = (inside | ~present[..., None]).float().flatten(0, 1)  # no pixel: drawn anywhere, unused
-    chosen = torch.multinomial(weights, seeds, replacement=True, generator=generator).view(n, num_classes, seeds)
+    chosen, present = draw_seeds(initial, num_classes, seeds, generator)
     rows, cols = chosen // width * grid // height, chosen % width * grid // width
     patches = (rows * grid + cols).view(n, -1)
     picked = attention.float().gather(1, patches[..., None].expand(-1, -1, attention.shape[-1]))

@@ -63,6 +63,18 @@ def initial_masks(cams: torch.Tensor, background: float) -> torch.Tensor:
     return torch.where(best >= background, index + 1, 0).to(torch.uint8)
 
 
+def draw_seeds(initial: torch.Tensor, num_classes: int, seeds: int,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`seeds` pixels drawn at random, with replacement, inside each class's initial mask (uint8
+    N×H×W, class k + 1): their flat indices, N×K×seeds, and whether the class has a pixel, bool
+    N×K (a class with none draws its seeds anywhere, for the caller to ignore)."""
+    inside = F.one_hot(initial.long().flatten(1), num_classes + 1)[..., 1:].transpose(1, 2)  # N×K×HW
+    present = inside.any(dim=2)
+    weights = (inside | ~present[..., None]).float().flatten(0, 1)  # multinomial needs some weight
+    chosen = torch.multinomial(weights, seeds, replacement=True, generator=generator)
+    return chosen.view(len(initial), num_classes, seeds), present
+
+
 def seeds_guidance(features: torch.Tensor, initial: torch.Tensor, num_classes: int, seeds: int,
                    threshold: float, generator: torch.Generator) -> torch.Tensor:
     """Per class, the pixels whose features (N×D×h×w, upsampled to the masks' size) are like
@@ -76,11 +88,8 @@ def seeds_guidance(features: torch.Tensor, initial: torch.Tensor, num_classes: i
     # Norms by a contraction: five times faster than a norm over dim 1 of an N×D×HW map, the
     # largest cost here at 512 px.
     norms = torch.einsum("ndp,ndp->np", dense, dense).sqrt().clamp(min=1e-12)
-    inside = F.one_hot(initial.long().flatten(1), num_classes + 1)[..., 1:].transpose(1, 2)  # N×K×HW
-    present = inside.any(dim=2)
-    # A class with no initial pixel draws its (unused) seeds anywhere: multinomial needs weight.
-    weights = (inside | ~present[..., None]).float().flatten(0, 1)
-    chosen = torch.multinomial(weights, seeds, replacement=True, generator=generator).view(len(initial), -1)
+    chosen, present = draw_seeds(initial, num_classes, seeds, generator)
+    chosen = chosen.flatten(1)
     seed_features = dense.gather(2, chosen[:, None].expand(-1, dense.shape[1], -1)) / norms.gather(1, chosen)[:, None]
     # The mean of the seeds' cosine similarities is the similarity to their mean unit feature.
     mean_seed = seed_features.view(*dense.shape[:2], num_classes, seeds).mean(dim=3)
