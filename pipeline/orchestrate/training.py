@@ -44,9 +44,14 @@ def train(ctx: StageContext, recipe: Recipe, job: JobConfig, inputs: list[Path],
     return state
 
 
-def write_val_metrics(ctx: StageContext, state: dict, prepared: Path, path: Path) -> float:
-    """Score a trained segmenter's weights on the val split; write the scores as JSON to
-    `path`, log them to the stage's MLflow run, and return val mIoU."""
+def write_val_metrics(ctx: StageContext, state: dict, prepared: Path, path: Path, *, split: str = "val",
+                      classes: list[str] | None = None, later_as_background: bool = False,
+                      groups: dict[str, list[str]] | None = None) -> dict:
+    """Score a trained segmenter's weights on `split` of the prepared data over `classes` (the
+    manifest's by default; with `later_as_background`, classes after them count as background);
+    add each of `groups`' mIoU as `<group>_miou` (over its classes that the split shows or the model
+    predicts); write the scores as JSON to `path`, log the headline ones to the stage's MLflow run
+    and its summary, and return them."""
     import json
 
     import mlflow
@@ -56,13 +61,18 @@ def write_val_metrics(ctx: StageContext, state: dict, prepared: Path, path: Path
     from pipeline.infer.batch import evaluate_split
     from pipeline.models.transunet import network_from_state
 
-    manifest = read_manifest(prepared)
-    net = network_from_state(ctx.params.model, manifest["num_classes"], state)
-    counts, _ = evaluate_split({"model": net.eval()}, prepared / "val", ctx.params.evaluate.batch_size,
-                               manifest["num_classes"], 0)
-    scores = counts["model"].scores(manifest["classes"])
+    classes = classes or read_manifest(prepared)["classes"]
+    net = network_from_state(ctx.params.model, len(classes), state)
+    counts, _ = evaluate_split({"model": net.eval()}, prepared / split, ctx.params.evaluate.batch_size,
+                               len(classes), 0, later_as_background=later_as_background)
+    scores = counts["model"].scores(classes)
+    iou = scores["per_class_iou"]
+    for group, members in (groups or {}).items():
+        present = [iou[c] for c in members if c in iou]
+        scores[f"{group}_miou"] = sum(present) / len(present) if present else 0.0
     write_text_atomic(path, json.dumps(scores, indent=2) + "\n")
-    mlflow.log_metrics({"val_miou": scores["miou"], "val_pixel_accuracy": scores["pixel_accuracy"],
-                        "val_boundary_f1": scores["boundary_f1"]})
-    ctx.summary["val_miou"] = scores["miou"]
-    return scores["miou"]
+    headline = {"val_miou": scores["miou"], "val_pixel_accuracy": scores["pixel_accuracy"],
+                "val_boundary_f1": scores["boundary_f1"]} | {f"{g}_miou": scores[f"{g}_miou"] for g in groups or {}}
+    mlflow.log_metrics(headline)
+    ctx.summary |= {key: value for key, value in headline.items() if key.endswith("miou")}
+    return scores
