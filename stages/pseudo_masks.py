@@ -14,21 +14,9 @@ from pipeline.data.incremental import classes_at
 from pipeline.data.manifest import read_manifest, step_split
 from pipeline.data.shards import STEP_MASKS_SCHEMA, write_shards
 from pipeline.infer.batch import ray_map
-from pipeline.infer.step_masks import StepMaskReplica, mask_rows, mask_scores
+from pipeline.infer.step_masks import StepMaskReplica, foundation_models, mask_rows, mask_scores
 from pipeline.models.checkpoints import DENOISER, TAG_CLASSIFIER, load_weights
 from pipeline.orchestrate.stage_run import stage, stage_parser
-
-
-def check_foundation_models(cfg, classes: list[str]) -> None:
-    """Load the foundation models params name, once, before any Ray work: one that cannot be
-    loaded (offline and not cached, a wrong name or file) is one `error:` line from here, not
-    an actor's traceback."""
-    from pipeline.models.foundation import load_clip, load_dino
-
-    if cfg.clip:
-        load_clip(cfg.clip, classes)
-    if cfg.dino:
-        load_dino(cfg.dino, cfg.dino_weights_path)
 
 
 def main() -> None:
@@ -43,9 +31,8 @@ def main() -> None:
     with stage("pseudo_masks", ["incremental", "model"], args.prepared, overrides=args.overrides) as ctx:
         cfg, model, ray_cfg = ctx.params.incremental.masks, ctx.params.model, ctx.params.ray
         before, new = classes_at(read_manifest(args.prepared), args.step)
-        check_foundation_models(cfg, new)
         states = {"classifier": load_weights(args.classifier, TAG_CLASSIFIER, model, new),
-                  "features": load_weights(args.features, DENOISER, model)}
+                  "features": load_weights(args.features, DENOISER, model)} | foundation_models(cfg, new)
         overlap = np.zeros((2, len(new), 2), dtype=np.int64)
         tagged = args.prepared / step_split(args.step)
         with ray_map(StepMaskReplica, {"states": states, "model": model, "classes": new, "first_class": len(before),

@@ -5,7 +5,7 @@ from conftest import DINO
 
 from pipeline.config.params import ModelConfig, StepMasksConfig
 from pipeline.data.png import decode_png, encode_png
-from pipeline.infer.step_masks import mask_rows, mask_scores, mask_sources, step_masks
+from pipeline.infer.step_masks import foundation_models, mask_rows, mask_scores, mask_sources, step_masks
 from pipeline.models.denoising import DENOISE_CHANNELS
 from pipeline.models.tag_masks import TagClassifier
 from pipeline.models.transunet import ENCODER_PRESETS, HybridEncoder, build_network
@@ -29,7 +29,7 @@ def networks(request):
     folder, _ = request.getfixturevalue("clip_dir")
     weights, _ = request.getfixturevalue("dino_file")
     cfg = StepMasksConfig(clip=f"local-dir:{folder}", dino=DINO, dino_weights=str(weights))
-    return mask_sources({}, MODEL, NAMES, cfg, torch.device("cpu"))
+    return mask_sources(foundation_models(cfg, NAMES), MODEL, NAMES, cfg, torch.device("cpu"))
 
 
 def _batch(ids, tags):
@@ -77,3 +77,19 @@ def test_the_masks_are_scored_per_class_against_the_held_aside_truth():
     scores = mask_scores(overlap, ["stripes", "dots"])
     assert scores["initial"]["per_class_iou"] == {"stripes": 0.5}  # "dots": in neither, counts for none
     assert scores["fused"]["per_class_iou"] == {"stripes": 1.0, "dots": 0.0} and scores["fused"]["miou"] == 0.5
+
+
+def test_the_foundation_models_the_driver_loads_mask_the_same_once_through_rays_serializer(clip_dir, dino_file):
+    """The stage's driver loads CLIP and DINO once and hands them to its Ray Data actors through
+    Ray's object store, which serializes them with Ray's cloudpickle (a Ray of its own here
+    would add ~30 s and test Ray itself)."""
+    from ray import cloudpickle
+
+    cfg = StepMasksConfig(clip=f"local-dir:{clip_dir[0]}", dino=DINO, dino_weights=str(dino_file[0]), background=0.2)
+    batch = _batch(["a", "b"], [[5], [5, 6]])
+    models = foundation_models(cfg, NAMES)
+    received = cloudpickle.loads(cloudpickle.dumps(models))
+    masked = [step_masks(mask_sources(states, MODEL, NAMES, cfg, torch.device("cpu")), batch, FIRST, STEP_CLASSES, cfg)
+              for states in (models, received)]
+    assert [list(m) for m in masked[0]["masks"]] == [list(m) for m in masked[1]["masks"]]
+    assert list(masked[0]["initial"]) == list(masked[1]["initial"])

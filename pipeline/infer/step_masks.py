@@ -28,8 +28,8 @@ class StepMaskReplica:
 
     def __init__(self, states: ObjectRef, model: ModelConfig, classes: list[str], first_class: int,
                  cfg: StepMasksConfig, threads: int, use_gpu: bool):
-        """`states`: {"classifier": the tag classifier's weights, "features": the denoising
-        pretrained network's}, in Ray's object store; `classes`: the step's new classes."""
+        """`states`: `mask_sources`' models and weights, in Ray's object store; `classes`: the
+        step's new classes."""
         import ray
 
         torch.set_num_threads(threads)
@@ -55,11 +55,26 @@ class MaskSources:
     device: torch.device
 
 
+def foundation_models(cfg: StepMasksConfig, classes: list[str]) -> dict[str, torch.nn.Module]:
+    """The foundation models `cfg` names, loaded once (in the stage's driver, before any Ray work,
+    so one that cannot be loaded is one `error:` line, and handed to the actors by reference):
+    {"clip": CLIP scoring `classes`, "dino": DINO's attention}, each where named."""
+    from pipeline.models.foundation import load_clip, load_dino
+
+    models = {}
+    if cfg.clip:
+        models["clip"] = load_clip(cfg.clip, classes)
+    if cfg.dino:
+        models["dino"] = load_dino(cfg.dino, cfg.dino_weights_path)
+    return models
+
+
 def mask_sources(states: dict, model: ModelConfig, classes: list[str], cfg: StepMasksConfig,
                  device: torch.device) -> MaskSources:
-    """CLIP's scores where `cfg.clip` names a model, else the tag classifier's activation maps;
-    DINO's attention where `cfg.dino` does, else the denoising-pretrained network's features."""
-    from pipeline.models.foundation import attention_guidance, load_clip, load_dino
+    """CLIP's scores where `states` holds CLIP (`foundation_models`), else the activation maps of
+    the tag classifier whose weights `states["classifier"]` are; DINO's attention where it holds
+    DINO, else the features of the denoising-pretrained network `states["features"]`."""
+    from pipeline.models.foundation import attention_guidance
     from pipeline.models.tag_masks import TagClassifier, activation_maps, seeds_guidance
     from pipeline.models.transunet import (
         ENCODER_PRESETS,
@@ -68,8 +83,8 @@ def mask_sources(states: dict, model: ModelConfig, classes: list[str], cfg: Step
         network_from_state,
     )
 
-    if cfg.clip:
-        class_maps = load_clip(cfg.clip, classes).to(device).class_maps
+    if "clip" in states:
+        class_maps = states["clip"].to(device).class_maps
     else:
         spec = ENCODER_PRESETS[model.preset]
         classifier = module_from_state(lambda: TagClassifier(HybridEncoder(spec, initialise=False), len(classes)),
@@ -77,9 +92,8 @@ def mask_sources(states: dict, model: ModelConfig, classes: list[str], cfg: Step
 
         def class_maps(x: torch.Tensor, tagged: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
             return activation_maps(classifier(x)[1], tagged, size)
-    if cfg.dino:
-        return MaskSources(class_maps, load_dino(cfg.dino, cfg.dino_weights_path).to(device), attention_guidance,
-                           cfg.attention, device)
+    if "dino" in states:
+        return MaskSources(class_maps, states["dino"].to(device), attention_guidance, cfg.attention, device)
     from pipeline.models.denoising import DENOISE_CHANNELS
 
     # A noise-level embedding (sigma_conditioning) only shifts the decoder by the noise level;
