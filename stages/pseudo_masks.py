@@ -15,7 +15,7 @@ from pipeline.data.manifest import read_manifest, step_split
 from pipeline.data.shards import STEP_MASKS_SCHEMA, write_shards
 from pipeline.infer.batch import ray_map
 from pipeline.infer.step_masks import StepMaskReplica, foundation_models, mask_rows, mask_scores
-from pipeline.models.checkpoints import DENOISER, TAG_CLASSIFIER, load_weights
+from pipeline.models.checkpoints import CLIP_TEXT, DENOISER, TAG_CLASSIFIER, load_weights
 from pipeline.orchestrate.stage_run import stage, stage_parser
 
 
@@ -23,7 +23,8 @@ def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--prepared", type=Path, required=True)
     parser.add_argument("--step", required=True, help="the step's name in params' incremental.steps")
-    parser.add_argument("--classifier", type=Path, required=True, help="the step's tag classifier")
+    parser.add_argument("--classifier", type=Path, required=True,
+                        help="the step's tag classifier (tag_classifier: trained, or CLIP's text embeddings)")
     parser.add_argument("--features", type=Path, required=True, help="the denoising pretrained network (decoder_pretrain)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the pseudo-mask shards")
     parser.add_argument("--metrics", type=Path, help="write the masks' IoU with their held-aside masks here (JSON)")
@@ -31,8 +32,9 @@ def main() -> None:
     with stage("pseudo_masks", ["incremental", "model"], args.prepared, overrides=args.overrides) as ctx:
         cfg, model, ray_cfg = ctx.params.incremental.masks, ctx.params.model, ctx.params.ray
         before, new = classes_at(read_manifest(args.prepared), args.step)
-        states = {"classifier": load_weights(args.classifier, TAG_CLASSIFIER, model, new),
-                  "features": load_weights(args.features, DENOISER, model)} | foundation_models(cfg, new)
+        classifier = load_weights(args.classifier, CLIP_TEXT if cfg.clip else TAG_CLASSIFIER, model, new)
+        states = {"classifier": classifier, "features": load_weights(args.features, DENOISER, model),
+                  **foundation_models(cfg, classifier.get("text"))}
         overlap = np.zeros((2, len(new), 2), dtype=np.int64)
         tagged = args.prepared / step_split(args.step)
         with ray_map(StepMaskReplica, {"states": states, "model": model, "classes": new, "first_class": len(before),

@@ -1,12 +1,22 @@
-"""DVC stage `tag_classifier@<step>`: a multi-label classifier of an incremental step's new
-classes, trained on its images' tags over the encoder of the model before the step; its class
-activation maps are the step's initial pseudo masks (FMWISS's, with CLIP stood in for)."""
+"""DVC stage `tag_classifier@<step>`: the classifier of an incremental step's new classes whose
+maps are the step's initial pseudo masks. Locally, a multi-label classifier trained on the step's
+images' tags over the encoder of the model before the step (its class activation maps stand in
+for CLIP's scores); where `incremental.masks.clip` names a CLIP, CLIP's zero-shot classifier: its
+text embeddings of the class names' prompts, which needs no training."""
 
 from pathlib import Path
 
+from pipeline.data.atomic import write_text_atomic
 from pipeline.data.incremental import classes_at
 from pipeline.data.manifest import read_manifest, step_split
-from pipeline.models.checkpoints import SEGMENTER, TAG_CLASSIFIER, encoder_weights, load_weights, save_weights
+from pipeline.models.checkpoints import (
+    CLIP_TEXT,
+    SEGMENTER,
+    TAG_CLASSIFIER,
+    encoder_weights,
+    load_weights,
+    save_weights,
+)
 from pipeline.orchestrate.stage_run import stage, stage_parser
 from pipeline.orchestrate.training import train
 from pipeline.train.loop import JobConfig
@@ -22,8 +32,16 @@ def main() -> None:
     args = parser.parse_args()
     with stage("tag_classifier", ["incremental", "model"], args.prepared,
                overrides=args.overrides, curves=args.curves) as ctx:
-        cfg, model = ctx.params.incremental.classifier, ctx.params.model
+        cfg, model, clip = ctx.params.incremental.classifier, ctx.params.model, ctx.params.incremental.masks.clip
         before, new = classes_at(read_manifest(args.prepared), args.step)
+        ctx.summary |= {"out": str(args.out), "classes": len(new)}
+        if clip:
+            from pipeline.models.foundation import clip_text, load_clip
+
+            save_weights(args.out, {"text": clip_text(*load_clip(clip), new)}, CLIP_TEXT, model, new)
+            if args.curves:  # DVC's plot of a classifier that trained for no epoch
+                write_text_atomic(args.curves, "epoch\n")
+            return
         previous = load_weights(args.previous, SEGMENTER, model, before)
         job = JobConfig(train=cfg, model=model, num_classes=len(new), classes=tuple(new),
                         init_state=encoder_weights(previous))
@@ -31,7 +49,6 @@ def main() -> None:
         state = train(ctx, TagClassify(tagged=(tagged,), first_class=len(before)), job,
                       inputs=[args.prepared, tagged, args.previous])
         save_weights(args.out, state["model"], TAG_CLASSIFIER, model, new)
-        ctx.summary |= {"out": str(args.out), "classes": len(new)}
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pipeline.models.foundation import (
     DinoAttention,
     FoundationError,
     attention_guidance,
+    clip_text,
     load_clip,
     load_dino,
 )
@@ -22,8 +23,9 @@ def test_clip_loads_from_its_folder_and_scores_every_patch_against_each_class(cl
     import open_clip
 
     folder, saved = clip_dir
-    scores = load_clip(f"local-dir:{folder}", CLASSES)
-    bare = ClipScores(saved, open_clip.get_tokenizer(f"local-dir:{folder}"), CLASSES)
+    loaded_model, tokenizer = load_clip(f"local-dir:{folder}")
+    scores = ClipScores(loaded_model, clip_text(loaded_model, tokenizer, CLASSES))
+    bare = ClipScores(saved, clip_text(saved, open_clip.get_tokenizer(f"local-dir:{folder}"), CLASSES))
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         loaded = scores(x)
@@ -37,9 +39,16 @@ def test_clip_loads_from_its_folder_and_scores_every_patch_against_each_class(cl
     assert (maps[0].sum(dim=0) < 1).all() and (maps[0, [0, 2]] > 0).all()
 
 
+def test_class_names_embedded_by_another_clip_are_refused_in_one_line(clip_dir):
+    _, saved = clip_dir
+    with pytest.raises(FoundationError, match=r"image embeddings have 32 dimensions, the class names' 8: "
+                                              r"they come from another CLIP \(rerun tag_classifier\)"):
+        ClipScores(saved, torch.zeros(len(CLASSES) + 1, 8))
+
+
 def test_a_clip_that_cannot_be_loaded_is_named_in_one_line(tmp_path):
     with pytest.raises(FoundationError, match=r"^incremental.masks.clip 'local-dir:.*': could not be loaded \("):
-        load_clip(f"local-dir:{tmp_path / 'none'}", CLASSES)
+        load_clip(f"local-dir:{tmp_path / 'none'}")
 
 
 def test_dino_loads_timms_vit_from_a_weights_file_and_gives_each_patchs_attention(dino_file, tmp_path):

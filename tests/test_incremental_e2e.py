@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DINO
 from test_pipeline_e2e import COPY_IGNORE, ran_stages, run
 
 pytestmark = pytest.mark.slow
@@ -54,3 +55,22 @@ def test_a_change_to_step_training_reruns_the_steps_from_the_first_training_on_a
     # follow from step 1's new model once it is trained; DVC decides that when it gets there).
     stale = ran_stages(run(["dvc", "repro", "--dry"], repo).stdout)
     assert stale == {"step_train@step1", "step_train@step2"}
+
+
+def test_with_clip_and_dino_named_the_steps_classifier_is_clips_text_and_its_masks_come_from_both(
+        chain, clip_dir, dino_file):
+    """Run after the test above (it reads params.yaml as the chain left it). The tag classifier
+    trains nothing where CLIP is named: CLIP's text embeddings of the class names are the step's
+    classifier, and the masks are CLIP's and DINO's."""
+    repo, _ = chain
+    params = repo / "params.yaml"
+    named = (f"    clip: local-dir:{clip_dir[0]}\n    dino: {DINO}\n    dino_weights: {dino_file[0]}\n")
+    params.write_text(params.read_text().replace("    clip: null\n    dino: null\n    dino_weights: null\n", named))
+    output = run(["dvc", "repro", "pseudo_masks@step1"], repo)
+    assert ran_stages(output.stdout + output.stderr) == {"tag_classifier@step1", "pseudo_masks@step1"}
+    classifier = torch.load(repo / "models/incremental/step1/tag_classifier.pt", map_location="cpu", weights_only=True)
+    assert classifier["kind"] == "clip_text" and classifier["classes"] == ["stripes"]
+    assert classifier["state_dict"]["text"].shape == (2, 32)  # stripes and the background prompt, CLIP's width
+    assert (repo / "reports/curves/tag_classifier-step1.csv").read_text() == "epoch\n"
+    masks = json.loads((repo / "reports/incremental/step1/pseudo_masks.json").read_text())
+    assert masks["held_aside_masks"] and set(masks["fused"]["per_class_iou"]) <= {"stripes"}

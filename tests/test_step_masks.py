@@ -29,7 +29,14 @@ def networks(request):
     folder, _ = request.getfixturevalue("clip_dir")
     weights, _ = request.getfixturevalue("dino_file")
     cfg = StepMasksConfig(clip=f"local-dir:{folder}", dino=DINO, dino_weights=str(weights))
-    return mask_sources(foundation_models(cfg, NAMES), MODEL, NAMES, cfg, torch.device("cpu"))
+    return mask_sources(foundation_models(cfg, _clip_text(cfg)), MODEL, NAMES, cfg, torch.device("cpu"))
+
+
+def _clip_text(cfg: StepMasksConfig) -> torch.Tensor:
+    """The step's classes as CLIP's zero-shot classifier (tag_classifier's output with `clip`)."""
+    from pipeline.models.foundation import clip_text, load_clip
+
+    return clip_text(*load_clip(cfg.clip), NAMES)
 
 
 def _batch(ids, tags):
@@ -87,7 +94,7 @@ def test_the_foundation_models_the_driver_loads_mask_the_same_once_through_rays_
 
     cfg = StepMasksConfig(clip=f"local-dir:{clip_dir[0]}", dino=DINO, dino_weights=str(dino_file[0]), background=0.2)
     batch = _batch(["a", "b"], [[5], [5, 6]])
-    models = foundation_models(cfg, NAMES)
+    models = foundation_models(cfg, _clip_text(cfg))
     received = cloudpickle.loads(cloudpickle.dumps(models))
     masked = [step_masks(mask_sources(states, MODEL, NAMES, cfg, torch.device("cpu")), batch, FIRST, STEP_CLASSES, cfg)
               for states in (models, received)]

@@ -55,15 +55,16 @@ class MaskSources:
     device: torch.device
 
 
-def foundation_models(cfg: StepMasksConfig, classes: list[str]) -> dict[str, torch.nn.Module]:
+def foundation_models(cfg: StepMasksConfig, text: torch.Tensor | None) -> dict[str, torch.nn.Module]:
     """The foundation models `cfg` names, loaded once (in the stage's driver, before any Ray work,
     so one that cannot be loaded is one `error:` line, and handed to the actors by reference):
-    {"clip": CLIP scoring `classes`, "dino": DINO's attention}, each where named."""
-    from pipeline.models.foundation import load_clip, load_dino
+    {"clip": CLIP's image tower scoring `text` (the class names' embeddings, `clip_text`),
+    "dino": DINO's attention}, each where named."""
+    from pipeline.models.foundation import ClipScores, load_clip, load_dino
 
     models = {}
     if cfg.clip:
-        models["clip"] = load_clip(cfg.clip, classes)
+        models["clip"] = ClipScores(load_clip(cfg.clip)[0], text)
     if cfg.dino:
         models["dino"] = load_dino(cfg.dino, cfg.dino_weights_path)
     return models

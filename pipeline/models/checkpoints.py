@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from pipeline.models.transunet import SegmentationNet
 
 ENCODER, DENOISER, SEGMENTER, TAG_CLASSIFIER = "encoder", "denoiser", "segmenter", "tag_classifier"
+CLIP_TEXT = "clip_text"  # CLIP's zero-shot tag classifier: its text embeddings of the class names
 
 
 class CheckpointError(ValueError):

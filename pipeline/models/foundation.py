@@ -54,26 +54,39 @@ def _unit(x: torch.Tensor, size: int, mean: tuple, std: tuple) -> torch.Tensor:
     return (x - torch.tensor(mean, device=x.device)[:, None, None]) / torch.tensor(std, device=x.device)[:, None, None]
 
 
-class ClipScores(nn.Module):
-    """CLIP's dense scores of a fixed list of class names (MaskCLIP's value path)."""
+def clip_text(model: nn.Module, tokenizer, class_names: list[str], templates: tuple[str, ...] = TEMPLATES
+              ) -> torch.Tensor:
+    """CLIP's zero-shot classifier of `class_names`: per name, then the background prompt, the
+    mean of its templates' unit text embeddings, L2-normalised. (K+1)×D."""
+    names = [*class_names, BACKGROUND_PROMPT]
+    with torch.no_grad():
+        tokens = tokenizer([t.format(name) for name in names for t in templates])
+        text = F.normalize(model.encode_text(tokens).float(), dim=-1).view(len(names), len(templates), -1)
+    return F.normalize(text.mean(dim=1), dim=-1)
 
-    def __init__(self, model: nn.Module, tokenizer, class_names: list[str], templates: tuple[str, ...] = TEMPLATES):
+
+class ClipScores(nn.Module):
+    """CLIP's dense scores (MaskCLIP's value path) against `text`, the class names' embeddings
+    (`clip_text`)."""
+
+    def __init__(self, model: nn.Module, text: torch.Tensor):
         super().__init__()
         visual = model.visual
         blocks = visual.transformer.resblocks
-        if not hasattr(visual, "_embeds") or not isinstance(getattr(blocks[-1], "attn", None), nn.MultiheadAttention):
+        if (not hasattr(visual, "_embeds") or getattr(visual, "proj", None) is None
+                or not isinstance(getattr(blocks[-1], "attn", None), nn.MultiheadAttention)):
             raise FoundationError(f"CLIP {type(visual).__name__}: dense scores need a ViT image tower whose "
-                                  "blocks use torch's MultiheadAttention (open_clip's standard ViT)")
+                                  "blocks use torch's MultiheadAttention and that ends in a projection "
+                                  "(open_clip's standard ViT)")
+        if text.shape[-1] != visual.proj.shape[1]:
+            raise FoundationError(f"CLIP's image embeddings have {visual.proj.shape[1]} dimensions, the class names' "
+                                  f"{text.shape[-1]}: they come from another CLIP (rerun tag_classifier)")
         self.visual, self.logit_scale = visual, float(model.logit_scale.detach().exp())
         self.size = visual.image_size[0] if isinstance(visual.image_size, tuple) else visual.image_size
         # open_clip's loaders set the weights' normalisation; CLIP's own where a model was built bare.
         self.mean = tuple(getattr(visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073))
         self.std = tuple(getattr(visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711))
-        names = [*class_names, BACKGROUND_PROMPT]
-        with torch.no_grad():
-            tokens = tokenizer([t.format(name) for name in names for t in templates])
-            text = F.normalize(model.encode_text(tokens).float(), dim=-1).view(len(names), len(templates), -1)
-        self.register_buffer("text", F.normalize(text.mean(dim=1), dim=-1), persistent=False)
+        self.register_buffer("text", text.float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Cosine scores N×(K+1)×g×g (g: CLIP's patch grid; the last: the background prompt) of
@@ -153,9 +166,9 @@ def attention_guidance(attention: torch.Tensor, initial: torch.Tensor, num_class
     return (maps > threshold) & present[..., None, None]
 
 
-def load_clip(name: str, class_names: list[str]) -> ClipScores:
+def load_clip(name: str) -> tuple[nn.Module, object]:
     """open_clip's model `name` (`hf-hub:org/repo`, `local-dir:/path`, or a built-in name with
-    its weights as `name@pretrained-tag-or-file`) scoring `class_names`."""
+    its weights as `name@pretrained-tag-or-file`), in eval mode, and its tokenizer."""
     import open_clip
 
     model_name, _, pretrained = name.partition("@")
@@ -164,7 +177,7 @@ def load_clip(name: str, class_names: list[str]) -> ClipScores:
         tokenizer = open_clip.get_tokenizer(model_name)
     except LOAD_ERRORS as err:
         raise FoundationError(f"incremental.masks.clip {name!r}: could not be loaded ({_first_line(err)})") from None
-    return ClipScores(model.eval(), tokenizer, class_names)
+    return model.eval(), tokenizer
 
 
 def load_dino(name: str, weights: Path | None = None) -> DinoAttention:
