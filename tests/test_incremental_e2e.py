@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DINO
 from test_pipeline_e2e import COPY_IGNORE, ran_stages, run
 
 pytestmark = pytest.mark.slow
@@ -57,15 +56,14 @@ def test_a_change_to_step_training_reruns_the_steps_from_the_first_training_on_a
     assert stale == {"step_train@step1", "step_train@step2"}
 
 
-def test_with_clip_and_dino_named_the_steps_classifier_is_clips_text_and_its_masks_come_from_both(
-        chain, clip_dir, dino_file):
+def test_with_clip_named_the_steps_classifier_is_clips_text_and_its_masks_clips_scores(chain, clip_dir):
     """Run after the test above (it reads params.yaml as the chain left it). The tag classifier
     trains nothing where CLIP is named: CLIP's text embeddings of the class names are the step's
-    classifier, and the masks are CLIP's and DINO's."""
+    classifier, and the initial masks CLIP's scores against them. (DINO at the stage: its ViT-S
+    would add ~25 s here; test_step_masks masks with it as the actors receive it.)"""
     repo, _ = chain
     params = repo / "params.yaml"
-    named = (f"    clip: local-dir:{clip_dir[0]}\n    dino: {DINO}\n    dino_weights: {dino_file[0]}\n")
-    params.write_text(params.read_text().replace("    clip: null\n    dino: null\n    dino_weights: null\n", named))
+    params.write_text(params.read_text().replace("    clip: null\n", f"    clip: local-dir:{clip_dir[0]}\n"))
     output = run(["dvc", "repro", "pseudo_masks@step1"], repo)
     assert ran_stages(output.stdout + output.stderr) == {"tag_classifier@step1", "pseudo_masks@step1"}
     classifier = torch.load(repo / "models/incremental/step1/tag_classifier.pt", map_location="cpu", weights_only=True)
