@@ -45,6 +45,7 @@ def test_wrong_type_is_named():
     ({"study": {"pretrain_fractions": [0.3]}}, "study.pretrain_fractions"),
     ({"study": {"pretrain_epochs": [30, 0]}}, "study.pretrain_epochs"),
     ({"teacher": {"batch_size": 0}}, "teacher.batch_size"),
+    ({"incremental": {"masks": {"seeds": -1}}}, "incremental.masks.seeds: expected a whole number of points, 0 for"),
     ({"ray": {"num_workers": 0}}, "ray.num_workers"),
     ({"ray": {"data_uri": "shards"}}, "ray.data_uri"),
     ({"model": {"preset": "resnet9000"}}, "model.preset"),

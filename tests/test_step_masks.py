@@ -61,6 +61,15 @@ def test_each_tagged_class_gets_a_mask_and_an_untagged_one_none(networks):
                for k, mask in enumerate(image))
 
 
+def test_with_no_seeds_a_class_mask_is_its_initial_mask(networks):
+    """`seeds: 0`, the ablation's "initial mask only": nothing grown."""
+    out = step_masks(networks, _batch(["a", "b"], [[5], [5, 6]]), FIRST, STEP_CLASSES,
+                     StepMasksConfig(background=0.2, seeds=0))
+    for image, initial in zip(out["masks"], out["initial"]):
+        assert all(((decode_png(initial) == FIRST + k) == (decode_png(mask) > 0)).all()
+                   for k, mask in enumerate(image))
+
+
 def test_an_images_masks_do_not_depend_on_its_batch(networks):
     cfg = StepMasksConfig(background=0.2)
     alone = step_masks(networks, _batch(["b"], [[5, 6]]), FIRST, STEP_CLASSES, cfg)

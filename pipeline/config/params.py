@@ -468,7 +468,8 @@ class StepMasksConfig:
     (scaled to a maximum of 1; `background`: the level under which a pixel is background),
     grown by `seeds` points drawn inside it, to the pixels whose features (the denoising
     pretrained network's decoder, self-supervised) have a mean cosine similarity to the seeds'
-    above `affinity`. `seed` draws the points, per image."""
+    above `affinity` (`seeds: 0`: not grown, the initial mask alone). `seed` draws the points,
+    per image."""
 
     background: float = 0.3
     seeds: int = 9  # FMWISS's
@@ -498,7 +499,9 @@ class StepMasksConfig:
                  f"expected a value in (0, 1), got {self.background}")
         _require(-1 <= self.affinity < 1, "incremental.masks.affinity",
                  f"expected a cosine similarity in [-1, 1), got {self.affinity}")
-        _positive("incremental.masks", seeds=self.seeds, batch_size=self.batch_size)
+        _positive("incremental.masks", batch_size=self.batch_size)
+        _require(isinstance(self.seeds, int) and self.seeds >= 0, "incremental.masks.seeds",
+                 f"expected a whole number of points, 0 for the initial masks alone, got {self.seeds}")
         _require(0 <= self.seed < SEED_LIMIT, "incremental.masks.seed",
                  f"expected a whole number in [0, 2**32), got {self.seed}")
 

@@ -120,13 +120,16 @@ def step_masks(sources: MaskSources, batch: Batch, first_class: int, num_classes
     x = augment.to_model_range(augment.to_unit_float(images.to(sources.device)))
     with torch.no_grad():
         cams = sources.class_maps(x, tagged.to(sources.device), tuple(x.shape[-2:])).cpu()
-        agnostic = sources.agnostic(x).cpu()
+        agnostic = sources.agnostic(x).cpu() if cfg.seeds else None
     initial = initial_masks(cams, cfg.background)
     fused = []
     for n, eid in enumerate(batch["id"]):
-        generator = torch.Generator().manual_seed(cfg.seed * 2**32 + zlib.crc32(str(eid).encode()))
-        guided = sources.grow(agnostic[n:n + 1], initial[n:n + 1], num_classes, cfg.seeds, sources.threshold,
-                              generator)
+        if cfg.seeds:
+            generator = torch.Generator().manual_seed(cfg.seed * 2**32 + zlib.crc32(str(eid).encode()))
+            guided = sources.grow(agnostic[n:n + 1], initial[n:n + 1], num_classes, cfg.seeds, sources.threshold,
+                                  generator)
+        else:  # the initial mask alone
+            guided = torch.zeros(1, num_classes, *initial.shape[-2:], dtype=torch.bool)
         fused.append(fuse(initial[n:n + 1], guided)[0])
     out = dict(batch)
     out["masks"] = np.array([[encode_png(m.to(torch.uint8).numpy()) for m in image_masks] for image_masks in fused],
