@@ -2,6 +2,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +12,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # The longest files first: under `make test`'s two workers, which take whole files in this order
 # (`--dist loadfile --no-loadscope-reorder`), each starts on one at once and the short files
 # fill the other worker meanwhile.
-LONGEST_FIRST = ("test_pipeline_e2e.py", "test_cluster_e2e.py", "test_incremental_e2e.py")
+# test_pipeline_e2e_copy.py reads a copy of test_pipeline_e2e.py's first run, made once that run
+# is done: after the other worker's two long files, it has long been.
+LONGEST_FIRST = ("test_pipeline_e2e.py", "test_cluster_e2e.py", "test_incremental_e2e.py", "test_pipeline_e2e_copy.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -27,6 +30,13 @@ def no_exit_watchdog_left_behind():
 
     yield
     faulthandler.cancel_dump_traceback_later()
+
+
+def session_folder(tmp_path_factory) -> Path:
+    """A folder every pytest worker of this session sees: under pytest-xdist each worker's
+    temporary root is a subfolder of it."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
 
 
 def free_port() -> int:
