@@ -12,9 +12,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # The longest files first: under `make test`'s two workers, which take whole files in this order
 # (`--dist loadfile --no-loadscope-reorder`), each starts on one at once and the short files
 # fill the other worker meanwhile.
-# test_pipeline_e2e_copy.py reads a copy of test_pipeline_e2e.py's first run, made once that run
+# test_pipeline_copy_e2e.py reads a copy of test_pipeline_e2e.py's first run, made once that run
 # is done: after the other worker's two long files, it has long been.
-LONGEST_FIRST = ("test_pipeline_e2e.py", "test_cluster_e2e.py", "test_incremental_e2e.py", "test_pipeline_e2e_copy.py")
+LONGEST_FIRST = ("test_pipeline_e2e.py", "test_cluster_e2e.py", "test_incremental_e2e.py", "test_pipeline_copy_e2e.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -195,7 +195,7 @@ def test_a_dropped_dep_is_caught():
 
 # Test files that test no one module: the entry points, this file, the cloud launcher configs, and
 # the end-to-end runs.
-CROSS_CUTTING_TESTS = {"cli", "layout", "cluster_configs", "cluster_e2e", "pipeline_e2e"}
+CROSS_CUTTING_TESTS = {"cli", "layout", "cluster_configs", "cluster_e2e", "pipeline_e2e", "pipeline_copy_e2e"}
 
 
 def test_tests_mirror_the_modules():

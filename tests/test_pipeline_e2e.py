@@ -2,7 +2,7 @@
 the repo, on a user's own folder of images in the README's layout (images, masks, an `unlabeled/`
 folder of images only, a `val/` folder); then DVC's view of a param change, the pretraining
 modes, MLflow's runs and registry, kills, interrupts and resumes, S3. The tests that only read
-the first run, or run beside it, are in test_pipeline_e2e_copy.py, on a copy of it. The built-in
+the first run, or run beside it, are in test_pipeline_copy_e2e.py, on a copy of it. The built-in
 datasets are prepared in process (test_prepare, test_shape_scenes) and through the whole DAG by
 `make run` (the acceptance checks); each benchmark format's prepared splits go through batch
 inference in test_formats."""
@@ -180,7 +180,7 @@ def children_of(url: str, parent: dict) -> dict[str, dict]:
 
 
 FIRST_RUN_LOG = "first_run.log"
-# In the session's folder once the first run is done: what test_pipeline_e2e_copy.py copies.
+# In the session's folder once the first run is done: what test_pipeline_copy_e2e.py copies.
 SHARED_FIRST_RUN = "pipeline-e2e-first-run"
 
 
@@ -205,7 +205,7 @@ def first_run(base: Path, tracking_uri: str) -> Path:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, mlflow_server) -> Path:
     """`first_run`, logging to a real MLflow server. A copy of it, made before any test here
-    changes it, goes to the session's folder for test_pipeline_e2e_copy.py (on the other pytest
+    changes it, goes to the session's folder for test_pipeline_copy_e2e.py (on the other pytest
     worker); a failed run leaves a `.failed` mark there instead, so that nothing waits for it."""
     shared = session_folder(tmp_path_factory) / SHARED_FIRST_RUN
     base = tmp_path_factory.mktemp("e2e")
