@@ -21,7 +21,6 @@ from conftest import session_folder, wait_until
 from mlflow import MlflowClient
 from test_pipeline_e2e import (
     CLASSES,
-    FIRST_RUN_LOG,
     SHARED_FIRST_RUN,
     edit_params,
     encoder_of,
@@ -55,9 +54,8 @@ def repo(tmp_path_factory, request) -> Path:
         assert wait_until(lambda: shared.exists() or failed.exists(), FIRST_RUN_WAIT_S, every=1), "no first run"
         if failed.exists():
             pytest.fail("test_pipeline_e2e.py's first run failed (its setup error says why)")
-        shutil.copytree(shared / "repo", base / "repo", symlinks=True)
-        shutil.copy2(shared / FIRST_RUN_LOG, base)
         repo = base / "repo"
+        shutil.copytree(shared, repo, symlinks=True)
     else:
         repo = first_run(base, tracking_uri(base / "repo"))
     edit_params(repo / "params.yaml", "mlflow", "tracking_uri", tracking_uri(repo))

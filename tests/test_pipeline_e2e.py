@@ -215,8 +215,7 @@ def repo(tmp_path_factory, mlflow_server) -> Path:
         shared.with_suffix(".failed").touch()
         raise
     staging = shared.with_name(f".{shared.name}.{os.getpid()}")
-    shutil.copytree(repo, staging / "repo", symlinks=True)
-    shutil.copy2(base / FIRST_RUN_LOG, staging)
+    shutil.copytree(repo, staging, symlinks=True)
     staging.rename(shared)  # whole, or not there at all
     return repo
 
