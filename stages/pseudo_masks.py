@@ -33,8 +33,9 @@ def main() -> None:
         cfg, model, ray_cfg = ctx.params.incremental.masks, ctx.params.model, ctx.params.ray
         before, new = classes_at(read_manifest(args.prepared), args.step)
         classifier = load_weights(args.classifier, CLIP_TEXT if cfg.clip else TAG_CLASSIFIER, model, new)
-        states = {"classifier": classifier, "features": load_weights(args.features, DENOISER, model),
-                  **foundation_models(cfg, classifier.get("text"))}
+        states = {"classifier": classifier, **foundation_models(cfg, classifier.get("text"))}
+        if "dino" not in states:  # DINO's attention stands where the denoising network's features would
+            states["features"] = load_weights(args.features, DENOISER, model)
         overlap = np.zeros((2, len(new), 2), dtype=np.int64)
         tagged = args.prepared / step_split(args.step)
         with ray_map(StepMaskReplica, {"states": states, "model": model, "classes": new, "first_class": len(before),
