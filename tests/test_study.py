@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config.ablation import ABLATION, SECOND_ROUND
+from pipeline.config.ablation import ABLATION, ROUNDS_ROW
 from pipeline.config.params import ConfigError, StudentConfig, StudyConfig
 from pipeline.tools.study import (
     PHASES,
@@ -79,7 +79,7 @@ def test_default_plan_covers_figure2_and_the_sweep_once_each_on_the_data_and_its
     # The recipe choice right after the pipeline data's ablation, before the rest of its points.
     tuning = [i for i, s in enumerate(order) if "tuning-" in s]
     assert tuning == list(range(tuning[0], tuning[0] + 1 + 2 + 7))  # teacher, 2 pseudo-labellings, 7 students
-    assert order[tuning[0] - 1] == f"student@{SECOND_ROUND}-f5-seed2-r2" and order[tuning[0]] == "teacher@tuning-ddep-s0p2-f5-seed0"
+    assert order[tuning[0] - 1] == f"student@{ROUNDS_ROW}-f5-seed2-r2" and order[tuning[0]] == "teacher@tuning-ddep-s0p2-f5-seed0"
     parts = dataset_plans(study)
     assert set(parts) == {None, "tuning", "digits"} and parts["digits"]["prefix"] == "digits-"
     assert [part["role"] for part in parts.values()] == ["pipeline", "recipe choice", "control"]
@@ -119,18 +119,39 @@ def test_ablation_adds_one_piece_per_row_and_a_second_round_from_the_round_one_s
     assert "--set student.strong_augment=false" in plain["overrides"] and "pseudo_loss=ce" in plain["overrides"]
     assert "strong_augment=true" in full["overrides"] and "dsbn=true" in full["overrides"]
     assert "pseudo_loss=self_correction" in full["overrides"]
-    second = study["students"][f"{SECOND_ROUND}-f5-seed1-r2"]
-    assert study["pseudo"][second["pseudo"]]["teacher"] == f"study/models/student-{SECOND_ROUND}-f5-seed1-r1.pt"
+    second = study["students"][f"{ROUNDS_ROW}-f5-seed1-r2"]
+    assert study["pseudo"][second["pseudo"]]["teacher"] == f"study/models/student-{ROUNDS_ROW}-f5-seed1-r1.pt"
     for key in [*study["pseudo"], *study["students"]]:
         assert "." not in key and "@" not in key, key
     for row, (_, values) in ABLATION.items():  # every row sets every switch, whatever params.yaml says
         assert set(values) == set(ABLATION["plain-ce"][1]), row
 
 
+def test_more_rounds_chain_each_rounds_student_to_the_one_before_and_get_rows_of_their_own(tmp_path):
+    cfg = StudyConfig(control=None, tuning_seeds=[], seeds=[0], rounds=3)
+    study = plan(cfg)
+    third = study["students"][f"{ROUNDS_ROW}-f5-seed0-r3"]
+    assert third["pseudo"] == "r3-f5-seed0" and third["teacher"] == f"study/models/student-{ROUNDS_ROW}-f5-seed0-r2.pt"
+    assert study["pseudo"]["r3-f5-seed0"]["teacher"] == third["teacher"]
+    order = [stage for stage, _ in result_files(study)]
+    assert (order.index(f"student@{ROUNDS_ROW}-f5-seed0-r2") < order.index("pseudo@r3-f5-seed0")
+            < order.index(f"student@{ROUNDS_ROW}-f5-seed0-r3"))
+    for key in study["students"]:
+        (tmp_path / f"student-{key}.json").write_text(json.dumps({"miou": 0.5}))
+    rows = list(ablation_rows(study, tmp_path, cfg))
+    assert rows.index("+ dense contrast, 2 rounds") + 1 == rows.index("+ dense contrast, 3 rounds")
+    assert "pseudo-labels, round 3" in rows
+    one = plan(StudyConfig(control=None, tuning_seeds=[], seeds=[0], rounds=1))
+    assert set(one["pseudo"]) == {"r1-f5-seed0"}
+    for rounds in (0, 2.5, True):
+        with pytest.raises(ConfigError, match="study.rounds: expected a whole number of self-training rounds"):
+            StudyConfig(control=None, tuning_seeds=[], rounds=rounds)
+
+
 def test_ablation_rows_pick_the_students_and_the_second_round_needs_its_row():
-    picked = plan(StudyConfig(control=None, tuning_seeds=[], seeds=[0], ablation_rows=[SECOND_ROUND, "plain-ce"]))
-    assert sorted(picked["students"]) == sorted(["plain-ce-f5-seed0-r1", f"{SECOND_ROUND}-f5-seed0-r1",
-                                                 f"{SECOND_ROUND}-f5-seed0-r2"])
+    picked = plan(StudyConfig(control=None, tuning_seeds=[], seeds=[0], ablation_rows=[ROUNDS_ROW, "plain-ce"]))
+    assert sorted(picked["students"]) == sorted(["plain-ce-f5-seed0-r1", f"{ROUNDS_ROW}-f5-seed0-r1",
+                                                 f"{ROUNDS_ROW}-f5-seed0-r2"])
     one = plan(StudyConfig(control=None, tuning_seeds=[], seeds=[0], ablation_rows=["dsbn"]))
     assert list(one["students"]) == ["dsbn-f5-seed0-r1"] and list(one["pseudo"]) == ["r1-f5-seed0"]
     for rows in (["dsbn", "mixup"], []):
@@ -413,7 +434,7 @@ def test_shares_and_differences_pair_each_seed_with_itself_and_the_findings_say_
     assert pipeline_row(StudentConfig()) == "+ self-correction loss"
     assert pipeline_row(StudentConfig(dsbn=False, strong_augment=True, pseudo_loss="self_correction")) is None
     assert pipeline_row(StudentConfig(), rounds=2) is None  # only the second-round row has a second round
-    dense = StudentConfig(**ABLATION[SECOND_ROUND][1])
+    dense = StudentConfig(**ABLATION[ROUNDS_ROW][1])
     assert pipeline_row(dense, rounds=2) == "+ dense contrast, 2 rounds" and pipeline_row(dense) == "+ dense contrast"
     said = findings(points, ablation_rows(study, tmp_path, cfg), cfg, "+ self-correction loss")
     assert said[0].startswith("**Headroom**") and "50% ± 0%" in said[0]

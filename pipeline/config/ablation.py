@@ -27,4 +27,4 @@ def _cumulative() -> dict[str, tuple[str, dict]]:
 
 
 ABLATION = _cumulative()  # row -> (its label in the report, the student switches it sets)
-SECOND_ROUND = "dense-contrast"  # the row that also gets a second round
+ROUNDS_ROW = "dense-contrast"  # the row that also gets later rounds (study.rounds)

@@ -626,7 +626,8 @@ class StudyConfig:
     stopped improving).
     At `ablation_fractions` the DDeP teachers also get students, one per step of the
     self-training ablation (pipeline.config.ablation.ABLATION; `ablation_rows` names the steps to
-    train, null: all), and the last one a second round.
+    train, null: all), and the last one `rounds` rounds of self-training in all (round N's
+    student relabels the images for round N + 1).
     The DDeP pretraining is also run for `pretrain_epochs` (longer than decoder_pretrain's own
     epochs), each with teachers at `pretrain_fractions`: is the decoder's denoising trained
     long enough to help? `control` (a built-in dataset, or null) gets the same study with
@@ -645,6 +646,7 @@ class StudyConfig:
     teacher_epochs: int = 2
     ablation_fractions: list[float] = field(default_factory=lambda: [0.05])  # the student ablation's
     ablation_rows: list[str] | None = None
+    rounds: int = 2
     pretrain_epochs: list[int] = field(default_factory=lambda: [30])
     pretrain_fractions: list[float] = field(default_factory=lambda: [0.05])
     control: str | None = "digits"  # the recognition-bound control beside the default shape scenes
@@ -679,6 +681,9 @@ class StudyConfig:
         _require(self.ablation_rows is None or (len(self.ablation_rows) > 0 and set(self.ablation_rows) <= set(ABLATION)),
                  "study.ablation_rows", f"expected null or a non-empty list of {', '.join(ABLATION)}; "
                  f"got {self.ablation_rows}")
+
+        _require(isinstance(self.rounds, int) and not isinstance(self.rounds, bool) and self.rounds >= 1,
+                 "study.rounds", f"expected a whole number of self-training rounds, 1 or more; got {self.rounds!r}")
 
     def steps_for(self, fraction: float) -> int:
         return self.teacher_steps[self.fractions.index(fraction)]

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline.config.ablation import ABLATION, SECOND_ROUND
+from pipeline.config.ablation import ABLATION, ROUNDS_ROW
 from pipeline.config.params import PARAMS_FILE, ConfigError, DecoderPretrainConfig, StudyConfig, load_params
 from pipeline.data.atomic import write_text_atomic
 from pipeline.tools.readme_block import write_block
@@ -185,8 +185,8 @@ def _overrides(values: dict) -> str:
 def ablation_plan(cfg: StudyConfig, prefix: str = "", prepared: str = PREPARED, phase: int = PHASES["ablation"]) -> dict:
     """Pseudo-labels and students of the self-training ablation: the DDeP teacher of each
     ablation subset labels the rest of the train images; one student per ABLATION row
-    (`cfg.ablation_steps`); the SECOND_ROUND student, if one of them, labels them again for a
-    round-2 student with the same settings."""
+    (`cfg.ablation_steps`); the ROUNDS_ROW student, if one of them, labels them again for a
+    round-2 student with the same settings, and so on up to `cfg.rounds` rounds."""
     ddep = prefix + pretrain_key("supervised", "ddep", cfg.ddep_sigma)
     rows = cfg.ablation_steps
     pseudo, students = {}, {}
@@ -203,13 +203,14 @@ def ablation_plan(cfg: StudyConfig, prefix: str = "", prepared: str = PREPARED, 
                                                         "pseudo": f"{prefix}r1-{bare}",
                                                         "teacher": pseudo[f"{prefix}r1-{bare}"]["teacher"],
                                                         "overrides": _overrides(ABLATION[row][1])}
-            if SECOND_ROUND not in rows:
+            if ROUNDS_ROW not in rows:
                 continue
-            first = f"{STUDY_DIR}/models/student-{prefix}{SECOND_ROUND}-{bare}-r1.pt"
-            pseudo[f"{prefix}r2-{bare}"] = {**point, "teacher": first, "round": 2}
-            students[f"{prefix}{SECOND_ROUND}-{bare}-r2"] = {**point, **trained, "row": SECOND_ROUND, "round": 2,
-                                                             "pseudo": f"{prefix}r2-{bare}", "teacher": first,
-                                                             "overrides": _overrides(ABLATION[SECOND_ROUND][1])}
+            for round_ in range(2, cfg.rounds + 1):
+                before = f"{STUDY_DIR}/models/student-{prefix}{ROUNDS_ROW}-{bare}-r{round_ - 1}.pt"
+                pseudo[f"{prefix}r{round_}-{bare}"] = {**point, "teacher": before, "round": round_}
+                students[f"{prefix}{ROUNDS_ROW}-{bare}-r{round_}"] = {
+                    **point, **trained, "row": ROUNDS_ROW, "round": round_, "pseudo": f"{prefix}r{round_}-{bare}",
+                    "teacher": before, "overrides": _overrides(ABLATION[ROUNDS_ROW][1])}
     return {"pseudo": pseudo, "students": students}
 
 
@@ -278,7 +279,7 @@ TEACHER_ROW = "teacher (DDeP)"
 
 def ablation_rows(study_plan: dict, metrics_dir: Path, cfg: StudyConfig) -> dict[str, dict[float, dict[int, float]]]:
     """Row -> ablation fraction -> seed -> val mIoU of what is measured so far: the DDeP
-    teacher, each student row, the second round, the pseudo-labels of each round (their mIoU on
+    teacher, each student row, the later rounds, the pseudo-labels of each round (their mIoU on
     the images they label) and the fully supervised DDeP teacher (100% labels), in the
     report's order. Empty while no student has been trained. `study_plan`: one dataset's
     (dataset_plans)."""
@@ -304,13 +305,14 @@ def ablation_rows(study_plan: dict, metrics_dir: Path, cfg: StudyConfig) -> dict
                 add(FULLY_SUPERVISED, fraction, seed, full)
     if not any((metrics_dir / f"student-{key}.json").is_file() for key in study_plan["students"]):
         return {}
-    order = [TEACHER_ROW, *[label for label, _ in ABLATION.values()], student_row(SECOND_ROUND, 2),
-             FULLY_SUPERVISED, "pseudo-labels, round 1", "pseudo-labels, round 2"]
+    later = range(2, cfg.rounds + 1)
+    order = [TEACHER_ROW, *[label for label, _ in ABLATION.values()], *[student_row(ROUNDS_ROW, r) for r in later],
+             FULLY_SUPERVISED, *[f"pseudo-labels, round {r}" for r in (1, *later)]]
     return {row: rows[row] for row in order if row in rows}
 
 
 def student_row(row: str, round_: int) -> str:
-    return ABLATION[row][0] if round_ == 1 else f"{ABLATION[row][0]}, 2 rounds"
+    return ABLATION[row][0] if round_ == 1 else f"{ABLATION[row][0]}, {round_} rounds"
 
 
 def ablation_table(rows: dict[str, dict[float, dict[int, float]]], cfg: StudyConfig,
@@ -538,7 +540,7 @@ def pipeline_row(student, rounds: int = 1) -> str | None:
     params.yaml) and its number of self-training rounds, if one is."""
     for key, (_, switches) in ABLATION.items():
         if all(getattr(student, name) == value for name, value in switches.items()):
-            return student_row(key, rounds) if rounds == 1 or key == SECOND_ROUND else None
+            return student_row(key, rounds) if rounds == 1 or key == ROUNDS_ROW else None
     return None
 
 
