@@ -20,11 +20,13 @@ from pipeline.tools.study import (
     Point,
     ablation_rows,
     ablation_table,
+    chosen_recipe,
     collect,
     dataset_plans,
     figure2,
     figure2_shares,
     findings,
+    longer_student,
     markdown,
     measured_points,
     paired_difference,
@@ -78,13 +80,14 @@ def test_default_plan_covers_figure2_and_the_sweep_once_each_on_the_data_and_its
     assert max(i for i, s in enumerate(order) if "digits-" not in s) < min(i for i, s in enumerate(order) if "digits-" in s)
     # The recipe choice right after the pipeline data's ablation, before the rest of its points.
     tuning = [i for i, s in enumerate(order) if "tuning-" in s]
-    assert tuning == list(range(tuning[0], tuning[0] + 1 + 2 + 7))  # teacher, 2 pseudo-labellings, 7 students
-    assert order[tuning[0] - 1] == f"student@{ROUNDS_ROW}-f5-seed2-r2" and order[tuning[0]] == "teacher@tuning-ddep-s0p2-f5-seed0"
+    # teacher; pseudo-labels of round 1, round 2 and the longer students' round 2; 7 students, 2 longer ones
+    assert tuning == list(range(tuning[0], tuning[0] + 1 + 3 + 9))
+    assert order[tuning[0] - 1] == f"student@{ROUNDS_ROW}-e30-f5-seed2-r2" and order[tuning[0]] == "teacher@tuning-ddep-s0p2-f5-seed0"
     parts = dataset_plans(study)
     assert set(parts) == {None, "tuning", "digits"} and parts["digits"]["prefix"] == "digits-"
     assert [part["role"] for part in parts.values()] == ["pipeline", "recipe choice", "control"]
-    assert len(parts[None]["teachers"]) == per_seed * 3 and len(parts["digits"]["students"]) == 2 * 7
-    assert list(parts["tuning"]["pretrain"]) == ["tuning-ddep-s0p2"] and len(parts["tuning"]["students"]) == 7
+    assert len(parts[None]["teachers"]) == per_seed * 3 and len(parts["digits"]["students"]) == 2 * 9
+    assert list(parts["tuning"]["pretrain"]) == ["tuning-ddep-s0p2"] and len(parts["tuning"]["students"]) == 9
 
 
 def test_teachers_train_their_fractions_steps_and_the_main_questions_first():
@@ -113,7 +116,8 @@ def test_ablation_adds_one_piece_per_row_and_a_second_round_from_the_round_one_s
     cfg = StudyConfig(control=None, tuning_seeds=[])
     study = plan(cfg)
     subsets = len(cfg.ablation_fractions) * len(cfg.seeds)
-    assert len(study["pseudo"]) == 2 * subsets and len(study["students"]) == (len(ABLATION) + 1) * subsets
+    # round 1, round 2 and the longer students' round 2; each row, the second round and two longer students
+    assert len(study["pseudo"]) == 3 * subsets and len(study["students"]) == (len(ABLATION) + 1 + 2) * subsets
     plain, full = study["students"]["plain-ce-f5-seed1-r1"], study["students"]["self-correction-f5-seed1-r1"]
     assert plain["teacher"] == "study/models/teacher-ddep-s0p2-f5-seed1.pt" and plain["pseudo"] == "r1-f5-seed1"
     assert "--set student.strong_augment=false" in plain["overrides"] and "pseudo_loss=ce" in plain["overrides"]
@@ -148,10 +152,36 @@ def test_more_rounds_chain_each_rounds_student_to_the_one_before_and_get_rows_of
             StudyConfig(control=None, tuning_seeds=[], rounds=rounds)
 
 
+def test_longer_students_chain_their_own_rounds_from_the_teachers_labels_and_are_reported_not_chosen(tmp_path):
+    cfg = StudyConfig(control=None, tuning_seeds=[], seeds=[0, 1], student_epochs=[30])
+    study = plan(cfg, student=StudentConfig(epochs=10, steps_per_epoch=50))
+    first, second = (study["students"][f"{ROUNDS_ROW}-e30-f5-seed1-r{r}"] for r in (1, 2))
+    assert first["pseudo"] == "r1-f5-seed1" and first["teacher"] == "study/models/teacher-ddep-s0p2-f5-seed1.pt"
+    assert second["pseudo"] == "r2-e30-f5-seed1" and second["steps"] == 1500
+    assert study["pseudo"]["r2-e30-f5-seed1"]["teacher"] == f"study/models/student-{ROUNDS_ROW}-e30-f5-seed1-r1.pt"
+    assert "--set student.epochs=30" in second["overrides"]
+    assert "epochs" not in study["students"][f"{ROUNDS_ROW}-f5-seed1-r2"]["overrides"]
+    for key, st in study["students"].items():
+        (tmp_path / f"student-{key}.json").write_text(json.dumps({"miou": 0.6 if "e30" in key else 0.5}))
+    for key in study["teachers"]:
+        (tmp_path / f"{key}.json").write_text(json.dumps({"miou": 0.8 if "f100" in key else 0.4}))
+    rows = ablation_rows(study, tmp_path, cfg)
+    assert [row for row in rows if longer_student(row)] == ["+ dense contrast, 1500 steps",
+                                                              "+ dense contrast, 1500 steps, 2 rounds"]
+    assert "pseudo-labels, round 2 (1500-step students)" in rows
+    assert chosen_recipe(rows, cfg) == "student, plain CE"  # all alike at 0.5: the first; 0.6 is not a choice
+    said = findings(collect(study, tmp_path), rows, cfg, "+ dense contrast, 2 rounds")
+    assert any(line.startswith("**A longer student** (dense contrast, 1500 steps) at 5% labels reaches 75% ± 0%")
+               for line in said), said
+    with pytest.raises(ConfigError, match="study.student_epochs: expected positive whole numbers of epochs"):
+        StudyConfig(control=None, tuning_seeds=[], student_epochs=[0])
+
+
 def test_ablation_rows_pick_the_students_and_the_second_round_needs_its_row():
     picked = plan(StudyConfig(control=None, tuning_seeds=[], seeds=[0], ablation_rows=[ROUNDS_ROW, "plain-ce"]))
     assert sorted(picked["students"]) == sorted(["plain-ce-f5-seed0-r1", f"{ROUNDS_ROW}-f5-seed0-r1",
-                                                 f"{ROUNDS_ROW}-f5-seed0-r2"])
+                                                 f"{ROUNDS_ROW}-f5-seed0-r2", f"{ROUNDS_ROW}-e30-f5-seed0-r1",
+                                                 f"{ROUNDS_ROW}-e30-f5-seed0-r2"])
     one = plan(StudyConfig(control=None, tuning_seeds=[], seeds=[0], ablation_rows=["dsbn"]))
     assert list(one["students"]) == ["dsbn-f5-seed0-r1"] and list(one["pseudo"]) == ["r1-f5-seed0"]
     for rows in (["dsbn", "mixup"], []):
@@ -546,7 +576,7 @@ def test_missing_inputs_are_made_again_one_stage_at_a_time_and_nothing_recorded_
 
 
 def test_the_recipe_choice_reads_the_tuning_splits_students_only_and_names_the_best_row(tmp_path):
-    from pipeline.tools.study import chosen_recipe, recipe_report
+    from pipeline.tools.study import recipe_report
 
     cfg = StudyConfig(fractions=[0.05, 1.0], seeds=[0, 1], control=None, tuning_seeds=[0], sigmas=[0.2], dep_sigma=0.2,
                       sweep_fraction=0.05, teacher_steps=[10, 20], ablation_fractions=[0.05], pretrain_fractions=[])
@@ -572,7 +602,6 @@ def test_the_pipelines_student_is_the_recipe_the_tuning_split_chose():
     (study/metrics, scored on the tuning split, never on val) pick the pipeline's student
     switches and its number of rounds."""
     from pipeline.config.params import load_params
-    from pipeline.tools.study import chosen_recipe
 
     params = load_params(ROOT / "params.yaml")
     tuning = dataset_plans(yaml.safe_load((ROOT / "study" / "plan.yaml").read_text()))["tuning"]

@@ -627,7 +627,9 @@ class StudyConfig:
     At `ablation_fractions` the DDeP teachers also get students, one per step of the
     self-training ablation (pipeline.config.ablation.ABLATION; `ablation_rows` names the steps to
     train, null: all), and the last one `rounds` rounds of self-training in all (round N's
-    student relabels the images for round N + 1).
+    student relabels the images for round N + 1); and that row with its rounds again for each
+    of `student_epochs`, its students trained that many epochs (a longer student: does it learn
+    more from the same pseudo-labels?).
     The DDeP pretraining is also run for `pretrain_epochs` (longer than decoder_pretrain's own
     epochs), each with teachers at `pretrain_fractions`: is the decoder's denoising trained
     long enough to help? `control` (a built-in dataset, or null) gets the same study with
@@ -647,6 +649,7 @@ class StudyConfig:
     ablation_fractions: list[float] = field(default_factory=lambda: [0.05])  # the student ablation's
     ablation_rows: list[str] | None = None
     rounds: int = 2
+    student_epochs: list[int] = field(default_factory=lambda: [30])
     pretrain_epochs: list[int] = field(default_factory=lambda: [30])
     pretrain_fractions: list[float] = field(default_factory=lambda: [0.05])
     control: str | None = "digits"  # the recognition-bound control beside the default shape scenes
@@ -684,6 +687,10 @@ class StudyConfig:
 
         _require(isinstance(self.rounds, int) and not isinstance(self.rounds, bool) and self.rounds >= 1,
                  "study.rounds", f"expected a whole number of self-training rounds, 1 or more; got {self.rounds!r}")
+
+        for epochs in self.student_epochs:
+            _require(isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > 0, "study.student_epochs",
+                     f"expected positive whole numbers of epochs, got {epochs!r}")
 
     def steps_for(self, fraction: float) -> int:
         return self.teacher_steps[self.fractions.index(fraction)]

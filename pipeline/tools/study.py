@@ -32,7 +32,14 @@ import numpy as np
 import yaml
 
 from pipeline.config.ablation import ABLATION, ROUNDS_ROW
-from pipeline.config.params import PARAMS_FILE, ConfigError, DecoderPretrainConfig, StudyConfig, load_params
+from pipeline.config.params import (
+    PARAMS_FILE,
+    ConfigError,
+    DecoderPretrainConfig,
+    StudentConfig,
+    StudyConfig,
+    load_params,
+)
 from pipeline.data.atomic import write_text_atomic
 from pipeline.tools.readme_block import write_block
 
@@ -98,23 +105,24 @@ def subset_key(fraction: float, seed: int) -> str:
 SECTIONS = ("pretrain", "pretrain_length", "subsets", "teachers", "pseudo", "students")
 
 
-def plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig | None = None) -> dict:
+def plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig | None = None, student: StudentConfig | None = None) -> dict:
     """Every pretraining, labeled subset, teacher, pseudo-labelling and student the study needs,
     each once, on the pipeline's prepared data; then the recipe choice (the ablation alone,
     with `cfg.tuning_seeds`) on the tuning split; then the whole study again on the control
     dataset (`cfg.control`, with `cfg.control_seeds`). The datasets other than the pipeline's
     are prepared by the study itself (`datasets`: name -> folder, `prepare`'s options and role)
     and their keys start with their name. `pretraining` (params.yaml's decoder_pretrain) is the
-    length every pretraining has but the longer DDeP ones of `pretrain_length`."""
-    pretraining = pretraining or DecoderPretrainConfig()
-    study_plan = _dataset_plan(cfg, pretraining, "", PREPARED, 0)
+    length every pretraining has but the longer DDeP ones of `pretrain_length`; `student`
+    (params.yaml's) the students' steps per epoch."""
+    pretraining, student = pretraining or DecoderPretrainConfig(), student or StudentConfig()
+    study_plan = _dataset_plan(cfg, pretraining, student, "", PREPARED, 0)
     study_plan["datasets"] = {}
     others = [StudyDataset(TUNING, "--set data.tuning=true", cfg.tuning_seeds, 0, RECIPE_CHOICE)] if cfg.tuning_seeds else []
     if cfg.control:
         others.append(StudyDataset(cfg.control, f"--set data.format={cfg.control}", cfg.control_seeds, len(PHASES), CONTROL))
     for dataset in others:
         prepared = f"{STUDY_DIR}/data/prepared-{dataset.name}"
-        other = _dataset_plan(replace(cfg, seeds=dataset.seeds), pretraining, f"{dataset.name}-", prepared,
+        other = _dataset_plan(replace(cfg, seeds=dataset.seeds), pretraining, student, f"{dataset.name}-", prepared,
                               dataset.first_phase, recipe_only=dataset.role == RECIPE_CHOICE)
         for section in SECTIONS:
             study_plan[section] |= other[section]
@@ -122,7 +130,7 @@ def plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig | None = None) -> 
     return study_plan
 
 
-def _dataset_plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig, prefix: str, prepared: str,
+def _dataset_plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig, student: StudentConfig, prefix: str, prepared: str,
                   first_phase: int, recipe_only: bool = False) -> dict:
     """The study's points on one prepared dataset: its keys start with `prefix`, its phases
     (the order `run` trains them in) with `first_phase`. `recipe_only`: only the ablation and
@@ -151,7 +159,7 @@ def _dataset_plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig, prefix: 
         for fraction in cfg.ablation_fractions:
             add("supervised", "ddep", cfg.ddep_sigma, fraction, "recipe choice")
         return {"pretrain": pretrain, "pretrain_length": {}, "subsets": subsets, "teachers": teachers,
-                **ablation_plan(cfg, prefix, prepared, first_phase + PHASES["recipe choice"])}
+                **ablation_plan(cfg, student, prefix, prepared, first_phase + PHASES["recipe choice"])}
     full = max(cfg.fractions)
     for encoder, mode in CURVES.values():
         for fraction in cfg.fractions:
@@ -175,19 +183,23 @@ def _dataset_plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig, prefix: 
                 add_teachers(key, fraction, "pretraining length")
     ordered = sorted(teachers.items(), key=lambda kv: (kv[1]["phase"], kv[1]["fraction"], kv[1]["seed"]))
     return {"pretrain": pretrain, "pretrain_length": pretrain_length, "subsets": subsets,
-            "teachers": dict(ordered), **ablation_plan(cfg, prefix, prepared, first_phase + PHASES["ablation"])}
+            "teachers": dict(ordered), **ablation_plan(cfg, student, prefix, prepared, first_phase + PHASES["ablation"])}
 
 
 def _overrides(values: dict) -> str:
     return " ".join(f"--set student.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items())
 
 
-def ablation_plan(cfg: StudyConfig, prefix: str = "", prepared: str = PREPARED, phase: int = PHASES["ablation"]) -> dict:
+def ablation_plan(cfg: StudyConfig, student: StudentConfig | None = None, prefix: str = "", prepared: str = PREPARED,
+                  phase: int = PHASES["ablation"]) -> dict:
     """Pseudo-labels and students of the self-training ablation: the DDeP teacher of each
     ablation subset labels the rest of the train images; one student per ABLATION row
     (`cfg.ablation_steps`); the ROUNDS_ROW student, if one of them, labels them again for a
-    round-2 student with the same settings, and so on up to `cfg.rounds` rounds."""
+    round-2 student with the same settings, and so on up to `cfg.rounds` rounds; that chain
+    again with students of each of `cfg.student_epochs` (`student`: params.yaml's, for their
+    steps per epoch)."""
     ddep = prefix + pretrain_key("supervised", "ddep", cfg.ddep_sigma)
+    steps_per_epoch = (student or StudentConfig()).steps_per_epoch
     rows = cfg.ablation_steps
     pseudo, students = {}, {}
     for fraction in cfg.ablation_fractions:
@@ -211,6 +223,19 @@ def ablation_plan(cfg: StudyConfig, prefix: str = "", prepared: str = PREPARED, 
                 students[f"{prefix}{ROUNDS_ROW}-{bare}-r{round_}"] = {
                     **point, **trained, "row": ROUNDS_ROW, "round": round_, "pseudo": f"{prefix}r{round_}-{bare}",
                     "teacher": before, "overrides": _overrides(ABLATION[ROUNDS_ROW][1])}
+            for epochs in cfg.student_epochs:
+                longer = {"epochs": epochs, "steps": epochs * steps_per_epoch}
+                labels = f"{prefix}r1-{bare}"  # round 1 learns from the teacher's, as the shorter chain's does
+                teacher = pseudo[labels]["teacher"]
+                for round_ in range(1, cfg.rounds + 1):
+                    if round_ > 1:
+                        labels = f"{prefix}r{round_}-e{epochs}-{bare}"
+                        pseudo[labels] = {**point, **longer, "teacher": teacher, "round": round_}
+                    key = f"{prefix}{ROUNDS_ROW}-e{epochs}-{bare}-r{round_}"
+                    students[key] = {**point, **trained, **longer, "row": ROUNDS_ROW, "round": round_, "pseudo": labels,
+                                     "teacher": teacher,
+                                     "overrides": _overrides({**ABLATION[ROUNDS_ROW][1], "epochs": epochs})}
+                    teacher = f"{STUDY_DIR}/models/student-{key}.pt"
     return {"pseudo": pseudo, "students": students}
 
 
@@ -226,7 +251,7 @@ def dataset_plans(study_plan: dict) -> dict[str | None, dict]:
 
 def write_plan(params_file: str = PARAMS_FILE, path: Path = PLAN_FILE) -> dict:
     params = load_params(params_file)
-    study_plan = plan(params.study, params.decoder_pretrain)
+    study_plan = plan(params.study, params.decoder_pretrain, params.student)
     header = "# Written by `python -m pipeline.tools.study plan` from params.yaml's `study` section.\n"
     text = header + yaml.safe_dump(study_plan, sort_keys=False)
     if not path.is_file() or path.read_text() != text:  # unchanged: keep DVC's view of it stable
@@ -292,11 +317,11 @@ def ablation_rows(study_plan: dict, metrics_dir: Path, cfg: StudyConfig) -> dict
             cells.setdefault(fraction, {})[seed] = value
 
     for key, p in study_plan["pseudo"].items():
-        add(f"pseudo-labels, round {p['round']}", p["fraction"], p["seed"], _miou(metrics_dir / f"pseudo-{key}.json"))
+        add(pseudo_row(p["round"], p.get("steps")), p["fraction"], p["seed"], _miou(metrics_dir / f"pseudo-{key}.json"))
         if p["round"] == 1:
             add(TEACHER_ROW, p["fraction"], p["seed"], _miou(metrics_dir / p["teacher_metrics"]))
     for key, st in study_plan["students"].items():
-        add(student_row(st["row"], st["round"]), st["fraction"], st["seed"],
+        add(student_row(st["row"], st["round"], st.get("steps")), st["fraction"], st["seed"],
             _miou(metrics_dir / f"student-{key}.json"))
     if max(cfg.fractions) == 1.0:
         for seed in cfg.seeds:
@@ -305,14 +330,20 @@ def ablation_rows(study_plan: dict, metrics_dir: Path, cfg: StudyConfig) -> dict
                 add(FULLY_SUPERVISED, fraction, seed, full)
     if not any((metrics_dir / f"student-{key}.json").is_file() for key in study_plan["students"]):
         return {}
-    later = range(2, cfg.rounds + 1)
-    order = [TEACHER_ROW, *[label for label, _ in ABLATION.values()], *[student_row(ROUNDS_ROW, r) for r in later],
-             FULLY_SUPERVISED, *[f"pseudo-labels, round {r}" for r in (1, *later)]]
-    return {row: rows[row] for row in order if row in rows}
+    order = [TEACHER_ROW, *[label for label, _ in ABLATION.values()], *[row for row in rows if row.startswith("+ ")],
+             FULLY_SUPERVISED, *sorted(row for row in rows if row.startswith("pseudo-labels"))]
+    return {row: rows[row] for row in dict.fromkeys(order) if row in rows}
 
 
-def student_row(row: str, round_: int) -> str:
-    return ABLATION[row][0] if round_ == 1 else f"{ABLATION[row][0]}, {round_} rounds"
+def student_row(row: str, round_: int, steps: int | None = None) -> str:
+    """A student's row: its ablation row's label, then its length where it is not params.yaml's
+    and its rounds after the first."""
+    return (ABLATION[row][0] + (f", {steps} steps" if steps else "")
+            + (f", {round_} rounds" if round_ > 1 else ""))
+
+
+def pseudo_row(round_: int, steps: int | None = None) -> str:
+    return f"pseudo-labels, round {round_}" + (f" ({steps}-step students)" if steps else "")
 
 
 def ablation_table(rows: dict[str, dict[float, dict[int, float]]], cfg: StudyConfig,
@@ -481,7 +512,8 @@ def markdown(fig2: dict, sweep: dict, cfg: StudyConfig, ablation: dict | None = 
                         {c: [("–" if not row else _cell(row[c], seeds) if c in row else "n/a") for row in per_class.values()]
                          for c in classes})
     lines += ["", ("Self-training ablation (student val mIoU; pseudo-label rows: mIoU of the pseudo-labels "
-                   "on the images they label):"), ""]
+                   "on the images they label; students train params.yaml's `student` steps where a row names "
+                   "no other number):"), ""]
     if ablation:
         columns = list(next(iter(ablation.values())))
         share_columns = [f"{f:.0%} labels, share of fully supervised" for f in columns] if ablation_shares else []
@@ -516,15 +548,20 @@ def findings(points: list[Point], rows: dict, cfg: StudyConfig, pipeline_row: st
         said.append("**DDeP against the supervised encoder alone** (teacher mIoU, DDeP minus it, seed by seed): "
                     + "; ".join(f"{fraction:.0%} labels {_signed(gap, seeds)}, {_verdict(gap)}" for fraction, gap in gaps)
                     + ". The paper has DDeP ahead at every fraction, most below 5%.")
-    students = {row: cells.get(f, {}) for row, cells in student_rows(rows).items()}
+    students = {row: cells.get(f, {}) for row, cells in student_rows(rows).items() if cells.get(f)}
     full, teacher = rows.get(FULLY_SUPERVISED, {}).get(f, {}), rows.get(TEACHER_ROW, {}).get(f, {})
-    for row in dict.fromkeys([pipeline_row, max(students, key=lambda r: _stats(list(students[r].values()))[0],
-                                                 default=None)]):
+
+    def best(longer: bool) -> str | None:
+        return max((row for row in students if longer_student(row) == longer),
+                   key=lambda row: _stats(list(students[row].values()))[0], default=None)
+
+    for row in dict.fromkeys([pipeline_row, best(False), best(True)]):
         if row is None or not students.get(row):
             continue
         share = _stats(list(_shares(students[row], full).values()))
         gain = _stats([value - teacher[seed] for seed, value in students[row].items() if seed in teacher])
-        who = "The pipeline's student" if row == pipeline_row else "The best student of the ablation"
+        who = ("The pipeline's student" if row == pipeline_row else "A longer student" if longer_student(row)
+               else "The best student of the ablation")
         sentence = f"**{who}** ({row.removeprefix('+ ')}) at {f:.0%} labels"
         if share[2]:
             sentence += f" reaches {_cell(share, seeds, percent=True)} of the fully supervised DDeP teacher (target: 90%)"
@@ -550,10 +587,17 @@ def student_rows(rows: dict) -> dict:
             if row not in (TEACHER_ROW, FULLY_SUPERVISED) and not row.startswith("pseudo-labels")}
 
 
+def longer_student(row: str) -> bool:
+    """A row of students longer than params.yaml's (`study.student_epochs`): how much a longer
+    student gains, not a recipe to choose (the step budget is the budget curve's choice)."""
+    return re.search(r", \d+ steps", row) is not None
+
+
 def chosen_recipe(rows: dict, cfg: StudyConfig) -> str | None:
     """The student row with the best mean mIoU over the ablation's fractions and seeds, once
-    every student row has all of its points (None before)."""
-    students = student_rows(rows)
+    every student row has all of its points (None before); rows of longer students are not
+    choices."""
+    students = {row: cells for row, cells in student_rows(rows).items() if not longer_student(row)}
     cells = {row: [v for f in cfg.ablation_fractions for v in by_fraction.get(f, {}).values()]
              for row, by_fraction in students.items()}
     complete = len(cfg.ablation_fractions) * len(cfg.seeds)
@@ -672,6 +716,9 @@ def recipe_report(sub_plan: dict, metrics_dir: Path, cfg: StudyConfig, student, 
     if chosen:
         verdict = "the same" if chosen == ours else f"not the same: params.yaml's is {ours or 'no row of the ablation'}"
         lines += ["", f"**Chosen: {chosen.removeprefix('+ ')}**; the pipeline's student (params.yaml) is {verdict}."]
+    if any(longer_student(row) for row in table):
+        lines += ["", "Rows with a number of steps are longer students (`study.student_epochs`), not choices "
+                      "here: the pipeline's step budget is the budget curve's choice."]
     return "\n".join(lines) + "\n"
 
 
