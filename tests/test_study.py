@@ -161,7 +161,7 @@ def test_longer_students_chain_their_own_rounds_from_the_teachers_labels_and_are
     assert study["pseudo"]["r2-e30-f5-seed1"]["teacher"] == f"study/models/student-{ROUNDS_ROW}-e30-f5-seed1-r1.pt"
     assert "--set student.epochs=30" in second["overrides"]
     assert "epochs" not in study["students"][f"{ROUNDS_ROW}-f5-seed1-r2"]["overrides"]
-    for key, st in study["students"].items():
+    for key in study["students"]:
         (tmp_path / f"student-{key}.json").write_text(json.dumps({"miou": 0.6 if "e30" in key else 0.5}))
     for key in study["teachers"]:
         (tmp_path / f"{key}.json").write_text(json.dumps({"miou": 0.8 if "f100" in key else 0.4}))

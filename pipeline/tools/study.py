@@ -717,8 +717,8 @@ def recipe_report(sub_plan: dict, metrics_dir: Path, cfg: StudyConfig, student, 
         verdict = "the same" if chosen == ours else f"not the same: params.yaml's is {ours or 'no row of the ablation'}"
         lines += ["", f"**Chosen: {chosen.removeprefix('+ ')}**; the pipeline's student (params.yaml) is {verdict}."]
     if any(longer_student(row) for row in table):
-        lines += ["", "Rows with a number of steps are longer students (`study.student_epochs`), not choices "
-                      "here: the pipeline's step budget is the budget curve's choice."]
+        lines += ["", ("Rows with a number of steps are longer students (`study.student_epochs`), not choices "
+                       "here: the pipeline's step budget is the budget curve's choice.")]
     return "\n".join(lines) + "\n"
 
 
