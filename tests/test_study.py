@@ -593,6 +593,14 @@ def test_the_recipe_choice_reads_the_tuning_splits_students_only_and_names_the_b
     assert "| + strong augmentation | 0.500 ± 0.000 |" in text and "| + dense contrast, 2 rounds | 0.480 ± 0.000 |" in text
     assert "**Chosen: strong augmentation**; the pipeline's student (params.yaml) is the same." in text
     assert "is not the same: params.yaml's is + self-correction loss" in recipe_report(tuning, tmp_path, cfg, StudentConfig(), 1)
+    assert "|  | 5% labels |\n|---|---|\n" in text  # no val columns unless asked for
+    val_plan = dataset_plans(plan(cfg))[None]
+    for key, st in val_plan["students"].items():  # on val, DSBN first
+        (tmp_path / f"student-{key}.json").write_text(json.dumps({"miou": 0.6 if st["row"] == "dsbn" else 0.5}))
+    beside = recipe_report(tuning, tmp_path, cfg, StudentConfig(**ABLATION["strong-aug"][1]), 1, val_plan)
+    assert "| + strong augmentation | 0.500 ± 0.000 | 0.500 ± 0.000 |" in beside
+    assert "| + DSBN | 0.450 ± 0.000 | 0.600 ± 0.000 |" in beside
+    assert "**Chosen: strong augmentation**" in beside and "On val the best of the same rows is DSBN." in beside
     (tmp_path / "student-tuning-dsbn-f5-seed0-r1.json").unlink()  # a row not trained yet: nothing chosen
     assert "Chosen" not in recipe_report(tuning, tmp_path, cfg, StudentConfig(), 1)
 

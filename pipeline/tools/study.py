@@ -697,25 +697,39 @@ def dataset_report(sub_plan: dict, name: str | None, metrics_dir: Path, cfg: Stu
     return f"### {DATASET_TITLES.get(title, title)} ({described}), {len(cfg.seeds)} seeds\n\n{body}"
 
 
-def recipe_report(sub_plan: dict, metrics_dir: Path, cfg: StudyConfig, student, rounds: int) -> str:
+def recipe_report(sub_plan: dict, metrics_dir: Path, cfg: StudyConfig, student, rounds: int,
+                  val_plan: dict | None = None) -> str:
     """The recipe choice's section: the ablation's students scored on the tuning split, the
-    row chosen there and whether the pipeline's student (params.yaml) is that row."""
-    cfg = replace(cfg, seeds=cfg.tuning_seeds)
-    rows = ablation_rows(sub_plan, metrics_dir, cfg)
-    table = ablation_table(student_rows(rows), cfg)
-    seeds = len(cfg.seeds)
+    row chosen there and whether the pipeline's student (params.yaml) is that row; beside
+    them the same rows on val (`val_plan`: the pipeline data's part of the plan), shown, never
+    chosen from."""
+    tuning = replace(cfg, seeds=cfg.tuning_seeds)
+    rows = ablation_rows(sub_plan, metrics_dir, tuning)
+    table = ablation_table(student_rows(rows), tuning)
+    val_rows = ablation_rows(val_plan, metrics_dir, cfg) if val_plan else {}
+    val = ablation_table(student_rows(val_rows), cfg)
+    seeds = len(tuning.seeds)
     lines = [f"### Recipe choice (the tuning split: `data.tuning`), {seeds} seed{'s' if seeds > 1 else ''}", "",
              ("The ablation's students once more, scored on the tuning split's val (more train scenes, on the "
-              "train photos: never the val split); the best row is the pipeline's student recipe."), ""]
+              "train photos: never the val split); the best row is the pipeline's student recipe."
+              + (" The val columns are the same rows of the ablation above, for comparison: never chosen from."
+                 if val else "")), ""]
     if not table:
         return "\n".join([*lines, "(not trained yet)"]) + "\n"
     fractions = cfg.ablation_fractions
-    lines += _table("", [f"{f:.0%} labels" for f in fractions],
-                    {row: [_cell(cells[f], seeds) for f in fractions] for row, cells in table.items()})
-    chosen, ours = chosen_recipe(rows, cfg), pipeline_row(student, rounds)
+    columns = [f"{f:.0%} labels" for f in fractions] + ([f"{f:.0%} labels, val" for f in fractions] if val else [])
+    lines += _table("", columns, {
+        row: [_cell(cells[f], seeds) for f in fractions]
+        + ([_cell(val.get(row, {}).get(f, (0.0, 0.0, 0)), len(cfg.seeds)) for f in fractions] if val else [])
+        for row, cells in table.items()})
+    chosen, ours = chosen_recipe(rows, tuning), pipeline_row(student, rounds)
     if chosen:
         verdict = "the same" if chosen == ours else f"not the same: params.yaml's is {ours or 'no row of the ablation'}"
         lines += ["", f"**Chosen: {chosen.removeprefix('+ ')}**; the pipeline's student (params.yaml) is {verdict}."]
+        on_val = chosen_recipe(val_rows, cfg)
+        if on_val:
+            lines += ["", f"On val the best of the same rows is {on_val.removeprefix('+ ')}"
+                          + (", as on the tuning split." if on_val == chosen else ".")]
     if any(longer_student(row) for row in table):
         lines += ["", ("Rows with a number of steps are longer students (`study.student_epochs`), not choices "
                        "here: the pipeline's step budget is the budget curve's choice.")]
@@ -737,9 +751,10 @@ def report(study_plan: dict, metrics_dir: Path, cfg: StudyConfig, student, round
     measured, planned = measured_points(study_plan, metrics_dir), planned_points(study_plan)
     partial = (f"**Partial: {measured} of {planned} points measured so far** (– = not trained yet).\n\n"
                if measured < planned else "")
-    sections = [recipe_report(sub_plan, metrics_dir, cfg, student, rounds) if sub_plan["role"] == RECIPE_CHOICE
+    parts = dataset_plans(study_plan)
+    sections = [recipe_report(sub_plan, metrics_dir, cfg, student, rounds, parts[None]) if sub_plan["role"] == RECIPE_CHOICE
                 else dataset_report(sub_plan, name, metrics_dir, cfg, student, rounds, out_dir, pipeline_format)
-                for name, sub_plan in dataset_plans(study_plan).items()]
+                for name, sub_plan in parts.items()]
     return StudyReport(f"{partial}Commit `{commit}`.\n\n" + "\n".join(sections), measured, planned)
 
 
