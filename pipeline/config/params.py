@@ -672,9 +672,10 @@ class StudyConfig:
             for f in getattr(self, name):
                 _require(f in self.fractions, f"study.{name}",
                          f"expected fractions from study.fractions {self.fractions}, got {f}")
-        for epochs in self.pretrain_epochs:
-            _require(isinstance(epochs, int) and epochs > 0, "study.pretrain_epochs",
-                     f"expected positive whole numbers of epochs, got {epochs!r}")
+        for name in ("pretrain_epochs", "student_epochs"):
+            for epochs in getattr(self, name):
+                _require(isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > 0, f"study.{name}",
+                         f"expected positive whole numbers of epochs, got {epochs!r}")
         _require(self.control in (None, *BUILT_IN_FORMATS), "study.control",
                  f"expected one of the built-in datasets {list(BUILT_IN_FORMATS)} or null, got {self.control!r}")
         _require(len(self.control_seeds) > 0, "study.control_seeds", "expected a non-empty list")
@@ -687,10 +688,6 @@ class StudyConfig:
 
         _require(isinstance(self.rounds, int) and not isinstance(self.rounds, bool) and self.rounds >= 1,
                  "study.rounds", f"expected a whole number of self-training rounds, 1 or more; got {self.rounds!r}")
-
-        for epochs in self.student_epochs:
-            _require(isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > 0, "study.student_epochs",
-                     f"expected positive whole numbers of epochs, got {epochs!r}")
 
     def steps_for(self, fraction: float) -> int:
         return self.teacher_steps[self.fractions.index(fraction)]

@@ -211,30 +211,27 @@ def ablation_plan(cfg: StudyConfig, student: StudentConfig | None = None, prefix
             pseudo[f"{prefix}r1-{bare}"] = {**point, "teacher": f"{STUDY_DIR}/models/teacher-{ddep}-{bare}.pt",
                                            "teacher_metrics": f"{ddep}-{bare}.json", "round": 1}
             for row in rows:
+                if row == ROUNDS_ROW:  # its chains of rounds below
+                    continue
                 students[f"{prefix}{row}-{bare}-r1"] = {**point, **trained, "row": row, "round": 1,
                                                         "pseudo": f"{prefix}r1-{bare}",
                                                         "teacher": pseudo[f"{prefix}r1-{bare}"]["teacher"],
                                                         "overrides": _overrides(ABLATION[row][1])}
             if ROUNDS_ROW not in rows:
                 continue
-            for round_ in range(2, cfg.rounds + 1):
-                before = f"{STUDY_DIR}/models/student-{prefix}{ROUNDS_ROW}-{bare}-r{round_ - 1}.pt"
-                pseudo[f"{prefix}r{round_}-{bare}"] = {**point, "teacher": before, "round": round_}
-                students[f"{prefix}{ROUNDS_ROW}-{bare}-r{round_}"] = {
-                    **point, **trained, "row": ROUNDS_ROW, "round": round_, "pseudo": f"{prefix}r{round_}-{bare}",
-                    "teacher": before, "overrides": _overrides(ABLATION[ROUNDS_ROW][1])}
-            for epochs in cfg.student_epochs:
-                longer = {"epochs": epochs, "steps": epochs * steps_per_epoch}
-                labels = f"{prefix}r1-{bare}"  # round 1 learns from the teacher's, as the shorter chain's does
+            for epochs in [None, *cfg.student_epochs]:  # None: params.yaml's length
+                longer = {} if epochs is None else {"epochs": epochs, "steps": epochs * steps_per_epoch}
+                tag = "" if epochs is None else f"-e{epochs}"
+                overrides = _overrides({**ABLATION[ROUNDS_ROW][1], **({"epochs": epochs} if epochs else {})})
+                labels = f"{prefix}r1-{bare}"  # round 1 learns from the teacher's, whatever its length
                 teacher = pseudo[labels]["teacher"]
                 for round_ in range(1, cfg.rounds + 1):
                     if round_ > 1:
-                        labels = f"{prefix}r{round_}-e{epochs}-{bare}"
+                        labels = f"{prefix}r{round_}{tag}-{bare}"
                         pseudo[labels] = {**point, **longer, "teacher": teacher, "round": round_}
-                    key = f"{prefix}{ROUNDS_ROW}-e{epochs}-{bare}-r{round_}"
+                    key = f"{prefix}{ROUNDS_ROW}{tag}-{bare}-r{round_}"
                     students[key] = {**point, **trained, **longer, "row": ROUNDS_ROW, "round": round_, "pseudo": labels,
-                                     "teacher": teacher,
-                                     "overrides": _overrides({**ABLATION[ROUNDS_ROW][1], "epochs": epochs})}
+                                     "teacher": teacher, "overrides": overrides}
                     teacher = f"{STUDY_DIR}/models/student-{key}.pt"
     return {"pseudo": pseudo, "students": students}
 
