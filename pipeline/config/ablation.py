@@ -7,7 +7,7 @@ in params.yaml names rows of this table.
 
 from __future__ import annotations
 
-_OFF = {"strong_augment": False, "dsbn": False, "pseudo_loss": "ce", "copy_paste_probability": 0.0,
+OFF = {"strong_augment": False, "dsbn": False, "pseudo_loss": "ce", "copy_paste_probability": 0.0,
         "dense_contrast_weight": 0.0}
 _STEPS = [("plain-ce", "student, plain CE", {}),
           ("strong-aug", "+ strong augmentation", {"strong_augment": True}),
@@ -19,12 +19,13 @@ _STEPS = [("plain-ce", "student, plain CE", {}),
 
 def _cumulative() -> dict[str, tuple[str, dict]]:
     """Each row: every switch off, plus what this step and all steps before it turned on."""
-    rows, switches = {}, dict(_OFF)
+    rows, switches = {}, dict(OFF)
     for key, label, added in _STEPS:
         switches = {**switches, **added}
         rows[key] = (label, switches)
     return rows
 
 
+PIECES = _STEPS[1:]  # (key, label, the switches it turns on): what the student adds to plain CE
 ABLATION = _cumulative()  # row -> (its label in the report, the student switches it sets)
 ROUNDS_ROW = "dense-contrast"  # the row that also gets later rounds (study.rounds)

@@ -109,8 +109,10 @@ class DataConfig:
     labeled_ids: str | None = None
     extra_images: bool = False  # Cityscapes train_extra (unlabeled) / VOC's SBD augmented set
     val_fraction: float = 0.15
-    # true: a built-in dataset's val split is more train scenes rather than its held-out val, so
-    # hyperparameters are chosen on train data (`make run` and the study report the real val).
+    # true: a built-in dataset's val split is the tuning split's rather than its held-out val, so
+    # hyperparameters are chosen without val (`make run` and the study report the real val): the
+    # shape scenes' tuning val is drawn on photos no other split uses, the digit scenes' is more
+    # scenes of the train digits.
     tuning: bool = False
     shard_rows: int = 1000
     digits: DigitScenesConfig = field(default_factory=DigitScenesConfig)

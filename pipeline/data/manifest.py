@@ -93,7 +93,7 @@ def write_prepared(writer: SplitWriter, classes: list[str], cfg: DataConfig, tmp
         "image_size": cfg.image_size,
         "labeled_fraction": cfg.labeled_fraction,
         "seed": cfg.seed,
-        "tuning": cfg.tuning,  # val is then more train scenes: its scores choose settings, they report nothing
+        "tuning": cfg.tuning,  # val is then the tuning split's: its scores choose settings, they report nothing
         "counts": {split: counts[split] for split in SEGMENTATION_SPLITS},
         "labeled_pixel_frequency": {c: round(int(n) / total, 6) for c, n in zip(classes, writer.pixel_counts)},
         "ids": writer.ids,

@@ -8,7 +8,8 @@ overlap and touch; a later one covers an earlier one in the image and in the mas
 drawn at four times the size and averaged down, and a pixel belongs to an object where the
 object covers at least half of it, so thin wires stay one to three pixels wide.
 
-Val scenes are drawn on photos that train scenes never use (`photos.VAL_PHOTOS`). Every scene
+Val scenes are drawn on photos that train scenes never use (`photos.VAL_PHOTOS`); so are the
+tuning split's val scenes, on photos of their own (`photos.TUNING_PHOTOS`). Every scene
 comes from its own seeded generator, so a scene depends only on (seed, split, index) and the
 dataset is identical on every machine; nothing is downloaded.
 """
@@ -21,10 +22,17 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.config.params import ShapeScenesConfig
-from pipeline.data.photos import TRAIN_PHOTOS, VAL_PHOTOS, legible_colour, load_photos, photo_crop
+from pipeline.data.photos import (
+    TRAIN_PHOTOS,
+    TUNING_PHOTOS,
+    VAL_PHOTOS,
+    legible_colour,
+    load_photos,
+    photo_crop,
+)
 
 CLASSES = ["background", "wire", "blob", "ring", "star", "stripes", "dots"]
-_SPLIT_CODES = {"train": 1, "val": 2}
+_SPLIT_CODES = {"train": 1, "val": 2, "tuning": 3}
 _SUPERSAMPLE = 4
 _COVERED = 0.5
 
@@ -129,11 +137,11 @@ def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 def generate(seed: int, size: int, cfg: ShapeScenesConfig, tuning: bool = False):
     """Yield (split, id, image, mask) for every train and val scene. `tuning`: the val scenes
-    are more train scenes (on the train photos, draws the train split does not have)."""
-    val_from, val_photos, val_first = ("train", TRAIN_PHOTOS, cfg.train_scenes) if tuning else ("val", VAL_PHOTOS, 0)
-    for split, source, names, first, count in (("train", "train", TRAIN_PHOTOS, 0, cfg.train_scenes),
-                                               ("val", val_from, val_photos, val_first, cfg.val_scenes)):
+    are the tuning split's, on `TUNING_PHOTOS`; the train scenes are the same either way."""
+    val_source, val_photos = ("tuning", TUNING_PHOTOS) if tuning else ("val", VAL_PHOTOS)
+    for split, source, names, count in (("train", "train", TRAIN_PHOTOS, cfg.train_scenes),
+                                        ("val", val_source, val_photos, cfg.val_scenes)):
         photos = load_photos(names)
         for i in range(count):
-            image, mask = make_scene(scene_rng(seed, source, first + i), photos, size, cfg)
+            image, mask = make_scene(scene_rng(seed, source, i), photos, size, cfg)
             yield split, f"{split}-{i:05d}", image, mask
