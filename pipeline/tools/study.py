@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline.config.ablation import ABLATION, ROUNDS_ROW
+from pipeline.config.ablation import ABLATION, CHAIN_ROWS, ROUNDS_ROW
 from pipeline.config.params import (
     PARAMS_FILE,
     ConfigError,
@@ -194,10 +194,10 @@ def ablation_plan(cfg: StudyConfig, student: StudentConfig | None = None, prefix
                   phase: int = PHASES["ablation"]) -> dict:
     """Pseudo-labels and students of the self-training ablation: the DDeP teacher of each
     ablation subset labels the rest of the train images; one student per ABLATION row
-    (`cfg.ablation_steps`); the ROUNDS_ROW student, if one of them, labels them again for a
-    round-2 student with the same settings, and so on up to `cfg.rounds` rounds; that chain
-    again with students of each of `cfg.student_epochs` (`student`: params.yaml's, for their
-    steps per epoch)."""
+    (`cfg.ablation_steps`); each CHAIN_ROWS student, if one of them, labels them again for a
+    round-2 student with the same settings, and so on up to `cfg.rounds` rounds; the ROUNDS_ROW
+    chain again with students of each of `cfg.student_epochs` (`student`: params.yaml's, for
+    their steps per epoch)."""
     ddep = prefix + pretrain_key("supervised", "ddep", cfg.ddep_sigma)
     steps_per_epoch = (student or StudentConfig()).steps_per_epoch
     rows = cfg.ablation_steps
@@ -211,26 +211,27 @@ def ablation_plan(cfg: StudyConfig, student: StudentConfig | None = None, prefix
             pseudo[f"{prefix}r1-{bare}"] = {**point, "teacher": f"{STUDY_DIR}/models/teacher-{ddep}-{bare}.pt",
                                            "teacher_metrics": f"{ddep}-{bare}.json", "round": 1}
             for row in rows:
-                if row == ROUNDS_ROW:  # its chains of rounds below
+                if row in CHAIN_ROWS:  # their chains of rounds below
                     continue
                 students[f"{prefix}{row}-{bare}-r1"] = {**point, **trained, "row": row, "round": 1,
                                                         "pseudo": f"{prefix}r1-{bare}",
                                                         "teacher": pseudo[f"{prefix}r1-{bare}"]["teacher"],
                                                         "overrides": _overrides(ABLATION[row][1])}
-            if ROUNDS_ROW not in rows:
-                continue
-            for epochs in [None, *cfg.student_epochs]:  # None: params.yaml's length
+            chains = [(row, epochs) for row in CHAIN_ROWS if row in rows
+                      for epochs in [None, *(cfg.student_epochs if row == ROUNDS_ROW else [])]]
+            for row, epochs in chains:  # epochs None: params.yaml's length
                 longer = {} if epochs is None else {"epochs": epochs, "steps": epochs * steps_per_epoch}
-                tag = "" if epochs is None else f"-e{epochs}"
-                overrides = _overrides({**ABLATION[ROUNDS_ROW][1], **({"epochs": epochs} if epochs else {})})
+                tag = ("" if row == ROUNDS_ROW else f"-{row}") + ("" if epochs is None else f"-e{epochs}")
+                overrides = _overrides({**ABLATION[row][1], **({"epochs": epochs} if epochs else {})})
                 labels = f"{prefix}r1-{bare}"  # round 1 learns from the teacher's, whatever its length
                 teacher = pseudo[labels]["teacher"]
                 for round_ in range(1, cfg.rounds + 1):
                     if round_ > 1:
                         labels = f"{prefix}r{round_}{tag}-{bare}"
-                        pseudo[labels] = {**point, **longer, "teacher": teacher, "round": round_}
-                    key = f"{prefix}{ROUNDS_ROW}{tag}-{bare}-r{round_}"
-                    students[key] = {**point, **trained, **longer, "row": ROUNDS_ROW, "round": round_, "pseudo": labels,
+                        pseudo[labels] = {**point, **longer, "teacher": teacher, "round": round_,
+                                          **({} if row == ROUNDS_ROW else {"row": row})}
+                    key = f"{prefix}{row}{'' if epochs is None else f'-e{epochs}'}-{bare}-r{round_}"
+                    students[key] = {**point, **trained, **longer, "row": row, "round": round_, "pseudo": labels,
                                      "teacher": teacher, "overrides": overrides}
                     teacher = f"{STUDY_DIR}/models/student-{key}.pt"
     return {"pseudo": pseudo, "students": students}
@@ -314,7 +315,7 @@ def ablation_rows(study_plan: dict, metrics_dir: Path, cfg: StudyConfig) -> dict
             cells.setdefault(fraction, {})[seed] = value
 
     for key, p in study_plan["pseudo"].items():
-        add(pseudo_row(p["round"], p.get("steps")), p["fraction"], p["seed"], _miou(metrics_dir / f"pseudo-{key}.json"))
+        add(pseudo_row(p["round"], p.get("steps"), p.get("row")), p["fraction"], p["seed"], _miou(metrics_dir / f"pseudo-{key}.json"))
         if p["round"] == 1:
             add(TEACHER_ROW, p["fraction"], p["seed"], _miou(metrics_dir / p["teacher_metrics"]))
     for key, st in study_plan["students"].items():
@@ -339,8 +340,10 @@ def student_row(row: str, round_: int, steps: int | None = None) -> str:
             + (f", {round_} rounds" if round_ > 1 else ""))
 
 
-def pseudo_row(round_: int, steps: int | None = None) -> str:
-    return f"pseudo-labels, round {round_}" + (f" ({steps}-step students)" if steps else "")
+def pseudo_row(round_: int, steps: int | None = None, row: str | None = None) -> str:
+    """A round's pseudo-labels: made by the ROUNDS_ROW students unless `row` names others."""
+    return (f"pseudo-labels, round {round_}" + (f" ({steps}-step students)" if steps else "")
+            + (f" ({ABLATION[row][0].removeprefix('+ ')})" if row else ""))
 
 
 def ablation_table(rows: dict[str, dict[float, dict[int, float]]], cfg: StudyConfig,
@@ -574,7 +577,7 @@ def pipeline_row(student, rounds: int = 1) -> str | None:
     params.yaml) and its number of self-training rounds, if one is."""
     for key, (_, switches) in ABLATION.items():
         if all(getattr(student, name) == value for name, value in switches.items()):
-            return student_row(key, rounds) if rounds == 1 or key == ROUNDS_ROW else None
+            return student_row(key, rounds) if rounds == 1 or key in CHAIN_ROWS else None
     return None
 
 
