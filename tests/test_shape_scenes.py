@@ -4,7 +4,7 @@ from scipy import ndimage
 
 from pipeline.config.params import DataConfig, ShapeScenesConfig
 from pipeline.data import shape_scenes
-from pipeline.data.photos import TRAIN_PHOTOS, TUNING_PHOTOS, VAL_PHOTOS, load_photos
+from pipeline.data.photos import TRAIN_PHOTOS, VAL_PHOTOS, load_photos, tuning_photos
 from pipeline.data.png import decode_png
 from pipeline.data.prepare import prepare
 from pipeline.data.shards import read_split
@@ -66,27 +66,23 @@ def test_wires_are_thin_and_blobs_are_not():
     assert kept["wire"] < 0.05 and kept["blob"] > 0.4, kept
 
 
-def test_a_tuning_val_split_is_drawn_on_photos_of_its_own(tmp_path):
-    """`data.tuning`: hyperparameters are chosen on val scenes drawn on photos that neither the
-    train nor the val scenes use, the shift to unseen photos that val has; the train split is the
-    same as without it."""
+def test_a_tuning_split_holds_two_train_photos_out_for_its_val(tmp_path):
+    """`data.tuning`: hyperparameters are chosen on val scenes drawn on two train photos that the
+    tuning split's train scenes never use, as val's photos are held out from train's."""
     def images(out: str, splits: tuple[str, ...]) -> dict[str, np.ndarray]:
         tables = [read_split(tmp_path / out / name) for name in splits]
         return {i: decode_png(b) for t in tables for i, b in zip(t.column("id").to_pylist(),
                                                                  t.column("image").to_pylist())}
 
-    prepare(_cfg(), tmp_path / "plain")
+    train_photos, held_out = tuning_photos(0)
+    assert len(held_out) == 2 and sorted((*train_photos, *held_out)) == sorted(TRAIN_PHOTOS)
+    assert tuning_photos(0) == tuning_photos(0) and tuning_photos(1) != tuning_photos(0)  # drawn from the seed
     prepare(DataConfig(format="shapes", labeled_fraction=0.25, tuning=True,
                        shapes=ShapeScenesConfig(train_scenes=40, val_scenes=8)), tmp_path / "tuning")
-    train, plain = images("tuning", ("labeled", "unlabeled")), images("plain", ("labeled", "unlabeled"))
-    assert train.keys() == plain.keys() and all(np.array_equal(train[i], plain[i]) for i in plain)
-    held_out, val = images("tuning", ("val",)), images("plain", ("val",))
-    assert len(held_out) == 8 and not any(np.array_equal(a, b) for a in held_out.values()
-                                          for b in [*val.values(), *train.values()])
-    assert not set(TUNING_PHOTOS) & {*TRAIN_PHOTOS, *VAL_PHOTOS}
-    # Each is the scene its own seeded draw makes on the tuning photos.
     cfg = ShapeScenesConfig(train_scenes=40, val_scenes=8)
-    tuning_photos = load_photos(TUNING_PHOTOS)
-    for i, image in held_out.items():
-        rng = shape_scenes.scene_rng(0, "tuning", int(i[-5:]))
-        assert np.array_equal(image, shape_scenes.make_scene(rng, tuning_photos, 64, cfg)[0])
+    # Each scene is the one its own seeded draw makes on its split's photos.
+    for split, source, photos in ((("labeled", "unlabeled"), "train", train_photos), (("val",), "tuning", held_out)):
+        loaded = load_photos(photos)
+        for i, image in images("tuning", split).items():
+            rng = shape_scenes.scene_rng(0, source, int(i[-5:]))
+            assert np.array_equal(image, shape_scenes.make_scene(rng, loaded, 64, cfg)[0]), i

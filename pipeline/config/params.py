@@ -111,8 +111,8 @@ class DataConfig:
     val_fraction: float = 0.15
     # true: a built-in dataset's val split is the tuning split's rather than its held-out val, so
     # hyperparameters are chosen without val (`make run` and the study report the real val): the
-    # shape scenes' tuning val is drawn on photos no other split uses, the digit scenes' is more
-    # scenes of the train digits.
+    # shape scenes' tuning split holds two train photos out for its val, the digit scenes' val is
+    # more scenes of the train digits.
     tuning: bool = False
     shard_rows: int = 1000
     digits: DigitScenesConfig = field(default_factory=DigitScenesConfig)

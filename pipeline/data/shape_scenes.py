@@ -8,8 +8,8 @@ overlap and touch; a later one covers an earlier one in the image and in the mas
 drawn at four times the size and averaged down, and a pixel belongs to an object where the
 object covers at least half of it, so thin wires stay one to three pixels wide.
 
-Val scenes are drawn on photos that train scenes never use (`photos.VAL_PHOTOS`); so are the
-tuning split's val scenes, on photos of their own (`photos.TUNING_PHOTOS`). Every scene
+Val scenes are drawn on photos that train scenes never use (`photos.VAL_PHOTOS`). The tuning
+split holds two train photos out the same way (`photos.tuning_photos`). Every scene
 comes from its own seeded generator, so a scene depends only on (seed, split, index) and the
 dataset is identical on every machine; nothing is downloaded.
 """
@@ -24,11 +24,11 @@ from PIL import Image, ImageDraw
 from pipeline.config.params import ShapeScenesConfig
 from pipeline.data.photos import (
     TRAIN_PHOTOS,
-    TUNING_PHOTOS,
     VAL_PHOTOS,
     legible_colour,
     load_photos,
     photo_crop,
+    tuning_photos,
 )
 
 CLASSES = ["background", "wire", "blob", "ring", "star", "stripes", "dots"]
@@ -136,10 +136,13 @@ def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def generate(seed: int, size: int, cfg: ShapeScenesConfig, tuning: bool = False):
-    """Yield (split, id, image, mask) for every train and val scene. `tuning`: the val scenes
-    are the tuning split's, on `TUNING_PHOTOS`; the train scenes are the same either way."""
-    val_source, val_photos = ("tuning", TUNING_PHOTOS) if tuning else ("val", VAL_PHOTOS)
-    for split, source, names, count in (("train", "train", TRAIN_PHOTOS, cfg.train_scenes),
+    """Yield (split, id, image, mask) for every train and val scene. `tuning`: the tuning
+    split's, its train scenes on six of the train photos and its val scenes on the other two."""
+    if tuning:
+        (train_photos, val_photos), val_source = tuning_photos(seed), "tuning"
+    else:
+        train_photos, val_photos, val_source = TRAIN_PHOTOS, VAL_PHOTOS, "val"
+    for split, source, names, count in (("train", "train", train_photos, cfg.train_scenes),
                                         ("val", val_source, val_photos, cfg.val_scenes)):
         photos = load_photos(names)
         for i in range(count):
