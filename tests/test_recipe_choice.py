@@ -116,8 +116,10 @@ def test_the_table_and_the_readme_block_come_from_the_trials(tmp_path):
     choice = _choice(forward_selection(score, rounds=2))
     table = markdown(choice)
     assert "commit `0123456789` on 2 CPUs (test)" in table and "teacher 0.400" in table
-    assert "| + DSBN | strong augmentation | 1 | 0.540 | no |" in table
-    assert "| + self-correction loss | strong augmentation | 1 | 0.560 | no |" in table
+    assert "| + strong augmentation | plain CE | 1 | 0.560 | +0.0600 | yes |" in table
+    assert "| + DSBN | strong augmentation | 1 | 0.540 | -0.0200 | no |" in table
+    assert "| + self-correction loss | strong augmentation | 1 | 0.560 | +0.0000 | no |" in table  # against 0.56, not 0.54
+    assert "| the kept recipe, 2 rounds | strong augmentation | 2 | 0.570 |  | yes |" in table
     assert "Kept, the pipeline's student recipe: plain CE + strong augmentation." in table
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{README_BEGIN}\nold\n{README_END}\nafter\n")

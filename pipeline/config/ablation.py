@@ -28,8 +28,9 @@ def _cumulative() -> dict[str, tuple[str, dict]]:
 
 PIECES = _STEPS[1:]  # (key, label, the switches it turns on): what the student adds to plain CE
 # row -> (its label in the report, the student switches it sets). After the cumulative rows,
-# the recipe the forward selection kept on the tuning split (pipeline.tools.recipe_choice,
-# params.yaml's student): every piece but strong augmentation.
+# the last one without strong augmentation: the piece on which the tuning splits tried so far
+# and val disagree most (README, "The student recipe"), so its worth on val is measured with
+# the rounds too.
 ABLATION = {**_cumulative(), "no-strong-aug": ("+ dense contrast, no strong augmentation",
                                                {**_cumulative()["dense-contrast"][1], "strong_augment": False})}
 ROUNDS_ROW = "dense-contrast"  # the row that also gets later rounds (study.rounds) and longer students

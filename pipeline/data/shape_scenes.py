@@ -135,6 +135,11 @@ def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, _SPLIT_CODES[split], index])
 
 
+def scene_photo(seed: int, split: str, index: int, photos: int) -> int:
+    """Which of its split's `photos` photos a scene is drawn on: `photo_crop`'s first draw."""
+    return int(scene_rng(seed, split, index).integers(photos))
+
+
 def generate(seed: int, size: int, cfg: ShapeScenesConfig, tuning: bool = False):
     """Yield (split, id, image, mask) for every train and val scene. `tuning`: the tuning
     split's, its train scenes on six of the train photos and its val scenes on the other two."""
