@@ -31,7 +31,13 @@ PIECES = _STEPS[1:]  # (key, label, the switches it turns on): what the student 
 # the last one without strong augmentation: the piece on which the tuning splits tried so far
 # and val disagree most (README, "The student recipe"), so its worth on val is measured with
 # the rounds too.
-ABLATION = {**_cumulative(), "no-strong-aug": ("+ dense contrast, no strong augmentation",
-                                               {**_cumulative()["dense-contrast"][1], "strong_augment": False})}
+_CUMULATIVE = _cumulative()
+ABLATION = {**_CUMULATIVE, "no-strong-aug": ("+ dense contrast, no strong augmentation",
+                                             {**_CUMULATIVE["dense-contrast"][1], "strong_augment": False})}
 ROUNDS_ROW = "dense-contrast"  # the row that also gets later rounds (study.rounds) and longer students
 CHAIN_ROWS = (ROUNDS_ROW, "no-strong-aug")  # the rows that get later rounds
+
+
+def student_overrides(switches: dict) -> list[str]:
+    """`student.<switch>=<value>` for each switch, as Hydra and `--set` take them."""
+    return [f"student.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in switches.items()]

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.compose import compose, render
-from pipeline.config.ablation import OFF, PIECES
+from pipeline.config.ablation import OFF, PIECES, student_overrides
 from pipeline.config.params import ConfigError, Params
 from pipeline.data.atomic import write_text_atomic
 from pipeline.tools.readme_block import write_block
@@ -41,7 +41,7 @@ def overrides(switches: dict, rounds: int, default: Params) -> list[str]:
     if not 1 <= rounds <= len(names):
         raise ConfigError(f"rounds: expected 1 to {len(names)} (the default's), got {rounds}")
     return ["data.tuning=true",
-            *(f"student.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in switches.items()),
+            *student_overrides(switches),
             *(f"~self_training.rounds.{name}" for name in names[rounds:])]
 
 

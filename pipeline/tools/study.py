@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline.config.ablation import ABLATION, CHAIN_ROWS, ROUNDS_ROW
+from pipeline.config.ablation import ABLATION, CHAIN_ROWS, ROUNDS_ROW, student_overrides
 from pipeline.config.params import (
     PARAMS_FILE,
     ConfigError,
@@ -187,7 +187,7 @@ def _dataset_plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig, student:
 
 
 def _overrides(values: dict) -> str:
-    return " ".join(f"--set student.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items())
+    return " ".join(f"--set {override}" for override in student_overrides(values))
 
 
 def ablation_plan(cfg: StudyConfig, student: StudentConfig | None = None, prefix: str = "", prepared: str = PREPARED,

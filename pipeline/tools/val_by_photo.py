@@ -31,9 +31,8 @@ def val_photos(manifest: dict) -> tuple[tuple[str, ...], str]:
     return (tuning_photos(manifest["seed"])[1], "tuning") if manifest["tuning"] else (VAL_PHOTOS, "val")
 
 
-def photo_of_each(ids: list[str], manifest: dict) -> np.ndarray:
-    photos, split = val_photos(manifest)
-    return np.array([scene_photo(manifest["seed"], split, int(i.rsplit("-", 1)[1]), len(photos)) for i in ids])
+def photo_of_each(ids: list[str], manifest: dict, photos: int, split: str) -> np.ndarray:
+    return np.array([scene_photo(manifest["seed"], split, int(i.rsplit("-", 1)[1]), photos) for i in ids])
 
 
 def scores_by_photo(net, images, masks, photo: np.ndarray, photos: int, classes: list[str]) -> list[float]:
@@ -68,8 +67,8 @@ def table(prepared: Path, models: list[Path]) -> str:
     val = read_split(prepared / "val")
     images = torch.from_numpy(np.stack([decode_png(b) for b in val.column("image").to_pylist()])).permute(0, 3, 1, 2)
     masks = torch.from_numpy(np.stack([decode_png(b) for b in val.column("mask").to_pylist()])).long()
-    photo = photo_of_each(val.column("id").to_pylist(), manifest)
-    names = val_photos(manifest)[0]
+    names, split = val_photos(manifest)
+    photo = photo_of_each(val.column("id").to_pylist(), manifest, len(names), split)
     lines = ["| model | all val | " + " | ".join(f"{n.removeprefix('sklearn:')} ({(photo == k).sum()} scenes)"
                                                for k, n in enumerate(names)) + " |",
              "|---|---:|" + "---:|" * len(names)]
