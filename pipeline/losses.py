@@ -80,35 +80,38 @@ def weighted_ce(logits: torch.Tensor, target: torch.Tensor, pixel_weight: torch.
     return (ce * pixel_weight)[keep].mean()
 
 
-def pixel_contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float,
-                           points_per_class: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Dense contrast with class positives (FMWISS): sample up to `points_per_class` pixels of
-    each class present, then for each sampled pixel i
-
-        −1/|P(i)| Σ_{j∈P(i)} log( exp(z_i·z_j/τ) / Σ_{a≠i} exp(z_i·z_a/τ) )
-
-    over the other samples a, P(i) those of i's class. Embeddings N×D×H×W, L2-normalised
-    along D; labels N×H×W at the same resolution (ignored pixels are never sampled).
-    """
-    z = embeddings.permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1])
+def contrast_points(labels: torch.Tensor, points_per_class: int,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Where the dense contrast looks: up to `points_per_class` pixels of each class present in
+    `labels` (N×H×W), drawn at random, as flat indices into N·H·W; ignored pixels never. Drawn
+    before the forward pass, so that only these pixels are projected and normalised."""
     y = labels.reshape(-1)
     chosen = []
     for cls in y[y != IGNORE_INDEX].unique():
         where = (y == cls).nonzero().squeeze(1)
         pick = torch.randperm(len(where), generator=generator)[:points_per_class]
         chosen.append(where[pick.to(where.device)])
-    if not chosen:
-        return embeddings.sum() * 0.0
-    idx = torch.cat(chosen)
-    z, y = z[idx], y[idx]
+    return torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.long, device=labels.device)
+
+
+def pixel_contrastive_loss(z: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Dense contrast with class positives (FMWISS) over sampled pixels (`contrast_points`):
+    for each pixel i
+
+        −1/|P(i)| Σ_{j∈P(i)} log( exp(z_i·z_j/τ) / Σ_{a≠i} exp(z_i·z_a/τ) )
+
+    over the other samples a, P(i) those of i's class. `z` M×D, L2-normalised along D; `y` the
+    M pixels' classes. Pixels with no positive are skipped; with none left the loss is 0."""
+    if len(y) == 0:
+        return z.sum() * 0.0
     logits = z @ z.t() / temperature
-    self_mask = torch.eye(len(idx), dtype=torch.bool, device=z.device)
+    self_mask = torch.eye(len(y), dtype=torch.bool, device=z.device)
     logits = logits.masked_fill(self_mask, float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     positive = (y[:, None] == y[None, :]) & ~self_mask
     has_positive = positive.any(1)
     if not has_positive.any():
-        return embeddings.sum() * 0.0
+        return z.sum() * 0.0
     mean_log_prob = torch.where(positive, log_prob, torch.zeros_like(log_prob)).sum(1) / positive.sum(1).clamp(min=1)
     return -mean_log_prob[has_positive].mean()
 

@@ -4,6 +4,7 @@ import torch
 
 from pipeline.data.shards import IGNORE_INDEX
 from pipeline.losses import (
+    contrast_points,
     denoising_loss,
     pixel_contrastive_loss,
     segmentation_ce,
@@ -102,19 +103,23 @@ def test_weighted_ce_is_plain_ce_without_weights_and_scales_with_them():
 def test_pixel_contrast_against_hand_computed_value():
     # z1 = z2 = (1, 0) of class 0, z3 = (0, 1) of class 1, τ = 1: for z1 (and z2) the positive
     # has logit 1 among {1, 0}: -(1 - ln(e + 1)) = 0.313262; z3 has no positive and is skipped.
-    z = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]).reshape(1, 2, 1, 3)
-    labels = torch.tensor([[[0, 0, 1]]])
-    loss = pixel_contrastive_loss(z, labels, temperature=1.0, points_per_class=10)
+    z = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    loss = pixel_contrastive_loss(z, torch.tensor([0, 0, 1]), temperature=1.0)
     assert math.isclose(loss.item(), 0.313262, rel_tol=1e-5)
+    assert pixel_contrastive_loss(z[2:], torch.tensor([1]), 1.0).item() == 0.0  # no positive at all
+    assert pixel_contrastive_loss(z[:0], torch.tensor([], dtype=torch.long), 1.0).item() == 0.0
 
 
-def test_pixel_contrast_samples_per_class_and_skips_ignored_pixels():
-    z = torch.nn.functional.normalize(torch.randn(2, 8, 6, 6), dim=1)
+def test_contrast_points_sample_each_class_up_to_the_cap_and_never_an_ignored_pixel():
     labels = torch.randint(0, 3, (2, 6, 6))
     labels[0] = IGNORE_INDEX
-    loss = pixel_contrastive_loss(z, labels, 0.1, points_per_class=4, generator=torch.Generator().manual_seed(0))
-    assert torch.isfinite(loss) and loss > 0
-    assert pixel_contrastive_loss(z, torch.full((2, 6, 6), IGNORE_INDEX), 0.1, 4).item() == 0.0
+    labels[1, 0, :2] = 3  # a class with two pixels: both taken, under the cap
+    pixels = contrast_points(labels, 4, torch.Generator().manual_seed(0))
+    picked = labels.reshape(-1)[pixels]
+    assert len(set(pixels.tolist())) == len(pixels)
+    assert (picked != IGNORE_INDEX).all()
+    assert {c: int((picked == c).sum()) for c in range(4)} == {0: 4, 1: 4, 2: 4, 3: 2}
+    assert len(contrast_points(torch.full((2, 6, 6), IGNORE_INDEX), 4)) == 0
 
 
 def test_a_steps_targets_distil_the_old_classes_and_take_background_where_a_new_class_is():

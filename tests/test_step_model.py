@@ -24,14 +24,15 @@ def test_new_classes_start_by_sharing_backgrounds_score_and_leave_the_old_classe
 @pytest.mark.parametrize("plugin_channels, embedded", [(8, True), (8, False), (None, False)])
 def test_the_step_model_gives_the_plugin_teachers_scores_and_embeddings_only_when_asked(plugin_channels, embedded):
     model = StepModel(add_classes(build_network(MODEL, 3), 2), 2, plugin_channels, embeddings=embedded)
-    logits, plugin, embeddings = model(torch.randn(2, 3, 32, 32))
+    pixels = torch.tensor([0, 7, 2048 - 1])
+    logits, plugin, embeddings = model(torch.randn(2, 3, 32, 32), pixels)
     assert logits.shape == (2, 5, 32, 32)
     assert (plugin is None) == (plugin_channels is None) and (embeddings is None) == (not embedded)
     if plugin is not None:
         assert plugin.shape == (2, 2, 32, 32)
     if embedded:
-        assert embeddings.shape == (2, 8, 32, 32)
-        torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(2, 32, 32))
+        assert embeddings.shape == (3, 8)
+        torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(3))
     # Every weight gets a gradient from the losses that use its outputs (DDP requires it).
     loss = logits.sum() + (plugin.sum() if plugin is not None else 0) + (embeddings.sum() if embedded else 0)
     loss.backward()

@@ -16,6 +16,7 @@ from pipeline.models.transunet import (
     build_vit,
     mixed_precision,
     network_from_state,
+    pixel_vectors,
 )
 
 
@@ -114,14 +115,19 @@ def test_sigma_conditioning_feeds_the_noise_level_and_is_left_out_of_the_segment
     plain.load_state_dict(model.without_noise_level())  # strict: exactly the unconditioned network
 
 
-def test_projected_segmenter_adds_unit_embeddings_and_exports_the_plain_network():
+def test_projected_segmenter_embeds_the_chosen_pixels_and_exports_the_plain_network():
     torch.manual_seed(0)
     net = build_model("tiny", 32, [16, 8, 8, 8], 5)
     wrapped = ProjectedSegmenter(net, 12).eval()
     x = torch.rand(2, 3, 32, 32)
-    logits, embeddings = wrapped(x)
-    assert logits.shape == (2, 5, 32, 32) and embeddings.shape == (2, 12, 32, 32)
-    torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(2, 32, 32))
+    with torch.no_grad():
+        logits, every = wrapped(x, torch.arange(2 * 32 * 32))
+        _, some = wrapped(x, torch.tensor([5, 1024 + 33]))  # (image 0, row 0, col 5), (image 1, row 1, col 1)
+    assert logits.shape == (2, 5, 32, 32) and every.shape == (2 * 32 * 32, 12)
+    torch.testing.assert_close(every.norm(dim=1), torch.ones(2 * 32 * 32))
+    torch.testing.assert_close(some, every[[5, 1024 + 33]])
+    features = net.decoder(net.encoder(x)).detach()
+    torch.testing.assert_close(pixel_vectors(features, torch.tensor([1024 + 33])), features[1:, :, 1, 1])
     plain = build_model("tiny", 32, [16, 8, 8, 8], 5).eval()
     plain.load_state_dict(segmenter_state(wrapped.state_dict()))  # strict: no projection weights left
     torch.testing.assert_close(plain(x), logits)

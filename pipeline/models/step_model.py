@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.transunet import HybridEncoder, SegmentationNet
+from pipeline.models.transunet import HybridEncoder, SegmentationNet, pixel_vectors
 
 
 def add_classes(net: SegmentationNet, count: int) -> SegmentationNet:
@@ -53,20 +53,23 @@ class ASPP(nn.Module):
 
 class PluginTeacher(nn.Module):
     """FMWISS's plug-in teacher: an ASPP head on the segmenter's decoder features that scores
-    each new class per pixel (logits, for BCE) and, with `embeddings`, gives L2-normalised pixel
-    embeddings for the dense contrastive loss (without, no projection: every weight of a model
-    DDP trains must get a gradient)."""
+    each new class per pixel (logits, for BCE) and, with `embeddings`, gives L2-normalised
+    embeddings of chosen pixels for the dense contrastive loss (without, no projection: every
+    weight of a model DDP trains must get a gradient)."""
 
     def __init__(self, in_channels: int, new_classes: int, channels: int, embeddings: bool):
         super().__init__()
         self.aspp = ASPP(in_channels, channels)
         self.scores = nn.Conv2d(channels, new_classes, 1)
-        self.projection = nn.Conv2d(channels, channels, 1) if embeddings else None
+        self.projection = nn.Linear(channels, channels) if embeddings else None
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, features: torch.Tensor,
+                pixels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(new-class logits, embeddings M×D of the flat pixel indices `pixels`, or None without them)."""
         hidden = self.aspp(features)
-        embedded = None if self.projection is None else F.normalize(self.projection(hidden), dim=1)
-        return self.scores(hidden), embedded
+        if self.projection is None or pixels is None:
+            return self.scores(hidden), None
+        return self.scores(hidden), F.normalize(self.projection(pixel_vectors(hidden, pixels)), dim=1)
 
 
 class StepModel(nn.Module):
@@ -83,10 +86,12 @@ class StepModel(nn.Module):
     def encoder(self) -> HybridEncoder:
         return self.net.encoder
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(the segmenter's logits, the plug-in teacher's new-class logits or None, its embeddings or None)."""
+    def forward(self, x: torch.Tensor,
+                pixels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(the segmenter's logits, the plug-in teacher's new-class logits or None, its embeddings
+        of the flat pixel indices `pixels` or None)."""
         features = self.net.decoder(self.net.encoder(x))
         logits = self.net.head(features)
         if self.plugin is None:
             return logits, None, None
-        return logits, *self.plugin(features)
+        return logits, *self.plugin(features, pixels)

@@ -186,23 +186,31 @@ class SegmentationNet(nn.Module):
         self.head = nn.Conv2d(self.decoder.out_channels, out_channels, 3, padding=1)
 
 
+def pixel_vectors(maps: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """The C-vectors of N×C×H×W `maps` at flat indices `pixels` into N·H·W: M×C."""
+    return maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])[pixels]
+
+
 class ProjectedSegmenter(nn.Module):
-    """A segmenter that also returns L2-normalised pixel embeddings, a 1×1-conv projection of
-    its decoder features, for the student's dense contrastive loss. Export keeps `net` only."""
+    """A segmenter that also returns L2-normalised embeddings of chosen pixels, a two-layer
+    projection of its decoder features there, for the student's dense contrastive loss. Only the
+    chosen pixels are projected: the loss samples a few dozen of a batch's ~10⁵, and projecting
+    and normalising them all was a third of a student step. Export keeps `net` only."""
 
     def __init__(self, net: SegmentationNet, dim: int):
         super().__init__()
         self.net = net
         width = net.decoder.out_channels
-        self.projection = nn.Sequential(nn.Conv2d(width, width, 1), nn.ReLU(inplace=True), nn.Conv2d(width, dim, 1))
+        self.projection = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, dim))
 
     @property
     def encoder(self) -> HybridEncoder:
         return self.net.encoder
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits N×K×H×W, embeddings M×D of the flat pixel indices `pixels` into N·H·W)."""
         features = self.net.decoder(self.net.encoder(x))
-        return self.net.head(features), F.normalize(self.projection(features), dim=1)
+        return self.net.head(features), F.normalize(self.projection(pixel_vectors(features, pixels)), dim=1)
 
 
 def build_network(model: ModelConfig, out_channels: int, sigma_conditioning: bool = False) -> SegmentationNet:

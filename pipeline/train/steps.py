@@ -16,6 +16,7 @@ from pipeline.data import augment
 from pipeline.data.copy_paste import InstanceBank
 from pipeline.data.shards import IGNORE_INDEX
 from pipeline.losses import (
+    contrast_points,
     denoising_loss,
     pixel_contrastive_loss,
     segmentation_ce,
@@ -141,13 +142,14 @@ def student_step(model: nn.Module, labeled: tuple[torch.Tensor, torch.Tensor],
     """Self-training: CE on a weakly augmented labeled batch plus the pseudo-label loss on a
     strongly augmented pseudo-labeled batch (pixels under the confidence threshold ignored),
     with labeled objects from `bank` pasted in first, and the dense contrastive loss when the
-    model also returns pixel embeddings. Both batches go through one forward pass; with DSBN
+    weight is above 0 (the model a `ProjectedSegmenter`). Both batches go through one forward pass; with DSBN
     the pseudo-labeled half uses the auxiliary BNs."""
     images, masks = labeled
     p_images, p_labels, p_conf = pseudo
     confident_labels = torch.where(p_conf.float() / 255.0 >= cfg.conf_threshold, p_labels,
                                    torch.full_like(p_labels, IGNORE_INDEX))
     label_maps = torch.stack([confident_labels.long(), p_conf.long()], dim=1)  # moved together by every view
+    contrasted = cfg.dense_contrast_weight > 0  # the model is then a ProjectedSegmenter
 
     def step() -> dict:
         x, y = weak_view(*to_device(device, *_draw(generator, batches[0], images, masks)), cfg.crop_scale_min,
@@ -160,16 +162,18 @@ def student_step(model: nn.Module, labeled: tuple[torch.Tensor, torch.Tensor],
         else:
             px, maps = weak_view(*to_device(device, px, maps), cfg.crop_scale_min, cfg.hflip, generator)
         routing = main_samples_first(unwrap(model), len(x)) if cfg.dsbn else nullcontext()
+        inputs = model_input(torch.cat([x, px]), device)
+        contrast_labels = torch.cat([y, maps[:, 0]])
+        pixels = contrast_points(contrast_labels, cfg.dense_contrast_points, generator) if contrasted else None
         with routing:
-            out = model(model_input(torch.cat([x, px]), device))
-        logits, embeddings = out if isinstance(out, tuple) else (out, None)
+            logits, embeddings = model(inputs, pixels) if contrasted else (model(inputs), None)
         labeled_ce = segmentation_ce(logits[: len(x)], y)
         pseudo_loss = pseudo_label_loss(logits[len(x):], maps[:, 0], maps[:, 1], cfg)
         losses = {"loss": labeled_ce + cfg.pseudo_weight * pseudo_loss,
                   "labeled_ce": labeled_ce, "pseudo_loss": pseudo_loss}
-        if embeddings is not None:
-            contrast = pixel_contrastive_loss(embeddings, torch.cat([y, maps[:, 0]]),
-                                              cfg.dense_contrast_temperature, cfg.dense_contrast_points, generator)
+        if contrasted:
+            contrast = pixel_contrastive_loss(embeddings, contrast_labels.reshape(-1)[pixels],
+                                              cfg.dense_contrast_temperature)
             losses["loss"] = losses["loss"] + cfg.dense_contrast_weight * contrast
             losses["dense_contrast"] = contrast
         return losses
@@ -186,6 +190,7 @@ def incremental_step(model: nn.Module, previous: nn.Module, images: torch.Tensor
     teacher's sigmoid once `cfg.warmup_steps` optimizer steps are done (`steps_done`; before,
     and without one: the masks); the plug-in teacher learns from the masks with BCE plus the
     dense contrastive loss."""
+    contrasted = cfg.plugin_teacher and cfg.dense_contrast_weight > 0  # the plug-in teacher's embeddings
     def step() -> dict:
         x, m = _draw(generator, batch, images, masks)
         # Channel 0 gets a pasted object's class (0 elsewhere); the masks are 0 under it.
@@ -196,9 +201,15 @@ def incremental_step(model: nn.Module, previous: nn.Module, images: torch.Tensor
         x, maps = weak_view(*to_device(device, x, maps.long()), cfg.crop_scale_min, cfg.hflip, generator)
         x = model_input(x, device)
         pasted, new_masks = maps[:, 0], maps[:, 1:].float()
+        pixels = labels = None
+        if contrasted:
+            # Each pixel's class for the contrast: its first new class, else 0; pasted ones left out.
+            labels = torch.where(new_masks.amax(1) > 0, new_masks.argmax(1) + 1, 0)
+            labels = torch.where(pasted > 0, IGNORE_INDEX, labels).reshape(-1)
+            pixels = contrast_points(labels, cfg.dense_contrast_points, generator)
         with torch.no_grad():
             old_scores = torch.sigmoid(previous(x).float())
-        logits, plugin_logits, embeddings = model(x)
+        logits, plugin_logits, embeddings = model(x, pixels)
         taught = plugin_logits is not None and steps_done() >= cfg.warmup_steps
         new_targets = torch.sigmoid(plugin_logits.detach().float()) if taught else new_masks
         targets = step_targets(old_scores if cfg.distill else None, new_targets, pasted, logits.shape[1])
@@ -208,13 +219,9 @@ def incremental_step(model: nn.Module, previous: nn.Module, images: torch.Tensor
             plugin = nn.functional.binary_cross_entropy_with_logits(plugin_logits.float(), new_masks)
             losses["plugin"] = plugin
             losses["loss"] = losses["loss"] + plugin
-            if cfg.dense_contrast_weight > 0:
-                # Each pixel's class for the contrast: its first new class, else 0; pasted ones left out.
-                labels = torch.where(new_masks.amax(1) > 0, new_masks.argmax(1) + 1, 0)
-                labels = torch.where(pasted > 0, IGNORE_INDEX, labels)
-                contrast = pixel_contrastive_loss(embeddings, labels, cfg.dense_contrast_temperature,
-                                                  cfg.dense_contrast_points, generator)
-                losses["dense_contrast"] = contrast
-                losses["loss"] = losses["loss"] + cfg.dense_contrast_weight * contrast
+        if contrasted:
+            contrast = pixel_contrastive_loss(embeddings, labels[pixels], cfg.dense_contrast_temperature)
+            losses["dense_contrast"] = contrast
+            losses["loss"] = losses["loss"] + cfg.dense_contrast_weight * contrast
         return losses
     return step
