@@ -59,7 +59,7 @@ class Budget:
                 *(f"~self_training.rounds.{name}" for name in rounds[self.rounds:])]
 
 
-BUDGETS = [Budget(1500, 500, 2), Budget(1500, 500, 1), Budget(1500, 250, 1), Budget(750, 250, 1)]
+BUDGETS = [Budget(1500, 1500, 2), Budget(1500, 500, 2), Budget(1500, 500, 1), Budget(1500, 250, 1), Budget(750, 250, 1)]
 
 
 def measure(budget: Budget, commit: str, env: dict) -> dict:
