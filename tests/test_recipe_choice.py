@@ -69,8 +69,9 @@ def test_a_trial_composes_the_tuning_split_with_its_switches_and_rounds():
     assert params.data.tuning and list(params.self_training.rounds) == ["round1"]
     assert params.student.strong_augment and params.student.pseudo_loss == "self_correction"
     assert not params.student.dsbn and params.student.copy_paste_probability == 0.0
-    # The steps are the default's: the budget curve chooses those.
-    assert (params.student.epochs, params.student.steps_per_epoch) == (default.student.epochs, default.student.steps_per_epoch)
+    # The students train the study's ablation length, whatever the pipeline's (the budget curve's choice).
+    assert (params.student.epochs, params.student.steps_per_epoch) == (default.study.ablation_student_epochs,
+                                                                       default.study.student_steps_per_epoch)
     assert list(compose(overrides(OFF, 2, default)).self_training.rounds) == list(default.self_training.rounds)
     with pytest.raises(ConfigError, match=r"rounds: expected 1 to 2 \(the default's\), got 3"):
         overrides(OFF, 3, default)

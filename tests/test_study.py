@@ -159,13 +159,15 @@ def test_more_rounds_chain_each_rounds_student_to_the_one_before_and_get_rows_of
 
 def test_longer_students_chain_their_own_rounds_from_the_teachers_labels_and_are_reported_not_chosen(tmp_path):
     cfg = StudyConfig(control=None, tuning_seeds=[], seeds=[0, 1], student_epochs=[30])
-    study = plan(cfg, student=StudentConfig(epochs=10, steps_per_epoch=50))
+    study = plan(cfg)
     first, second = (study["students"][f"{ROUNDS_ROW}-e30-f5-seed1-r{r}"] for r in (1, 2))
     assert first["pseudo"] == "r1-f5-seed1" and first["teacher"] == "study/models/teacher-ddep-s0p2-f5-seed1.pt"
     assert second["pseudo"] == "r2-e30-f5-seed1" and second["steps"] == 1500
     assert study["pseudo"]["r2-e30-f5-seed1"]["teacher"] == f"study/models/student-{ROUNDS_ROW}-e30-f5-seed1-r1.pt"
-    assert "--set student.epochs=30" in second["overrides"]
-    assert "epochs" not in study["students"][f"{ROUNDS_ROW}-f5-seed1-r2"]["overrides"]
+    assert "--set student.epochs=30 --set student.steps_per_epoch=50" in second["overrides"]
+    # The ablation's own length on every other student's command, whatever params.yaml's student trains.
+    assert "--set student.epochs=10 --set student.steps_per_epoch=50" in study["students"][f"{ROUNDS_ROW}-f5-seed1-r2"]["overrides"]
+    assert all("--set student.epochs=" in st["overrides"] for st in study["students"].values())
     for key in study["students"]:
         (tmp_path / f"student-{key}.json").write_text(json.dumps({"miou": 0.6 if "e30" in key else 0.5}))
     for key in study["teachers"]:
@@ -178,8 +180,10 @@ def test_longer_students_chain_their_own_rounds_from_the_teachers_labels_and_are
     said = findings(collect(study, tmp_path), rows, cfg, "+ dense contrast, 2 rounds")
     assert any(line.startswith("**A longer student** (dense contrast, 1500 steps) at 5% labels reaches 75% ± 0%")
                for line in said), said
-    with pytest.raises(ConfigError, match="study.student_epochs: expected positive whole numbers of epochs"):
+    with pytest.raises(ConfigError, match="study.student_epochs: expected positive whole numbers, got 0"):
         StudyConfig(control=None, tuning_seeds=[], student_epochs=[0])
+    with pytest.raises(ConfigError, match="study.ablation_student_epochs: expected positive whole numbers, got 2.5"):
+        StudyConfig(control=None, tuning_seeds=[], ablation_student_epochs=2.5)
 
 
 def test_ablation_rows_pick_the_students_and_the_second_round_needs_its_row():
@@ -466,11 +470,16 @@ def test_shares_and_differences_pair_each_seed_with_itself_and_the_findings_say_
     gap = paired_difference(points, cfg, "DDeP", "supervised encoder")[0.05]
     assert gap[0] == pytest.approx(0.07) and gap[2] == 2
     assert figure2(points, cfg, "boundary_f1")["DDeP"][1.0][0] == pytest.approx(0.35)
-    assert pipeline_row(StudentConfig()) == "+ self-correction loss"
-    assert pipeline_row(StudentConfig(dsbn=False, strong_augment=True, pseudo_loss="self_correction")) is None
-    assert pipeline_row(StudentConfig(), rounds=2) is None  # only the second-round row has a second round
+    assert pipeline_row(StudentConfig(), 1, cfg) == "+ self-correction loss"
+    assert pipeline_row(StudentConfig(dsbn=False, strong_augment=True, pseudo_loss="self_correction"), 1, cfg) is None
+    assert pipeline_row(StudentConfig(), 2, cfg) is None  # only the second-round row has a second round
     dense = StudentConfig(**ABLATION[ROUNDS_ROW][1])
-    assert pipeline_row(dense, rounds=2) == "+ dense contrast, 2 rounds" and pipeline_row(dense) == "+ dense contrast"
+    assert pipeline_row(dense, 2, cfg) == "+ dense contrast, 2 rounds" and pipeline_row(dense, 1, cfg) == "+ dense contrast"
+    # A student of another length: the longer chain's row where the study has one, else none.
+    longer = replace(dense, epochs=10, steps_per_epoch=150)
+    assert pipeline_row(longer, 2, replace(cfg, student_epochs=[30])) == "+ dense contrast, 1500 steps, 2 rounds"
+    assert pipeline_row(longer, 2, replace(cfg, student_epochs=[20])) is None
+    assert pipeline_row(replace(StudentConfig(), steps_per_epoch=150), 1, replace(cfg, student_epochs=[30])) is None
     said = findings(points, ablation_rows(study, tmp_path, cfg), cfg, "+ self-correction loss")
     assert said[0].startswith("**Headroom**") and "50% ± 0%" in said[0]
     assert "5% labels +0.070 ± 0.010, ahead by more than the seeds' spread" in said[1]

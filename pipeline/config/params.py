@@ -631,7 +631,9 @@ class StudyConfig:
     train, null: all), and the last one `rounds` rounds of self-training in all (round N's
     student relabels the images for round N + 1); and that row with its rounds again for each
     of `student_epochs`, its students trained that many epochs (a longer student: does it learn
-    more from the same pseudo-labels?).
+    more from the same pseudo-labels?). The study sets its students' length itself, whatever
+    params.yaml's `student` trains: every ablation row `ablation_student_epochs` epochs, all of
+    `student_steps_per_epoch` steps (10 × 50 = 500: the pieces compared at one short length).
     The DDeP pretraining is also run for `pretrain_epochs` (longer than decoder_pretrain's own
     epochs), each with teachers at `pretrain_fractions`: is the decoder's denoising trained
     long enough to help? `control` (a built-in dataset, or null) gets the same study with
@@ -652,6 +654,8 @@ class StudyConfig:
     ablation_rows: list[str] | None = None
     rounds: int = 2
     student_epochs: list[int] = field(default_factory=lambda: [30])
+    ablation_student_epochs: int = 10
+    student_steps_per_epoch: int = 50
     pretrain_epochs: list[int] = field(default_factory=lambda: [30])
     pretrain_fractions: list[float] = field(default_factory=lambda: [0.05])
     control: str | None = "digits"  # the recognition-bound control beside the default shape scenes
@@ -674,10 +678,11 @@ class StudyConfig:
             for f in getattr(self, name):
                 _require(f in self.fractions, f"study.{name}",
                          f"expected fractions from study.fractions {self.fractions}, got {f}")
-        for name in ("pretrain_epochs", "student_epochs"):
-            for epochs in getattr(self, name):
-                _require(isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > 0, f"study.{name}",
-                         f"expected positive whole numbers of epochs, got {epochs!r}")
+        for name in ("pretrain_epochs", "student_epochs", "ablation_student_epochs", "student_steps_per_epoch"):
+            values = getattr(self, name)
+            for count in values if isinstance(values, list) else [values]:
+                _require(isinstance(count, int) and not isinstance(count, bool) and count > 0, f"study.{name}",
+                         f"expected positive whole numbers, got {count!r}")
         _require(self.control in (None, *BUILT_IN_FORMATS), "study.control",
                  f"expected one of the built-in datasets {list(BUILT_IN_FORMATS)} or null, got {self.control!r}")
         _require(len(self.control_seeds) > 0, "study.control_seeds", "expected a non-empty list")
@@ -693,6 +698,10 @@ class StudyConfig:
 
     def steps_for(self, fraction: float) -> int:
         return self.teacher_steps[self.fractions.index(fraction)]
+
+    @property
+    def ablation_student_steps(self) -> int:
+        return self.ablation_student_epochs * self.student_steps_per_epoch
 
     @property
     def ablation_steps(self) -> list[str]:

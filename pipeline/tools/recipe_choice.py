@@ -6,11 +6,13 @@
 From the plain student (cross-entropy on the teacher's pseudo-labels, every switch off), each
 piece of the study's ablation is tried in its order on top of the pieces kept so far, and kept
 if the student scores higher with it than without it. Scores are the tuning split's val
-(`data.tuning`: scenes on photos that neither train nor val uses), never val's. Every trial is
-the default pipeline with that recipe and one self-training round, run as a fresh clone runs
-it, all in one git worktree of HEAD: the teacher and its pseudo-labels are made once and each
-trial retrains only its student (DVC's cache). The recipe kept is then run with the default's
-rounds, for the record: the rounds and steps are the budget curve's choice.
+(`data.tuning`: its val scenes on two train photos that its train scenes do not use), never
+val's. Every trial is the default pipeline with that recipe and one self-training round, its
+students at the study's ablation length (`study.ablation_student_epochs` ×
+`study.student_steps_per_epoch`), run as a fresh clone runs it, all in one git worktree of
+HEAD: the teacher and its pseudo-labels are made once and each trial retrains only its student
+(DVC's cache). The recipe kept is then run with the default's rounds, for the record: the
+rounds and the pipeline's student steps are the budget curve's choice.
 """
 
 from __future__ import annotations
@@ -35,13 +37,14 @@ PLAIN = "student, plain CE"
 
 
 def overrides(switches: dict, rounds: int, default: Params) -> list[str]:
-    """Hydra overrides of the default composition: the tuning split, the student's switches,
-    the default's rounds cut to the first `rounds`."""
+    """Hydra overrides of the default composition: the tuning split, the student's switches at
+    the study's ablation length, the default's rounds cut to the first `rounds`."""
     names = list(default.self_training.rounds)
     if not 1 <= rounds <= len(names):
         raise ConfigError(f"rounds: expected 1 to {len(names)} (the default's), got {rounds}")
     return ["data.tuning=true",
-            *student_overrides(switches),
+            *student_overrides({**switches, "epochs": default.study.ablation_student_epochs,
+                                "steps_per_epoch": default.study.student_steps_per_epoch}),
             *(f"~self_training.rounds.{name}" for name in names[rounds:])]
 
 

@@ -36,7 +36,6 @@ from pipeline.config.params import (
     PARAMS_FILE,
     ConfigError,
     DecoderPretrainConfig,
-    StudentConfig,
     StudyConfig,
     load_params,
 )
@@ -105,24 +104,23 @@ def subset_key(fraction: float, seed: int) -> str:
 SECTIONS = ("pretrain", "pretrain_length", "subsets", "teachers", "pseudo", "students")
 
 
-def plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig | None = None, student: StudentConfig | None = None) -> dict:
+def plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig | None = None) -> dict:
     """Every pretraining, labeled subset, teacher, pseudo-labelling and student the study needs,
     each once, on the pipeline's prepared data; then the recipe choice (the ablation alone,
     with `cfg.tuning_seeds`) on the tuning split; then the whole study again on the control
     dataset (`cfg.control`, with `cfg.control_seeds`). The datasets other than the pipeline's
     are prepared by the study itself (`datasets`: name -> folder, `prepare`'s options and role)
     and their keys start with their name. `pretraining` (params.yaml's decoder_pretrain) is the
-    length every pretraining has but the longer DDeP ones of `pretrain_length`; `student`
-    (params.yaml's) the students' steps per epoch."""
-    pretraining, student = pretraining or DecoderPretrainConfig(), student or StudentConfig()
-    study_plan = _dataset_plan(cfg, pretraining, student, "", PREPARED, 0)
+    length every pretraining has but the longer DDeP ones of `pretrain_length`."""
+    pretraining = pretraining or DecoderPretrainConfig()
+    study_plan = _dataset_plan(cfg, pretraining, "", PREPARED, 0)
     study_plan["datasets"] = {}
     others = [StudyDataset(TUNING, "--set data.tuning=true", cfg.tuning_seeds, 0, RECIPE_CHOICE)] if cfg.tuning_seeds else []
     if cfg.control:
         others.append(StudyDataset(cfg.control, f"--set data.format={cfg.control}", cfg.control_seeds, len(PHASES), CONTROL))
     for dataset in others:
         prepared = f"{STUDY_DIR}/data/prepared-{dataset.name}"
-        other = _dataset_plan(replace(cfg, seeds=dataset.seeds), pretraining, student, f"{dataset.name}-", prepared,
+        other = _dataset_plan(replace(cfg, seeds=dataset.seeds), pretraining, f"{dataset.name}-", prepared,
                               dataset.first_phase, recipe_only=dataset.role == RECIPE_CHOICE)
         for section in SECTIONS:
             study_plan[section] |= other[section]
@@ -130,7 +128,7 @@ def plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig | None = None, stu
     return study_plan
 
 
-def _dataset_plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig, student: StudentConfig, prefix: str, prepared: str,
+def _dataset_plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig, prefix: str, prepared: str,
                   first_phase: int, recipe_only: bool = False) -> dict:
     """The study's points on one prepared dataset: its keys start with `prefix`, its phases
     (the order `run` trains them in) with `first_phase`. `recipe_only`: only the ablation and
@@ -159,7 +157,7 @@ def _dataset_plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig, student:
         for fraction in cfg.ablation_fractions:
             add("supervised", "ddep", cfg.ddep_sigma, fraction, "recipe choice")
         return {"pretrain": pretrain, "pretrain_length": {}, "subsets": subsets, "teachers": teachers,
-                **ablation_plan(cfg, student, prefix, prepared, first_phase + PHASES["recipe choice"])}
+                **ablation_plan(cfg, prefix, prepared, first_phase + PHASES["recipe choice"])}
     full = max(cfg.fractions)
     for encoder, mode in CURVES.values():
         for fraction in cfg.fractions:
@@ -183,24 +181,29 @@ def _dataset_plan(cfg: StudyConfig, pretraining: DecoderPretrainConfig, student:
                 add_teachers(key, fraction, "pretraining length")
     ordered = sorted(teachers.items(), key=lambda kv: (kv[1]["phase"], kv[1]["fraction"], kv[1]["seed"]))
     return {"pretrain": pretrain, "pretrain_length": pretrain_length, "subsets": subsets,
-            "teachers": dict(ordered), **ablation_plan(cfg, student, prefix, prepared, first_phase + PHASES["ablation"])}
+            "teachers": dict(ordered), **ablation_plan(cfg, prefix, prepared, first_phase + PHASES["ablation"])}
 
 
 def _overrides(values: dict) -> str:
     return " ".join(f"--set {override}" for override in student_overrides(values))
 
 
-def ablation_plan(cfg: StudyConfig, student: StudentConfig | None = None, prefix: str = "", prepared: str = PREPARED,
-                  phase: int = PHASES["ablation"]) -> dict:
+def ablation_plan(cfg: StudyConfig, prefix: str = "", prepared: str = PREPARED, phase: int = PHASES["ablation"]) -> dict:
     """Pseudo-labels and students of the self-training ablation: the DDeP teacher of each
     ablation subset labels the rest of the train images; one student per ABLATION row
     (`cfg.ablation_steps`); each CHAIN_ROWS student, if one of them, labels them again for a
     round-2 student with the same settings, and so on up to `cfg.rounds` rounds; the ROUNDS_ROW
-    chain again with students of each of `cfg.student_epochs` (`student`: params.yaml's, for
-    their steps per epoch)."""
+    chain again with students of each of `cfg.student_epochs`. Every student's length is the
+    study's own (`cfg.ablation_student_epochs` or `cfg.student_epochs` epochs of
+    `cfg.student_steps_per_epoch` steps), set on its command whatever params.yaml's is."""
     ddep = prefix + pretrain_key("supervised", "ddep", cfg.ddep_sigma)
-    steps_per_epoch = (student or StudentConfig()).steps_per_epoch
+    steps_per_epoch = cfg.student_steps_per_epoch
     rows = cfg.ablation_steps
+
+    def overrides(switches: dict, epochs: int | None = None) -> str:
+        return _overrides({**switches, "epochs": epochs or cfg.ablation_student_epochs,
+                           "steps_per_epoch": steps_per_epoch})
+
     pseudo, students = {}, {}
     for fraction in cfg.ablation_fractions:
         for seed in cfg.seeds:
@@ -216,13 +219,13 @@ def ablation_plan(cfg: StudyConfig, student: StudentConfig | None = None, prefix
                 students[f"{prefix}{row}-{bare}-r1"] = {**point, **trained, "row": row, "round": 1,
                                                         "pseudo": f"{prefix}r1-{bare}",
                                                         "teacher": pseudo[f"{prefix}r1-{bare}"]["teacher"],
-                                                        "overrides": _overrides(ABLATION[row][1])}
+                                                        "overrides": overrides(ABLATION[row][1])}
             chains = [(row, epochs) for row in CHAIN_ROWS if row in rows
                       for epochs in [None, *(cfg.student_epochs if row == ROUNDS_ROW else [])]]
-            for row, epochs in chains:  # epochs None: params.yaml's length
+            for row, epochs in chains:  # epochs None: the ablation's length
                 longer = {} if epochs is None else {"epochs": epochs, "steps": epochs * steps_per_epoch}
                 tag = ("" if row == ROUNDS_ROW else f"-{row}") + ("" if epochs is None else f"-e{epochs}")
-                overrides = _overrides({**ABLATION[row][1], **({"epochs": epochs} if epochs else {})})
+                switches = overrides(ABLATION[row][1], epochs)
                 labels = f"{prefix}r1-{bare}"  # round 1 learns from the teacher's, whatever its length
                 teacher = pseudo[labels]["teacher"]
                 for round_ in range(1, cfg.rounds + 1):
@@ -232,7 +235,7 @@ def ablation_plan(cfg: StudyConfig, student: StudentConfig | None = None, prefix
                                           **({} if row == ROUNDS_ROW else {"row": row})}
                     key = f"{prefix}{row}{'' if epochs is None else f'-e{epochs}'}-{bare}-r{round_}"
                     students[key] = {**point, **trained, **longer, "row": row, "round": round_, "pseudo": labels,
-                                     "teacher": teacher, "overrides": overrides}
+                                     "teacher": teacher, "overrides": switches}
                     teacher = f"{STUDY_DIR}/models/student-{key}.pt"
     return {"pseudo": pseudo, "students": students}
 
@@ -249,7 +252,7 @@ def dataset_plans(study_plan: dict) -> dict[str | None, dict]:
 
 def write_plan(params_file: str = PARAMS_FILE, path: Path = PLAN_FILE) -> dict:
     params = load_params(params_file)
-    study_plan = plan(params.study, params.decoder_pretrain, params.student)
+    study_plan = plan(params.study, params.decoder_pretrain)
     header = "# Written by `python -m pipeline.tools.study plan` from params.yaml's `study` section.\n"
     text = header + yaml.safe_dump(study_plan, sort_keys=False)
     if not path.is_file() or path.read_text() != text:  # unchanged: keep DVC's view of it stable
@@ -334,8 +337,8 @@ def ablation_rows(study_plan: dict, metrics_dir: Path, cfg: StudyConfig) -> dict
 
 
 def student_row(row: str, round_: int, steps: int | None = None) -> str:
-    """A student's row: its ablation row's label, then its length where it is not params.yaml's
-    and its rounds after the first."""
+    """A student's row: its ablation row's label, then its length where it is not the
+    ablation's and its rounds after the first."""
     return (ABLATION[row][0] + (f", {steps} steps" if steps else "")
             + (f", {round_} rounds" if round_ > 1 else ""))
 
@@ -512,7 +515,7 @@ def markdown(fig2: dict, sweep: dict, cfg: StudyConfig, ablation: dict | None = 
                         {c: [("–" if not row else _cell(row[c], seeds) if c in row else "n/a") for row in per_class.values()]
                          for c in classes})
     lines += ["", ("Self-training ablation (student val mIoU; pseudo-label rows: mIoU of the pseudo-labels "
-                   "on the images they label; students train params.yaml's `student` steps where a row names "
+                   f"on the images they label; students train {cfg.ablation_student_steps} steps where a row names "
                    "no other number):"), ""]
     if ablation:
         columns = list(next(iter(ablation.values())))
@@ -572,13 +575,29 @@ def findings(points: list[Point], rows: dict, cfg: StudyConfig, pipeline_row: st
     return said
 
 
-def pipeline_row(student, rounds: int = 1) -> str | None:
-    """The ablation row whose switches are the pipeline's own student settings (`student` of
-    params.yaml) and its number of self-training rounds, if one is."""
-    for key, (_, switches) in ABLATION.items():
-        if all(getattr(student, name) == value for name, value in switches.items()):
-            return student_row(key, rounds) if rounds == 1 or key in CHAIN_ROWS else None
-    return None
+def _ablation_key(student) -> str | None:
+    """The ABLATION row whose switches are `student`'s settings, if one is."""
+    return next((key for key, (_, switches) in ABLATION.items()
+                 if all(getattr(student, name) == value for name, value in switches.items())), None)
+
+
+def pipeline_recipe(student, rounds: int = 1) -> str | None:
+    """The ablation row (at the ablation's length) whose switches are the pipeline's own student
+    settings (`student` of params.yaml) with its number of self-training rounds, if one is."""
+    key = _ablation_key(student)
+    return student_row(key, rounds) if key and (rounds == 1 or key in CHAIN_ROWS) else None
+
+
+def pipeline_row(student, rounds: int, cfg: StudyConfig) -> str | None:
+    """The row of the pipeline's own student: its recipe's row (`pipeline_recipe`) where it
+    trains the ablation's steps, the row of its longer chain where it trains as many steps as
+    one of `cfg.student_epochs`; None where the study has no student like it."""
+    recipe = pipeline_recipe(student, rounds)
+    steps = student.epochs * student.steps_per_epoch
+    if recipe is None or steps == cfg.ablation_student_steps:
+        return recipe
+    longer = {epochs * cfg.student_steps_per_epoch for epochs in cfg.student_epochs}
+    return student_row(ROUNDS_ROW, rounds, steps) if _ablation_key(student) == ROUNDS_ROW and steps in longer else None
 
 
 def student_rows(rows: dict) -> dict:
@@ -588,7 +607,7 @@ def student_rows(rows: dict) -> dict:
 
 
 def longer_student(row: str) -> bool:
-    """A row of students longer than params.yaml's (`study.student_epochs`): how much a longer
+    """A row of students longer than the ablation's (`study.student_epochs`): how much a longer
     student gains, not a recipe to choose (the step budget is the budget curve's choice)."""
     return re.search(r", \d+ steps", row) is not None
 
@@ -693,7 +712,7 @@ def dataset_report(sub_plan: dict, name: str | None, metrics_dir: Path, cfg: Stu
                     per_class_table(points, cfg),
                     boundary=figure2(points, cfg, "boundary_f1"), shares=figure2_shares(points, cfg),
                     ablation_shares=ablation_table(rows, cfg, share=True),
-                    findings=findings(points, rows, cfg, pipeline_row(student, rounds)))
+                    findings=findings(points, rows, cfg, pipeline_row(student, rounds, cfg)))
     return f"### {DATASET_TITLES.get(title, title)} ({described}), {len(cfg.seeds)} seeds\n\n{body}"
 
 
@@ -722,9 +741,12 @@ def recipe_report(sub_plan: dict, metrics_dir: Path, cfg: StudyConfig, student, 
         row: [_cell(cells[f], seeds) for f in fractions]
         + ([_cell(val.get(row, {}).get(f, (0.0, 0.0, 0)), len(cfg.seeds)) for f in fractions] if val else [])
         for row, cells in table.items()})
-    chosen, ours = chosen_recipe(rows, tuning), pipeline_row(student, rounds)
+    chosen, ours = chosen_recipe(rows, tuning), pipeline_recipe(student, rounds)
     if chosen:
         verdict = "the same" if chosen == ours else f"not the same: params.yaml's is {ours or 'no row of the ablation'}"
+        steps = student.epochs * student.steps_per_epoch
+        if steps != cfg.ablation_student_steps:
+            verdict += f", trained {steps} steps (the budget curve's choice) where the rows here train {cfg.ablation_student_steps}"
         lines += ["", f"**Chosen: {chosen.removeprefix('+ ')}**; the pipeline's student (params.yaml) is {verdict}."]
         on_val = chosen_recipe(val_rows, cfg)
         if on_val:
