@@ -1,6 +1,6 @@
 """The default pipeline's time–quality curve: its whole run at a few step budgets, on the tuning split.
 
-    python -m pipeline.tools.budget_curve            # every budget (about 35 minutes here), then the table
+    python -m pipeline.tools.budget_curve            # every budget (about 45 minutes here), then the table
     python -m pipeline.tools.budget_curve readme     # reports/budget_curve.json's table into README.md
 
 Each budget is the default pipeline with fewer or more teacher steps, student steps and
