@@ -141,9 +141,10 @@ def student_step(model: nn.Module, labeled: tuple[torch.Tensor, torch.Tensor],
                  bank: InstanceBank | None = None) -> Step:
     """Self-training: CE on a weakly augmented labeled batch plus the pseudo-label loss on a
     strongly augmented pseudo-labeled batch (pixels under the confidence threshold ignored),
-    with labeled objects from `bank` pasted in first, and the dense contrastive loss when the
-    weight is above 0 (the model a `ProjectedSegmenter`). Both batches go through one forward pass; with DSBN
-    the pseudo-labeled half uses the auxiliary BNs."""
+    with labeled objects from `bank` pasted in first, and the dense contrastive loss when its
+    weight is above 0 (the model then a `ProjectedSegmenter`, embedding only the sampled pixels).
+    Both batches go through one forward pass; with DSBN the pseudo-labeled half uses the
+    auxiliary BNs."""
     images, masks = labeled
     p_images, p_labels, p_conf = pseudo
     confident_labels = torch.where(p_conf.float() / 255.0 >= cfg.conf_threshold, p_labels,
@@ -191,6 +192,7 @@ def incremental_step(model: nn.Module, previous: nn.Module, images: torch.Tensor
     and without one: the masks); the plug-in teacher learns from the masks with BCE plus the
     dense contrastive loss."""
     contrasted = cfg.plugin_teacher and cfg.dense_contrast_weight > 0  # the plug-in teacher's embeddings
+
     def step() -> dict:
         x, m = _draw(generator, batch, images, masks)
         # Channel 0 gets a pasted object's class (0 elsewhere); the masks are 0 under it.
