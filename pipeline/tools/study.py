@@ -729,8 +729,8 @@ def recipe_report(sub_plan: dict, metrics_dir: Path, cfg: StudyConfig, student, 
     val = ablation_table(student_rows(val_rows), cfg)
     seeds = len(tuning.seeds)
     lines = [f"### Recipe choice (the tuning split: `data.tuning`), {seeds} seed{'s' if seeds > 1 else ''}", "",
-             ("The ablation's students once more, scored on the tuning split's val (more train scenes, on the "
-              "train photos: never the val split); the best row is the pipeline's student recipe."
+             ("The ablation's students once more, scored on the tuning split's val (`data.tuning`: never "
+              "the val split); the best row is the ablation's choice of student recipe."
               + (" The val columns are the same rows of the ablation above, for comparison: never chosen from."
                  if val else "")), ""]
     if not table:
