@@ -191,6 +191,7 @@ def test_a_one_seed_study_runs_the_pipelines_stages_reports_and_resumes_from_its
                        # (dense contrast's) the same two once more on the first round's student:
                        # test_study checks their plan and that DVC resolves them
                        "ablation_rows": ["copy-paste"],
+                       "ablation_student_epochs": 1, "student_steps_per_epoch": 2,  # the study sets its students' length
                        "control": None,  # a control's stages are the same ones: test_study checks they resolve
                        "tuning_seeds": []}  # so are the recipe choice's, on the tuning split test_prepare checks
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
