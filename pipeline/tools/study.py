@@ -597,7 +597,7 @@ def pipeline_row(student, rounds: int, cfg: StudyConfig) -> str | None:
     if recipe is None or steps == cfg.ablation_student_steps:
         return recipe
     longer = {epochs * cfg.student_steps_per_epoch for epochs in cfg.student_epochs}
-    return student_row(ROUNDS_ROW, rounds, steps) if _ablation_key(student) == ROUNDS_ROW and steps in longer else None
+    return student_row(ROUNDS_ROW, rounds, steps) if recipe == student_row(ROUNDS_ROW, rounds) and steps in longer else None
 
 
 def student_rows(rows: dict) -> dict:

@@ -164,8 +164,9 @@ def student_step(model: nn.Module, labeled: tuple[torch.Tensor, torch.Tensor],
             px, maps = weak_view(*to_device(device, px, maps), cfg.crop_scale_min, cfg.hflip, generator)
         routing = main_samples_first(unwrap(model), len(x)) if cfg.dsbn else nullcontext()
         inputs = model_input(torch.cat([x, px]), device)
-        contrast_labels = torch.cat([y, maps[:, 0]])
-        pixels = contrast_points(contrast_labels, cfg.dense_contrast_points, generator) if contrasted else None
+        if contrasted:
+            contrast_labels = torch.cat([y, maps[:, 0]]).reshape(-1)
+            pixels = contrast_points(contrast_labels, cfg.dense_contrast_points, generator)
         with routing:
             logits, embeddings = model(inputs, pixels) if contrasted else (model(inputs), None)
         labeled_ce = segmentation_ce(logits[: len(x)], y)
@@ -173,7 +174,7 @@ def student_step(model: nn.Module, labeled: tuple[torch.Tensor, torch.Tensor],
         losses = {"loss": labeled_ce + cfg.pseudo_weight * pseudo_loss,
                   "labeled_ce": labeled_ce, "pseudo_loss": pseudo_loss}
         if contrasted:
-            contrast = pixel_contrastive_loss(embeddings, contrast_labels.reshape(-1)[pixels],
+            contrast = pixel_contrastive_loss(embeddings, contrast_labels[pixels],
                                               cfg.dense_contrast_temperature)
             losses["loss"] = losses["loss"] + cfg.dense_contrast_weight * contrast
             losses["dense_contrast"] = contrast
